@@ -1,0 +1,189 @@
+"""The one module that knows about ranks: environment to context, process group, collectives.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT; srun
+with one task per process sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_NTASKS_PER_NODE
+and the job's node list. torchrun's variables win where both exist (torchrun started by srun).
+Everything else in dist_dml is handed a :class:`DistContext` and never reads these variables.
+
+Gradient contract. Every rank holds the same global batch, gathered in rank order with the
+autograd-aware all-gather, whose backward is a reduce-scatter *sum*: each rank's local embeddings
+receive the gradient of the sum of all ranks' losses. Each rank's loss is its share of the global
+loss (its anchors' terms over the global non-zero count), so the sum over ranks is the
+single-process loss, and the gradients summed over ranks are the single-process gradients.
+DeepSpeed *averages* gradients over ranks, so the engine back-propagates ``world_size * loss``
+(see :func:`dist_dml.engine.TrainEngine.backward`). tests/test_equivalence.py checks this for the
+model and for every beta part.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str = "gloo"
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def node_rank(self) -> int:
+        return self.rank // max(self.local_world_size, 1)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, device: str = "auto") -> "DistContext":
+        """Read torchrun's or SLURM's variables (or none: one process). ``device``: auto, cpu or cuda."""
+        env = os.environ if env is None else env
+        if "RANK" in env and "WORLD_SIZE" in env:
+            rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+            local_rank = int(env.get("LOCAL_RANK", rank))
+            local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+            addr = env.get("MASTER_ADDR", "127.0.0.1")
+            port = int(env.get("MASTER_PORT", 29500))
+        elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+            rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+            local_rank = int(env.get("SLURM_LOCALID", 0))
+            local_world = _slurm_tasks_per_node(env)
+            addr = env.get("MASTER_ADDR") or _first_slurm_host(env)
+            port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000)
+        else:
+            rank, world, local_rank, local_world = 0, 1, 0, 1
+            addr, port = "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port()
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside world size {world} (check RANK / WORLD_SIZE or SLURM_PROCID / SLURM_NTASKS)")
+        use_cuda = _want_cuda(device, env)
+        dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1)) if use_cuda else torch.device("cpu")
+        return cls(rank, world, local_rank, local_world, dev, "nccl" if use_cuda else "gloo", addr, port)
+
+    def export_env(self) -> None:
+        """Make the context visible to libraries that read the environment (DeepSpeed, DataLoader workers)."""
+        os.environ.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK=str(self.local_rank),
+            LOCAL_WORLD_SIZE=str(self.local_world_size),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+        )
+        if self.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    def init_process_group(self, timeout_minutes: float = 30.0) -> None:
+        """Start the process group (also for one process: DeepSpeed needs one)."""
+        if dist.is_initialized():
+            return
+        self.export_env()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if self.world_size == 1:
+            store = dist.HashStore()
+            dist.init_process_group(self.backend, store=store, rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(
+                self.backend,
+                init_method=f"tcp://{self.master_addr}:{self.master_port}",
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=timeout,
+            )
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # Collectives. With one process (or no process group) they are identities.
+
+    def _active(self) -> bool:
+        return self.world_size > 1 and dist.is_initialized()
+
+    def gather(self, local: Tensor) -> Tensor:
+        """All ranks' ``local`` (equal shapes) concatenated in rank order along dim 0, autograd-aware."""
+        if not self._active():
+            return local
+        return _all_gather_autograd(local.contiguous())
+
+    def all_gather(self, local: Tensor) -> Tensor:
+        """As :meth:`gather`, without gradient (labels, ids)."""
+        if not self._active():
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts)
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        if not self._active():
+            return tensor
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    def barrier(self) -> None:
+        if self._active():
+            dist.barrier()
+
+
+def _all_gather_autograd(tensor: Tensor) -> Tensor:
+    # torch.distributed.nn.functional.all_gather is deprecated; the functional collective's
+    # backward is a reduce-scatter sum (the contract of this module's docstring).
+    from torch.distributed import _functional_collectives as fc
+
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    out = gather(tensor, gather_dim=0, group=dist.group.WORLD)
+    return fc.wait_tensor(out) if isinstance(out, fc.AsyncCollectiveTensor) else out
+
+
+def _want_cuda(device: str, env: Mapping[str, str]) -> bool:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cpu" or env.get("DS_ACCELERATOR") == "cpu":
+        return False
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is visible")
+    return torch.cuda.is_available()
+
+
+def _slurm_tasks_per_node(env: Mapping[str, str]) -> int:
+    # SLURM_NTASKS_PER_NODE is set only with --ntasks-per-node; SLURM_STEP_TASKS_PER_NODE looks like "4(x2)".
+    for key in ("SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if env.get(key):
+            return int(env[key].split("(")[0].split(",")[0])
+    return 1
+
+
+def _first_slurm_host(env: Mapping[str, str]) -> str:
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        # "node[03-06,9],gpu1" -> "node03": the prefix and the first number of its range.
+        match = re.match(r"([^,\[]+)(?:\[([^\],-]+))?", nodelist)
+        return match.group(1) + (match.group(2) or "") if match else "127.0.0.1"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

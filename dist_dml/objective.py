@@ -1,0 +1,66 @@
+"""The training objective over the global batch: gather, sample for local anchors, loss share.
+
+Knows nothing of process groups: the collectives come from the :class:`DistContext` it is handed,
+which are identities in one process.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dist_dml.distributed import DistContext
+from dist_dml.losses import LossOutput, TripletLossBase
+from dist_dml.sampling import Sampler, Triplets
+
+
+@dataclass
+class StepResult:
+    output: LossOutput
+    triplets: Triplets
+
+
+class GlobalBatchObjective:
+    """Local anchors x global candidates: O(B_local x B_global) per rank, never O(B_global^2)."""
+
+    def __init__(self, sampler: Sampler, loss: TripletLossBase, ctx: DistContext):
+        self.sampler = sampler
+        self.loss = loss
+        self.ctx = ctx
+
+    def __call__(self, local_embeddings: Tensor, labels: Tensor, image_ids: Tensor, step: int) -> StepResult:
+        ctx = self.ctx
+        local_embeddings = local_embeddings.float()  # the loss is fp32 even when the model runs in bf16
+        embeddings = ctx.gather(local_embeddings)
+        labels = ctx.all_gather(labels.to(local_embeddings.device))
+        image_ids = ctx.all_gather(image_ids.to(local_embeddings.device))
+        batch = local_embeddings.shape[0]  # equal on every rank: the data contract
+        start = ctx.rank * batch
+        triplets = self.sampler(embeddings.detach(), labels, start, start + batch, step)
+        output = self.loss(embeddings, labels, image_ids, triplets, ctx.all_reduce_sum)
+        return StepResult(output, triplets)
+
+
+class EmbeddingModel(nn.Module):
+    """A backbone's features through a linear head to L2-normalised embeddings."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, embedding_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, embedding_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.normalize(self.head(self.backbone(x)).float(), dim=1)
+
+
+class TrainModule(nn.Module):
+    """What DeepSpeed wraps: the embedding model and the loss (whose beta parameters train too)."""
+
+    def __init__(self, model: nn.Module, loss: TripletLossBase):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)

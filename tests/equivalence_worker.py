@@ -1,0 +1,92 @@
+"""Runs a few DeepSpeed steps on a tiny problem under torchrun; rank 0 saves what it saw.
+
+    torchrun --nproc_per_node W -m tests.equivalence_worker --zero 0 2 --steps 3 --out result.pt
+
+Shared with tests/test_equivalence.py, which runs the same problem in one plain-PyTorch process.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from dist_dml.engine import EngineConfig
+from dist_dml.losses import LossConfig, build_loss
+from dist_dml.objective import EmbeddingModel, TrainModule
+from dist_dml.sampling import SamplerConfig, build_sampler
+
+GLOBAL_BATCH = 32
+CLASSES = 8
+IMAGES = 64
+IN_DIM, FEATURES, EMBED = 16, 32, 8
+LOSS = LossConfig(kind="margin", beta_per_class=True, beta_per_image=True, num_classes=CLASSES + GLOBAL_BATCH, num_images=IMAGES, nu=0.05)
+ENGINE = EngineConfig(optimizer="adam", lr=1e-2, beta_lr=5e-2, weight_decay=1e-3)
+SAMPLER = SamplerConfig(kind="distance_weighted", seed=7)
+
+
+def build_module() -> TrainModule:
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(IN_DIM, FEATURES), nn.Tanh())
+    return TrainModule(EmbeddingModel(backbone, FEATURES, EMBED), build_loss(LOSS))
+
+
+def global_batch(step: int, scenario: str, world_size: int):
+    """Inputs, labels and image ids of the global batch of ``step`` (the same on every rank)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(GLOBAL_BATCH, IN_DIM, generator=g)
+    labels = torch.arange(CLASSES).repeat_interleave(GLOBAL_BATCH // CLASSES)[torch.randperm(GLOBAL_BATCH, generator=g)]
+    if scenario == "lonely":
+        # The last rank's items have labels nobody else has: its anchors have no positive at all.
+        local = GLOBAL_BATCH // world_size
+        labels = labels.clone()
+        labels[-local:] = CLASSES + torch.arange(local)
+    ids = (torch.arange(GLOBAL_BATCH) + GLOBAL_BATCH * step) % IMAGES
+    return x, labels, ids
+
+
+def run(zero_stages: list[int], steps: int, scenario: str) -> dict:
+    from dist_dml.distributed import DistContext
+    from dist_dml.engine import TrainEngine
+    from dist_dml.objective import GlobalBatchObjective
+
+    ctx = DistContext.from_env(device="cpu")
+    results = {}
+    local = GLOBAL_BATCH // ctx.world_size
+    for stage in zero_stages:
+        module = build_module()
+        engine = TrainEngine(module, ctx, EngineConfig(**{**ENGINE.__dict__, "zero_stage": stage}), micro_batch=local)
+        objective = GlobalBatchObjective(build_sampler(SAMPLER), engine.module.loss, ctx)
+        record = {"loss": [], "grads": []}
+        for step in range(steps):
+            x, labels, ids = global_batch(step, scenario, ctx.world_size)
+            part = slice(ctx.rank * local, (ctx.rank + 1) * local)
+            result = objective(engine(x[part]), labels[part], ids[part], step)
+            engine.backward(result.output.loss)
+            record["grads"].append(engine.full_gradients())
+            engine.step()
+            record["loss"].append(float(ctx.all_reduce_sum(result.output.loss.detach())))
+        record["params"] = {k: v.detach().float().cpu().clone() for k, v in engine.module.named_parameters()}
+        results[stage] = record
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--zero", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--scenario", default="normal", choices=["normal", "lonely"])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    results = run(args.zero, args.steps, args.scenario)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(results, args.out)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
