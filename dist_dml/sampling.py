@@ -137,19 +137,22 @@ def _block_pairs(groups: _Groups, anchors: Tensor, include_self: bool = False) -
 
 
 def _rowwise_searchsorted(sorted_rows: Tensor, row: Tensor, values: Tensor, right: bool) -> Tensor:
-    """searchsorted of each ``values[i]`` in ``sorted_rows[row[i]]``, without copying a row per value."""
+    """searchsorted of each ``values[i]`` in ``sorted_rows[row[i]]``, without copying a row per value.
+
+    The values are laid out as a (rows x max per row) grid padded with +inf, so one batched
+    searchsorted runs over the matrix in place.
+    """
     if row.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=sorted_rows.device)
-    rows_needed, inverse = torch.unique(row, return_inverse=True)
-    counts = torch.bincount(inverse, minlength=rows_needed.numel())
-    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(row, minlength=sorted_rows.shape[0])
+    order = torch.argsort(row, stable=True)
     first = torch.cumsum(counts, 0) - counts
     position = torch.empty_like(order)
-    position[order] = torch.arange(order.numel(), device=row.device) - first[inverse[order]]
-    grid = torch.full((rows_needed.numel(), int(counts.max())), math.inf, dtype=sorted_rows.dtype, device=row.device)
-    grid[inverse, position] = values.to(sorted_rows.dtype)
-    found = torch.searchsorted(sorted_rows[rows_needed], grid, right=right)
-    return found[inverse, position]
+    position[order] = torch.arange(order.numel(), device=row.device) - first[row[order]]
+    grid = torch.full((sorted_rows.shape[0], int(counts.max())), math.inf, dtype=sorted_rows.dtype, device=row.device)
+    grid[row, position] = values.to(sorted_rows.dtype)
+    found = torch.searchsorted(sorted_rows, grid, right=right)
+    return found[row, position]
 
 
 def draw_uniforms(seed: int, step: int, rows: int, cols: int) -> Tensor:
@@ -243,7 +246,7 @@ class DistanceWeightedSampler:
         sim.clamp_(s_low, s_high)
         torch.sub(sim, s_eligible, out=eligible).sign_()
         same_label = _block_pairs(groups, anchors, include_self=True)
-        eligible[same_label.row, same_label.column] = 0.0
+        eligible.view(-1).index_fill_(0, same_label.row * groups.size + same_label.column, 0.0)
 
         torch.add(_ONE, sim, alpha=-1.0, out=log_w).log_().mul_(coef_minus)
         log_w.add_(sim.add_(1.0).log_(), alpha=coef_plus)

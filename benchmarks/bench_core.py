@@ -1,0 +1,103 @@
+"""Sampler + margin loss (forward and backward) against the bare E @ E.T product, in one process.
+
+    python benchmarks/bench_core.py [--sizes 1024 4096 16384] [--dim 128] [--k 4] [--sampler distance_weighted]
+
+One line per global batch size:
+    B=4096 d=128 step_ms=... gemm_ms=... ratio=... peak_mb=...
+step_ms: one training step's sampling and loss work on the full global batch (one rank holding all
+anchors), median of repeats; gemm_ms: E @ E.T of the same size, median of repeats, same run;
+peak_mb: the step's extra memory (CPU: peak RSS growth, measured in a fresh process per size;
+CUDA: peak allocated).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def median_ms(fn, repeats: int, sync) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def measure(size: int, dim: int, k: int, sampler_kind: str, device: str, repeats: int) -> dict:
+    from dist_dml.losses import LossConfig, build_loss
+    from dist_dml.sampling import SamplerConfig, build_sampler
+
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(size, dim, generator=g), dim=1).to(dev)
+    labels = torch.arange(size // k).repeat_interleave(k)[torch.randperm(size, generator=g)].to(dev)
+    ids = torch.arange(size, device=dev)
+    sampler = build_sampler(SamplerConfig(kind=sampler_kind))
+    loss_fn = build_loss(LossConfig()).to(dev)
+    leaf = embeddings.clone().requires_grad_()
+    step = [0]
+
+    def train_step():
+        step[0] += 1
+        triplets = sampler(leaf.detach(), labels, 0, size, step[0])
+        loss_fn(leaf, labels, ids, triplets).loss.backward()
+        leaf.grad = None
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_mb()
+    step_ms = median_ms(train_step, repeats, sync)
+    if dev.type == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    gemm_ms = median_ms(lambda: embeddings @ embeddings.T, repeats, sync)
+    return dict(B=size, d=dim, step_ms=step_ms, gemm_ms=gemm_ms, ratio=step_ms / gemm_ms, peak_mb=max(peak_mb, 0.0))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--sampler", default="distance_weighted")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=0, help="0: 7 below B=16384, 3 from it")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child process: one size, JSON out
+    args = parser.parse_args()
+    if args.one:
+        repeats = args.repeats or (7 if args.one < 16384 else 3)
+        print(json.dumps(measure(args.one, args.dim, args.k, args.sampler, args.device, repeats)))
+        return
+    print(f"# sampler={args.sampler} K={args.k} device={args.device} threads={torch.get_num_threads()}", flush=True)
+    for size in args.sizes:
+        # A fresh process per size, so that the peak-memory reading belongs to that size alone.
+        cmd = [sys.executable, __file__, "--one", str(size), "--dim", str(args.dim), "--k", str(args.k),
+               "--sampler", args.sampler, "--device", args.device, "--repeats", str(args.repeats)]
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        print(f"B={r['B']} d={r['d']} step_ms={r['step_ms']:.1f} gemm_ms={r['gemm_ms']:.1f} "
+              f"ratio={r['ratio']:.2f} peak_mb={r['peak_mb']:.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
