@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=300)
     p.set_defaults(func=demo)
+    from data_prep.cli import build_parser as prep_parser, run as prep_run
+
+    p = sub.add_parser("prep", help="convert a dataset (or synthesise one) to class-grouped shards")
+    prep_parser(p)
+    p.set_defaults(func=prep_run)
     args = parser.parse_args(argv)
     return args.func(args)
 
