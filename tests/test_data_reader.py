@@ -92,8 +92,8 @@ def test_eval_stream_covers_every_image_once(shards, world, workers):
     cfg = config(shards, workers=workers)
     ids, labels = [], {}
     for rank in range(world):
-        stream = EvalStream(cfg, "test", rank, world)
-        for images, label, image_id in stream.loader(batch_size=16):
+        stream = EvalStream(cfg, "test", rank, world, batch_size=16)
+        for images, label, image_id in stream.loader():
             assert images.shape[1:] == (3, 24, 24)
             ids += image_id.tolist()
             labels.update(zip(image_id.tolist(), label.tolist()))
