@@ -46,9 +46,10 @@ class DataConfig:
     resize: int = 256  # evaluation resize before the center crop
     min_scale: float = 0.16  # random resized crop's smallest area share
     seed: int = 0
+    batch_size: int = 0  # per rank; optional, checked against P x K
 
     @property
-    def batch_size(self) -> int:
+    def local_batch(self) -> int:
         return self.classes_per_batch * self.images_per_class
 
     def validate(self) -> None:
@@ -56,6 +57,9 @@ class DataConfig:
             raise ValueError(f"data.images_per_class (K) must be at least 2 to give positives, got {self.images_per_class}")
         if self.classes_per_batch < 1:
             raise ValueError(f"data.classes_per_batch (P) must be at least 1, got {self.classes_per_batch}")
+        if self.batch_size and self.batch_size != self.local_batch:
+            raise ValueError(f"data.batch_size={self.batch_size} is not classes_per_batch x images_per_class = "
+                             f"{self.classes_per_batch} x {self.images_per_class} = {self.local_batch}")
         if self.workers < 0 or self.shuffle_buffer < 1:
             raise ValueError("data.workers must be >= 0 and data.shuffle_buffer >= 1")
 

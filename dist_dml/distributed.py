@@ -97,13 +97,14 @@ class DistContext:
             store = dist.HashStore()
             dist.init_process_group(self.backend, store=store, rank=0, world_size=1, timeout=timeout)
         else:
-            dist.init_process_group(
-                self.backend,
-                init_method=f"tcp://{self.master_addr}:{self.master_port}",
-                rank=self.rank,
-                world_size=self.world_size,
-                timeout=timeout,
-            )
+            url = f"tcp://{self.master_addr}:{self.master_port}?rank={self.rank}&world_size={self.world_size}"
+            store, _, _ = next(dist.rendezvous(url, timeout=timeout))
+            # torchrun keeps its store across restarts: keys of a failed attempt (a dead rank's
+            # address) must not be read by the next one.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"dist_dml/attempt{attempt}", store)
+            dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.world_size,
+                                    timeout=timeout)
 
     def shutdown(self) -> None:
         if dist.is_initialized():
@@ -129,11 +130,34 @@ class DistContext:
         return torch.cat(parts)
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        return self.all_reduce(tensor, "sum")
+
+    def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        """sum, min or max over ranks (no gradient)."""
         if not self._active():
             return tensor
         out = tensor.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
         return out
+
+    def gather_uneven(self, local: Tensor) -> Tensor:
+        """All ranks' ``local`` concatenated in rank order along dim 0; lengths may differ (no gradient)."""
+        if not self._active():
+            return local
+        sizes = self.all_gather(torch.tensor([local.shape[0]], device=local.device))
+        longest = int(sizes.max())
+        padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
+        padded[: local.shape[0]] = local
+        parts = self.all_gather(padded).split(longest)
+        return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)])
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank (small, picklable values between our own processes)."""
+        if not self._active():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         if self._active():

@@ -8,53 +8,45 @@ would overwrite every group's rate, beta's included).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from dist_dml.distributed import DistContext
+from dist_dml.engine_config import DeepSpeedConfig, OptimizerConfig
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 import deepspeed  # noqa: E402
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
+from deepspeed.runtime.fp16.loss_scaler import LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
     "sgd": torch.optim.SGD,
 }
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """The `optimizer` and `deepspeed` knobs the engine needs."""
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True``.
 
-    optimizer: str = "adam"  # a key of OPTIMIZERS
-    lr: float = 1e-4  # backbone
-    head_lr: float | None = None  # embedding head; None: lr
-    beta_lr: float = 1e-2
-    weight_decay: float = 1e-4  # backbone and head; never beta
-    momentum: float = 0.9  # sgd only
-    zero_stage: int = 0  # 0, 1 or 2 (ZeRO-3 partitions beta, which the loss reads outside forward)
-    precision: str = "fp32"  # fp32, bf16 or fp16
-    gradient_clipping: float = 0.0  # global norm; 0 disables
+    DeepSpeed's own engine unpickles freely; ZeRO checkpoints hold exactly three DeepSpeed
+    classes besides tensors and containers, and only those are allowed.
+    """
 
-    def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer.name: unknown optimizer {self.optimizer!r}; known: {sorted(OPTIMIZERS)}")
-        if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"deepspeed.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for key in ("lr", "beta_lr"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"optimizer.{key} must be positive, got {getattr(self, key)}")
+    SAFE_GLOBALS = [fragment_address, LossScaler, ZeroStageEnum]
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(self.SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def param_groups(module: nn.Module, config: EngineConfig) -> list[dict]:
+def param_groups(module: nn.Module, config: OptimizerConfig) -> list[dict]:
     """backbone / head / beta groups of a TrainModule: `loss.*` is beta, `model.head.*` the head."""
     groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": [], "beta": []}
     for name, param in module.named_parameters():
@@ -74,8 +66,8 @@ def param_groups(module: nn.Module, config: EngineConfig) -> list[dict]:
     return [dict(params=params, name=name, **settings[name]) for name, params in groups.items() if params]
 
 
-def deepspeed_config(config: EngineConfig, micro_batch: int) -> dict:
-    ds = {
+def deepspeed_config(config: DeepSpeedConfig, micro_batch: int) -> dict:
+    return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "steps_per_print": 1 << 30,
@@ -85,7 +77,6 @@ def deepspeed_config(config: EngineConfig, micro_batch: int) -> dict:
         "bf16": {"enabled": config.precision == "bf16"},
         "fp16": {"enabled": config.precision == "fp16", "initial_scale_power": 16},
     }
-    return ds
 
 
 class TrainEngine:
@@ -95,25 +86,28 @@ class TrainEngine:
         self,
         module: nn.Module,
         ctx: DistContext,
-        config: EngineConfig,
+        optimizer: OptimizerConfig,
+        config: DeepSpeedConfig,
         micro_batch: int,
         lr_lambda: Callable[[int], float] | None = None,
     ):
+        optimizer.validate()
         config.validate()
         self.ctx = ctx
-        self.config = config
-        ctx.init_process_group()
+        os.environ["DEEPSPEED_TIMEOUT"] = str(int(config.timeout_minutes))
+        ctx.init_process_group(timeout_minutes=config.timeout_minutes)
         deepspeed.init_distributed(dist_backend=ctx.backend, auto_mpi_discovery=False, verbose=False)
-        kwargs = {"momentum": config.momentum} if config.optimizer == "sgd" else {}
-        optimizer = OPTIMIZERS[config.optimizer](param_groups(module, config), **kwargs)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda else None
+        kwargs = {"momentum": optimizer.momentum} if optimizer.name == "sgd" else {}
+        torch_optimizer = OPTIMIZERS[optimizer.name](param_groups(module, optimizer), **kwargs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lr_lambda) if lr_lambda else None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module.to(ctx.device),
-            optimizer=optimizer,
+            optimizer=torch_optimizer,
             lr_scheduler=scheduler,
             config=deepspeed_config(config, micro_batch),
             dist_init_required=False,
         )
+        self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine._config)
 
     @property
     def module(self) -> nn.Module:
@@ -140,3 +134,14 @@ class TrainEngine:
 
     def learning_rates(self) -> dict[str, float]:
         return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
+
+    def save(self, directory: Path, tag: str, client_state: dict) -> None:
+        """DeepSpeed's checkpoint of model, optimizer and scheduler; call on every rank."""
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, directory: Path, tag: str) -> dict:
+        """Restore a checkpoint written by :meth:`save`; returns its client state."""
+        path, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"{directory / tag}: no DeepSpeed checkpoint there")
+        return client_state or {}

@@ -37,8 +37,8 @@ class LossConfig:
     beta_global: bool = True
     beta_per_class: bool = False  # a learnable offset per class (table of num_classes)
     beta_per_image: bool = False  # a learnable offset per image (table of num_images)
-    num_classes: int = 0
-    num_images: int = 0
+    num_classes: int = 0  # per-class beta table size; 0: the training split's class count
+    num_images: int = 0  # per-image beta table size; 0: the training split's image count
     nu: float = 0.0  # weight of the beta regulariser nu * sum(beta) over the pairs
 
     def validate(self) -> None:
@@ -46,10 +46,8 @@ class LossConfig:
             raise ValueError(f"loss.kind: unknown loss {self.kind!r}; known: {sorted(LOSSES)}")
         if self.alpha < 0:
             raise ValueError(f"loss.alpha must be >= 0, got {self.alpha}")
-        if self.beta_per_class and self.num_classes < 1:
-            raise ValueError("loss.beta_per_class needs loss.num_classes >= 1 (the size of the per-class beta table)")
-        if self.beta_per_image and self.num_images < 1:
-            raise ValueError("loss.beta_per_image needs loss.num_images >= 1 (the size of the per-image beta table)")
+        if self.num_classes < 0 or self.num_images < 0:
+            raise ValueError("loss.num_classes and loss.num_images must be >= 0 (0: sized from the data's manifest)")
 
 
 class Beta(nn.Module):

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dist_dml.distributed import DistContext
 from dist_dml.losses import LossOutput, TripletLossBase
@@ -40,27 +39,3 @@ class GlobalBatchObjective:
         triplets = self.sampler(embeddings.detach(), labels, start, start + batch, step)
         output = self.loss(embeddings, labels, image_ids, triplets, ctx.all_reduce_sum)
         return StepResult(output, triplets)
-
-
-class EmbeddingModel(nn.Module):
-    """A backbone's features through a linear head to L2-normalised embeddings."""
-
-    def __init__(self, backbone: nn.Module, feature_dim: int, embedding_dim: int):
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(feature_dim, embedding_dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.normalize(self.head(self.backbone(x)).float(), dim=1)
-
-
-class TrainModule(nn.Module):
-    """What DeepSpeed wraps: the embedding model and the loss (whose beta parameters train too)."""
-
-    def __init__(self, model: nn.Module, loss: TripletLossBase):
-        super().__init__()
-        self.model = model
-        self.loss = loss
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)

@@ -30,3 +30,33 @@ def torchrun(nproc: int, module: str, *args: str, timeout: float = 600) -> subpr
 @pytest.fixture
 def run_torchrun():
     return torchrun
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """Synthetic products at 32 px: 48 training classes, 16 held out, several shards each."""
+    from data_prep.cli import main as prep
+
+    out = tmp_path_factory.mktemp("tiny_shards")
+    assert prep(["synthetic", "--classes", "48", "--test-classes", "16", "--per-class", "3:6", "--size", "32",
+                 "--shard-mb", "0.03", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def tiny_overrides(shards: Path, output: Path, **extra) -> list[str]:
+    """configs/cpu_synthetic.yaml shrunk to seconds: a few dozen steps on 28-px crops."""
+    values = {
+        "data.root": str(shards), "data.classes_per_batch": 8, "data.images_per_class": 3, "data.image_size": 28,
+        "data.resize": 32, "data.workers": 1, "model.embedding_dim": 32, "train.output_dir": str(output),
+        "train.steps": 60, "train.log_every": 10, "eval.every_steps": 0, "eval.at_start": True,
+        "eval.recall_ks": "[1,2]", "checkpoint.every_steps": 20, "optimizer.warmup_steps": 0,
+        "optimizer.lr": 0.003, "tracking.system_metrics": False,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def cpu_env(**extra) -> dict:
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+            "PYTHON": sys.executable, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", **extra}

@@ -11,9 +11,9 @@ import argparse
 import torch
 from torch import nn
 
-from dist_dml.engine import EngineConfig
+from dist_dml.engine_config import DeepSpeedConfig, OptimizerConfig
 from dist_dml.losses import LossConfig, build_loss
-from dist_dml.objective import EmbeddingModel, TrainModule
+from dist_dml.models import EmbeddingModel, TrainModule
 from dist_dml.sampling import SamplerConfig, build_sampler
 
 GLOBAL_BATCH = 32
@@ -21,7 +21,7 @@ CLASSES = 8
 IMAGES = 64
 IN_DIM, FEATURES, EMBED = 16, 32, 8
 LOSS = LossConfig(kind="margin", beta_per_class=True, beta_per_image=True, num_classes=CLASSES + GLOBAL_BATCH, num_images=IMAGES, nu=0.05)
-ENGINE = EngineConfig(optimizer="adam", lr=1e-2, beta_lr=5e-2, weight_decay=1e-3)
+OPTIMIZER = OptimizerConfig(name="adam", lr=1e-2, beta_lr=5e-2, weight_decay=1e-3)
 SAMPLER = SamplerConfig(kind="distance_weighted", seed=7)
 
 
@@ -55,7 +55,7 @@ def run(zero_stages: list[int], steps: int, scenario: str) -> dict:
     local = GLOBAL_BATCH // ctx.world_size
     for stage in zero_stages:
         module = build_module()
-        engine = TrainEngine(module, ctx, EngineConfig(**{**ENGINE.__dict__, "zero_stage": stage}), micro_batch=local)
+        engine = TrainEngine(module, ctx, OPTIMIZER, DeepSpeedConfig(zero_stage=stage), micro_batch=local)
         objective = GlobalBatchObjective(build_sampler(SAMPLER), engine.module.loss, ctx)
         record = {"loss": [], "grads": []}
         for step in range(steps):

@@ -16,7 +16,7 @@ STEPS = 3
 def single_process_reference(steps: int, scenario: str, world_size: int) -> dict:
     """Plain PyTorch, no DeepSpeed, no process group: the whole global batch in one process."""
     module = problem.build_module()
-    optimizer = OPTIMIZERS[problem.ENGINE.optimizer](param_groups(module, problem.ENGINE))
+    optimizer = OPTIMIZERS[problem.OPTIMIZER.name](param_groups(module, problem.OPTIMIZER))
     sampler = build_sampler(problem.SAMPLER)
     record = {"loss": [], "grads": []}
     for step in range(steps):
@@ -26,7 +26,7 @@ def single_process_reference(steps: int, scenario: str, world_size: int) -> dict
         triplets = sampler(embeddings.detach(), labels, 0, len(labels), step)
         loss = module.loss(embeddings, labels, ids, triplets).loss
         loss.backward()
-        record["loss"].append(float(loss))
+        record["loss"].append(float(loss.detach()))
         record["grads"].append({k: p.grad.detach().clone() for k, p in module.named_parameters()})
         optimizer.step()
     record["params"] = {k: v.detach().clone() for k, v in module.named_parameters()}

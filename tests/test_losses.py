@@ -164,5 +164,5 @@ def test_beta_table_too_small_is_a_clear_error(problem):
 def test_bad_loss_config_is_rejected():
     with pytest.raises(ValueError, match="loss.kind"):
         build_loss(LossConfig(kind="arcface"))
-    with pytest.raises(ValueError, match="loss.num_images"):
-        build_loss(LossConfig(beta_per_image=True))
+    with pytest.raises(ValueError, match="loss.num_classes"):
+        build_loss(LossConfig(beta_per_class=True, num_classes=-1))

@@ -1,0 +1,223 @@
+"""YAML to typed, validated config sections; dotted `section.key=value` overrides.
+
+Read once, at the edge: `load_config` returns a frozen :class:`RunConfig` whose sections are the
+components' own config classes; each component is handed only its section. Any unknown key, wrong
+type or impossible combination raises :class:`ConfigError` naming the key, before any process
+group starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dist_dml.data import DataConfig
+from dist_dml.engine_config import DeepSpeedConfig, OptimizerConfig
+from dist_dml.losses import LossConfig
+from dist_dml.models import ModelConfig
+from dist_dml.sampling import SamplerConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 0  # total optimizer steps; 0: epochs x steps per epoch
+    epochs: int = 1
+    log_every: int = 10
+    max_bad_steps: int = 5  # this many non-finite losses in a row stop the run
+    output_dir: str = "runs/default"
+    device: str = "auto"  # auto, cpu or cuda
+    seed: int = 0  # model initialisation (sampling and data have their own seeds)
+
+    def validate(self) -> None:
+        if self.steps < 0 or self.epochs < 1:
+            raise ValueError("train.steps must be >= 0 and train.epochs >= 1")
+        if self.log_every < 1 or self.max_bad_steps < 1:
+            raise ValueError("train.log_every and train.max_bad_steps must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 0  # 0: only at the end
+    at_start: bool = False  # also evaluate the untrained model
+    split: str = "test"  # or "query,gallery" (In-Shop): query against gallery
+    recall_ks: tuple[int, ...] = (1, 2, 4, 8)
+    batch_size: int = 128
+
+    def validate(self) -> None:
+        if not self.recall_ks or min(self.recall_ks) < 1:
+            raise ValueError("eval.recall_ks must be a non-empty list of positive integers")
+        if len(self.split.split(",")) not in (1, 2):
+            raise ValueError(f"eval.split must be a split or 'query,gallery', got {self.split!r}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None  # MLFLOW_TRACKING_URI wins; neither: MLflow's local default
+    experiment: str = "dist-dml"
+    run_name: str | None = None
+    system_metrics: bool = True
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end
+    keep_last: int = 3
+    resume: str = "auto"  # auto: the latest checkpoint under train.output_dir, if any; none; or a path
+
+    def validate(self) -> None:
+        if self.keep_last < 1:
+            raise ValueError("checkpoint.keep_last must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """{'section.key': value}: MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: Path | None = None) -> RunConfig:
+    """The run config from a YAML file (or the defaults) and `section.key=value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: must be a mapping")
+        raw[section][name] = yaml.safe_load(value) if value != "" else None
+    return build_config(raw, source=str(path) if path else "defaults")
+
+
+def build_config(raw: dict, source: str = "config") -> RunConfig:
+    sections = {}
+    known = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for name, values in raw.items():
+        if name not in known:
+            raise ConfigError(f"{source}: unknown section {name!r}; known: {sorted(known)}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping")
+        cls = typing.get_type_hints(RunConfig)[name]
+        sections[name] = _build_section(cls, name, values, source)
+    config = RunConfig(**sections)
+    validate(config, source)
+    return config
+
+
+def _build_section(cls, section: str, values: dict, source: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key {section}.{key}; known: {sorted(names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", source)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key: str, source: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if origin in (tuple, list):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_coerce(v, args[0], key, source) for v in items)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def validate(config: RunConfig, source: str = "config") -> None:
+    """Each section's own checks, then the combinations across sections."""
+    for f in dataclasses.fields(config):
+        try:
+            getattr(config, f.name).validate()
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    data, loss = config.data, config.loss
+    if not data.root:
+        raise ConfigError(f"{source}: data.root is required (a folder written by `dist-dml prep`)")
+    from dist_dml.data import Manifest
+
+    try:
+        manifest = Manifest(data.root)
+        split = manifest.split(data.train_split)
+        for name in config.eval.split.split(","):
+            manifest.split(name)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ConfigError(f"{source}: data.root: {exc.args[0] if exc.args else exc}") from None
+    if loss.beta_per_class and 0 < loss.num_classes < split["classes"]:
+        raise ConfigError(f"{source}: loss.num_classes={loss.num_classes} is smaller than the "
+                          f"{split['classes']} classes of {data.root} (0 sizes it from the manifest)")
+    if loss.beta_per_image and 0 < loss.num_images < split["images"]:
+        raise ConfigError(f"{source}: loss.num_images={loss.num_images} is smaller than the "
+                          f"{split['images']} images of {data.root} (0 sizes it from the manifest)")
+
+
+def dump_yaml(config: RunConfig) -> str:
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)

@@ -1,0 +1,64 @@
+"""The `optimizer` and `deepspeed` sections: plain data, validated without importing DeepSpeed."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("constant", "step", "cosine")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adam"
+    lr: float = 1e-4  # backbone
+    head_lr: float | None = None  # embedding head; None: lr
+    beta_lr: float = 1e-2  # beta's own rate (never weight-decayed)
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    schedule: str = "constant"  # constant, step (x gamma every step_size steps) or cosine
+    warmup_steps: int = 0  # linear warm-up of every group's rate
+    step_size: int = 1000
+    gamma: float = 0.5
+
+    def validate(self) -> None:
+        if self.name not in OPTIMIZER_NAMES:
+            raise ValueError(f"optimizer.name: unknown optimizer {self.name!r}; known: {list(OPTIMIZER_NAMES)}")
+        for key in ("lr", "beta_lr"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"optimizer.{key} must be positive, got {getattr(self, key)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optimizer.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if self.warmup_steps < 0 or self.step_size < 1 or not 0 < self.gamma <= 1:
+            raise ValueError("optimizer.warmup_steps >= 0, optimizer.step_size >= 1 and 0 < optimizer.gamma <= 1")
+
+    def lr_lambda(self, total_steps: int) -> Callable[[int], float]:
+        """The multiplier of every group's own rate at a step (so beta keeps its own rate)."""
+
+        def factor(step: int) -> float:
+            warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+            if self.schedule == "step":
+                return warm * self.gamma ** (step // self.step_size)
+            if self.schedule == "cosine":
+                return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+            return warm
+
+        return factor
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zero_stage: int = 0  # 0, 1 or 2 (ZeRO-3 partitions beta, which the loss reads outside forward)
+    precision: str = "fp32"  # fp32, bf16 or fp16 (the loss is fp32 in every case)
+    gradient_clipping: float = 0.0  # global norm; 0 disables
+    timeout_minutes: float = 60.0  # collectives; DeepSpeed's default of 10 is too short for a long evaluation
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"deepspeed.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.gradient_clipping < 0 or self.timeout_minutes <= 0:
+            raise ValueError("deepspeed.gradient_clipping must be >= 0 and deepspeed.timeout_minutes > 0")

@@ -1,0 +1,64 @@
+"""Configs: the shipped YAML files load; every bad config stops with a message naming the key."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_dml.cli import main as cli
+from dist_dml.config import ConfigError, load_config
+
+from .conftest import ROOT, cpu_env
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load(path, tiny_shards):
+    split = "test" if "inshop" not in path.stem else None
+    overrides = [f"data.root={tiny_shards}"] + ([] if split else ["eval.split=test"])
+    cfg = load_config(path, overrides)
+    assert cfg.data.images_per_class >= 2 and cfg.loss.alpha == 0.2 and cfg.loss.beta_init == 1.2
+
+
+def test_overrides_are_typed(tiny_shards):
+    cfg = load_config(ROOT / "configs/cpu_synthetic.yaml",
+                      [f"data.root={tiny_shards}", "optimizer.lr=1e-3", "eval.recall_ks=[1,5]", "tracking.uri="])
+    assert cfg.optimizer.lr == 1e-3 and cfg.eval.recall_ks == (1, 5) and cfg.tracking.uri is None
+
+
+BAD = [
+    (["nonsense.key=1"], "unknown section 'nonsense'"),
+    (["data.colour=red"], "unknown key data.colour"),
+    (["optimizer.lr=fast"], "optimizer.lr must be float"),
+    (["data.images_per_class=1"], "data.images_per_class (K) must be at least 2"),
+    (["data.batch_size=100"], "data.batch_size=100 is not classes_per_batch x images_per_class"),
+    (["loss.beta_per_class=true", "loss.num_classes=3"], "loss.num_classes=3 is smaller than the 48 classes"),
+    (["sampler.kind=clever"], "sampler.kind: unknown sampler 'clever'"),
+    (["deepspeed.zero_stage=3"], "deepspeed.zero_stage must be 0, 1 or 2"),
+    (["model.backbone=alexnet"], "model.backbone: unknown backbone 'alexnet'"),
+    (["eval.split=validation"], "no split 'validation'"),
+    (["data.root=/nonexistent/shards"], "no manifest"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_config_stops_before_training(overrides, message, tiny_shards, capsys):
+    code = cli(["train", str(ROOT / "configs/cpu_synthetic.yaml"), f"data.root={tiny_shards}", *overrides])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_config(path)
+
+
+def test_bad_config_exit_code_reaches_the_shell(tiny_shards):
+    proc = subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", str(ROOT / "configs/cpu_synthetic.yaml"),
+                           f"data.root={tiny_shards}", "data.images_per_class=1"],
+                          capture_output=True, text=True, env=cpu_env(), timeout=120)
+    assert proc.returncode == 2 and "images_per_class" in proc.stderr
+    assert "deepspeed" not in proc.stderr.lower()  # stopped before the engine or a process group

@@ -1,0 +1,183 @@
+"""End to end on the CPU: 2 gloo processes under DeepSpeed on tiny synthetic shards, tracked by a
+real MLflow server; a rank killed mid-run; two local "nodes"; a real one-node SLURM cluster."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .conftest import ROOT, cpu_env, free_port, tiny_overrides
+
+CONFIG = str(ROOT / "configs/cpu_synthetic.yaml")
+
+
+def torchrun_train(nproc, overrides, env, max_restarts=0, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           f"--max_restarts={max_restarts}", "-m", "dist_dml.cli", "train", CONFIG, *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def logged_losses(output: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\[train\] step \d+/\d+ loss=([0-9.]+)", output)]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=cpu_env())
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail("mlflow server did not start")
+            time.sleep(0.5)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_shards, tmp_path_factory, mlflow_server):
+    out = tmp_path_factory.mktemp("run")
+    proc = torchrun_train(2, tiny_overrides(tiny_shards, out, **{"deepspeed.zero_stage": 2}),
+                          cpu_env(MLFLOW_TRACKING_URI=mlflow_server))
+    log = finish(proc)
+    return out, log, json.loads((out / "results.json").read_text())
+
+
+def test_two_processes_learn(trained):
+    out, log, results = trained
+    losses = logged_losses(log)
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
+    assert results["trained"]["recall_at_1"] > results["untrained"]["recall_at_1"] + 0.05, results
+    assert results["steps"] == 60 and results["skipped_steps"] == 0
+
+
+def test_checkpoints_are_complete_and_rotated(trained):
+    out, _, _ = trained
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step00000060"
+    tags = sorted(p.name for p in ckpt.glob("step*"))
+    assert tags == ["step00000040", "step00000060"]  # keep_last: 2
+    assert {p.name for p in (ckpt / "step00000060").iterdir()} >= {"mp_rank_00_model_states.pt"}
+    import torch
+
+    final = torch.load(out / "final_model.pt", weights_only=True)
+    assert final["config"]["model"]["backbone"] == "tiny_cnn" and "head.weight" in final["state_dict"]
+
+
+def test_mlflow_server_has_params_metrics_artifacts(trained, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    _, _, results = trained
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(results["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.backbone"] == "tiny_cnn" and run.data.params["data.images_per_class"] == "3"
+    assert run.data.tags["world_size"] == "2"
+    for name in ("loss", "active_fraction", "d_ap_mean", "d_an_mean", "beta_mean", "fallback_rate", "images_per_s",
+                 "recall_at_1", "lr_beta", "d_an_q50"):
+        assert name in run.data.metrics, name
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [10, 20, 30, 40, 50, 60]
+    paths = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in paths
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/final_model.pt"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/negative_distances.png"]
+
+
+def test_killed_rank_resumes_from_last_checkpoint(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_shards, out, **{"train.steps": 40, "checkpoint.every_steps": 10,
+                                                    "eval.at_start": False, "tracking.enabled": False})
+    proc = torchrun_train(2, overrides, cpu_env(), max_restarts=1)
+    killed = {}
+
+    def kill_rank_one_after_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            latest = out / "checkpoints" / "latest"
+            if latest.exists() and latest.read_text() >= "step00000010":
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    try:
+                        if child.environ().get("RANK") == "1":
+                            killed["step"] = latest.read_text()
+                            child.send_signal(signal.SIGKILL)
+                            return
+                    except psutil.Error:
+                        continue
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_rank_one_after_first_checkpoint)
+    watcher.start()
+    log = finish(proc)
+    watcher.join()
+    assert killed, "rank 1 was never killed"
+    assert re.search(r"resumed from .*step000000[1-3]0 at step [1-3]0", log), log[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 40
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step00000040"
+    assert not list(ckpt.glob("*.partial"))
+
+
+def test_two_local_nodes(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_shards, out, **{"train.steps": 10, "eval.at_start": False,
+                                                    "tracking.enabled": False, "checkpoint.every_steps": 0})
+    proc = subprocess.run(["bash", str(ROOT / "launch/multinode_local.sh"), "train", CONFIG, *overrides],
+                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 10
+
+
+def slurm_cluster_up() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    probe = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return probe.returncode == 0 and any(s in probe.stdout for s in ("idle", "mixed"))
+
+
+@pytest.mark.skipif(not slurm_cluster_up() and not os.environ.get("DIST_DML_REQUIRE_SLURM"),
+                    reason="no SLURM cluster here (CI starts one: tests/slurm/start_cluster.sh)")
+def test_sbatch_runs_to_completion(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_shards, out, **{"train.steps": 10, "eval.at_start": False,
+                                                    "tracking.enabled": False, "checkpoint.every_steps": 0})
+    env = cpu_env(NPROC_PER_NODE="2")
+    proc = subprocess.run(["sbatch", "--wait", f"--output={tmp_path}/slurm-%j.out", "--cpus-per-task=2",
+                           str(ROOT / "launch/slurm.sbatch"), "train", CONFIG, *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr + logs)[-6000:]
+    assert json.loads((out / "results.json").read_text())["steps"] == 10
+    assert "2 processes" in logs or "x 2 processes" in logs
