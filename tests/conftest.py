@@ -32,15 +32,19 @@ def run_torchrun():
     return torchrun
 
 
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory) -> Path:
-    """Synthetic products at 32 px: 48 training classes, 16 held out, several shards each."""
+def synthetic_shards(out: Path, classes: int, test_classes: int, shard_mb: float) -> Path:
+    """32-px synthetic products, 3 to 6 images each, in shards of about shard_mb."""
     from data_prep.cli import main as prep
 
-    out = tmp_path_factory.mktemp("tiny_shards")
-    assert prep(["synthetic", "--classes", "48", "--test-classes", "16", "--per-class", "3:6", "--size", "32",
-                 "--shard-mb", "0.03", "--out", str(out), "--no-progress"]) == 0
+    assert prep(["synthetic", "--classes", str(classes), "--test-classes", str(test_classes), "--per-class", "3:6",
+                 "--size", "32", "--shard-mb", str(shard_mb), "--out", str(out), "--no-progress"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """48 training classes, 16 held out, several shards each."""
+    return synthetic_shards(tmp_path_factory.mktemp("tiny_shards"), 48, 16, 0.03)
 
 
 def tiny_overrides(shards: Path, output: Path, **extra) -> list[str]:

@@ -8,16 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.cli import main as prep
 from dist_dml.data import DataConfig, EvalStream, TrainStream
+
+from .conftest import synthetic_shards
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    assert prep(["synthetic", "--classes", "96", "--test-classes", "30", "--per-class", "3:6", "--size", "32",
-                 "--shard-mb", "0.02", "--out", str(out), "--no-progress"]) == 0
-    return out
+    return synthetic_shards(tmp_path_factory.mktemp("shards"), 96, 30, 0.02)
 
 
 def config(root, **kw):
