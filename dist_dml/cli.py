@@ -45,6 +45,109 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loaded(args):
+    """(model, config, context) for eval/embed: the checkpoint, overrides, and a process group if launched."""
+    from dist_dml.config import ConfigError
+    from dist_dml.distributed import DistContext
+    from dist_dml.export import load_checkpoint
+
+    try:
+        model, cfg = load_checkpoint(args.checkpoint, args.overrides)
+    except (ConfigError, FileNotFoundError, KeyError) as exc:
+        print(f"dist-dml {args.command}: error: {exc}", file=sys.stderr)
+        return None
+    ctx = DistContext.from_env(device=cfg.train.device)
+    if ctx.world_size > 1:
+        ctx.init_process_group(timeout_minutes=cfg.deepspeed.timeout_minutes)
+    return model.to(ctx.device), cfg, ctx
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """Retrieval metrics of a checkpoint on the configured evaluation split(s)."""
+    from dist_dml.evaluation import evaluate
+
+    loaded = _loaded(args)
+    if loaded is None:
+        return 2
+    model, cfg, ctx = loaded
+    try:
+        metrics, paths = evaluate(model, cfg.data, cfg.eval, ctx, progress=True, plots_dir=args.plots)
+    finally:
+        ctx.shutdown()
+    if ctx.is_main:
+        print(json.dumps(metrics, indent=1))
+        if args.out:
+            Path(args.out).write_text(json.dumps(metrics, indent=1))
+        for path in paths:
+            print(f"[eval] plot: {path}")
+    return 0
+
+
+def embed_command(args: argparse.Namespace) -> int:
+    """Each rank writes the embeddings of its share of a split as one part."""
+    from dist_dml.data import EvalStream
+    from dist_dml.evaluation import embed_local
+    from dist_dml.export import write_embeddings
+
+    loaded = _loaded(args)
+    if loaded is None:
+        return 2
+    model, cfg, ctx = loaded
+    try:
+        stream = EvalStream(cfg.data, args.split, ctx.rank, ctx.world_size, cfg.eval.batch_size)
+        paths = write_embeddings(*embed_local(model, stream, ctx, progress=True), Path(args.out), ctx.rank, args.format)
+        ctx.barrier()
+    finally:
+        ctx.shutdown()
+    print(f"[embed] rank {ctx.rank}: {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def index_command(args: argparse.Namespace) -> int:
+    """A faiss index over exported embeddings, with the ids and labels beside it."""
+    import numpy as np
+
+    from dist_dml.export import read_embeddings
+    from dist_dml.search import build_index, save_index
+
+    emb, labels, ids = read_embeddings(Path(args.embeddings))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_index(build_index(emb, args.type, nlist=args.nlist, m=args.m), out / "index.faiss")
+    np.save(out / "ids.npy", ids)
+    np.save(out / "labels.npy", labels)
+    meta = {"type": args.type, "count": int(len(ids)), "dim": int(emb.shape[1]),
+            "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    print(f"[index] {args.type} index of {len(ids)} embeddings in {out}")
+    return 0
+
+
+def search_command(args: argparse.Namespace) -> int:
+    """The nearest indexed items of image files."""
+    import numpy as np
+
+    from dist_dml.export import embed_images, load_checkpoint
+    from dist_dml.search import load_index
+
+    folder = Path(args.index)
+    meta = json.loads((folder / "meta.json").read_text())
+    checkpoint = args.checkpoint or meta.get("checkpoint")
+    if not checkpoint:
+        print("dist-dml search: error: give --checkpoint (the index does not name one)", file=sys.stderr)
+        return 2
+    model, cfg = load_checkpoint(checkpoint)
+    index = load_index(folder / "index.faiss")
+    ids, labels = np.load(folder / "ids.npy"), np.load(folder / "labels.npy")
+    scores, rows = index.search(embed_images(model, cfg, args.images).numpy(), args.k)
+    for image, score_row, index_row in zip(args.images, scores, rows):
+        print(f"{image}:")
+        for rank, (score, row) in enumerate(zip(score_row, index_row), start=1):
+            if row >= 0:
+                print(f"  {rank:3d}. id={ids[row]} label={labels[row]} score={score:.4f}")
+    return 0
+
+
 def demo_command(args: argparse.Namespace) -> int:
     """Synthetic shards, a short training on CPU processes, Recall@1 before and after."""
     out = Path(args.output).resolve()
@@ -88,6 +191,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="section.key=value for the training")
     p.set_defaults(func=demo_command)
+
+    p = sub.add_parser("eval", help="retrieval metrics of a checkpoint (under torchrun: distributed extraction)")
+    p.add_argument("checkpoint", help="OUTPUT/final_model.pt or OUTPUT/checkpoints/stepN")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.root=... eval.split=query,gallery")
+    p.add_argument("--out", help="also write the metrics to this JSON file")
+    p.add_argument("--plots", help="draw Recall@K and a retrieval grid into this folder")
+    p.set_defaults(func=eval_command)
+
+    p = sub.add_parser("embed", help="export the embeddings of a split (one part per rank)")
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["npy", "parquet"], default="npy")
+    p.set_defaults(func=embed_command)
+
+    p = sub.add_parser("index", help="build a faiss index over exported embeddings")
+    p.add_argument("embeddings", help="a folder written by dist-dml embed")
+    p.add_argument("--out", required=True)
+    p.add_argument("--type", choices=["flat", "ivfpq"], default="flat")
+    p.add_argument("--nlist", type=int, default=0, help="ivfpq lists (0: 4 sqrt(N))")
+    p.add_argument("--m", type=int, default=16, help="ivfpq sub-quantizers")
+    p.add_argument("--checkpoint", help="the model that made the embeddings (for dist-dml search)")
+    p.set_defaults(func=index_command)
+
+    p = sub.add_parser("search", help="the nearest indexed items of image files")
+    p.add_argument("index", help="a folder written by dist-dml index")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--checkpoint", help="default: the one the index names")
+    p.set_defaults(func=search_command)
 
     from data_prep.cli import build_parser as prep_parser, run as prep_run
 

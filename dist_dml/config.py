@@ -55,6 +55,9 @@ class EvalConfig:
     split: str = "test"  # or "query,gallery" (In-Shop): query against gallery
     recall_ks: tuple[int, ...] = (1, 2, 4, 8)
     batch_size: int = 128
+    nmi: bool = True  # faiss k-means with as many clusters as classes
+    grid_queries: int = 6  # rows of the retrieval grid plot (0: no grid)
+    grid_k: int = 5
 
     def validate(self) -> None:
         if not self.recall_ks or min(self.recall_ks) < 1:

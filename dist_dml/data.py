@@ -394,3 +394,16 @@ class EvalStream(IterableDataset):
     def _batch(self, images, labels, ids):
         stacked = stack_for_transfer(images) if images else torch.empty(0, dtype=torch.uint8)
         return stacked, torch.tensor(labels), torch.tensor(ids)
+
+
+def images_by_id(cfg: DataConfig, split: str, wanted) -> dict[int, torch.Tensor]:
+    """The evaluation-transformed uint8 images of the given image ids (for plots), one pass over the split."""
+    wanted, found = set(int(i) for i in wanted), {}
+    transform = eval_transform(cfg)
+    for record in read_records(Manifest(cfg.root).shard_paths(split), ReadErrors()):
+        for (_, data), image_id in zip(record["images"], record["image_ids"]):
+            if image_id in wanted:
+                found[image_id] = transform(decode(data))
+        if len(found) == len(wanted):
+            break
+    return found

@@ -1,56 +1,154 @@
-"""Embedding a split on every rank, and exact retrieval metrics in memory (brute force).
+"""Evaluation: every rank embeds its share of a split; retrieval metrics on the gathered embeddings.
 
-Issue-5 note: the faiss path, MAP@R, R-Precision and NMI build on these; this exact version is the
-reference they are tested against.
+Metrics (query -> gallery, or each item against all others of one split):
+- Recall@K: a relevant item among the K nearest.
+- R-Precision and MAP@R (Musgrave et al., 2020), R being the number of relevant gallery items.
+- NMI of faiss k-means (as many clusters as classes) against the labels, scored by scikit-learn.
+The query itself is excluded by index, not by distance; ties go to the lower gallery index. Queries
+with no relevant gallery item (a singleton class) cannot be answered and are left out of every
+retrieval metric; their number is reported as `unanswerable`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from dist_dml.distributed import DistContext
 
 
-def recall_at_k(query: Tensor, query_labels: Tensor, ks: tuple[int, ...] = (1,),
-                gallery: Tensor | None = None, gallery_labels: Tensor | None = None,
-                block: int = 2048) -> dict[int, float]:
-    """Recall@K by inner product. Without a gallery each item queries all others: the query itself
-    is excluded by index, not by distance. Ties in similarity go to the lower gallery index."""
-    query = query.float()
-    same_set = gallery is None
-    gallery = query if same_set else gallery.float()
-    gallery_labels = query_labels if same_set else gallery_labels
-    n = query.shape[0]
-    kmax = min(max(ks), gallery.shape[0] - (1 if same_set else 0))
-    hits = {k: 0 for k in ks}
-    for lo in range(0, n, block):
-        sim = query[lo:lo + block] @ gallery.T
-        if same_set:
-            rows = torch.arange(sim.shape[0])
-            sim[rows, rows + lo] = -float("inf")
-        top = torch.sort(-sim, dim=1, stable=True).indices[:, :kmax]  # stable: ties to the lower index
-        match = gallery_labels[top] == query_labels[lo:lo + block, None]
-        for k in ks:
-            hits[k] += int(match[:, :k].any(dim=1).sum())
-    return {k: hits[k] / max(n, 1) for k in ks}
+@dataclass
+class Retrieval:
+    metrics: dict[str, float]
+    neighbours: np.ndarray  # [queries, k] gallery indices, best first
+    relevant: np.ndarray  # [queries, k] bool
+
+
+def retrieval_metrics(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray | None = None,
+                      gallery_labels: np.ndarray | None = None, ks: tuple[int, ...] = (1,), nmi: bool = True,
+                      use_gpu: bool = True, progress: bool = False, seed: int = 0) -> Retrieval:
+    from dist_dml.search import knn
+
+    query_labels = np.asarray(query_labels)
+    same = gallery is None
+    gallery_labels = query_labels if same else np.asarray(gallery_labels)
+    relevant_count = _relevant_counts(query_labels, gallery_labels, same)
+    k = int(max(max(ks), relevant_count.max(initial=0)))
+    _, neighbours = knn(query, None if same else gallery, k, exclude_self=same, use_gpu=use_gpu, progress=progress)
+    found = neighbours >= 0
+    relevant = found & (gallery_labels[np.where(found, neighbours, 0)] == query_labels[:, None])
+    answerable = relevant_count > 0
+    rel, counts = relevant[answerable], relevant_count[answerable]
+    metrics = {f"recall_at_{kk}": float(rel[:, :kk].any(axis=1).mean()) if len(rel) else 0.0 for kk in ks}
+    within_r = np.arange(rel.shape[1])[None, :] < counts[:, None]
+    hits = rel & within_r
+    metrics["r_precision"] = float((hits.sum(1) / counts).mean()) if len(rel) else 0.0
+    precision_at_i = np.cumsum(hits, axis=1) / np.arange(1, rel.shape[1] + 1)[None, :]
+    metrics["map_at_r"] = float(((precision_at_i * hits).sum(1) / counts).mean()) if len(rel) else 0.0
+    metrics["unanswerable"] = float((~answerable).sum())
+    if nmi:
+        vectors = query if same else np.concatenate([query, gallery])
+        labels = query_labels if same else np.concatenate([query_labels, gallery_labels])
+        metrics["nmi"] = clustering_nmi(vectors, labels, use_gpu=use_gpu, seed=seed)
+    return Retrieval(metrics, neighbours, relevant)
+
+
+def _relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, same: bool) -> np.ndarray:
+    classes, counts = np.unique(gallery_labels, return_counts=True)
+    pos = np.searchsorted(classes, query_labels)
+    pos = np.clip(pos, 0, len(classes) - 1)
+    count = np.where(classes[pos] == query_labels, counts[pos], 0)
+    return count - 1 if same else count
+
+
+def clustering_nmi(vectors: np.ndarray, labels: np.ndarray, use_gpu: bool = True, seed: int = 0) -> float:
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from dist_dml.search import kmeans_assign
+
+    clusters = len(np.unique(labels))
+    if clusters < 2 or len(labels) <= clusters:
+        return 1.0 if clusters == len(labels) else 0.0
+    assignment = kmeans_assign(vectors, clusters, seed=seed, use_gpu=use_gpu)
+    return float(normalized_mutual_info_score(labels, assignment))
 
 
 @torch.no_grad()
-def embed_split(model: nn.Module, stream, ctx: DistContext) -> tuple[Tensor, Tensor, Tensor]:
-    """Every rank embeds its share of ``stream`` (an EvalStream); all ranks get the whole split,
-    ordered by image id: (embeddings, labels, image ids)."""
+def embed_local(model: nn.Module, stream, ctx: DistContext, progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """This rank's share of ``stream`` (an EvalStream): (embeddings, labels, image ids), on ctx.device."""
     was_training = model.training
     model.eval()
     parts, labels, ids = [], [], []
+    bar = tqdm(total=stream.num_images, unit="img", desc=f"[eval] embed {stream.split}",
+               disable=not (progress and ctx.is_main), mininterval=2)
     for images, lab, image_ids in stream.loader():
         parts.append(model(images.to(ctx.device)).float())
         labels.append(lab.to(ctx.device))
         ids.append(image_ids.to(ctx.device))
+        bar.update(len(image_ids) * ctx.world_size)  # the ranks move at about the same pace
+    bar.close()
     model.train(was_training)
     dim = model.head.out_features
-    local = torch.cat(parts) if parts else torch.empty(0, dim, device=ctx.device)
-    local_labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=ctx.device)
-    local_ids = torch.cat(ids) if ids else torch.empty(0, dtype=torch.long, device=ctx.device)
-    emb, lab, idx = (ctx.gather_uneven(t) for t in (local, local_labels, local_ids))
+    return (torch.cat(parts) if parts else torch.empty(0, dim, device=ctx.device),
+            torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=ctx.device),
+            torch.cat(ids) if ids else torch.empty(0, dtype=torch.long, device=ctx.device))
+
+
+def embed_split(model: nn.Module, stream, ctx: DistContext, progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Every rank embeds its share of ``stream``; all ranks get the whole split, ordered by image id:
+    (embeddings, labels, image ids) on the CPU. Ranks may hold different counts."""
+    emb, lab, idx = (ctx.gather_uneven(t) for t in embed_local(model, stream, ctx, progress))
     order = torch.argsort(idx)
     return emb[order].cpu(), lab[order].cpu(), idx[order].cpu()
+
+
+def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: bool = False,
+             plots_dir=None) -> tuple[dict[str, float], list]:
+    """Embed the evaluation split(s) on every rank, search and score on rank 0, share the metrics.
+
+    ``eval_cfg.split`` is one split (each item against the others) or "query,gallery". With
+    ``plots_dir``, rank 0 also draws Recall@K against K and a retrieval grid; returns their paths.
+    """
+    from dist_dml.data import EvalStream
+
+    splits = eval_cfg.split.split(",")
+    sets = [embed_split(model, EvalStream(data_cfg, s, ctx.rank, ctx.world_size, eval_cfg.batch_size), ctx,
+                        progress) for s in splits]
+    metrics, paths = {}, []
+    if ctx.is_main:
+        (q_emb, q_lab, q_ids), gallery = sets[0], sets[1] if len(sets) == 2 else None
+        use_gpu = ctx.device.type == "cuda"
+        result = retrieval_metrics(q_emb.numpy(), q_lab.numpy(), None if gallery is None else gallery[0].numpy(),
+                                   None if gallery is None else gallery[1].numpy(), eval_cfg.recall_ks,
+                                   nmi=eval_cfg.nmi, use_gpu=use_gpu, progress=progress)
+        metrics = result.metrics
+        if plots_dir is not None:
+            paths = _plots(result, eval_cfg, data_cfg, splits, sets, plots_dir)
+    return ctx.broadcast_object(metrics), paths
+
+
+def _plots(result: Retrieval, eval_cfg, data_cfg, splits, sets, plots_dir) -> list:
+    from pathlib import Path
+
+    from dist_dml import plots
+    from dist_dml.data import images_by_id
+
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    paths = [plots.recall_curve(result.metrics, eval_cfg.recall_ks, plots_dir / "recall_at_k.png")]
+    if eval_cfg.grid_queries:
+        rng = np.random.default_rng(0)
+        rows = sorted(rng.choice(len(result.neighbours), min(eval_cfg.grid_queries, len(result.neighbours)),
+                                 replace=False).tolist())
+        neighbours = result.neighbours[:, :eval_cfg.grid_k]
+        q_ids, g_ids = sets[0][2].numpy(), sets[-1][2].numpy()
+        q_images = images_by_id(data_cfg, splits[0], q_ids[rows])
+        wanted = {int(g_ids[n]) for n in neighbours[rows].ravel() if n >= 0}
+        g_images = q_images if len(splits) == 1 else {}
+        g_images = {**g_images, **images_by_id(data_cfg, splits[-1], wanted)}
+        paths.append(plots.retrieval_grid(rows, neighbours, result.relevant[:, :eval_cfg.grid_k], q_ids, g_ids,
+                                          q_images, g_images, plots_dir / "retrieval_grid.png"))
+    return paths

@@ -12,6 +12,7 @@ rank runs the same backward collectives and gives every parameter a gradient.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,6 +45,9 @@ class LossConfig:
     def validate(self) -> None:
         if self.kind not in LOSSES:
             raise ValueError(f"loss.kind: unknown loss {self.kind!r}; known: {sorted(LOSSES)}")
+        for key in ("alpha", "beta_init", "nu"):
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"loss.{key} must be finite, got {getattr(self, key)}")
         if self.alpha < 0:
             raise ValueError(f"loss.alpha must be >= 0, got {self.alpha}")
         if self.num_classes < 0 or self.num_images < 0:

@@ -323,7 +323,9 @@ def _inverse_cdf(cumulative: Tensor, row: Tensor, u: Tensor) -> Tensor:
     total = cumulative[:, -1]
     found = _rowwise_searchsorted(cumulative, row, u * total[row].double(), right=True)
     last = torch.searchsorted(cumulative, total.contiguous().unsqueeze(1), right=False).squeeze(1)
-    return torch.minimum(found, last[row])
+    # Non-finite embeddings (a diverged model) give NaN weights and out-of-range positions: any
+    # valid column will do, since the loss is then non-finite and the step is skipped.
+    return torch.minimum(found, last[row]).clamp_(max=cumulative.shape[1] - 1)
 
 
 class RandomNegativeSampler:

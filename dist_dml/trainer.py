@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
+from dist_dml import plots
 from dist_dml.checkpoint import Checkpointer
 from dist_dml.config import RunConfig, dump_yaml
-from dist_dml.data import EvalStream, Manifest, TrainStream
+from dist_dml.data import Manifest, TrainStream
 from dist_dml.distributed import DistContext
 from dist_dml.engine import TrainEngine
-from dist_dml.evaluation import embed_split, recall_at_k
+from dist_dml.evaluation import evaluate
 from dist_dml.losses import build_loss
 from dist_dml.models import TrainModule, build_model
 from dist_dml.objective import GlobalBatchObjective, StepResult
@@ -95,7 +96,7 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict:
             if stream.step >= stream.steps_per_epoch:
                 stream.set_epoch(stream.epoch + 1)
         _save(checkpoints, engine, stream, cfg, step, tracker.run_id)
-        results["trained"] = _evaluate(cfg, engine, ctx, tracker, step)
+        results["trained"] = _evaluate(cfg, engine, ctx, tracker, step, final=True)
         results["steps"] = step
         results["skipped_steps"] = meter.skipped
         _finish(cfg, engine, ctx, tracker, meter, results, out)
@@ -147,19 +148,16 @@ def _save(checkpoints: Checkpointer, engine, stream: TrainStream, cfg: RunConfig
     checkpoints.save(engine, step, state)
 
 
-def _evaluate(cfg: RunConfig, engine, ctx: DistContext, tracker, step: int) -> dict[str, float]:
-    model = engine.module.model
-    splits = cfg.eval.split.split(",")
-    sets = [embed_split(model, EvalStream(cfg.data, s, ctx.rank, ctx.world_size, cfg.eval.batch_size), ctx)
-            for s in splits]
-    metrics = {}
+def _evaluate(cfg: RunConfig, engine, ctx: DistContext, tracker, step: int, final: bool = False) -> dict[str, float]:
+    plots_dir = Path(cfg.train.output_dir) / "plots" if final else None
+    metrics, plot_paths = evaluate(engine.module.model, cfg.data, cfg.eval, ctx, progress=final, plots_dir=plots_dir)
     if ctx.is_main:
-        query, gallery = sets[0], sets[-1] if len(sets) == 2 else (None, None, None)
-        recall = recall_at_k(query[0], query[1], cfg.eval.recall_ks, gallery[0], gallery[1])
-        metrics = {f"recall_at_{k}": v for k, v in recall.items()}
         tracker.log_metrics(metrics, step)
-        print(f"[eval] step {step}: " + " ".join(f"R@{k}={v:.4f}" for k, v in recall.items()), flush=True)
-    return ctx.broadcast_object(metrics)
+        for path in plot_paths:
+            tracker.log_artifact(path, "plots")
+        shown = " ".join(f"{k.replace('recall_at_', 'R@')}={v:.4f}" for k, v in metrics.items() if k != "unanswerable")
+        print(f"[eval] step {step}: {shown}", flush=True)
+    return metrics
 
 
 def _finish(cfg, engine, ctx, tracker, meter: "_Meter", results: dict, out: Path) -> None:
@@ -171,8 +169,10 @@ def _finish(cfg, engine, ctx, tracker, meter: "_Meter", results: dict, out: Path
     torch.save({"state_dict": state, "config": cfg.to_dict()}, tmp)
     os.replace(tmp, out / "final_model.pt")
     tracker.log_artifact(out / "final_model.pt", "model")
-    plot = meter.plot_negative_distances(out / "negative_distances.png", cfg.model.embedding_dim, cfg.sampler)
-    if plot:
+    if meter.histogram.sum() > 0:
+        (out / "plots").mkdir(exist_ok=True)
+        plot = plots.negative_distances(meter.histogram.numpy(), cfg.model.embedding_dim, cfg.sampler.cutoff,
+                                        cfg.sampler.nonzero_loss_cutoff, out / "plots" / "negative_distances.png")
         tracker.log_artifact(plot, "plots")
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
@@ -238,34 +238,6 @@ class _Meter:
         self.window = dict.fromkeys(self.window, 0.0)
         self.window_histogram.zero_()
         return metrics
-
-    def plot_negative_distances(self, path: Path, dim: int, sampler_cfg) -> Path | None:
-        """The paper's figure: sampled-negative distances against the sphere's density q(d) and uniform."""
-        if self.histogram.sum() == 0:
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        width = 2.0 / HIST_BINS
-        centres = torch.arange(HIST_BINS) * width + width / 2
-        density = self.histogram / (self.histogram.sum() * width)
-        log_q = (dim - 2) * torch.log(centres) + (dim - 3) / 2 * torch.log((1 - centres ** 2 / 4).clamp_min(1e-12))
-        q = torch.exp(log_q - log_q.max())
-        q = q / (q.sum() * width)
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.bar(centres, density, width=width, alpha=0.6, label="sampled negatives")
-        ax.plot(centres, q, label=f"q(d): uniform points on the sphere, n={dim}")
-        lo, hi = sampler_cfg.cutoff, sampler_cfg.nonzero_loss_cutoff
-        ax.hlines(1 / (hi - lo), lo, hi, colors="k", linestyles="dashed", label="uniform on [cutoff, nonzero cutoff]")
-        ax.set_xlabel("distance")
-        ax.set_ylabel("density")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
 
 
 def _quantiles(hist: torch.Tensor, qs=(0.1, 0.5, 0.9)) -> dict[float, float]:

@@ -220,3 +220,12 @@ def test_bad_sampler_config_is_rejected():
         build_sampler(SamplerConfig(kind="smart"))
     with pytest.raises(ValueError, match="nonzero_loss_cutoff"):
         build_sampler(SamplerConfig(cutoff=1.5, nonzero_loss_cutoff=1.4))
+
+
+@pytest.mark.parametrize("kind", sorted(SAMPLERS))
+def test_non_finite_embeddings_give_valid_indices(kind):
+    x = unit(32, 8, seed=1)
+    x[3] = float("nan")
+    labels = pk_labels(8, 4, seed=1)
+    t = build_sampler(SamplerConfig(kind=kind))(x, labels, 0, 32, step=0)
+    assert len(t) == 32 * 3 and int(t.negative.max()) < 32 and int(t.negative.min()) >= 0

@@ -1,0 +1,137 @@
+"""The one module that imports faiss: exact k-nearest-neighbour search, k-means, and saved indexes.
+
+Search is exact inner product (cosine on L2-normalised embeddings). Queries go in blocks, and a
+gallery larger than `gallery_block` is searched block by block with the results merged, so N beyond
+memory works. On GPUs (faiss-gpu) the index is spread over all visible GPUs; k > 2048 stays on the
+CPU, where faiss-gpu would fall back anyway.
+
+Determinism: results are ordered by (score descending, gallery index ascending). To make ties at
+the k-th place deterministic too, a few extra neighbours are fetched and the order is re-sorted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+GPU_MAX_K = 2048
+_TIE_MARGIN = 8
+
+
+def gpu_count() -> int:
+    try:
+        return faiss.get_num_gpus()
+    except AttributeError:
+        return 0
+
+
+def _flat_index(vectors: np.ndarray, use_gpu: bool, k: int):
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    if use_gpu and gpu_count() > 0 and k <= GPU_MAX_K:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(vectors)
+    return index
+
+
+def knn(query: np.ndarray, gallery: np.ndarray | None, k: int, exclude_self: bool = False, use_gpu: bool = True,
+        query_block: int = 16384, gallery_block: int = 2_000_000, progress: bool = False):
+    """Top-k gallery neighbours of every query: (scores [nq, k], indices [nq, k]).
+
+    ``gallery=None`` searches the queries against themselves; with ``exclude_self`` each query's own
+    index is removed (by index, not by distance). Rows with fewer than k candidates pad with -1.
+    """
+    query = np.ascontiguousarray(query, dtype=np.float32)
+    same = gallery is None
+    gallery = query if same else np.ascontiguousarray(gallery, dtype=np.float32)
+    drop_self = exclude_self and same
+    fetch = min(k + (1 if drop_self else 0) + _TIE_MARGIN, gallery.shape[0])
+    scores = np.full((query.shape[0], fetch), -np.inf, dtype=np.float32)
+    indices = np.full((query.shape[0], fetch), -1, dtype=np.int64)
+    blocks = range(0, gallery.shape[0], gallery_block)
+    bar = tqdm(total=query.shape[0] * len(blocks), unit="query", desc="[eval] search", disable=not progress,
+               mininterval=2)
+    for g0 in blocks:
+        part = gallery[g0:g0 + gallery_block]
+        index = _flat_index(part, use_gpu, fetch)
+        kk = min(fetch, part.shape[0])
+        for q0 in range(0, query.shape[0], query_block):
+            d, i = index.search(query[q0:q0 + query_block], kk)
+            i = np.where(i >= 0, i + g0, -1)
+            merged_d = np.concatenate([scores[q0:q0 + query_block], d], axis=1)
+            merged_i = np.concatenate([indices[q0:q0 + query_block], i], axis=1)
+            keep = _order(merged_d, merged_i)[:, :fetch]
+            scores[q0:q0 + query_block] = np.take_along_axis(merged_d, keep, 1)
+            indices[q0:q0 + query_block] = np.take_along_axis(merged_i, keep, 1)
+            bar.update(min(query_block, query.shape[0] - q0))
+    bar.close()
+    if drop_self:
+        own = indices == np.arange(query.shape[0])[:, None]
+        order = np.argsort(own, axis=1, kind="stable")  # the query itself (if found) moves last
+        scores, indices = np.take_along_axis(scores, order, 1), np.take_along_axis(indices, order, 1)
+    width = min(k, gallery.shape[0] - (1 if drop_self else 0))
+    return scores[:, :width], indices[:, :width]
+
+
+def _order(scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Per row: by score descending, then by index ascending; missing (-1) entries last."""
+    missing = indices < 0
+    key_index = np.where(missing, np.iinfo(np.int64).max, indices)
+    key_score = np.where(missing, np.inf, -scores)
+    return np.lexsort((key_index, key_score), axis=1)
+
+
+def kmeans_assign(vectors: np.ndarray, clusters: int, seed: int = 0, iterations: int = 20,
+                  use_gpu: bool = True, two_level_above: int = 1024) -> np.ndarray:
+    """faiss k-means with ``clusters`` centroids; the cluster of every vector.
+
+    Up to ``two_level_above`` clusters: plain k-means, the best of 5 runs where a run is cheap
+    (points x clusters below 1e8), since k-means from random seeds can stop in a poor optimum.
+    Beyond: faiss's two-level k-means (sqrt(C) coarse clusters, each split in proportion to its
+    size), which costs about N x 2 sqrt(C) per iteration instead of N x C: with one class per
+    cluster on SOP-sized data, flat k-means would cost more than the retrieval search itself.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    gpu = use_gpu and gpu_count() > 0
+    if clusters > two_level_above:
+        from faiss.contrib.clustering import two_level_clustering
+
+        centroids, _ = two_level_clustering(vectors, int(np.sqrt(clusters)), clusters, clustering_niter=iterations,
+                                            seed=seed, verbose=False, min_points_per_centroid=1)
+        index = faiss.IndexFlatL2(vectors.shape[1])
+        index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    else:
+        redo = 5 if vectors.shape[0] * clusters < 1e8 else 1
+        km = faiss.Kmeans(vectors.shape[1], clusters, niter=iterations, nredo=redo, seed=seed, verbose=False,
+                          gpu=gpu, min_points_per_centroid=1,
+                          max_points_per_centroid=max(256, vectors.shape[0] // clusters + 1))
+        km.train(vectors)
+        index = km.index
+    _, assignment = index.search(vectors, 1)
+    return assignment[:, 0]
+
+
+def build_index(vectors: np.ndarray, kind: str = "flat", nlist: int = 0, m: int = 16, nbits: int = 8):
+    """A searchable index: exact flat inner product, or IVF-PQ for millions (approximate)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    d = vectors.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivfpq":
+        nlist = nlist or max(1, int(4 * np.sqrt(vectors.shape[0])))
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.nprobe = min(nlist, 16)
+    else:
+        raise ValueError(f"index type must be flat or ivfpq, got {kind!r}")
+    index.add(vectors)
+    return index
+
+
+def save_index(index, path: Path) -> None:
+    faiss.write_index(faiss.index_gpu_to_cpu(index) if hasattr(index, "getDevice") else index, str(path))
+
+
+def load_index(path: Path):
+    return faiss.read_index(str(path))

@@ -1,0 +1,147 @@
+"""Retrieval metrics against numpy / scikit-learn brute force; distributed extraction; saved indexes."""
+import numpy as np
+import pytest
+import torch
+
+from dist_dml.evaluation import clustering_nmi, retrieval_metrics
+from dist_dml.search import build_index, knn, load_index, save_index
+
+
+def brute_force(query, qlab, gallery, glab, ks):
+    """Plain loops: rank the gallery by (similarity desc, index asc), the query itself removed by index."""
+    same = gallery is None
+    gallery, glab = (query, qlab) if same else (gallery, glab)
+    sim = query.astype(np.float32) @ gallery.astype(np.float32).T
+    out = {f"recall_at_{k}": [] for k in ks}
+    out.update(r_precision=[], map_at_r=[])
+    unanswerable = 0
+    for q in range(len(query)):
+        order = [j for j in sorted(range(len(gallery)), key=lambda j: (-sim[q, j], j)) if not (same and j == q)]
+        rel = [glab[j] == qlab[q] for j in order]
+        r = sum(rel)
+        if r == 0:
+            unanswerable += 1
+            continue
+        for k in ks:
+            out[f"recall_at_{k}"].append(any(rel[:k]))
+        out["r_precision"].append(sum(rel[:r]) / r)
+        out["map_at_r"].append(sum(rel[i] * sum(rel[: i + 1]) / (i + 1) for i in range(r)) / r)
+    result = {k: float(np.mean(v)) for k, v in out.items()}
+    result["unanswerable"] = float(unanswerable)
+    return result
+
+
+def unit(n, d, seed):
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_metrics_match_brute_force_on_random_data(seed):
+    x = unit(240, 12, seed)
+    labels = np.random.default_rng(seed).integers(0, 25, 240)
+    got = retrieval_metrics(x, labels, ks=(1, 2, 4, 8), nmi=False).metrics
+    want = brute_force(x, labels, None, None, (1, 2, 4, 8))
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_query_gallery_match_brute_force():
+    q, g = unit(60, 8, 3), unit(200, 8, 4)
+    ql, gl = np.random.default_rng(5).integers(0, 30, 60), np.random.default_rng(6).integers(0, 30, 200)
+    got = retrieval_metrics(q, ql, g, gl, ks=(1, 5, 10), nmi=False).metrics
+    assert got == pytest.approx(brute_force(q, ql, g, gl, (1, 5, 10)), abs=1e-12)
+
+
+def test_ties_go_to_the_lower_index_and_self_is_excluded_by_index():
+    # Items 0-3 coincide: the query 0 must not find itself, and among equal scores the lower index wins.
+    x = np.array([[1, 0], [1, 0], [1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
+    labels = np.array([7, 8, 7, 8, 9, 9])
+    _, idx = knn(x, None, 3, exclude_self=True)
+    assert idx[0].tolist() == [1, 2, 3] and idx[3].tolist() == [0, 1, 2]
+    got = retrieval_metrics(x, labels, ks=(1, 2), nmi=False).metrics
+    assert got["recall_at_1"] == pytest.approx(brute_force(x, labels, None, None, (1,))["recall_at_1"])
+    assert got["recall_at_1"] == pytest.approx(3 / 6)  # 0->1 miss, 1->0 miss, 2->0 hit, 3->0 miss, 4->5, 5->4 hit
+
+
+def test_singleton_classes_are_unanswerable_not_wrong():
+    x = unit(30, 6, 9)
+    labels = np.array([i // 3 for i in range(27)] + [100, 101, 102])
+    got = retrieval_metrics(x, labels, ks=(1,), nmi=False).metrics
+    assert got["unanswerable"] == 3
+    assert got == pytest.approx(brute_force(x, labels, None, None, (1,)), abs=1e-12)
+
+
+def test_hand_worked_map_at_r():
+    # One query, R = 3 relevant, ranked relevant, not, relevant, relevant:
+    # R-Precision = 2/3, MAP@R = (1/1 + 0 + 2/3) / 3.
+    q = np.array([[1.0, 0.0]], dtype=np.float32)
+    angles = np.array([0.1, 0.2, 0.3, 0.4])
+    g = np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32)
+    got = retrieval_metrics(q, np.array([1]), g, np.array([1, 0, 1, 1]), ks=(1,), nmi=False).metrics
+    assert got["r_precision"] == pytest.approx(2 / 3)
+    assert got["map_at_r"] == pytest.approx((1 + 2 / 3) / 3)
+
+
+def test_nmi_against_scikit_learn_kmeans():
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+
+    rng = np.random.default_rng(0)
+    centres = unit(5, 16, 1) * 4
+    labels = np.repeat(np.arange(5), 40)
+    x = (centres[labels] + 0.3 * rng.standard_normal((200, 16))).astype(np.float32)
+    reference = normalized_mutual_info_score(labels, KMeans(5, n_init=5, random_state=0).fit_predict(x))
+    assert clustering_nmi(x, labels) == pytest.approx(reference, abs=1e-9) == pytest.approx(1.0)
+    noise = unit(200, 16, 2)
+    assert clustering_nmi(noise, labels) < 0.3
+
+
+def test_two_level_kmeans_recovers_many_separated_clusters():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from dist_dml.search import kmeans_assign
+
+    rng = np.random.default_rng(1)
+    centres = unit(300, 32, 7) * 3
+    labels = np.repeat(np.arange(300), 6)
+    x = (centres[labels] + 0.05 * rng.standard_normal((1800, 32))).astype(np.float32)
+    assignment = kmeans_assign(x, 300, two_level_above=100)
+    assert normalized_mutual_info_score(labels, assignment) > 0.95
+
+
+def test_blocked_search_equals_one_block():
+    q, g = unit(300, 16, 1), unit(1000, 16, 2)
+    whole = knn(q, g, 10)
+    blocked = knn(q, g, 10, query_block=64, gallery_block=128)
+    np.testing.assert_array_equal(whole[1], blocked[1])
+    np.testing.assert_allclose(whole[0], blocked[0], rtol=1e-6)
+
+
+def test_flat_index_saved_loaded_searched_is_exact(tmp_path):
+    g, q = unit(500, 32, 3), unit(20, 32, 4)
+    save_index(build_index(g, "flat"), tmp_path / "index.faiss")
+    _, idx = load_index(tmp_path / "index.faiss").search(q, 5)
+    sim = q @ g.T
+    want = np.argsort(-sim, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(idx, want)
+
+
+def test_ivfpq_index_finds_most_true_neighbours():
+    g = unit(4000, 32, 5)
+    q = g[:50] + 0.01 * unit(50, 32, 6)
+    index = build_index(g, "ivfpq", nlist=32, m=8)
+    _, idx = index.search(q.astype(np.float32), 1)
+    assert (idx[:, 0] == np.arange(50)).mean() > 0.8
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_extraction_each_image_once(world, tiny_shards, tmp_path, run_torchrun):
+    out = tmp_path / "emb.pt"
+    run_torchrun(world, "tests.eval_worker", str(tiny_shards), str(out), timeout=300)
+    got = torch.load(out, weights_only=True)
+    from tests.eval_worker import embed_alone
+
+    want = embed_alone(str(tiny_shards))
+    assert torch.equal(got["ids"], torch.arange(len(got["ids"])))
+    assert torch.equal(got["ids"], want["ids"]) and torch.equal(got["labels"], want["labels"])
+    torch.testing.assert_close(got["embeddings"], want["embeddings"], rtol=1e-5, atol=1e-6)
