@@ -32,12 +32,6 @@ def epoch_batches(cfg, rank=0, world=1, epoch=0, decode=False, state=None):
     return list(stream.loader()), stream
 
 
-def record_ids(batch, k):
-    """Each (record) pick group as the frozenset of the record's... identified by label + first id."""
-    ids = batch["image_ids"].view(-1, k)
-    return [tuple(sorted(set(row.tolist()))) for row in ids]
-
-
 def test_every_batch_is_p_by_k(shards):
     cfg = config(shards, workers=2)
     batches, stream = epoch_batches(cfg, decode=True)
