@@ -27,6 +27,8 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dist_dml.seeding import mix
+
 FORMAT, VERSION = "dist-dml/class-shards", 1
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 log = logging.getLogger("dist_dml.data")
@@ -214,14 +216,6 @@ def normalize_batch(images: torch.Tensor) -> torch.Tensor:
     return images.float().sub_(_MEAN.to(images.device)).div_(_STD.to(images.device))
 
 
-def _mix(*parts: int) -> int:
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h
-
-
 # --- training stream ----------------------------------------------------------------------------
 
 class TrainStream(IterableDataset):
@@ -250,7 +244,7 @@ class TrainStream(IterableDataset):
 
     def shard_order(self, epoch: int) -> list[str]:
         order = list(self.shards)
-        random.Random(_mix(self.cfg.seed, epoch)).shuffle(order)  # identical on every rank
+        random.Random(mix(self.cfg.seed, epoch)).shuffle(order)  # identical on every rank
         return order
 
     def steps_in_epoch(self, epoch: int) -> int:
@@ -298,7 +292,7 @@ class TrainStream(IterableDataset):
 
     def _batches(self, worker: int, workers: int, indices: list[int], start: int) -> Iterator[dict]:
         cfg = self.cfg
-        rng = random.Random(_mix(cfg.seed, self.epoch, self.rank, worker))
+        rng = random.Random(mix(cfg.seed, self.epoch, self.rank, worker))
         transform = self.transform if self.decode_images else None
         errors = ReadErrors()
         records = self._record_stream(worker, workers, errors, rng)
@@ -313,7 +307,7 @@ class TrainStream(IterableDataset):
                 continue  # consumed before a resume: records read, images not decoded
             # Augmentations draw from torch's RNG, seeded per batch so a resumed epoch matches.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_mix(cfg.seed, self.epoch, self.rank, index) & 0x7FFFFFFFFFFFFFFF)
+                torch.manual_seed(mix(cfg.seed, self.epoch, self.rank, index))
                 yield self._assemble(chosen, transform, errors)
 
     def _record_stream(self, worker: int, workers: int, errors: ReadErrors, rng: random.Random) -> Iterator[dict]:
@@ -338,7 +332,7 @@ class TrainStream(IterableDataset):
             buffer.clear()
             passes += 1
             mine = list(mine)
-            random.Random(_mix(self.cfg.seed, self.epoch, self.rank, worker, passes)).shuffle(mine)
+            random.Random(mix(self.cfg.seed, self.epoch, self.rank, worker, passes)).shuffle(mine)
 
     def _assemble(self, chosen, transform, errors: ReadErrors) -> dict:
         labels, ids, images = [], [], []

@@ -23,6 +23,8 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from dist_dml.seeding import mix
+
 
 @dataclass(frozen=True)
 class SamplerConfig:
@@ -158,16 +160,8 @@ def _rowwise_searchsorted(sorted_rows: Tensor, row: Tensor, values: Tensor, righ
 def draw_uniforms(seed: int, step: int, rows: int, cols: int) -> Tensor:
     """The (rows x cols) table of U[0, 1) for one step, identical on every rank (CPU generator)."""
     generator = torch.Generator(device="cpu")
-    generator.manual_seed(_mix(seed, step))
+    generator.manual_seed(mix(seed, step))
     return torch.rand((rows, max(cols, 1)), generator=generator, dtype=torch.float64)
-
-
-def _mix(seed: int, step: int) -> int:
-    """splitmix64 of (seed, step): distinct, well-spread generator seeds for neighbouring steps."""
-    z = (seed * 0x9E3779B97F4A7C15 + step + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
 def _chunks(anchor_start: int, anchor_stop: int, columns: int, chunk_elements: int):
