@@ -43,8 +43,8 @@ def synthetic_shards(out: Path, classes: int, test_classes: int, shard_mb: float
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
-    """48 training classes, 16 held out, several shards each."""
-    return synthetic_shards(tmp_path_factory.mktemp("tiny_shards"), 48, 16, 0.03)
+    """48 training classes, 32 held out, several shards each."""
+    return synthetic_shards(tmp_path_factory.mktemp("tiny_shards"), 48, 32, 0.03)
 
 
 def tiny_overrides(shards: Path, output: Path, **extra) -> list[str]:

@@ -84,7 +84,10 @@ def test_two_processes_learn(trained):
     out, log, results = trained
     losses = logged_losses(log)
     assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
-    assert results["trained"]["recall_at_1"] > results["untrained"]["recall_at_1"] + 0.05, results
+    before, after = results["untrained"], results["trained"]
+    # ~150 held-out images: Recall@1 moves in steps of 0.007; MAP@R uses every relevant item.
+    assert after["recall_at_1"] > before["recall_at_1"] + 0.03, results
+    assert after["map_at_r"] > 1.5 * before["map_at_r"], results
     assert results["steps"] == 60 and results["skipped_steps"] == 0
 
 
@@ -104,7 +107,7 @@ def test_checkpoints_are_complete_and_rotated(trained):
 def test_eval_of_the_checkpoint_folder_reproduces_the_final_metrics(trained, tmp_path):
     """The DeepSpeed checkpoint and the plain final model hold the same weights: the same metrics
     in one process, and those of the run's own final evaluation up to the float noise of embedding
-    on 2 ranks instead of 1 (one near-tie among 72 queries)."""
+    on 2 ranks instead of 1 (a near-tie or two among the queries)."""
     from dist_dml.cli import main as cli
 
     out, _, results = trained
