@@ -10,7 +10,8 @@ reader: the training stream (shard reading, shuffle buffer, K-of-record picks, d
 crop + flip, P x K uint8 batches; normalisation runs on the device); decode: the same JPEG bytes
 decoded in one plain loop, one process. ratio = reader / decode; per_worker = ratio / workers;
 noaug_per_worker: the same reader with the augmentation replaced by the identity (the stream's own
-overhead). Each reader figure is its second epoch, after the workers have started.
+overhead); vs_decode_crop_per_worker: the reader against a plain loop doing the same decode and
+crop. Each reader figure is its second epoch, after the workers have started.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from data_prep.cli import main as prep
-    from dist_dml.data import DataConfig, TrainStream, decode
+    from dist_dml.data import DataConfig, TrainStream, decode, train_transform
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "shards"
@@ -51,6 +52,12 @@ def main() -> None:
         for data in jpegs:
             decode(data)
         decode_rate = len(jpegs) / (time.perf_counter() - start)
+        crop = train_transform(DataConfig(image_size=min(224, args.size - args.size // 8), resize=args.size))
+        start = time.perf_counter()
+        for data in jpegs:
+            crop(decode(data))
+        decode_crop_rate = len(jpegs) / (time.perf_counter() - start)
+        print(f"decode_img_s={decode_rate:.0f} decode_crop_img_s={decode_crop_rate:.0f} (one plain loop each)", flush=True)
 
         for workers in (1, 2):
             cfg = DataConfig(root=str(out), classes_per_batch=16, images_per_class=4, workers=workers,
@@ -67,7 +74,8 @@ def main() -> None:
             ratio = rates["reader"] / decode_rate
             print(f"workers={workers} reader_img_s={rates['reader']:.0f} decode_img_s={decode_rate:.0f} "
                   f"ratio={ratio:.2f} per_worker={ratio / workers:.2f} "
-                  f"noaug_per_worker={rates['reader_noaug'] / decode_rate / workers:.2f}", flush=True)
+                  f"noaug_per_worker={rates['reader_noaug'] / decode_rate / workers:.2f} "
+                  f"vs_decode_crop_per_worker={rates['reader'] / decode_crop_rate / workers:.2f}", flush=True)
 
 
 if __name__ == "__main__":
