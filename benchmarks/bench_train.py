@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,14 +22,10 @@ from pathlib import Path
 
 import torch
 
+from dist_dml.distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/cpu_synthetic.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def throughput(nproc: int, data: Path, out: Path, steps: int) -> float:

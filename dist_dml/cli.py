@@ -4,18 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config_path(name: str) -> Path:
@@ -150,6 +143,8 @@ def search_command(args: argparse.Namespace) -> int:
 
 def demo_command(args: argparse.Namespace) -> int:
     """Synthetic shards, a short training on CPU processes, Recall@1 before and after."""
+    from dist_dml.distributed import free_port
+
     out = Path(args.output).resolve()
     data = out / "data"
     if not (data / "manifest.json").is_file():
@@ -162,7 +157,7 @@ def demo_command(args: argparse.Namespace) -> int:
             return code
     config = _config_path("configs/cpu_synthetic.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-           f"--master_port={_free_port()}", "-m", "dist_dml.cli", "train", str(config),
+           f"--master_port={free_port()}", "-m", "dist_dml.cli", "train", str(config),
            f"data.root={data}", f"train.output_dir={out}", "checkpoint.resume=none", *args.overrides]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     print(f"[demo] training with {args.nproc} CPU processes: {' '.join(cmd[2:])}", flush=True)

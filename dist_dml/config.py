@@ -126,6 +126,12 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return build_config(apply_overrides(raw, overrides), source=str(path) if path else "defaults")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """A copy of the raw sections with `section.key=value` overrides applied (values read as YAML)."""
+    raw = {name: dict(values) if isinstance(values, dict) else values for name, values in raw.items()}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
@@ -135,7 +141,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{section}: must be a mapping")
         raw[section][name] = yaml.safe_load(value) if value != "" else None
-    return build_config(raw, source=str(path) if path else "defaults")
+    return raw
 
 
 def build_config(raw: dict, source: str = "config") -> RunConfig:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping
@@ -65,7 +66,7 @@ class DistContext:
             port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000)
         else:
             rank, world, local_rank, local_world = 0, 1, 0, 1
-            addr, port = "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port()
+            addr, port = "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port()
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside world size {world} (check RANK / WORLD_SIZE or SLURM_PROCID / SLURM_NTASKS)")
         use_cuda = _want_cuda(device, env)
@@ -205,9 +206,8 @@ def _first_slurm_host(env: Mapping[str, str]) -> str:
         return match.group(1) + (match.group(2) or "") if match else "127.0.0.1"
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous started right after)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -6,14 +6,12 @@ with `weights_only=True`.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from dist_dml.config import RunConfig, build_config, load_config
+from dist_dml.config import RunConfig, apply_overrides, build_config, load_config
 from dist_dml.models import EmbeddingModel, build_model
 
 
@@ -32,20 +30,10 @@ def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[Embedd
     else:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         state = saved["state_dict"]
-        config = _config_with_overrides(saved["config"], overrides)
+        config = build_config(apply_overrides(saved["config"], list(overrides)), source=f"{path} (its config)")
     model = build_model(config.model)
     model.load_state_dict(state)
     return model.eval(), config
-
-
-def _config_with_overrides(raw: dict, overrides) -> RunConfig:
-    text = yaml.safe_dump(json.loads(json.dumps(raw)))  # tuples to lists
-    raw = yaml.safe_load(text)
-    for item in overrides:
-        key, _, value = item.partition("=")
-        section, name = key.split(".", 1)
-        raw.setdefault(section, {})[name] = yaml.safe_load(value) if value else None
-    return build_config(raw, source="checkpoint config")
 
 
 def write_embeddings(emb: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, out: Path, part: int,
@@ -93,12 +81,9 @@ def read_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def embed_images(model: EmbeddingModel, config: RunConfig, paths: list[Path]) -> torch.Tensor:
     """Embeddings of image files, through the evaluation transform."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    from dist_dml.data import eval_transform
+    from dist_dml.data import decode, eval_transform
 
     transform = eval_transform(config.data)
-    images = [transform(decode_image(torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8),
-                                     mode=ImageReadMode.RGB)) for p in paths]
+    images = [transform(decode(Path(p).read_bytes())) for p in paths]
     with torch.no_grad():
         return model(torch.stack(images))

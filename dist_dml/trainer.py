@@ -20,7 +20,7 @@ import torch
 from dist_dml import plots
 from dist_dml.checkpoint import Checkpointer
 from dist_dml.config import RunConfig, dump_yaml
-from dist_dml.data import Manifest, TrainStream
+from dist_dml.data import TrainStream
 from dist_dml.distributed import DistContext
 from dist_dml.engine import TrainEngine
 from dist_dml.evaluation import evaluate
@@ -37,14 +37,10 @@ class TrainingStopped(RuntimeError):
     pass
 
 
-def sized_loss_config(cfg: RunConfig):
-    """Per-class / per-image beta tables sized from the manifest where the config says 0."""
-    loss = cfg.loss
-    if not (loss.beta_per_class or loss.beta_per_image):
-        return loss
-    split = Manifest(cfg.data.root).split(cfg.data.train_split)
-    return dataclasses.replace(loss, num_classes=loss.num_classes or split["classes"],
-                               num_images=loss.num_images or split["images"])
+def sized_loss_config(loss, stream: TrainStream):
+    """Per-class / per-image beta tables sized from the training split where the config says 0."""
+    return dataclasses.replace(loss, num_classes=loss.num_classes or stream.num_classes,
+                               num_images=loss.num_images or stream.num_images)
 
 
 def train(cfg: RunConfig, ctx: DistContext) -> dict:
@@ -52,7 +48,7 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict:
     stream = TrainStream(cfg.data, ctx.rank, ctx.world_size)
     total_steps = cfg.train.steps or sum(stream.steps_in_epoch(e) for e in range(cfg.train.epochs))
     torch.manual_seed(cfg.train.seed)
-    module = TrainModule(build_model(cfg.model, ctx.device), build_loss(sized_loss_config(cfg)))
+    module = TrainModule(build_model(cfg.model, ctx.device), build_loss(sized_loss_config(cfg.loss, stream)))
     engine = TrainEngine(module, ctx, cfg.optimizer, cfg.deepspeed, micro_batch=cfg.data.local_batch,
                          lr_lambda=cfg.optimizer.lr_lambda(total_steps))
     objective = GlobalBatchObjective(build_sampler(cfg.sampler), engine.module.loss, ctx)
