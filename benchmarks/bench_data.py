@@ -1,22 +1,27 @@
 """Reader throughput against decoding the same JPEGs alone, and the synthetic generator's rate.
 
-    python benchmarks/bench_data.py [--classes 600] [--per-class 6] [--size 96]
+    python benchmarks/bench_data.py [--classes 1000] [--per-class 6] [--size 256]
 
-Writes synthetic shards to a temporary folder, then prints
+Writes synthetic shards to a temporary folder, then prints, all measured in this one run:
     generator_img_s=...
-    workers=1 reader_img_s=... decode_img_s=... ratio=...
-    workers=2 reader_img_s=... decode_img_s=... ratio=... per_worker=...
-reader: the training stream (shard reading, shuffle buffer, K-of-record picks, decode, random resized
-crop + flip, P x K uint8 batches; normalisation runs on the device); decode: the same JPEG bytes
-decoded in one plain loop, one process. ratio = reader / decode; per_worker = ratio / workers;
-noaug_per_worker: the same reader with the augmentation replaced by the identity (the stream's own
-overhead); vs_decode_crop_per_worker: the reader against a plain loop doing the same decode and
-crop. Each reader figure is its second epoch, after the workers have started.
+    tar_us_per_image webdataset=... ours=...
+    decode_img_s=... decode_aug_img_s=... ceiling=...
+    workers=1 reader_img_s=... decode_img_s=... ratio=... per_worker=... vs_decode_aug_per_worker=...
+    workers=2 ...
+tar: reading every record of the shards, webdataset's tarfile_samples against dist_dml's tar
+parser. decode: the JPEG bytes decoded in one plain loop, one process; decode_aug: the same loop
+also doing the training augmentation (random resized crop to 224 + flip, into a batch slot);
+ceiling = decode_aug / decode, the most a reader that decodes and augments on the CPU could reach.
+reader: the training stream (shard reading, shuffle buffer, K-of-record picks, decode, augmentation,
+P x K uint8 batches handed over from DataLoader workers; normalisation runs on the device).
+ratio = reader / decode; per_worker = ratio / workers; vs_decode_aug_per_worker = reader /
+decode_aug / workers (the stream's own overhead). Each reader figure is its second epoch, after the
+workers have started.
 """
 from __future__ import annotations
 
 import argparse
-import tarfile
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +38,9 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from data_prep.cli import main as prep
-    from dist_dml.data import DataConfig, TrainStream, decode, train_transform
+    from webdataset.tariterators import tarfile_samples
+
+    from dist_dml.data import DataConfig, TrainStream, _samples, decode, new_batch, tar_members, train_image
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "shards"
@@ -43,39 +50,47 @@ def main() -> None:
         images = args.classes * args.per_class
         print(f"generator_img_s={images / (time.perf_counter() - start):.0f}", flush=True)
 
-        jpegs = []
-        for shard in sorted(out.glob("train-*.tar")):
-            with tarfile.open(shard) as tar:
-                jpegs += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+        shards = [str(p) for p in sorted(out.glob("train-*.tar"))]
+        start = time.perf_counter()
+        records = list(tarfile_samples([{"url": shard} for shard in shards]))
+        webdataset_s = time.perf_counter() - start
+        start = time.perf_counter()
+        jpegs = [data for shard in shards for _, sample in _samples(tar_members(shard, lambda name: True))
+                 for key, data in sample.items() if key.endswith(".jpg")]
+        ours_s = time.perf_counter() - start
+        assert len(records) == args.classes
+        print(f"tar_us_per_image webdataset={webdataset_s / len(jpegs) * 1e6:.1f} ours={ours_s / len(jpegs) * 1e6:.1f}",
+              flush=True)
+
+        size = min(224, args.size - args.size // 8)
+        cfg = DataConfig(image_size=size, resize=args.size)
         decode(jpegs[0])  # first call loads the codec
         start = time.perf_counter()
         for data in jpegs:
             decode(data)
         decode_rate = len(jpegs) / (time.perf_counter() - start)
-        crop = train_transform(DataConfig(image_size=min(224, args.size - args.size // 8), resize=args.size))
+        slots, rng = new_batch(64, size), random.Random(0)
         start = time.perf_counter()
-        for data in jpegs:
-            crop(decode(data))
-        decode_crop_rate = len(jpegs) / (time.perf_counter() - start)
-        print(f"decode_img_s={decode_rate:.0f} decode_crop_img_s={decode_crop_rate:.0f} (one plain loop each)", flush=True)
+        for i, data in enumerate(jpegs):
+            train_image(data, cfg, rng, slots[i % 64])
+        decode_aug_rate = len(jpegs) / (time.perf_counter() - start)
+        print(f"decode_img_s={decode_rate:.0f} decode_aug_img_s={decode_aug_rate:.0f} "
+              f"ceiling={decode_aug_rate / decode_rate:.2f} (one plain loop each)", flush=True)
 
         for workers in (1, 2):
             cfg = DataConfig(root=str(out), classes_per_batch=16, images_per_class=4, workers=workers,
-                             image_size=min(224, args.size - args.size // 8), resize=args.size, shuffle_buffer=200)
-            rates = {}
-            for name, transform in (("reader", None), ("reader_noaug", lambda image: image)):
-                stream = TrainStream(cfg, transform=transform)
-                for epoch in range(2):  # the first epoch pays the workers' start-up
-                    stream.set_epoch(epoch)
-                    start, seen = time.perf_counter(), 0
-                    for batch in stream.loader():
-                        seen += batch["images"].shape[0]
-                rates[name] = seen / (time.perf_counter() - start)
-            ratio = rates["reader"] / decode_rate
-            print(f"workers={workers} reader_img_s={rates['reader']:.0f} decode_img_s={decode_rate:.0f} "
-                  f"ratio={ratio:.2f} per_worker={ratio / workers:.2f} "
-                  f"noaug_per_worker={rates['reader_noaug'] / decode_rate / workers:.2f} "
-                  f"vs_decode_crop_per_worker={rates['reader'] / decode_crop_rate / workers:.2f}", flush=True)
+                             image_size=size, resize=args.size, shuffle_buffer=200)
+            stream = TrainStream(cfg)
+            for epoch in range(2):  # the first epoch pays the workers' start-up
+                stream.set_epoch(epoch)
+                start, seen = time.perf_counter(), 0
+                for batch in stream.loader():
+                    seen += batch["images"].shape[0]
+            rate = seen / (time.perf_counter() - start)
+            ratio = rate / decode_rate
+            print(f"workers={workers} reader_img_s={rate:.0f} decode_img_s={decode_rate:.0f} ratio={ratio:.2f} "
+                  f"per_worker={ratio / workers:.2f} vs_decode_aug_per_worker={rate / decode_aug_rate / workers:.2f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,11 @@ class DataConfig:
         if self.batch_size and self.batch_size != self.local_batch:
             raise ValueError(f"data.batch_size={self.batch_size} is not classes_per_batch x images_per_class = "
                              f"{self.classes_per_batch} x {self.images_per_class} = {self.local_batch}")
+        if not 0 < self.image_size <= self.resize:
+            raise ValueError(f"data.image_size={self.image_size} must be positive and at most data.resize={self.resize} "
+                             "(evaluation resizes the shorter side to resize, then crops image_size)")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError(f"data.min_scale={self.min_scale} must be in (0, 1]")
         if self.workers < 0 or self.shuffle_buffer < 1:
             raise ValueError("data.workers must be >= 0 and data.shuffle_buffer >= 1")
 
@@ -101,16 +108,19 @@ class ReadErrors:
         self.unknown_members = 0
         self._reported = (0, 0, 0)
 
-    def handler(self, shard: str):
-        """A webdataset exception handler for ``shard``: log once, count, skip the rest of the shard."""
+    def corrupt(self, shard: str, exc: Exception) -> None:
+        """Log once and count a shard whose rest is skipped."""
+        if shard not in self.corrupt_shards:
+            log.warning("skipping the rest of shard %s: %s", shard, exc)
+        self.corrupt_shards.add(shard)
 
-        def handle(exn: Exception) -> bool:
-            if shard not in self.corrupt_shards:
-                log.warning("skipping the rest of shard %s: %s", shard, exn.args[0] if exn.args else exn)
-            self.corrupt_shards.add(shard)
+    def keep(self, name: str) -> bool:
+        """Only json and image members are read; any other is counted, skipped unread, never decoded."""
+        ext = name.rsplit(".", 1)[-1].lower()
+        if ext == "json" or ext in IMAGE_EXTENSIONS:
             return True
-
-        return handle
+        self.unknown_members += 1
+        return False
 
     def delta(self) -> dict[str, int]:
         now = (len(self.corrupt_shards), self.bad_records, self.unknown_members)
@@ -119,32 +129,112 @@ class ReadErrors:
         return out
 
 
-def _select(errors: ReadErrors):
-    def keep(name: str) -> bool:
-        ext = name.rsplit(".", 1)[-1].lower()
-        if ext == "json" or ext in IMAGE_EXTENSIONS:
-            return True
-        errors.unknown_members += 1  # never read, never decoded
-        return False
+class ShardError(Exception):
+    """A tar that cannot be read on from this point: bad header checksum, or cut short."""
 
-    return keep
+
+_BLOCK = 512
+
+
+def _number(field: bytes) -> int:
+    if field[:1] == b"\x80":  # GNU base-256, for members over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    """Records "LEN key=value\\n" of a pax extended header."""
+    out, i = {}, 0
+    while i < len(data):
+        length = int(data[i:data.index(b" ", i)])
+        key, _, value = data[data.index(b" ", i) + 1:i + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        i += length
+    return out
+
+
+def tar_members(path: str, keep: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of the POSIX tar at ``path`` that ``keep`` accepts, in order.
+
+    ustar headers with pax and GNU long names, as tarfile writes them. webdataset's tar path reads
+    every header through Python's tarfile (~60 us a stored image on bench_data's shards); this
+    reads the 512-byte header itself (~8 us), checks its checksum, and seeks over members it does
+    not keep without reading them. Raises ShardError where the tar is damaged; members before the
+    damage have been yielded.
+    """
+    with open(path, "rb", buffering=1 << 20) as f:
+        end = os.fstat(f.fileno()).st_size
+        extended: dict[str, str] = {}
+        while True:
+            offset = f.tell()
+            header = f.read(_BLOCK)
+            if not header.strip(b"\0"):
+                if offset > end:
+                    raise ShardError(f"cut short: a member runs past the end of the file ({end} bytes)")
+                return  # end-of-archive blocks, or the end of the file at a member boundary
+            if len(header) < _BLOCK:
+                raise ShardError(f"cut short in the header at byte {offset}")
+            if _number(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+                raise ShardError(f"bad header checksum at byte {offset}")
+            kind, size = header[156:157], _number(header[124:136])
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if header[257:262] == b"ustar" and header[345:346] != b"\0":
+                name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+            name, size = extended.pop("path", name), int(extended.pop("size", size))
+            extended.clear()
+            skip = size + (-size) % _BLOCK
+            if kind in (b"x", b"L"):  # pax extended header / GNU long name: they describe the next member
+                data = f.read(size)
+                if len(data) < size:
+                    raise ShardError(f"cut short in an extended header at byte {offset}")
+                extended = _pax(data) if kind == b"x" else {"path": data.rstrip(b"\0").decode("utf-8", "surrogateescape")}
+                f.seek(skip - size, 1)
+            elif kind in (b"0", b"\0") and keep(name):
+                data = f.read(size)
+                if len(data) < size:
+                    raise ShardError(f"cut short in member {name} at byte {offset}")
+                f.seek(skip - size, 1)
+                yield name, data
+            else:  # directories, links, pax globals, members we do not read
+                f.seek(skip, 1)
+
+
+def _samples(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """webdataset's grouping: consecutive members KEY.SUFFIX with the same KEY make one sample."""
+    key, sample = None, {}
+    for name, data in members:
+        slash = name.rfind("/") + 1
+        dot = name.find(".", slash)
+        k, suffix = (name[:dot], name[dot + 1:]) if dot >= 0 else (name, "")
+        if k != key and sample:
+            yield key, sample
+            sample = {}
+        key = k
+        sample[suffix] = data
+    if sample:
+        yield key, sample
 
 
 def read_records(shards: list[str], errors: ReadErrors) -> Iterator[dict]:
-    """Valid records of ``shards`` in order: {label, image_ids, images: [(ext, bytes)], shard}."""
-    from webdataset.tariterators import tarfile_samples
+    """Valid records of ``shards`` in order: {label, image_ids, images: [(ext, bytes)], shard}.
 
+    A damaged shard is logged, counted and skipped from the damage on (its last, incomplete record
+    included); unknown members are counted and never read.
+    """
     for shard in shards:
-        for sample in tarfile_samples([{"url": shard}], handler=errors.handler(shard), select_files=_select(errors)):
-            record = _parse_record(sample)
-            if record is None:
-                errors.bad_records += 1
-                log.warning("skipping malformed record %s in shard %s", sample.get("__key__"), shard)
-                continue
-            yield record
+        try:
+            for key, sample in _samples(tar_members(shard, errors.keep)):
+                record = _parse_record(sample, shard)
+                if record is None:
+                    errors.bad_records += 1
+                    log.warning("skipping malformed record %s in shard %s", key, shard)
+                    continue
+                yield record
+        except (ShardError, OSError, ValueError, UnicodeDecodeError) as exc:
+            errors.corrupt(shard, exc)
 
 
-def _parse_record(sample: dict) -> dict | None:
+def _parse_record(sample: dict, shard: str) -> dict | None:
     try:
         meta = json.loads(sample["json"])
         label, ids = int(meta["label"]), [int(i) for i in meta["image_ids"]]
@@ -158,7 +248,7 @@ def _parse_record(sample: dict) -> dict | None:
         images.append(found[0])
     if not images:
         return None
-    return {"label": label, "image_ids": ids, "images": images, "shard": sample.get("__url__")}
+    return {"label": label, "image_ids": ids, "images": images, "shard": shard}
 
 
 def _slot_shards(shards: list[str], slot: int, slots: int) -> list[str]:
@@ -170,42 +260,88 @@ def _slot_shards(shards: list[str], slot: int, slots: int) -> list[str]:
     return [shards[slot % len(shards)]]
 
 
-# --- decoding -----------------------------------------------------------------------------------
+# --- decoding and augmentation ------------------------------------------------------------------
+#
+# Per image, on uint8, written straight into its slot of the batch: the random resized crop takes
+# its box from the decoded image as a view, then one antialiased bilinear resize to the output size
+# runs on channels-last uint8 (torch's vectorised path; decode_image already returns that layout),
+# mirrored with probability 1/2. The batch itself is channels-last and, inside a DataLoader worker,
+# in shared memory, so it reaches the main process without another copy. Normalisation runs once
+# per batch where the model runs (normalize_batch).
 
 def decode(data: bytes) -> torch.Tensor:
+    """RGB uint8 (3, H, W) (a channels-last view of the decoder's HWC buffer)."""
     from torchvision.io import ImageReadMode, decode_image
 
     return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
-def train_transform(cfg: DataConfig):
-    """Per image, on uint8: random resized crop and flip (normalisation runs once per batch)."""
-    from torchvision.transforms import v2
+def crop_box(height: int, width: int, rng: random.Random, scale: tuple[float, float],
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (top, left, h, w), drawn from ``rng``: an area share in
+    ``scale`` and a log-uniform aspect ratio in ``ratio``, 10 tries, then the central crop with the
+    ratio clamped."""
+    area, log_ratio = height * width, (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target, aspect = area * rng.uniform(*scale), math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    if width / height < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
-    return v2.Compose([
-        v2.RandomResizedCrop(cfg.image_size, scale=(cfg.min_scale, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-    ])
+
+def resize_into(region: torch.Tensor, out: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """Antialiased bilinear resize of uint8 (3, h, w) ``region`` into ``out`` (3, H, W), mirrored if
+    ``flip``. Mirroring the (smaller) source is bit-identical to mirroring the result; the resize
+    writes into ``out`` directly (the .out form of the operator F.interpolate calls)."""
+    x = (region.flip(-1) if flip else region).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    if x.shape[-2:] == out.shape[-2:]:
+        return out.copy_(x[0])
+    torch.ops.aten._upsample_bilinear2d_aa.out(x, list(out.shape[-2:]), False, None, None, out=out.unsqueeze(0))
+    return out
 
 
-def eval_transform(cfg: DataConfig):
-    """Per image, on uint8: resize and center crop."""
-    from torchvision.transforms import v2
+def new_batch(n: int, size: int) -> torch.Tensor:
+    """Empty uint8 (n, 3, size, size), channels-last in memory; in shared memory inside a DataLoader
+    worker, so handing it to the main process costs no copy."""
+    out = torch.empty((n, size, size, 3), dtype=torch.uint8)
+    if get_worker_info() is not None:
+        out.share_memory_()
+    return out.permute(0, 3, 1, 2)
 
-    return v2.Compose([v2.Resize(cfg.resize, antialias=True), v2.CenterCrop(cfg.image_size)])
+
+def train_image(data: bytes, cfg: DataConfig, rng: random.Random, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Training augmentation: random resized crop (area share min_scale..1, aspect 3/4..4/3) to
+    image_size, horizontal flip with probability 1/2; all draws from ``rng``."""
+    out = new_batch(1, cfg.image_size)[0] if out is None else out
+    image = decode(data)
+    top, left, h, w = crop_box(image.shape[1], image.shape[2], rng, (cfg.min_scale, 1.0))
+    return resize_into(image[:, top:top + h, left:left + w], out, flip=rng.random() < 0.5)
+
+
+def eval_image(data: bytes, cfg: DataConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Evaluation: the shorter side resized to ``resize``, then the central image_size square
+    (torchvision's Resize(resize) + CenterCrop(image_size))."""
+    out = new_batch(1, cfg.image_size)[0] if out is None else out
+    image = decode(data)
+    _, height, width = image.shape
+    short, long = min(height, width), max(height, width)
+    scaled = int(cfg.resize * long / short)
+    size = (cfg.resize, scaled) if height <= width else (scaled, cfg.resize)
+    if size != (height, width):
+        image = resize_into(image, torch.empty((*size, 3), dtype=torch.uint8).permute(2, 0, 1))
+    top, left = int(round((size[0] - cfg.image_size) / 2)), int(round((size[1] - cfg.image_size) / 2))
+    return resize_into(image[:, top:top + cfg.image_size, left:left + cfg.image_size], out)
 
 
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
-
-
-def stack_for_transfer(images: list[torch.Tensor]) -> torch.Tensor:
-    """torch.stack straight into shared memory inside a DataLoader worker: the batch is then handed
-    to the main process without the copy that sharing a private tensor costs."""
-    out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype)
-    if get_worker_info() is not None:
-        out.share_memory_()
-    return torch.stack(images, out=out)
 
 
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:
@@ -224,8 +360,7 @@ class TrainStream(IterableDataset):
     State: (epoch, step within the epoch). ``state_dict`` / ``load_state_dict`` resume exactly.
     """
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, decode_images: bool = True,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, decode_images: bool = True):
         cfg.validate()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         manifest = Manifest(cfg.root)
@@ -235,7 +370,7 @@ class TrainStream(IterableDataset):
         self.records = {path: s["records"] for path, s in zip(self.shards, split["shards"])}
         if not self.shards:
             raise ValueError(f"{cfg.root}: split {cfg.train_split!r} has no shards")
-        self.decode_images, self.transform = decode_images, transform or train_transform(cfg)
+        self.decode_images = decode_images
         self.epoch, self.step = 0, 0
 
     @property
@@ -293,7 +428,6 @@ class TrainStream(IterableDataset):
     def _batches(self, worker: int, workers: int, indices: list[int], start: int) -> Iterator[dict]:
         cfg = self.cfg
         rng = random.Random(mix(cfg.seed, self.epoch, self.rank, worker))
-        transform = self.transform if self.decode_images else None
         errors = ReadErrors()
         records = self._record_stream(worker, workers, errors, rng)
         for index in indices:
@@ -305,10 +439,8 @@ class TrainStream(IterableDataset):
                 chosen.append((record, picks))
             if index < start:
                 continue  # consumed before a resume: records read, images not decoded
-            # Augmentations draw from torch's RNG, seeded per batch so a resumed epoch matches.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(mix(cfg.seed, self.epoch, self.rank, index))
-                yield self._assemble(chosen, transform, errors)
+            # Augmentations draw from their own generator, seeded per batch so a resumed epoch matches.
+            yield self._assemble(chosen, random.Random(mix(cfg.seed, self.epoch, self.rank, index, 1)), errors)
 
     def _record_stream(self, worker: int, workers: int, errors: ReadErrors, rng: random.Random) -> Iterator[dict]:
         mine = _slot_shards(self.shard_order(self.epoch), self.rank * workers + worker, self.world_size * workers)
@@ -334,17 +466,18 @@ class TrainStream(IterableDataset):
             mine = list(mine)
             random.Random(mix(self.cfg.seed, self.epoch, self.rank, worker, passes)).shuffle(mine)
 
-    def _assemble(self, chosen, transform, errors: ReadErrors) -> dict:
-        labels, ids, images = [], [], []
+    def _assemble(self, chosen, rng: random.Random, errors: ReadErrors) -> dict:
+        labels, ids, data = [], [], []
         for record, picks in chosen:
             for i in picks:
                 labels.append(record["label"])
                 ids.append(record["image_ids"][i])
-                if transform is not None:
-                    images.append(transform(decode(record["images"][i][1])))
+                data.append(record["images"][i][1])
         batch = {"labels": torch.tensor(labels), "image_ids": torch.tensor(ids), "errors": errors.delta()}
-        if transform is not None:
-            batch["images"] = stack_for_transfer(images)  # uint8: normalised on the device (normalize_batch)
+        if self.decode_images:  # uint8: normalised on the device (normalize_batch)
+            batch["images"] = new_batch(len(data), self.cfg.image_size)
+            for image, out in zip(data, batch["images"]):
+                train_image(image, self.cfg, rng, out)
         return batch
 
 
@@ -371,33 +504,34 @@ class EvalStream(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         slots = self.world_size * workers
         mine = self.shards[self.rank * workers + worker::slots]  # exactly once: no resampling here
-        transform = eval_transform(self.cfg) if self.decode_images else None
-        images, labels, ids = [], [], []
+        data, labels, ids = [], [], []
         for record in read_records(mine, ReadErrors()):
-            for (_, data), image_id in zip(record["images"], record["image_ids"]):
-                if transform is not None:
-                    images.append(transform(decode(data)))
+            for (_, image), image_id in zip(record["images"], record["image_ids"]):
+                data.append(image)
                 labels.append(record["label"])
                 ids.append(image_id)
                 if len(ids) == self.batch_size:
-                    yield self._batch(images, labels, ids)
-                    images, labels, ids = [], [], []
+                    yield self._batch(data, labels, ids)
+                    data, labels, ids = [], [], []
         if ids:
-            yield self._batch(images, labels, ids)
+            yield self._batch(data, labels, ids)
 
-    def _batch(self, images, labels, ids):
-        stacked = stack_for_transfer(images) if images else torch.empty(0, dtype=torch.uint8)
-        return stacked, torch.tensor(labels), torch.tensor(ids)
+    def _batch(self, data, labels, ids):
+        images = torch.empty(0, dtype=torch.uint8)
+        if self.decode_images:
+            images = new_batch(len(data), self.cfg.image_size)
+            for image, out in zip(data, images):
+                eval_image(image, self.cfg, out)
+        return images, torch.tensor(labels), torch.tensor(ids)
 
 
 def images_by_id(cfg: DataConfig, split: str, wanted) -> dict[int, torch.Tensor]:
     """The evaluation-transformed uint8 images of the given image ids (for plots), one pass over the split."""
     wanted, found = set(int(i) for i in wanted), {}
-    transform = eval_transform(cfg)
     for record in read_records(Manifest(cfg.root).shard_paths(split), ReadErrors()):
         for (_, data), image_id in zip(record["images"], record["image_ids"]):
             if image_id in wanted:
-                found[image_id] = transform(decode(data))
+                found[image_id] = eval_image(data, cfg)
         if len(found) == len(wanted):
             break
     return found

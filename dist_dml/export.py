@@ -81,9 +81,10 @@ def read_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def embed_images(model: EmbeddingModel, config: RunConfig, paths: list[Path]) -> torch.Tensor:
     """Embeddings of image files, through the evaluation transform."""
-    from dist_dml.data import decode, eval_transform
+    from dist_dml.data import eval_image, new_batch
 
-    transform = eval_transform(config.data)
-    images = [transform(decode(Path(p).read_bytes())) for p in paths]
+    images = new_batch(len(paths), config.data.image_size)
+    for path, out in zip(paths, images):
+        eval_image(Path(path).read_bytes(), config.data, out)
     with torch.no_grad():
-        return model(torch.stack(images))
+        return model(images)
