@@ -15,8 +15,8 @@ ceiling = decode_aug / decode, the most a reader that decodes and augments on th
 reader: the training stream (shard reading, shuffle buffer, K-of-record picks, decode, augmentation,
 P x K uint8 batches handed over from DataLoader workers; normalisation runs on the device).
 ratio = reader / decode; per_worker = ratio / workers; vs_decode_aug_per_worker = reader /
-decode_aug / workers (the stream's own overhead). Each reader figure is its second epoch, after the
-workers have started.
+decode_aug / workers (the stream's own overhead). Reader figures are steady state: from each epoch's first batch
+to its last, after a first epoch; every rate is the best of --repeats passes.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--per-class", type=int, default=6)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="each rate is the best of this many passes")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -64,16 +65,22 @@ def main() -> None:
 
         size = min(224, args.size - args.size // 8)
         cfg = DataConfig(image_size=size, resize=args.size)
-        decode(jpegs[0])  # first call loads the codec
-        start = time.perf_counter()
-        for data in jpegs:
-            decode(data)
-        decode_rate = len(jpegs) / (time.perf_counter() - start)
         slots, rng = new_batch(64, size), random.Random(0)
-        start = time.perf_counter()
-        for i, data in enumerate(jpegs):
-            train_image(data, cfg, rng, slots[i % 64])
-        decode_aug_rate = len(jpegs) / (time.perf_counter() - start)
+
+        def best_rate(loop) -> float:
+            """``loop`` returns (count, seconds) or count (then timed here)."""
+            rates = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                count = loop()
+                count, seconds = count if isinstance(count, tuple) else (count, time.perf_counter() - start)
+                rates.append(count / seconds)
+            return max(rates)
+
+        decode(jpegs[0])  # first call loads the codec
+        decode_rate = best_rate(lambda: sum(1 for data in jpegs if decode(data) is not None))
+        decode_aug_rate = best_rate(lambda: sum(1 for i, data in enumerate(jpegs)
+                                                if train_image(data, cfg, rng, slots[i % 64]) is not None))
         print(f"decode_img_s={decode_rate:.0f} decode_aug_img_s={decode_aug_rate:.0f} "
               f"ceiling={decode_aug_rate / decode_rate:.2f} (one plain loop each)", flush=True)
 
@@ -81,12 +88,20 @@ def main() -> None:
             cfg = DataConfig(root=str(out), classes_per_batch=16, images_per_class=4, workers=workers,
                              image_size=size, resize=args.size, shuffle_buffer=200)
             stream = TrainStream(cfg)
-            for epoch in range(2):  # the first epoch pays the workers' start-up
-                stream.set_epoch(epoch)
-                start, seen = time.perf_counter(), 0
+
+            def epoch() -> tuple[int, float]:
+                """Steady state: from the first batch (the workers have started) to the last."""
+                stream.set_epoch(stream.epoch + 1)
+                seen, start = 0, None
                 for batch in stream.loader():
-                    seen += batch["images"].shape[0]
-            rate = seen / (time.perf_counter() - start)
+                    if start is None:
+                        start = time.perf_counter()
+                    else:
+                        seen += batch["images"].shape[0]
+                return seen, time.perf_counter() - start
+
+            epoch()  # the first epoch pays the workers' start-up
+            rate = best_rate(epoch)
             ratio = rate / decode_rate
             print(f"workers={workers} reader_img_s={rate:.0f} decode_img_s={decode_rate:.0f} ratio={ratio:.2f} "
                   f"per_worker={ratio / workers:.2f} vs_decode_aug_per_worker={rate / decode_aug_rate / workers:.2f}",
