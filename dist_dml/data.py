@@ -159,7 +159,9 @@ def tar_members(path: str, keep: Callable[[str], bool]) -> Iterator[tuple[str, b
     ustar headers with pax and GNU long names, as tarfile writes them. webdataset's tar path reads
     every header through Python's tarfile (~60 us a stored image on bench_data's shards); this
     reads the 512-byte header itself (~8 us), checks its checksum, and seeks over members it does
-    not keep without reading them. Raises ShardError where the tar is damaged; members before the
+    not keep without reading them. Raises ShardError where the tar is damaged: a bad checksum, a
+    member cut short, or no end-of-archive block (tarfile ends quietly there, but every tar writer
+    writes one, so a shard cut at a member boundary is reported too); the members before the
     damage have been yielded.
     """
     with open(path, "rb", buffering=1 << 20) as f:
@@ -168,10 +170,11 @@ def tar_members(path: str, keep: Callable[[str], bool]) -> Iterator[tuple[str, b
         while True:
             offset = f.tell()
             header = f.read(_BLOCK)
+            if not header:
+                raise ShardError(f"cut short: no end-of-archive block after byte {min(offset, end)}"
+                                 + (" (a member runs past the end of the file)" if offset > end else ""))
             if not header.strip(b"\0"):
-                if offset > end:
-                    raise ShardError(f"cut short: a member runs past the end of the file ({end} bytes)")
-                return  # end-of-archive blocks, or the end of the file at a member boundary
+                return  # the end-of-archive blocks
             if len(header) < _BLOCK:
                 raise ShardError(f"cut short in the header at byte {offset}")
             if _number(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
@@ -202,15 +205,20 @@ def tar_members(path: str, keep: Callable[[str], bool]) -> Iterator[tuple[str, b
 def _samples(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """webdataset's grouping: consecutive members KEY.SUFFIX with the same KEY make one sample."""
     key, sample = None, {}
-    for name, data in members:
-        slash = name.rfind("/") + 1
-        dot = name.find(".", slash)
-        k, suffix = (name[:dot], name[dot + 1:]) if dot >= 0 else (name, "")
-        if k != key and sample:
+    try:
+        for name, data in members:
+            slash = name.rfind("/") + 1
+            dot = name.find(".", slash)
+            k, suffix = (name[:dot], name[dot + 1:]) if dot >= 0 else (name, "")
+            if k != key and sample:
+                yield key, sample
+                sample = {}
+            key = k
+            sample[suffix] = data
+    except ShardError:
+        if sample:  # the damage may come right after a whole record: the caller checks it is whole
             yield key, sample
-            sample = {}
-        key = k
-        sample[suffix] = data
+        raise
     if sample:
         yield key, sample
 

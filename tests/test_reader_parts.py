@@ -1,6 +1,7 @@
 """The reader's parts against independent references: the tar parser against Python's tarfile and
 webdataset, the augmentation against torchvision transforms v2."""
 import io
+import json
 import random
 import tarfile
 from pathlib import Path
@@ -88,6 +89,31 @@ def test_samples_group_like_webdataset(tmp_path):
         assert ours == theirs
         records += len(ours)
     assert records == 12 > len(list(root.glob("*.tar")))
+
+
+def test_a_cut_shard_loses_no_whole_record(tmp_path):
+    from dist_dml.data import ReadErrors, read_records
+
+    root = synthetic_shards(tmp_path / "s", 6, 0, 1)
+    shard = sorted(root.glob("*.tar"))[0]
+    data = shard.read_bytes()
+    ends, ids = {}, {}  # per record key: where its last member's data ends; its image ids (tarfile's reading)
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            key = member.name.split(".")[0]
+            ends[key] = member.offset_data + member.size
+            if member.name.endswith(".json"):
+                ids[key] = json.loads(tar.extractfile(member).read())["image_ids"]
+    errors = ReadErrors()
+    assert [r["image_ids"] for r in read_records([str(shard)], errors)] == list(ids.values())
+    assert len(ids) == 6 and not errors.corrupt_shards
+    last = max(ends.values())
+    for cut in sorted(set(range(0, last, 331)) | {e + d for e in ends.values() for d in (-1, 0, 1)}):
+        shard.write_bytes(data[:cut])
+        errors = ReadErrors()
+        got = [r["image_ids"] for r in read_records([str(shard)], errors)]
+        assert got == [ids[key] for key in ids if ends[key] <= cut], cut  # every whole record, only those
+        assert errors.corrupt_shards == {str(shard)}, cut  # reported, even when cut between records
 
 
 def jpeg(height: int, width: int, seed: int) -> bytes:
