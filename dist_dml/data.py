@@ -17,11 +17,15 @@ truncated or corrupt shard is logged by name, skipped from the point of damage, 
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
 import math
 import os
 import random
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -360,6 +364,27 @@ def normalize_batch(images: torch.Tensor) -> torch.Tensor:
     return images.float().sub_(_MEAN.to(images.device)).div_(_STD.to(images.device))
 
 
+# --- loading ------------------------------------------------------------------------------------
+
+def loader(dataset: IterableDataset, workers: int) -> DataLoader:
+    """A DataLoader over a stream that yields whole batches; its workers die with this process."""
+    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                      prefetch_factor=4 if workers else None,
+                      worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers else None)
+
+
+def _die_with_parent(parent: int, worker_id: int) -> None:
+    """A DataLoader worker_init_fn. torch's worker watchdog compares getppid() with the parent pid the
+    worker saw when it started, so a rank SIGKILLed (OOM killer, a failing node, the kill/resume
+    test) while a worker starts leaves that worker alive for good, holding the launcher's stdout
+    and shared memory. Here the kernel kills the worker with its parent (PR_SET_PDEATHSIG), and a
+    worker whose parent is already gone exits at once."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 # --- training stream ----------------------------------------------------------------------------
 
 class TrainStream(IterableDataset):
@@ -416,9 +441,7 @@ class TrainStream(IterableDataset):
 
     def loader(self) -> DataLoader:
         """A DataLoader over the rest of the current epoch (create one per epoch)."""
-        workers = self.cfg.workers
-        return DataLoader(self, batch_size=None, num_workers=workers, persistent_workers=False,
-                          prefetch_factor=4 if workers else None)
+        return loader(self, self.cfg.workers)
 
     def __len__(self) -> int:
         return self.steps_per_epoch - self.step
@@ -504,8 +527,7 @@ class EvalStream(IterableDataset):
         self.decode_images = decode_images
 
     def loader(self) -> DataLoader:
-        workers = self.cfg.workers
-        return DataLoader(self, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+        return loader(self, self.cfg.workers)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()

@@ -147,3 +147,34 @@ def test_too_few_shards_for_slots_resamples_with_equal_steps(shards):
 def test_bad_batch_geometry_is_rejected(shards):
     with pytest.raises(ValueError, match="images_per_class"):
         TrainStream(config(shards, images_per_class=1))
+
+
+def test_workers_die_with_their_process(shards):
+    """A rank killed with SIGKILL must not leave DataLoader workers behind (they would hold the
+    launcher's stdout pipe and shared memory): they go at once, not at torch's 5-second watchdog."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    code = f"""
+import os, time
+from dist_dml.data import DataConfig, TrainStream
+cfg = DataConfig(root={str(shards)!r}, classes_per_batch=4, images_per_class=3, workers=2, image_size=24, resize=28)
+batches = iter(TrainStream(cfg).loader())
+next(batches)
+print("ready", flush=True)
+time.sleep(600)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=2)
+    for worker in alive:
+        worker.kill()
+    assert not alive
