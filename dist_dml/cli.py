@@ -38,8 +38,9 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _loaded(args):
-    """(model, config, context) for eval/embed: the checkpoint, overrides, and a process group if launched."""
+def _on_checkpoint(args: argparse.Namespace, work) -> int:
+    """Run ``work(model, config, context)`` for eval/embed: the checkpoint with its overrides, and a
+    process group if launched, shut down afterwards. 2 (with the reason) on a bad checkpoint or config."""
     from dist_dml.config import ConfigError
     from dist_dml.distributed import DistContext
     from dist_dml.export import load_checkpoint
@@ -48,32 +49,31 @@ def _loaded(args):
         model, cfg = load_checkpoint(args.checkpoint, args.overrides)
     except (ConfigError, FileNotFoundError, KeyError) as exc:
         print(f"dist-dml {args.command}: error: {exc}", file=sys.stderr)
-        return None
+        return 2
     ctx = DistContext.from_env(device=cfg.train.device)
     if ctx.world_size > 1:
         ctx.init_process_group(timeout_minutes=cfg.deepspeed.timeout_minutes)
-    return model.to(ctx.device), cfg, ctx
+    try:
+        return work(model.to(ctx.device), cfg, ctx)
+    finally:
+        ctx.shutdown()
 
 
 def eval_command(args: argparse.Namespace) -> int:
     """Retrieval metrics of a checkpoint on the configured evaluation split(s)."""
     from dist_dml.evaluation import evaluate
 
-    loaded = _loaded(args)
-    if loaded is None:
-        return 2
-    model, cfg, ctx = loaded
-    try:
+    def work(model, cfg, ctx) -> int:
         metrics, paths = evaluate(model, cfg.data, cfg.eval, ctx, progress=True, plots_dir=args.plots)
-    finally:
-        ctx.shutdown()
-    if ctx.is_main:
-        print(json.dumps(metrics, indent=1))
-        if args.out:
-            Path(args.out).write_text(json.dumps(metrics, indent=1))
-        for path in paths:
-            print(f"[eval] plot: {path}")
-    return 0
+        if ctx.is_main:
+            print(json.dumps(metrics, indent=1))
+            if args.out:
+                Path(args.out).write_text(json.dumps(metrics, indent=1))
+            for path in paths:
+                print(f"[eval] plot: {path}")
+        return 0
+
+    return _on_checkpoint(args, work)
 
 
 def embed_command(args: argparse.Namespace) -> int:
@@ -82,18 +82,14 @@ def embed_command(args: argparse.Namespace) -> int:
     from dist_dml.evaluation import embed_local
     from dist_dml.export import write_embeddings
 
-    loaded = _loaded(args)
-    if loaded is None:
-        return 2
-    model, cfg, ctx = loaded
-    try:
+    def work(model, cfg, ctx) -> int:
         stream = EvalStream(cfg.data, args.split, ctx.rank, ctx.world_size, cfg.eval.batch_size)
         paths = write_embeddings(*embed_local(model, stream, ctx, progress=True), Path(args.out), ctx.rank, args.format)
         ctx.barrier()
-    finally:
-        ctx.shutdown()
-    print(f"[embed] rank {ctx.rank}: {', '.join(str(p) for p in paths)}")
-    return 0
+        print(f"[embed] rank {ctx.rank}: {', '.join(str(p) for p in paths)}")
+        return 0
+
+    return _on_checkpoint(args, work)
 
 
 def index_command(args: argparse.Namespace) -> int:
