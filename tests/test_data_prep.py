@@ -6,7 +6,6 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from data_prep.cli import main as prep
@@ -49,6 +48,15 @@ def items_of(splits: dict) -> dict:
     return out
 
 
+def prep_layout(tmp_path: Path, source: str, src: Path, written: dict, *options: str):
+    """prep a fake layout: every source item exactly once, bit-identical, train/test classes disjoint."""
+    assert prep([source, "--src", str(src), "--out", str(tmp_path / "out"), "--no-progress", *options]) == 0
+    manifest, splits = read_shards(tmp_path / "out")
+    assert items_of(splits) == written  # (in-shop: singleton query classes are kept for evaluation)
+    check_split_classes(splits)
+    return manifest, splits
+
+
 def check_split_classes(splits, train="train"):
     classes = {split: {m["class"] for m, _ in recs} for split, recs in splits.items()}
     for split in classes:
@@ -66,10 +74,7 @@ def test_sop_layout(tmp_path):
             written[(split, rel)] = (str(cls), make_image(src / rel, image_id))
             lines.append(f"{image_id} {cls} 1 {rel}")
         (src / name).write_text("\n".join(lines) + "\n")
-    assert prep(["sop", "--src", str(src), "--out", str(tmp_path / "out"), "--workers", "2", "--no-progress"]) == 0
-    manifest, splits = read_shards(tmp_path / "out")
-    assert items_of(splits) == written
-    check_split_classes(splits)
+    manifest, _ = prep_layout(tmp_path, "sop", src, written, "--workers", "2")
     assert manifest["splits"]["train"]["images"] == 5 and manifest["splits"]["test"]["classes"] == 2
 
 
@@ -83,10 +88,7 @@ def test_cub_layout_splits_classes_at_100(tmp_path):
         labels.append(f"{image_id} {cls}")
     (src / "images.txt").write_text("\n".join(images))
     (src / "image_class_labels.txt").write_text("\n".join(labels))
-    assert prep(["cub", "--src", str(src), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
-    _, splits = read_shards(tmp_path / "out")
-    assert items_of(splits) == written
-    check_split_classes(splits)
+    prep_layout(tmp_path, "cub", src, written)
 
 
 def test_cars196_layout_from_mat(tmp_path):
@@ -101,10 +103,7 @@ def test_cars196_layout_from_mat(tmp_path):
     dtype = [("relative_im_path", "O"), ("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"),
              ("class", "O"), ("test", "O")]
     savemat(src / "cars_annos.mat", {"annotations": np.array([rows], dtype=dtype)})
-    assert prep(["cars196", "--src", str(src), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
-    _, splits = read_shards(tmp_path / "out")
-    assert items_of(splits) == written
-    check_split_classes(splits)
+    prep_layout(tmp_path, "cars196", src, written)
 
 
 def test_inshop_layout_has_query_and_gallery(tmp_path):
@@ -117,9 +116,7 @@ def test_inshop_layout_has_query_and_gallery(tmp_path):
         written[(status, rel)] = (item, make_image(src / rel, i))
         lines.append(f"{rel} {item} {status}")
     (src / "list_eval_partition.txt").write_text("\n".join(lines))
-    assert prep(["inshop", "--src", str(src), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
-    manifest, splits = read_shards(tmp_path / "out")
-    assert items_of(splits) == written  # singleton query classes are kept for evaluation
+    manifest, _ = prep_layout(tmp_path, "inshop", src, written)
     assert set(manifest["splits"]) == {"train", "query", "gallery"}
 
 
