@@ -8,7 +8,7 @@ import pytest
 from dist_dml.cli import main as cli
 from dist_dml.config import ConfigError, load_config
 
-from .conftest import ROOT, cpu_env
+from .conftest import HANG_GUARD_S, ROOT, cpu_env
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -59,6 +59,6 @@ def test_bad_yaml_names_the_file(tmp_path):
 def test_bad_config_exit_code_reaches_the_shell(tiny_shards):
     proc = subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", str(ROOT / "configs/cpu_synthetic.yaml"),
                            f"data.root={tiny_shards}", "data.images_per_class=1"],
-                          capture_output=True, text=True, env=cpu_env(), timeout=120)
+                          capture_output=True, text=True, env=cpu_env(), timeout=HANG_GUARD_S)
     assert proc.returncode == 2 and "images_per_class" in proc.stderr
     assert "deepspeed" not in proc.stderr.lower()  # stopped before the engine or a process group

@@ -1,5 +1,7 @@
 """DistContext from torchrun's and SLURM's environments, and the autograd gather's gradient."""
 import pytest
+
+from .conftest import HANG_GUARD_S
 import torch
 
 from dist_dml.distributed import DistContext
@@ -46,7 +48,7 @@ def test_single_process_collectives_are_identities():
 def test_gather_backward_is_a_sum_over_ranks(tmp_path, run_torchrun):
     """Each rank's local input receives the gradient of the sum of all ranks' losses."""
     out = tmp_path / "grads.pt"
-    run_torchrun(2, "tests.gather_worker", str(out), timeout=240)
+    run_torchrun(2, "tests.gather_worker", str(out), timeout=HANG_GUARD_S)
     grads = torch.load(out, weights_only=True)
     # rank r: loss_r = (r + 1) * sum(w * gathered); the sum over ranks is 3 * sum(w * gathered).
     w = torch.arange(12, dtype=torch.float32).view(4, 3)

@@ -4,6 +4,8 @@ The contract of DESIGN.md: the same loss, the same gradients for the model and f
 (global, per-class, per-image), and the same parameters after several optimizer steps.
 """
 import pytest
+
+from .conftest import HANG_GUARD_S
 import torch
 
 from dist_dml.engine import param_groups, OPTIMIZERS
@@ -60,7 +62,7 @@ def test_rank_without_triplets_neither_hangs_nor_crashes(tmp_path, run_torchrun)
     """The last rank's anchors have no positive, so no triplet and no active term (ZeRO 0 and 2)."""
     out = tmp_path / "result.pt"
     run_torchrun(2, "tests.equivalence_worker", "--zero", "0", "2", "--steps", "2", "--scenario", "lonely",
-                 "--out", str(out), timeout=300)
+                 "--out", str(out), timeout=HANG_GUARD_S)
     results = torch.load(out, weights_only=True)
     reference = single_process_reference(2, "lonely", 2)
     for stage in (0, 2):

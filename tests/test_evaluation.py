@@ -1,6 +1,8 @@
 """Retrieval metrics against numpy / scikit-learn brute force; distributed extraction; saved indexes."""
 import numpy as np
 import pytest
+
+from .conftest import HANG_GUARD_S
 import torch
 
 from dist_dml.evaluation import clustering_nmi, retrieval_metrics
@@ -137,7 +139,7 @@ def test_ivfpq_index_finds_most_true_neighbours():
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_extraction_each_image_once(world, tiny_shards, tmp_path, run_torchrun):
     out = tmp_path / "emb.pt"
-    run_torchrun(world, "tests.eval_worker", str(tiny_shards), str(out), timeout=300)
+    run_torchrun(world, "tests.eval_worker", str(tiny_shards), str(out), timeout=HANG_GUARD_S)
     got = torch.load(out, weights_only=True)
     from tests.eval_worker import embed_alone
 

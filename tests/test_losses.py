@@ -132,7 +132,9 @@ def test_no_triplets_at_all_is_connected_zero():
 
 
 def test_shares_of_ranks_sum_to_global_loss(problem):
-    """Split the anchors between two 'ranks': with the global count, the shares add up exactly."""
+    """Split the anchors between two 'ranks': with the global count, the shares add up to the whole.
+    The loss is float32 (whatever the input's precision), so the sum's order decides the last digits:
+    compared at float32's tolerance."""
     x, labels, ids, rows = problem
     loss_fn = build_loss(LossConfig(nu=0.02)).double()
     full = loss_fn(x, labels, ids, triplets_of(rows))
@@ -141,7 +143,8 @@ def test_shares_of_ranks_sum_to_global_loss(problem):
     both = count(first) + count(second)
     shares = [loss_fn(x, labels, ids, t, global_sum=lambda local, t=t: local * 0 + torch.stack([both, full.terms])).loss
               for t in (first, second)]
-    assert float(sum(shares)) == pytest.approx(float(full.loss), rel=1e-12)
+    assert full.loss.dtype == torch.float32
+    assert float(sum(shares)) == pytest.approx(float(full.loss), rel=4 * torch.finfo(torch.float32).eps)
 
 
 def test_loss_runs_in_float32_for_bf16_embeddings(problem):
