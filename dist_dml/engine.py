@@ -7,7 +7,13 @@ would overwrite every group's rate, beta's included).
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +24,15 @@ from dist_dml.distributed import DistContext
 from dist_dml.engine_config import DeepSpeedConfig, OptimizerConfig
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+# DeepSpeed JIT-builds ops into TORCH_EXTENSIONS_DIR, by default a per-user cache that every Python
+# environment on the machine shares (under one lock). Keep them in this environment instead.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+if os.environ["DS_ACCELERATOR"] == "cpu":  # "No CUDA runtime is found": true, and beside the point on the CPU
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+# DeepSpeed's ZeRO calls torch's all_gather_into_tensor, deprecated in torch 2.14: one FutureWarning per
+# rank and run that the user can do nothing about.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
 import deepspeed  # noqa: E402
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
 from deepspeed.runtime.fp16.loss_scaler import LossScaler  # noqa: E402
@@ -30,6 +45,63 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
     "sgd": torch.optim.SGD,
 }
+
+
+COMM_OP_BUILD = "about 2-3 minutes on 2 cores"
+
+
+def prepare_comm_op(announce: bool = True) -> None:
+    """Build DeepSpeed's CPU shared-memory communication op now if this environment lacks it, saying so
+    first (DeepSpeed would build it silently inside the first training's start-up). CPU only; the
+    build lands in TORCH_EXTENSIONS_DIR. Processes that find another one building it wait, and say so."""
+    if os.environ.get("DS_ACCELERATOR") != "cpu":
+        return
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    folder = Path(_get_build_directory(builder.NAME, verbose=False))
+    busy = _locked(folder / "lock")
+    if (folder / f"{builder.NAME}.so").is_file() and not busy:
+        return
+    if announce:
+        busy = " (another process is building it: waiting for it)" if busy else ""
+        print(f"[dist-dml] building DeepSpeed's CPU communication op into {folder}{busy}: once per environment, "
+              f"{COMM_OP_BUILD}", flush=True)
+    start = time.time()
+    builder.load(verbose=False)
+    if announce:
+        print(f"[dist-dml] DeepSpeed's CPU communication op is ready ({time.time() - start:.0f}s)", flush=True)
+
+
+@contextlib.contextmanager
+def _without_lines(text: str):
+    """Python-level stdout of the block, less the lines that contain ``text``."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        kept = [line for line in buffer.getvalue().splitlines(keepends=True) if text not in line]
+        sys.stdout.write("".join(kept))
+        sys.stdout.flush()
+
+
+def _locked(path: Path) -> bool:
+    """Whether another process holds torch's build lock (an advisory lock on a file that stays)."""
+    import fcntl
+
+    try:
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
@@ -95,8 +167,10 @@ class TrainEngine:
         config.validate()
         self.ctx = ctx
         os.environ["DEEPSPEED_TIMEOUT"] = str(int(config.timeout_minutes))
+        prepare_comm_op(announce=ctx.local_rank == 0)
         ctx.init_process_group(timeout_minutes=config.timeout_minutes)
-        deepspeed.init_distributed(dist_backend=ctx.backend, auto_mpi_discovery=False, verbose=False)
+        with _without_lines("built successfully"):  # DeepSpeed's line per rank on loading its CPU op
+            deepspeed.init_distributed(dist_backend=ctx.backend, auto_mpi_discovery=False, verbose=False)
         kwargs = {"momentum": optimizer.momentum} if optimizer.name == "sgd" else {}
         torch_optimizer = OPTIMIZERS[optimizer.name](param_groups(module, optimizer), **kwargs)
         scheduler = torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lr_lambda) if lr_lambda else None

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One node, N processes: launch/torchrun.sh N train CONFIG [section.key=value ...]
-# Without GPUs it picks gloo and DeepSpeed's CPU accelerator by itself. PYTHON picks the interpreter.
+# Uses the project's environment (see launch/common.sh; no activation needed), gloo and DeepSpeed's
+# CPU accelerator without GPUs, and a free rendezvous port unless MASTER_PORT is set.
 set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$REPO/launch/common.sh"
 NPROC=${1:?usage: launch/torchrun.sh NPROC train CONFIG [section.key=value ...]}; shift
-PY=${PYTHON:-python}
-if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-fi
-exec "$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29500}" \
+if [ "${1:-}" = train ]; then preflight "$NPROC" "${@:2}" || exit 2; fi
+PORT=${MASTER_PORT:-$(free_port)}
+echo "[launch] $NPROC processes on this node, rendezvous at 127.0.0.1:$PORT, python $PYTHON"
+exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "$PORT" \
     ${MAX_RESTARTS:+--max_restarts "$MAX_RESTARTS"} -m dist_dml.cli "$@"
