@@ -18,23 +18,74 @@ def _config_path(name: str) -> Path:
     raise FileNotFoundError(f"{name}: not found in {Path.cwd()} or {REPO}")
 
 
-def train_command(args: argparse.Namespace) -> int:
-    """One process of a run (torchrun, srun or alone): validate the config, then train."""
+def _checked_config(command: str, config: str, overrides: list[str], world_size: int):
+    """The run's config if it is valid and can resume where it would at ``world_size`` processes;
+    else the reason on stderr and None."""
+    from dist_dml.checkpoint import resume_problem
     from dist_dml.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config, overrides)
     except ConfigError as exc:
-        print(f"dist-dml train: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"dist-dml {command}: error: {exc}", file=sys.stderr)
+        return None
+    problem = resume_problem(cfg, world_size)
+    if problem:
+        print(f"dist-dml {command}: error: cannot resume: {problem}", file=sys.stderr)
+        return None
+    return cfg
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """One process of a run (torchrun, srun or alone): validate the config and the resume, then train."""
     from dist_dml.distributed import DistContext
+
+    world = DistContext.from_env().world_size
+    cfg = _checked_config("train", args.config, args.overrides, world)
+    if cfg is None:
+        return 2
     from dist_dml.trainer import train
 
     ctx = DistContext.from_env(device=cfg.train.device)
     try:
-        train(cfg, ctx)
+        results = train(cfg, ctx)
     finally:
         ctx.shutdown()
+    if ctx.is_main:
+        _train_summary(cfg, results)
+    return 0
+
+
+def _train_summary(cfg, results: dict) -> None:
+    out = Path(cfg.train.output_dir).resolve()
+    shown = lambda m: " ".join(f"{k.replace('recall_at_', 'R@')}={v:.4f}" for k, v in m.items() if k != "unanswerable")
+    print(f"\n[train] done: run {cfg.train.name!r}, {results['steps']} steps"
+          f" ({results['skipped_steps']} skipped) on {results['world_size']} processes")
+    if "untrained" in results:
+        print(f"[train] untrained: {shown(results['untrained'])}")
+    print(f"[train] trained:   {shown(results['trained'])}")
+    print(f"[train] model: {out / 'final_model.pt'}   checkpoints: {out / 'checkpoints'}   results: {out / 'results.json'}")
+    print(f"[train] MLflow: {results['mlflow'] or 'tracking disabled'}", flush=True)
+
+
+def check_command(args: argparse.Namespace) -> int:
+    """The launch scripts' check before torchrun starts: config, data, and whether the resume applies."""
+    cfg = _checked_config("train", args.config, args.overrides, args.world_size)
+    if cfg is None:
+        return 2
+    print(f"[check] run {cfg.train.name!r}: output {cfg.train.output_dir}, MLflow experiment "
+          f"{cfg.tracking.experiment!r}, {args.world_size} processes", flush=True)
+    return 0
+
+
+def setup_command(args: argparse.Namespace) -> int:
+    """Prepare this environment once: DeepSpeed's CPU communication op (built here, with a message)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from dist_dml.engine import prepare_comm_op
+
+    prepare_comm_op(announce=True)
+    if not args.quiet:
+        print("[setup] ready", flush=True)
     return 0
 
 
@@ -77,46 +128,67 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def embed_command(args: argparse.Namespace) -> int:
-    """Each rank writes the embeddings of its share of a split as one part."""
+    """Each rank writes the embeddings of its share of a split as one part, with each item's class and
+    source; rank 0 writes which model made them (MODEL_FILE)."""
     from dist_dml.data import EvalStream
     from dist_dml.evaluation import embed_local
-    from dist_dml.export import write_embeddings
+    from dist_dml.export import MODEL_FILE, model_fingerprint, write_embeddings
 
     def work(model, cfg, ctx) -> int:
+        out = Path(args.out)
         stream = EvalStream(cfg.data, args.split, ctx.rank, ctx.world_size, cfg.eval.batch_size)
-        paths = write_embeddings(*embed_local(model, stream, ctx, progress=True), Path(args.out), ctx.rank, args.format)
+        paths = write_embeddings(embed_local(model, stream, ctx, progress=True, names=True), out, ctx.rank, args.format)
+        if ctx.is_main:
+            meta = {"checkpoint": str(Path(args.checkpoint).resolve()), "fingerprint": model_fingerprint(model),
+                    "split": args.split, "images": stream.num_images, "dim": model.head.out_features}
+            (out / MODEL_FILE).write_text(json.dumps(meta, indent=1))
         ctx.barrier()
         print(f"[embed] rank {ctx.rank}: {', '.join(str(p) for p in paths)}")
+        if ctx.is_main:
+            print(f"[embed] done: {stream.num_images} embeddings of split {args.split!r} in {out.resolve()} "
+                  f"({ctx.world_size} part{'s' if ctx.world_size > 1 else ''}, {args.format})", flush=True)
         return 0
 
     return _on_checkpoint(args, work)
 
 
 def index_command(args: argparse.Namespace) -> int:
-    """A faiss index over exported embeddings, with the ids and labels beside it."""
+    """A faiss index over exported embeddings, with each item's id, label, class and source beside it,
+    and the model that made them (taken from the export, or --checkpoint)."""
     import numpy as np
 
-    from dist_dml.export import read_embeddings
+    from dist_dml.export import MODEL_FILE, load_checkpoint, model_fingerprint, read_embeddings
     from dist_dml.search import build_index, save_index
 
-    emb, labels, ids = read_embeddings(Path(args.embeddings))
+    source = Path(args.embeddings)
+    exported = read_embeddings(source)
+    model = json.loads((source / MODEL_FILE).read_text()) if (source / MODEL_FILE).is_file() else {}
+    if args.checkpoint:
+        fingerprint = model_fingerprint(load_checkpoint(args.checkpoint)[0])
+        if model.get("fingerprint") not in (None, fingerprint):
+            print(f"dist-dml index: error: {source} was embedded with {model['checkpoint']} (model "
+                  f"{model['fingerprint']}), not --checkpoint {args.checkpoint} (model {fingerprint})", file=sys.stderr)
+            return 2
+        model = {**model, "checkpoint": str(Path(args.checkpoint).resolve()), "fingerprint": fingerprint}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_index(build_index(emb, args.type, nlist=args.nlist, m=args.m), out / "index.faiss")
-    np.save(out / "ids.npy", ids)
-    np.save(out / "labels.npy", labels)
-    meta = {"type": args.type, "count": int(len(ids)), "dim": int(emb.shape[1]),
-            "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None}
+    save_index(build_index(exported.embeddings, args.type, nlist=args.nlist, m=args.m), out / "index.faiss")
+    for name in ("ids", "labels", "classes", "items"):
+        np.save(out / f"{name}.npy", getattr(exported, name))
+    meta = {"type": args.type, "count": int(len(exported.ids)), "dim": int(exported.embeddings.shape[1]),
+            "checkpoint": model.get("checkpoint"), "fingerprint": model.get("fingerprint")}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    print(f"[index] {args.type} index of {len(ids)} embeddings in {out}")
+    print(f"[index] done: {args.type} index of {len(exported.ids)} embeddings in {out.resolve()}"
+          f" (model {meta['fingerprint'] or 'unknown'})")
     return 0
 
 
 def search_command(args: argparse.Namespace) -> int:
-    """The nearest indexed items of image files."""
+    """The nearest indexed items of image files, by class and source. The model must be the one the
+    index was built with (--force searches anyway, with a warning)."""
     import numpy as np
 
-    from dist_dml.export import embed_images, load_checkpoint
+    from dist_dml.export import embed_images, load_checkpoint, model_fingerprint
     from dist_dml.search import load_index
 
     folder = Path(args.index)
@@ -125,15 +197,30 @@ def search_command(args: argparse.Namespace) -> int:
     if not checkpoint:
         print("dist-dml search: error: give --checkpoint (the index does not name one)", file=sys.stderr)
         return 2
+    missing = [str(p) for p in args.images if not p.is_file()]
+    if missing:
+        print(f"dist-dml search: error: no such image file: {', '.join(missing)}", file=sys.stderr)
+        return 2
     model, cfg = load_checkpoint(checkpoint)
+    fingerprint = model_fingerprint(model)
+    if meta.get("fingerprint") and fingerprint != meta["fingerprint"]:
+        message = (f"the index in {folder} was built with model {meta['fingerprint']} ({meta.get('checkpoint')}), "
+                   f"but {checkpoint} is model {fingerprint}: its embeddings are not comparable")
+        if not args.force:
+            print(f"dist-dml search: error: {message} (--force searches anyway)", file=sys.stderr)
+            return 2
+        print(f"dist-dml search: warning: {message}", file=sys.stderr)
     index = load_index(folder / "index.faiss")
-    ids, labels = np.load(folder / "ids.npy"), np.load(folder / "labels.npy")
+    columns = {name: np.load(folder / f"{name}.npy") for name in ("ids", "labels", "classes", "items")
+               if (folder / f"{name}.npy").is_file()}
     scores, rows = index.search(embed_images(model, cfg, args.images).numpy(), args.k)
     for image, score_row, index_row in zip(args.images, scores, rows):
         print(f"{image}:")
         for rank, (score, row) in enumerate(zip(score_row, index_row), start=1):
             if row >= 0:
-                print(f"  {rank:3d}. id={ids[row]} label={labels[row]} score={score:.4f}")
+                names = "".join(f" {key}={columns[plural][row]}" for key, plural in (("class", "classes"), ("item", "items"))
+                                if plural in columns)
+                print(f"  {rank:3d}. score={score:.4f}{names} id={columns['ids'][row]} label={columns['labels'][row]}")
     return 0
 
 
@@ -154,7 +241,8 @@ def demo_command(args: argparse.Namespace) -> int:
     config = _config_path("configs/cpu_synthetic.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
            f"--master_port={free_port()}", "-m", "dist_dml.cli", "train", str(config),
-           f"data.root={data}", f"train.output_dir={out}", "checkpoint.resume=none", *args.overrides]
+           f"data.root={data}", "train.name=demo", f"train.output_dir={out}", "checkpoint.resume=none",
+           *args.overrides]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     print(f"[demo] training with {args.nproc} CPU processes: {' '.join(cmd[2:])}", flush=True)
     code = subprocess.call(cmd, env=env)
@@ -162,9 +250,7 @@ def demo_command(args: argparse.Namespace) -> int:
         return code
     results = json.loads((out / "results.json").read_text())
     before, after = results["untrained"]["recall_at_1"], results["trained"]["recall_at_1"]
-    print(f"\nRecall@1 on held-out products: untrained {before:.3f}  ->  trained {after:.3f}")
-    print(f"MLflow run: {results['mlflow']}")
-    print(f"Model: {out / 'final_model.pt'}   checkpoints: {out / 'checkpoints'}")
+    print(f"\n[demo] Recall@1 on held-out products: untrained {before:.3f}  ->  trained {after:.3f}")
     return 0
 
 
@@ -176,6 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="a YAML file under configs/")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=train_command)
+
+    p = sub.add_parser("check", help="check a training's config, data and resume before starting processes")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--world-size", type=int, required=True, help="the number of processes the run will have")
+    p.set_defaults(func=check_command)
+
+    p = sub.add_parser("setup", help="build what this environment needs once (DeepSpeed's CPU op)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=setup_command)
 
     p = sub.add_parser("demo", help="synthetic data, 2 CPU processes, Recall@1 before and after training")
     p.add_argument("--nproc", type=int, default=2)
@@ -204,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--type", choices=["flat", "ivfpq"], default="flat")
     p.add_argument("--nlist", type=int, default=0, help="ivfpq lists (0: 4 sqrt(N))")
     p.add_argument("--m", type=int, default=16, help="ivfpq sub-quantizers")
-    p.add_argument("--checkpoint", help="the model that made the embeddings (for dist-dml search)")
+    p.add_argument("--checkpoint", help="the model that made the embeddings (default: the one the export names)")
     p.set_defaults(func=index_command)
 
     p = sub.add_parser("search", help="the nearest indexed items of image files")
@@ -212,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--checkpoint", help="default: the one the index names")
+    p.add_argument("--force", action="store_true", help="search even with a model other than the index's")
     p.set_defaults(func=search_command)
 
     from data_prep.cli import build_parser as prep_parser, run as prep_run

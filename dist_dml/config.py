@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ class TrainConfig:
     epochs: int = 1
     log_every: int = 10
     max_bad_steps: int = 5  # this many non-finite losses in a row stop the run
-    output_dir: str = "runs/default"
+    name: str = ""  # the run's name; "": the config file's name (configs/sop_resnet50.yaml -> sop_resnet50)
+    output_dir: str = ""  # "": runs/NAME
     device: str = "auto"  # auto, cpu or cuda
     seed: int = 0  # model initialisation (sampling and data have their own seeds)
 
@@ -46,6 +48,8 @@ class TrainConfig:
             raise ValueError("train.log_every and train.max_bad_steps must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise ValueError(f"train.name must be a plain name (letters, digits, . _ -), got {self.name!r}")
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ class EvalConfig:
 class TrackingConfig:
     enabled: bool = True
     uri: str | None = None  # MLFLOW_TRACKING_URI wins; neither: MLflow's local default
-    experiment: str = "dist-dml"
+    experiment: str = ""  # "": the run's name (train.name), so two configs never share an experiment
     run_name: str | None = None
     system_metrics: bool = True
 
@@ -126,7 +130,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return build_config(apply_overrides(raw, overrides), source=str(path) if path else "defaults")
+    name = Path(path).stem if path is not None else "default"
+    return build_config(apply_overrides(raw, overrides), source=str(path) if path else "defaults", run_name=name)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -144,7 +149,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def build_config(raw: dict, source: str = "config") -> RunConfig:
+def build_config(raw: dict, source: str = "config", run_name: str = "default") -> RunConfig:
+    """Typed, validated sections from raw ones. ``name`` (the config file's stem) names the run where
+    train.name is not set (``run_name``): its output folder runs/NAME and its MLflow experiment."""
     sections = {}
     known = {f.name: f for f in dataclasses.fields(RunConfig)}
     for name, values in raw.items():
@@ -156,9 +163,18 @@ def build_config(raw: dict, source: str = "config") -> RunConfig:
             raise ConfigError(f"{source}: section {name!r} must be a mapping")
         cls = typing.get_type_hints(RunConfig)[name]
         sections[name] = _build_section(cls, name, values, source)
-    config = RunConfig(**sections)
+    config = _named(RunConfig(**sections), run_name)
     validate(config, source)
     return config
+
+
+def _named(config: RunConfig, name: str) -> RunConfig:
+    """train.name, train.output_dir and tracking.experiment filled in from the run's name."""
+    train = config.train
+    name = train.name or name
+    train = dataclasses.replace(train, name=name, output_dir=train.output_dir or f"runs/{name}")
+    tracking = dataclasses.replace(config.tracking, experiment=config.tracking.experiment or name)
+    return dataclasses.replace(config, train=train, tracking=tracking)
 
 
 def _build_section(cls, section: str, values: dict, source: str):

@@ -28,7 +28,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -53,6 +53,7 @@ class DataConfig:
     image_size: int = 224  # training crop / evaluation center crop
     resize: int = 256  # evaluation resize before the center crop
     min_scale: float = 0.16  # random resized crop's smallest area share
+    flip: bool = True  # random horizontal flip in training (off for text, digits, logos)
     seed: int = 0
     batch_size: int = 0  # per rank; optional, checked against P x K
 
@@ -228,7 +229,7 @@ def _samples(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[s
 
 
 def read_records(shards: list[str], errors: ReadErrors) -> Iterator[dict]:
-    """Valid records of ``shards`` in order: {label, image_ids, images: [(ext, bytes)], shard}.
+    """Valid records of ``shards`` in order: {label, image_ids, images: [(ext, bytes)], shard, class, items}.
 
     A damaged shard is logged, counted and skipped from the damage on (its last, incomplete record
     included); unknown members are counted and never read.
@@ -260,7 +261,9 @@ def _parse_record(sample: dict, shard: str) -> dict | None:
         images.append(found[0])
     if not images:
         return None
-    return {"label": label, "image_ids": ids, "images": images, "shard": shard}
+    items = meta.get("items") if isinstance(meta.get("items"), list) and len(meta["items"]) == len(ids) else None
+    return {"label": label, "image_ids": ids, "images": images, "shard": shard, "class": str(meta.get("class", label)),
+            "items": [str(i) for i in items] if items else [f"{shard}#{i}" for i in ids]}
 
 
 def _slot_shards(shards: list[str], slot: int, slots: int) -> list[str]:
@@ -330,11 +333,12 @@ def new_batch(n: int, size: int) -> torch.Tensor:
 
 def train_image(data: bytes, cfg: DataConfig, rng: random.Random, out: torch.Tensor | None = None) -> torch.Tensor:
     """Training augmentation: random resized crop (area share min_scale..1, aspect 3/4..4/3) to
-    image_size, horizontal flip with probability 1/2; all draws from ``rng``."""
+    image_size, horizontal flip with probability 1/2 where ``cfg.flip``; all draws from ``rng``."""
     out = new_batch(1, cfg.image_size)[0] if out is None else out
     image = decode(data)
     top, left, h, w = crop_box(image.shape[1], image.shape[2], rng, (cfg.min_scale, 1.0))
-    return resize_into(image[:, top:top + h, left:left + w], out, flip=rng.random() < 0.5)
+    flip = rng.random() < 0.5 and cfg.flip  # drawn either way: the crops stay the same with or without flips
+    return resize_into(image[:, top:top + h, left:left + w], out, flip=flip)
 
 
 def eval_image(data: bytes, cfg: DataConfig, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -514,8 +518,19 @@ class TrainStream(IterableDataset):
 
 # --- evaluation stream --------------------------------------------------------------------------
 
+class EvalBatch(NamedTuple):
+    """A batch of the evaluation stream: uint8 images and, per image, its label, split-wide image id,
+    class (the source's class id or name) and item (its source path or id)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    image_ids: torch.Tensor
+    classes: list[str]
+    items: list[str]
+
+
 class EvalStream(IterableDataset):
-    """Every image of ``split`` once over all ranks and workers, in batches of (images, labels, image ids)."""
+    """Every image of ``split`` once over all ranks and workers, in :class:`EvalBatch` es."""
 
     def __init__(self, cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1, batch_size: int = 128,
                  decode_images: bool = True):
@@ -525,34 +540,37 @@ class EvalStream(IterableDataset):
         self.num_images = manifest.split(split)["images"]
         self.batch_size = batch_size
         self.decode_images = decode_images
+        workers = max(cfg.workers, 1)
+        counts = [s["images"] for s in manifest.split(split)["shards"]]
+        # This rank's images per the manifest: its workers read the shards i with i % slots in its range.
+        self.local_images = sum(n for i, n in enumerate(counts) if (i % (world_size * workers)) // workers == rank)
 
     def loader(self) -> DataLoader:
         return loader(self, self.cfg.workers)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[EvalBatch]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         slots = self.world_size * workers
         mine = self.shards[self.rank * workers + worker::slots]  # exactly once: no resampling here
-        data, labels, ids = [], [], []
+        pending: list[tuple[bytes, int, int, str, str]] = []
         for record in read_records(mine, ReadErrors()):
-            for (_, image), image_id in zip(record["images"], record["image_ids"]):
-                data.append(image)
-                labels.append(record["label"])
-                ids.append(image_id)
-                if len(ids) == self.batch_size:
-                    yield self._batch(data, labels, ids)
-                    data, labels, ids = [], [], []
-        if ids:
-            yield self._batch(data, labels, ids)
+            for (_, image), image_id, item in zip(record["images"], record["image_ids"], record["items"]):
+                pending.append((image, record["label"], image_id, record["class"], item))
+                if len(pending) == self.batch_size:
+                    yield self._batch(pending)
+                    pending = []
+        if pending:
+            yield self._batch(pending)
 
-    def _batch(self, data, labels, ids):
+    def _batch(self, pending) -> EvalBatch:
+        data, labels, ids, classes, items = zip(*pending)
         images = torch.empty(0, dtype=torch.uint8)
         if self.decode_images:
             images = new_batch(len(data), self.cfg.image_size)
             for image, out in zip(data, images):
                 eval_image(image, self.cfg, out)
-        return images, torch.tensor(labels), torch.tensor(ids)
+        return EvalBatch(images, torch.tensor(labels), torch.tensor(ids), list(classes), list(items))
 
 
 def images_by_id(cfg: DataConfig, split: str, wanted) -> dict[int, torch.Tensor]:

@@ -76,37 +76,56 @@ def clustering_nmi(vectors: np.ndarray, labels: np.ndarray, use_gpu: bool = True
     return float(normalized_mutual_info_score(labels, assignment))
 
 
+@dataclass
+class Embedded:
+    """Embeddings of images with their labels and image ids (tensors), and with ``names``, each image's
+    class and item (its source path or id)."""
+
+    embeddings: Tensor
+    labels: Tensor
+    image_ids: Tensor
+    classes: list[str] | None = None
+    items: list[str] | None = None
+
+
 @torch.no_grad()
-def embed_local(model: nn.Module, stream, ctx: DistContext, progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """This rank's share of ``stream`` (an EvalStream): (embeddings, labels, image ids), on ctx.device."""
+def embed_local(model: nn.Module, stream, ctx: DistContext, progress: bool = False, names: bool = False) -> Embedded:
+    """This rank's share of ``stream`` (an EvalStream), on ctx.device. The progress bar (rank 0) counts
+    rank 0's own images against its share from the manifest."""
     was_training = model.training
     model.eval()
     parts, labels, ids = [], [], []
-    bar = tqdm(total=stream.num_images, unit="img", desc=f"[eval] embed {stream.split}",
+    classes, items = ([], []) if names else (None, None)
+    where = f" (rank 0 of {ctx.world_size})" if ctx.world_size > 1 else ""
+    bar = tqdm(total=stream.local_images, unit="img", desc=f"[eval] embed {stream.split}{where}",
                disable=not (progress and ctx.is_main), mininterval=2)
-    for images, lab, image_ids in stream.loader():
-        parts.append(model(images.to(ctx.device)).float())
-        labels.append(lab.to(ctx.device))
-        ids.append(image_ids.to(ctx.device))
-        bar.update(len(image_ids) * ctx.world_size)  # the ranks move at about the same pace
+    for batch in stream.loader():
+        parts.append(model(batch.images.to(ctx.device)).float())
+        labels.append(batch.labels.to(ctx.device))
+        ids.append(batch.image_ids.to(ctx.device))
+        if names:
+            classes += batch.classes
+            items += batch.items
+        bar.update(len(batch.image_ids))
     bar.close()
     model.train(was_training)
     dim = model.head.out_features
-    return (torch.cat(parts) if parts else torch.empty(0, dim, device=ctx.device),
-            torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=ctx.device),
-            torch.cat(ids) if ids else torch.empty(0, dtype=torch.long, device=ctx.device))
+    return Embedded(torch.cat(parts) if parts else torch.empty(0, dim, device=ctx.device),
+                    torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=ctx.device),
+                    torch.cat(ids) if ids else torch.empty(0, dtype=torch.long, device=ctx.device), classes, items)
 
 
 def embed_split(model: nn.Module, stream, ctx: DistContext, progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Every rank embeds its share of ``stream``; all ranks get the whole split, ordered by image id:
     (embeddings, labels, image ids) on the CPU. Ranks may hold different counts."""
-    emb, lab, idx = (ctx.gather_uneven(t) for t in embed_local(model, stream, ctx, progress))
+    local = embed_local(model, stream, ctx, progress)
+    emb, lab, idx = (ctx.gather_uneven(t) for t in (local.embeddings, local.labels, local.image_ids))
     order = torch.argsort(idx)
     return emb[order].cpu(), lab[order].cpu(), idx[order].cpu()
 
 
 def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: bool = False,
-             plots_dir=None) -> tuple[dict[str, float], list]:
+             plots_dir=None, title: str = "") -> tuple[dict[str, float], list]:
     """Embed the evaluation split(s) on every rank, search and score on rank 0, share the metrics.
 
     ``eval_cfg.split`` is one split (each item against the others) or "query,gallery". With
@@ -126,11 +145,11 @@ def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: b
                                    nmi=eval_cfg.nmi, use_gpu=use_gpu, progress=progress)
         metrics = result.metrics
         if plots_dir is not None:
-            paths = _plots(result, eval_cfg, data_cfg, splits, sets, plots_dir)
+            paths = _plots(result, eval_cfg, data_cfg, splits, sets, plots_dir, title)
     return ctx.broadcast_object(metrics), paths
 
 
-def _plots(result: Retrieval, eval_cfg, data_cfg, splits, sets, plots_dir) -> list:
+def _plots(result: Retrieval, eval_cfg, data_cfg, splits, sets, plots_dir, title: str) -> list:
     from pathlib import Path
 
     from dist_dml import plots
@@ -138,7 +157,9 @@ def _plots(result: Retrieval, eval_cfg, data_cfg, splits, sets, plots_dir) -> li
 
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    paths = [plots.recall_curve(result.metrics, eval_cfg.recall_ks, plots_dir / "recall_at_k.png")]
+    what = f"Recall@K on {' -> '.join(splits)} ({len(result.neighbours):,} queries)"
+    paths = [plots.recall_curve(result.metrics, eval_cfg.recall_ks, plots_dir / "recall_at_k.png",
+                                f"{what}{', ' + title if title else ''}")]
     if eval_cfg.grid_queries:
         rng = np.random.default_rng(0)
         rows = sorted(rng.choice(len(result.neighbours), min(eval_cfg.grid_queries, len(result.neighbours)),

@@ -6,6 +6,8 @@ with `weights_only=True`.
 """
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,28 +38,54 @@ def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[Embedd
     return model.eval(), config
 
 
-def write_embeddings(emb: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, out: Path, part: int,
-                     fmt: str = "npy") -> list[Path]:
-    """One part of an exported split: npy files, or one parquet file (id, label, embedding)."""
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short digest of a model's weights and buffers (as float32): which model made an index."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+MODEL_FILE = "model.json"  # beside exported embeddings and in an index folder: the model that made them
+
+
+def write_embeddings(embedded, out: Path, part: int, fmt: str = "npy") -> list[Path]:
+    """One part of an exported split (an evaluation.Embedded with names): npy files, or one parquet
+    file (id, label, class, item, embedding)."""
     out.mkdir(parents=True, exist_ok=True)
-    emb_np, lab_np, ids_np = emb.float().cpu().numpy(), labels.cpu().numpy(), ids.cpu().numpy()
+    emb_np = embedded.embeddings.float().cpu().numpy()
+    lab_np, ids_np = embedded.labels.cpu().numpy(), embedded.image_ids.cpu().numpy()
+    classes, items = np.array(embedded.classes, dtype=str), np.array(embedded.items, dtype=str)
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.table({"id": ids_np, "label": lab_np,
+        table = pa.table({"id": ids_np, "label": lab_np, "class": classes.tolist(), "item": items.tolist(),
                           "embedding": pa.FixedSizeListArray.from_arrays(emb_np.reshape(-1), emb_np.shape[1])})
         path = out / f"part-{part:05d}.parquet"
         pq.write_table(table, path)
         return [path]
     paths = []
-    for name, array in (("embeddings", emb_np), ("labels", lab_np), ("ids", ids_np)):
+    for name, array in (("embeddings", emb_np), ("labels", lab_np), ("ids", ids_np), ("classes", classes),
+                        ("items", items)):
         paths.append(out / f"{name}-{part:05d}.npy")
         np.save(paths[-1], array)
     return paths
 
 
-def read_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@dataclass
+class Exported:
+    """An exported split, ordered by image id: what `dist-dml index` indexes and `search` reports."""
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+    classes: np.ndarray  # the source's class id or name of each item
+    items: np.ndarray  # each item's source path or id
+
+
+def read_embeddings(folder: Path) -> Exported:
     """All parts of an exported split, ordered by image id."""
     folder = Path(folder)
     parts = sorted(folder.glob("part-*.parquet"))
@@ -65,18 +93,18 @@ def read_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import pyarrow.parquet as pq
 
         tables = [pq.read_table(p) for p in parts]
-        ids = np.concatenate([t.column("id").to_numpy() for t in tables])
-        labels = np.concatenate([t.column("label").to_numpy() for t in tables])
+        column = lambda name: np.concatenate([t.column(name).to_numpy(zero_copy_only=False) for t in tables])
+        ids, labels, classes, items = column("id"), column("label"), column("class"), column("item")
         emb = np.concatenate([np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) for t in tables])
     else:
         names = sorted(folder.glob("embeddings-*.npy"))
         if not names:
             raise FileNotFoundError(f"{folder}: no exported embeddings (embeddings-*.npy or part-*.parquet)")
-        emb = np.concatenate([np.load(p) for p in names])
-        labels = np.concatenate([np.load(p.with_name(p.name.replace("embeddings", "labels"))) for p in names])
-        ids = np.concatenate([np.load(p.with_name(p.name.replace("embeddings", "ids"))) for p in names])
+        column = lambda kind: np.concatenate([np.load(p.with_name(p.name.replace("embeddings", kind))) for p in names])
+        emb, labels, ids, classes, items = (column(k) for k in ("embeddings", "labels", "ids", "classes", "items"))
     order = np.argsort(ids, kind="stable")
-    return emb[order].astype(np.float32), labels[order], ids[order]
+    return Exported(emb[order].astype(np.float32), labels[order], ids[order], classes[order].astype(str),
+                    items[order].astype(str))
 
 
 def embed_images(model: EmbeddingModel, config: RunConfig, paths: list[Path]) -> torch.Tensor:

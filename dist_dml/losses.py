@@ -23,6 +23,12 @@ from dist_dml.sampling import Triplets
 
 GlobalSum = Callable[[Tensor], Tensor]
 
+# Each loss's margin alpha where the config leaves it unset. Distances are between unit vectors, in [0, 2].
+# margin (Wu et al. 2017) and triplet: 0.2, as in the paper. contrastive: negatives are pushed out to
+# alpha itself (not alpha beyond the positives), so it needs a margin at the scale of the distances:
+# 1.0, the negative margin of pytorch-metric-learning's ContrastiveLoss; with 0.2 negatives barely move.
+DEFAULT_MARGINS = {"margin": 0.2, "triplet": 0.2, "contrastive": 1.0}
+
 
 def _identity(t: Tensor) -> Tensor:
     return t
@@ -33,7 +39,7 @@ class LossConfig:
     """The `loss` section of a run's config."""
 
     kind: str = "margin"  # a key of LOSSES
-    alpha: float = 0.2  # margin between positive and negative distances
+    alpha: float | None = None  # the margin; None: the loss's own default (DEFAULT_MARGINS)
     beta_init: float = 1.2  # beta^(0); learnable when beta_global
     beta_global: bool = True
     beta_per_class: bool = False  # a learnable offset per class (table of num_classes)
@@ -41,6 +47,10 @@ class LossConfig:
     num_classes: int = 0  # per-class beta table size; 0: the training split's class count
     num_images: int = 0  # per-image beta table size; 0: the training split's image count
     nu: float = 0.0  # weight of the beta regulariser nu * sum(beta) over the pairs
+
+    def __post_init__(self):
+        if self.alpha is None and self.kind in DEFAULT_MARGINS:
+            object.__setattr__(self, "alpha", DEFAULT_MARGINS[self.kind])
 
     def validate(self) -> None:
         if self.kind not in LOSSES:

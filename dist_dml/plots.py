@@ -15,10 +15,11 @@ def _pyplot():
     return plt
 
 
-def negative_distances(histogram: np.ndarray, dim: int, cutoff: float, nonzero_cutoff: float, path: Path) -> Path:
-    """The paper's figure: the histogram of sampled-negative distances over [0, 2], the density q(d) of
-    distances between uniform points on the sphere in R^dim, and the uniform density on [cutoff,
-    nonzero cutoff] that distance-weighted sampling aims at."""
+def negative_distances(histogram: np.ndarray, dim: int, cutoff: float, nonzero_cutoff: float, path: Path,
+                       steps: tuple[int, int] | None = None) -> Path:
+    """The paper's figure: the histogram of sampled-negative distances over [0, 2] (over ``steps``, first
+    and last), the density q(d) of distances between uniform points on the sphere in R^dim, and the
+    uniform density on [cutoff, nonzero cutoff] that distance-weighted sampling aims at."""
     plt = _pyplot()
     bins = len(histogram)
     width = 2.0 / bins
@@ -34,6 +35,8 @@ def negative_distances(histogram: np.ndarray, dim: int, cutoff: float, nonzero_c
               label="uniform on [cutoff, nonzero-loss cutoff]")
     ax.set_xlabel("distance")
     ax.set_ylabel("density")
+    span = f", steps {steps[0]}-{steps[1]}" if steps else ""
+    ax.set_title(f"Sampled negative distances ({int(histogram.sum()):,} draws{span})", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -41,12 +44,21 @@ def negative_distances(histogram: np.ndarray, dim: int, cutoff: float, nonzero_c
     return path
 
 
-def recall_curve(metrics: dict[str, float], ks, path: Path) -> Path:
+def recall_curve(metrics: dict[str, float], ks, path: Path, title: str = "Recall@K") -> Path:
+    """Recall@K against K on a log axis: one labelled tick per K, no minor tick labels."""
     plt = _pyplot()
+    from matplotlib.ticker import NullFormatter, NullLocator
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(list(ks), [metrics[f"recall_at_{k}"] for k in ks], marker="o")
+    for k in ks:
+        ax.annotate(f"{metrics[f'recall_at_{k}']:.3f}", (k, metrics[f"recall_at_{k}"]), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=7)
     ax.set_xscale("log")
     ax.set_xticks(list(ks), [str(k) for k in ks])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("K")
     ax.set_ylabel("Recall@K")
     ax.set_ylim(0, 1)

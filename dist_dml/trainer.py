@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dist_dml import plots
-from dist_dml.checkpoint import Checkpointer
+from dist_dml.checkpoint import Checkpointer, resume_target
 from dist_dml.config import RunConfig, dump_yaml
 from dist_dml.data import TrainStream
 from dist_dml.distributed import DistContext
@@ -53,9 +53,10 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict:
                          lr_lambda=cfg.optimizer.lr_lambda(total_steps))
     objective = GlobalBatchObjective(build_sampler(cfg.sampler), engine.module.loss, ctx)
     checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.keep_last, ctx)
-    step, resumed = _resume(cfg, engine, checkpoints, stream, ctx)
+    step, resumed = _resume(cfg, engine, stream, ctx)
     tracker = build_tracker(cfg.tracking, ctx, resume_run_id=resumed.get("mlflow_run_id"))
-    results: dict = {"mlflow": tracker.location, "run_id": tracker.run_id, "total_steps": total_steps}
+    results: dict = {"name": cfg.train.name, "mlflow": tracker.location, "run_id": tracker.run_id,
+                     "world_size": ctx.world_size, "total_steps": total_steps}
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_yaml(cfg))
@@ -65,6 +66,7 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict:
         results["untrained"] = _evaluate(cfg, engine, ctx, tracker, step)
 
     meter = _Meter(ctx, cfg.train.log_every, total_steps, step)
+    meter.load_state_dict(resumed)
     bad_in_row, status = 0, "FAILED"
     try:
         while step < total_steps:
@@ -86,12 +88,12 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict:
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
                     _evaluate(cfg, engine, ctx, tracker, step)
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                    _save(checkpoints, engine, stream, cfg, step, tracker.run_id)
+                    _save(checkpoints, engine, stream, cfg, step, tracker.run_id, meter)
                 if step >= total_steps:
                     break
             if stream.step >= stream.steps_per_epoch:
                 stream.set_epoch(stream.epoch + 1)
-        _save(checkpoints, engine, stream, cfg, step, tracker.run_id)
+        _save(checkpoints, engine, stream, cfg, step, tracker.run_id, meter)
         results["trained"] = _evaluate(cfg, engine, ctx, tracker, step, final=True)
         results["steps"] = step
         results["skipped_steps"] = meter.skipped
@@ -112,41 +114,36 @@ def _finite_everywhere(result: StepResult, ctx: DistContext) -> bool:
     return float(ctx.all_reduce(bad, "max")) == 0.0
 
 
-def _resume(cfg: RunConfig, engine, checkpoints: Checkpointer, stream: TrainStream, ctx) -> tuple[int, dict]:
+def _resume(cfg: RunConfig, engine, stream: TrainStream, ctx) -> tuple[int, dict]:
     """(step, client state) of the checkpoint to continue from; (0, {}) for a fresh run."""
-    resume = cfg.checkpoint.resume
-    if resume == "none":
+    target = resume_target(cfg)
+    if target is None:
         return 0, {}
-    directory, tag = checkpoints.directory, None
-    if resume == "auto":
-        tag = checkpoints.latest()
-    else:
-        path = Path(resume)
-        directory, tag = path.parent, path.name
-    if tag is None:
-        return 0, {}
-    state = Checkpointer(directory, cfg.checkpoint.keep_last, ctx).load(engine, tag)
+    state = Checkpointer(target.parent, cfg.checkpoint.keep_last, ctx).load(engine, target.name)
     stream.load_state_dict(state["data"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("config_digest") != cfg.digest() and ctx.is_main:
-        print(f"[train] note: resuming {directory / tag} under a changed config", flush=True)
+        print(f"[train] note: resuming {target} under a changed config", flush=True)
     if ctx.is_main:
-        print(f"[train] resumed from {directory / tag} at step {state['step']}", flush=True)
+        print(f"[train] resumed from {target} at step {state['step']}", flush=True)
     return int(state["step"]), state
 
 
 def _save(checkpoints: Checkpointer, engine, stream: TrainStream, cfg: RunConfig, step: int,
-          run_id: str | None) -> None:
+          run_id: str | None, meter: "_Meter") -> None:
     if checkpoints.latest() == f"step{step:08d}":
         return
     state = {"step": step, "data": stream.state_dict(), "torch_rng": torch.get_rng_state(),
-             "config_digest": cfg.digest(), "mlflow_run_id": run_id or ""}
-    checkpoints.save(engine, step, state)
+             "config_digest": cfg.digest(), "mlflow_run_id": run_id or "", **meter.state_dict()}
+    meta = {"step": step, "world_size": checkpoints.ctx.world_size, "zero_stage": cfg.deepspeed.zero_stage,
+            "config": cfg.to_dict()}
+    checkpoints.save(engine, step, state, meta)
 
 
 def _evaluate(cfg: RunConfig, engine, ctx: DistContext, tracker, step: int, final: bool = False) -> dict[str, float]:
     plots_dir = Path(cfg.train.output_dir) / "plots" if final else None
-    metrics, plot_paths = evaluate(engine.module.model, cfg.data, cfg.eval, ctx, progress=final, plots_dir=plots_dir)
+    metrics, plot_paths = evaluate(engine.module.model, cfg.data, cfg.eval, ctx, progress=final, plots_dir=plots_dir,
+                                   title=f"{cfg.train.name}, step {step}")
     if ctx.is_main:
         tracker.log_metrics(metrics, step)
         for path in plot_paths:
@@ -168,54 +165,90 @@ def _finish(cfg, engine, ctx, tracker, meter: "_Meter", results: dict, out: Path
     if meter.histogram.sum() > 0:
         (out / "plots").mkdir(exist_ok=True)
         plot = plots.negative_distances(meter.histogram.numpy(), cfg.model.embedding_dim, cfg.sampler.cutoff,
-                                        cfg.sampler.nonzero_loss_cutoff, out / "plots" / "negative_distances.png")
+                                        cfg.sampler.nonzero_loss_cutoff, out / "plots" / "negative_distances.png",
+                                        steps=(meter.histogram_from, results["steps"]))
         tracker.log_artifact(plot, "plots")
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
 
 class _Meter:
-    """Step statistics, reduced over ranks every `log_every` steps, printed and logged by rank 0."""
+    """Step statistics summed over the log window, reduced over ranks every `log_every` steps, printed and
+    logged by rank 0: every figure (loss, distances, fallback, beta) is the window's mean, not the last
+    step's. The sampled-negative histogram covers the whole run, across resumes (it travels in the
+    checkpoint with the step it starts at)."""
 
-    SUMS = ("loss", "d_ap_sum", "d_an_sum", "triplets", "beta_sum", "fallback", "anchors", "images",
-            "corrupt_shards", "bad_records", "unknown_members")
+    SUMS = ("loss", "steps", "active", "terms", "d_ap_sum", "d_an_sum", "triplets", "beta_sum", "fallback",
+            "anchors", "images", "corrupt_shards", "bad_records", "unknown_members")
+    GLOBAL = ("steps", "active", "terms")  # already global on every rank: not summed over ranks
 
     def __init__(self, ctx: DistContext, every: int, total: int, start_step: int):
         self.ctx, self.every, self.total = ctx, every, total
         self.start_step, self.start_time, self.last_time = start_step, time.time(), time.time()
         self.skipped = 0
-        self.window = dict.fromkeys(("images", "corrupt_shards", "bad_records", "unknown_members"), 0.0)
-        self.window_histogram = torch.zeros(HIST_BINS)  # sampled-negative distances since the last log
-        self.histogram = torch.zeros(HIST_BINS)  # all ranks, whole run (rank 0's copy is the one used)
+        self.window = dict.fromkeys(self.SUMS, 0.0)
+        self.beta_range = [math.inf, -math.inf]
+        self.window_histogram = torch.zeros(HIST_BINS)  # sampled-negative distances since the last reduction
+        self.histogram = torch.zeros(HIST_BINS)  # all ranks, steps histogram_from.. (rank 0's copy is used)
+        self.histogram_from = start_step + 1
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (call on every rank: it reduces the pending histogram)."""
+        self._reduce_histogram()
+        return {"negative_histogram": self.histogram.clone(), "histogram_from": self.histogram_from,
+                "skipped_steps": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "negative_histogram" in state:
+            self.histogram = state["negative_histogram"].float().clone()
+            self.histogram_from = int(state["histogram_from"])
+            self.skipped = int(state.get("skipped_steps", 0))
 
     def update(self, result: StepResult, batch: dict, engine, tracker, step: int) -> None:
-        self.window["images"] += batch["labels"].numel()
+        out, triplets, stats = result.output, result.triplets, result.output.stats
+        w = self.window
+        w["loss"] += float(out.loss.detach())
+        w["steps"] += 1
+        w["active"] += float(out.active)
+        w["terms"] += float(out.terms)
+        for key in ("d_ap_sum", "d_an_sum", "triplets", "beta_sum"):
+            w[key] += float(stats.get(key, 0.0))
+        w["fallback"] += triplets.num_fallback
+        w["anchors"] += triplets.num_anchors
+        w["images"] += batch["labels"].numel()
         for key, value in batch["errors"].items():
-            self.window[key] += value
-        d_an = result.output.negative_distances.float().cpu()
+            w[key] += value
+        if "beta_min" in stats:
+            self.beta_range = [min(self.beta_range[0], float(stats["beta_min"])),
+                               max(self.beta_range[1], float(stats["beta_max"]))]
+        d_an = out.negative_distances.float().cpu()
         self.window_histogram += torch.histc(d_an, bins=HIST_BINS, min=0.0, max=2.0)
         if step % self.every and step != self.total:
             return
-        metrics = self._reduce(result, engine, step)
+        metrics = self._reduce(engine, step, has_beta="beta_sum" in stats)
         if self.ctx.is_main:
             tracker.log_metrics(metrics, step)
             print(f"[train] step {step}/{self.total} loss={metrics['loss']:.4f} "
                   f"active={metrics['active_fraction']:.3f} d_ap={metrics['d_ap_mean']:.3f} "
                   f"d_an={metrics['d_an_mean']:.3f} fallback={metrics['fallback_rate']:.3f} "
-                  f"images/s={metrics['images_per_s']:.0f} ETA {_duration(metrics['eta_s'])}", flush=True)
+                  f"images/s={metrics['images_per_s']:.0f} ETA {_duration(metrics['eta_s'])}"
+                  + (f" corrupt_shards={metrics['corrupt_shards']:.0f}" if metrics["corrupt_shards"] else ""),
+                  flush=True)
 
-    def _reduce(self, result: StepResult, engine, step: int) -> dict[str, float]:
-        out, triplets, stats = result.output, result.triplets, result.output.stats
-        local = {"loss": out.loss.detach(), "fallback": triplets.num_fallback, "anchors": triplets.num_anchors,
-                 "beta_sum": stats.get("beta_sum", 0.0), **{k: stats[k] for k in ("d_ap_sum", "d_an_sum", "triplets")},
-                 **self.window}
-        sums = torch.tensor([float(local[k]) for k in self.SUMS], device=self.ctx.device)
-        total = dict(zip(self.SUMS, self.ctx.all_reduce_sum(sums).cpu().tolist()))
+    def _reduce_histogram(self) -> torch.Tensor:
         hist = self.ctx.all_reduce_sum(self.window_histogram.to(self.ctx.device)).cpu()
         self.histogram += hist
+        self.window_histogram.zero_()
+        return hist
+
+    def _reduce(self, engine, step: int, has_beta: bool) -> dict[str, float]:
+        sums = torch.tensor([self.window[k] for k in self.SUMS], dtype=torch.float64, device=self.ctx.device)
+        reduced = dict(zip(self.SUMS, self.ctx.all_reduce_sum(sums).cpu().tolist()))
+        total = {k: (self.window[k] if k in self.GLOBAL else reduced[k]) for k in self.SUMS}
+        hist = self._reduce_histogram()
         now, done = time.time(), max(step - self.start_step, 1)
-        n = max(total["triplets"], 1.0)
+        n, steps = max(total["triplets"], 1.0), max(total["steps"], 1.0)
         metrics = {
-            "loss": total["loss"], "active_fraction": float(out.active) / max(float(out.terms), 1.0),
+            "loss": total["loss"] / steps, "active_fraction": total["active"] / max(total["terms"], 1.0),
             "d_ap_mean": total["d_ap_sum"] / n, "d_an_mean": total["d_an_sum"] / n,
             "fallback_rate": total["fallback"] / max(total["anchors"], 1.0),
             "images_per_s": total["images"] / max(now - self.last_time, 1e-9),
@@ -225,14 +258,13 @@ class _Meter:
             **{f"d_an_q{int(q * 100)}": v for q, v in _quantiles(hist).items()},
             **{f"lr_{name}": lr for name, lr in engine.learning_rates().items()},
         }
-        if "beta_sum" in stats:
-            inf = torch.tensor([float("inf")], device=self.ctx.device)
-            low = self.ctx.all_reduce(stats["beta_min"].reshape(1).float() if "beta_min" in stats else inf, "min")
-            high = self.ctx.all_reduce(stats["beta_max"].reshape(1).float() if "beta_max" in stats else -inf, "max")
+        if has_beta:
+            low = self.ctx.all_reduce(torch.tensor([self.beta_range[0]], device=self.ctx.device), "min")
+            high = self.ctx.all_reduce(torch.tensor([self.beta_range[1]], device=self.ctx.device), "max")
             metrics.update(beta_mean=total["beta_sum"] / n, beta_min=float(low), beta_max=float(high))
         self.last_time = now
         self.window = dict.fromkeys(self.window, 0.0)
-        self.window_histogram.zero_()
+        self.beta_range = [math.inf, -math.inf]
         return metrics
 
 

@@ -1,4 +1,5 @@
 """The P x K training stream and the evaluation stream over synthetic shards."""
+import json
 import io
 import pickle
 import shutil
@@ -81,16 +82,37 @@ def test_resume_yields_the_remaining_batches_exactly(shards):
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_eval_stream_covers_every_image_once(shards, world, workers):
+    """Every image once, with its class and source item as the shard's json says; each rank's count
+    (what its progress bar counts to) is its share from the manifest."""
     cfg = config(shards, workers=workers)
-    ids, labels = [], {}
+    ids, labels, names = [], {}, {}
     for rank in range(world):
         stream = EvalStream(cfg, "test", rank, world, batch_size=16)
-        for images, label, image_id in stream.loader():
-            assert images.shape[1:] == (3, 24, 24)
-            ids += image_id.tolist()
-            labels.update(zip(image_id.tolist(), label.tolist()))
+        seen = 0
+        for batch in stream.loader():
+            assert batch.images.shape[1:] == (3, 24, 24)
+            ids += batch.image_ids.tolist()
+            labels.update(zip(batch.image_ids.tolist(), batch.labels.tolist()))
+            names.update(zip(batch.image_ids.tolist(), zip(batch.classes, batch.items)))
+            seen += len(batch.image_ids)
+        assert seen == stream.local_images
     assert sorted(ids) == list(range(stream.num_images))
     assert set(labels.values()) == set(range(30))
+    assert names == json_names(shards, "test")
+
+
+def json_names(shards: Path, split: str) -> dict[int, tuple[str, str]]:
+    """image id -> (class, item) read with tarfile from the records' json members."""
+    import tarfile
+
+    out = {}
+    for shard in sorted(shards.glob(f"{split}-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    out.update({i: (str(meta["class"]), item) for i, item in zip(meta["image_ids"], meta["items"])})
+    return out
 
 
 def corrupt_copy(shards: Path, tmp: Path) -> Path:
@@ -174,7 +196,7 @@ time.sleep(600)
     finally:
         proc.kill()
         proc.wait()
-    _, alive = psutil.wait_procs(workers, timeout=2)
+    _, alive = psutil.wait_procs(workers, timeout=30)  # returns as soon as they are gone
     for worker in alive:
         worker.kill()
     assert not alive

@@ -1,5 +1,6 @@
 """dist-dml eval / embed / index / search on a small model and tiny shards."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from dist_dml.config import load_config
 from dist_dml.export import load_checkpoint, read_embeddings
 from dist_dml.models import build_model
 
-from .conftest import ROOT, tiny_overrides
+from .conftest import HANG_GUARD_S, ROOT, tiny_overrides
+from .test_data_reader import json_names
 
 
 @pytest.fixture(scope="module")
@@ -44,21 +46,27 @@ def test_eval_command_matches_in_memory_brute_force(checkpoint, tmp_path, capsys
 @pytest.mark.parametrize("fmt", ["npy", "parquet"])
 def test_embed_two_ranks_then_index_and_search(checkpoint, tmp_path, run_torchrun, fmt, capsys):
     emb_dir = tmp_path / "emb"
-    run_torchrun(2, "dist_dml.cli", "embed", str(checkpoint), "--out", str(emb_dir), "--format", fmt, timeout=300)
-    assert len(list(emb_dir.iterdir())) == (2 if fmt == "parquet" else 6)  # one part per rank
-    emb, labels, ids = read_embeddings(emb_dir)
+    run_torchrun(2, "dist_dml.cli", "embed", str(checkpoint), "--out", str(emb_dir), "--format", fmt, timeout=HANG_GUARD_S)
+    parts = {p.name for p in emb_dir.iterdir()} - {"model.json"}
+    assert len(parts) == (2 if fmt == "parquet" else 10)  # one part per rank
+    exported = read_embeddings(emb_dir)
+    emb, labels, ids = exported.embeddings, exported.labels, exported.ids
     assert ids.tolist() == list(range(len(ids)))
 
-    assert cli(["index", str(emb_dir), "--out", str(tmp_path / "idx"), "--checkpoint", str(checkpoint)]) == 0
+    # Every exported item carries its class and source item, as the shards' json records say.
+    want_names = json_names(Path(load_checkpoint(checkpoint)[1].data.root), "test")
+    assert dict(zip(ids.tolist(), zip(exported.classes.tolist(), exported.items.tolist()))) == want_names
+
+    # The index takes the model from the export (no --checkpoint needed).
+    assert cli(["index", str(emb_dir), "--out", str(tmp_path / "idx")]) == 0
     from dist_dml.search import load_index
 
     _, found = load_index(tmp_path / "idx" / "index.faiss").search(emb[:5], 3)
     want = np.argsort(-(emb[:5] @ emb.T), axis=1, kind="stable")[:, :3]
     np.testing.assert_array_equal(found, want)
 
-    # An indexed image, searched by file, finds itself first.
+    # An indexed image, searched by file, finds itself first: its product's class and source item.
     import tarfile
-    from pathlib import Path
 
     shards = Path(load_checkpoint(checkpoint)[1].data.root)
     with tarfile.open(sorted(shards.glob("test-*.tar"))[0]) as tar:
@@ -68,4 +76,30 @@ def test_embed_two_ranks_then_index_and_search(checkpoint, tmp_path, run_torchru
     capsys.readouterr()
     assert cli(["search", str(tmp_path / "idx"), str(tmp_path / "q.jpg"), "--k", "3"]) == 0
     first = capsys.readouterr().out.splitlines()[1]
-    assert f"id={meta['image_ids'][0]} " in first
+    assert f" class={meta['class']} item={meta['items'][0]} id={meta['image_ids'][0]} " in first
+
+
+def test_search_with_another_model_is_refused(checkpoint, tmp_path, capsys):
+    """An index records the model that made it; another model's query embeddings are not comparable."""
+    from dist_dml.data import EvalStream
+    from dist_dml.distributed import DistContext
+    from dist_dml.evaluation import embed_local
+    from dist_dml.export import MODEL_FILE, model_fingerprint, write_embeddings
+
+    model, cfg = load_checkpoint(checkpoint)
+    emb_dir = tmp_path / "emb"
+    write_embeddings(embed_local(model, EvalStream(cfg.data, "test"), DistContext(), names=True), emb_dir, 0)
+    (emb_dir / MODEL_FILE).write_text(json.dumps({"checkpoint": str(checkpoint), "fingerprint": model_fingerprint(model)}))
+    assert cli(["index", str(emb_dir), "--out", str(tmp_path / "idx")]) == 0
+
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": build_model(cfg.model).state_dict(), "config": cfg.to_dict()}, other)
+    image = tmp_path / "q.jpg"
+    image.write_bytes(b"refused before it is read")
+    capsys.readouterr()
+    assert cli(["index", str(emb_dir), "--out", str(tmp_path / "idx2"), "--checkpoint", str(other)]) == 2
+    assert "was embedded with" in capsys.readouterr().err
+    assert cli(["search", str(tmp_path / "idx"), str(image), "--checkpoint", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "not comparable" in err and "--force" in err and len(err.strip().splitlines()) == 1

@@ -15,19 +15,19 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import ROOT, cpu_env, free_port, tiny_overrides
+from .conftest import HANG_GUARD_S, ROOT, cpu_env, free_port, tiny_overrides
 
 CONFIG = str(ROOT / "configs/cpu_synthetic.yaml")
 
 
-def torchrun_train(nproc, overrides, env, max_restarts=0, timeout=600):
+def torchrun_train(nproc, overrides, env, max_restarts=0, timeout=HANG_GUARD_S):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            f"--max_restarts={max_restarts}", "-m", "dist_dml.cli", "train", CONFIG, *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
-def finish(proc, timeout=600) -> str:
+def finish(proc, timeout=HANG_GUARD_S) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -52,7 +52,7 @@ def mlflow_server(tmp_path_factory):
          "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=cpu_env())
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_GUARD_S / 4
     while True:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
@@ -81,14 +81,19 @@ def trained(tiny_shards, tmp_path_factory, mlflow_server):
 
 
 def test_two_processes_learn(trained):
+    """Learning, with a margin that another thread count or seed cannot flip. Recall@1 over ~140 held-out
+    queries moves in steps of 0.007 and its gain after 60 steps ranged from +0.015 to +0.18 over seeds
+    and thread counts (1 or 2 per process), so it is not asserted; MAP@R and R-Precision use every
+    relevant item and ended 2.1x-3.5x their untrained values in all of those runs."""
     out, log, results = trained
     losses = logged_losses(log)
-    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
+    assert len(losses) == 6 and sum(losses[-2:]) < 0.85 * sum(losses[:2]), losses
     before, after = results["untrained"], results["trained"]
-    # ~150 held-out images: Recall@1 moves in steps of 0.007; MAP@R uses every relevant item.
-    assert after["recall_at_1"] > before["recall_at_1"] + 0.03, results
     assert after["map_at_r"] > 1.5 * before["map_at_r"], results
+    assert after["r_precision"] > 1.5 * before["r_precision"], results
     assert results["steps"] == 60 and results["skipped_steps"] == 0
+    # One closing summary, by rank 0.
+    assert log.count("[train] done: run ") == 1 and "[train] MLflow: http://127.0.0.1:" in log
 
 
 def test_checkpoints_are_complete_and_rotated(trained):
@@ -148,7 +153,7 @@ def test_killed_rank_resumes_from_last_checkpoint(tiny_shards, tmp_path):
     killed = {}
 
     def kill_rank_one_after_first_checkpoint():
-        deadline = time.time() + 300
+        deadline = time.time() + HANG_GUARD_S
         while time.time() < deadline and proc.poll() is None:
             latest = out / "checkpoints" / "latest"
             if latest.exists() and latest.read_text() >= "step00000010":
@@ -174,6 +179,20 @@ def test_killed_rank_resumes_from_last_checkpoint(tiny_shards, tmp_path):
     ckpt = out / "checkpoints"
     assert (ckpt / "latest").read_text() == "step00000040"
     assert not list(ckpt.glob("*.partial"))
+    # The sampled-negative histogram spans the whole run across the resume: one draw per (anchor,
+    # positive) pair, 2 ranks x 8 classes x 3 images, 2 positives each, every step from step 1.
+    state = checkpoint_client_state(ckpt / "step00000040")
+    assert state["histogram_from"] == 1
+    assert float(state["negative_histogram"].sum()) == 40 * (2 * 8 * 3) * 2
+
+
+def checkpoint_client_state(folder: Path) -> dict:
+    import torch
+
+    from dist_dml.engine import WeightsOnlyCheckpointEngine
+
+    with torch.serialization.safe_globals(WeightsOnlyCheckpointEngine.SAFE_GLOBALS):
+        return torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
 
 
 def test_two_local_nodes(tiny_shards, tmp_path):
@@ -181,7 +200,7 @@ def test_two_local_nodes(tiny_shards, tmp_path):
     overrides = tiny_overrides(tiny_shards, out, **{"train.steps": 10, "eval.at_start": False,
                                                     "tracking.enabled": False, "checkpoint.every_steps": 0})
     proc = subprocess.run(["bash", str(ROOT / "launch/multinode_local.sh"), "train", CONFIG, *overrides],
-                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 10
@@ -203,7 +222,7 @@ def test_sbatch_runs_to_completion(tiny_shards, tmp_path):
     env = cpu_env(NPROC_PER_NODE="2")
     proc = subprocess.run(["sbatch", "--wait", f"--output={tmp_path}/slurm-%j.out", "--cpus-per-task=2",
                            str(ROOT / "launch/slurm.sbatch"), "train", CONFIG, *overrides],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert proc.returncode == 0, (proc.stdout + proc.stderr + logs)[-6000:]
     assert json.loads((out / "results.json").read_text())["steps"] == 10
@@ -217,7 +236,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_shards, tmp_path):
                                                     "train.max_bad_steps": 3, "eval.at_start": False,
                                                     "tracking.enabled": False, "checkpoint.every_steps": 0})
     proc = subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", CONFIG, *overrides], cwd=ROOT,
-                          env=cpu_env(), capture_output=True, text=True, timeout=300)
+                          env=cpu_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode != 0
     assert "3 non-finite losses in a row at step" in proc.stderr
     assert not (out / "final_model.pt").exists()

@@ -1,0 +1,162 @@
+"""A newcomer's first hour: ./dml and the launch scripts work from any folder without an activated
+environment, runs are named after their config, a resume that cannot apply is refused before any
+process starts, DeepSpeed's op build is announced, per-loss margins and the flip switch."""
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_dml.checkpoint import META, resume_problem
+from dist_dml.config import load_config
+from dist_dml.data import DataConfig, train_image
+from dist_dml.losses import LossConfig, build_loss
+from dist_dml.sampling import Triplets
+
+from .conftest import HANG_GUARD_S, ROOT, cpu_env, tiny_overrides
+
+CONFIG = ROOT / "configs/cpu_synthetic.yaml"
+
+
+def bare_env(**extra) -> dict:
+    """No activated environment: the system's PATH only, no PYTHON, no VIRTUAL_ENV. DIST_DML_VENV only
+    where the tests run from an environment other than the repository's .venv."""
+    env = {k: v for k, v in cpu_env().items() if k not in ("PYTHON", "VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
+    if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+        env["DIST_DML_VENV"] = sys.prefix
+    return {**env, **extra}
+
+
+def test_dml_resolves_relative_paths_in_the_callers_folder(tmp_path):
+    proc = subprocess.run([str(ROOT / "dml"), "run", "prep", "synthetic", "--classes", "6", "--test-classes", "2",
+                           "--per-class", "2", "--size", "16", "--out", "my_shards", "--no-progress"],
+                          cwd=tmp_path, env=bare_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "my_shards" / "manifest.json").is_file()
+    assert not (ROOT / "my_shards").exists()
+
+
+def test_launch_script_finds_the_environment_and_a_free_port(tiny_shards, tmp_path):
+    """launch/torchrun.sh with no activated environment and port 29500 taken by someone else: it runs with
+    the project's Python on a free port, and the run lands in runs/cpu_synthetic of the caller's folder
+    under the MLflow experiment cpu_synthetic."""
+    overrides = [o for o in tiny_overrides(tiny_shards, tmp_path) if not o.startswith("train.output_dir=")]
+    overrides += ["train.steps=4", "train.log_every=2", "eval.at_start=false", "checkpoint.every_steps=0"]
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            busy.bind(("127.0.0.1", 29500))
+            busy.listen()
+        except OSError:
+            pass  # taken already: all the better
+        proc = subprocess.run(["bash", str(ROOT / "launch/torchrun.sh"), "2", "train", str(CONFIG), *overrides],
+                              cwd=tmp_path, env=bare_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "rendezvous at 127.0.0.1:29500" not in proc.stdout
+    results = json.loads((tmp_path / "runs" / "cpu_synthetic" / "results.json").read_text())
+    assert results["steps"] == 4 and results["world_size"] == 2 and results["name"] == "cpu_synthetic"
+    assert "[train] done: run 'cpu_synthetic'" in proc.stdout
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(results["run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "cpu_synthetic"
+
+
+def test_runs_are_named_after_their_config(tiny_shards):
+    root = f"data.root={tiny_shards}"
+    cfg = load_config(CONFIG, [root])
+    assert (cfg.train.name, cfg.train.output_dir, cfg.tracking.experiment) == \
+        ("cpu_synthetic", "runs/cpu_synthetic", "cpu_synthetic")
+    sop = load_config(ROOT / "configs/sop_resnet50.yaml", [root])
+    assert (sop.train.output_dir, sop.tracking.experiment) == ("runs/sop_resnet50", "sop_resnet50")
+    named = load_config(CONFIG, [root, "train.name=ablation-3"])
+    assert (named.train.output_dir, named.tracking.experiment) == ("runs/ablation-3", "ablation-3")
+    explicit = load_config(CONFIG, [root, "train.output_dir=/tmp/x", "tracking.experiment=shared"])
+    assert (explicit.train.output_dir, explicit.tracking.experiment) == ("/tmp/x", "shared")
+
+
+def fake_checkpoint(output: Path, world_size: int, **config_changes) -> Path:
+    """A checkpoint folder as the trainer writes it, with the META the resume check reads."""
+    folder = output / "checkpoints" / "step00000010"
+    folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"not read by the check")
+    (output / "checkpoints" / "latest").write_text(folder.name)
+    saved = {"model": {"backbone": "tiny_cnn", "embedding_dim": 64}, "deepspeed": {"zero_stage": 2}}
+    for key, value in config_changes.items():
+        section, name = key.split(".")
+        saved[section][name] = value
+    (folder / META).write_text(json.dumps({"step": 10, "world_size": world_size, "config": saved}))
+    return folder
+
+
+def test_resume_that_cannot_apply_is_refused_before_any_process_starts(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    fake_checkpoint(out, world_size=2)
+    overrides = [f"data.root={tiny_shards}", f"train.output_dir={out}"]
+    cfg = load_config(CONFIG, overrides)
+    assert resume_problem(cfg, 2) is None
+    assert "ZeRO-2 optimizer state is partitioned over 2 processes; this run has 1" in resume_problem(cfg, 1)
+    assert resume_problem(load_config(CONFIG, overrides + ["checkpoint.resume=none"]), 1) is None
+    assert "model.embedding_dim=64, but this run has 32" in resume_problem(
+        load_config(CONFIG, overrides + ["model.embedding_dim=32"]), 2)
+    missing = resume_problem(load_config(CONFIG, overrides + [f"checkpoint.resume={tmp_path}/nothing"]), 2)
+    assert "not a checkpoint folder" in missing
+
+    # The launch script refuses before torchrun starts a process.
+    proc = subprocess.run(["bash", str(ROOT / "launch/torchrun.sh"), "1", "train", str(CONFIG), *overrides],
+                          cwd=tmp_path, env=bare_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "cannot resume" in proc.stderr and "partitioned over 2 processes" in proc.stderr
+    assert "[launch]" not in proc.stdout  # torchrun never started
+
+
+def test_deepspeed_op_build_is_announced_and_lands_in_the_environment(tmp_path):
+    """The first line of a setup that must build the op says so, and for how long, before the build."""
+    env = cpu_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    proc = subprocess.Popen([sys.executable, "-m", "dist_dml.cli", "setup"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        first = proc.stdout.readline()
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    assert "building DeepSpeed's CPU communication op" in first and "minutes" in first, first
+    assert str(tmp_path / "ext") in first
+    # Without TORCH_EXTENSIONS_DIR the ops go to this environment's folder, not the per-user cache.
+    env.pop("TORCH_EXTENSIONS_DIR")
+    out = subprocess.run([sys.executable, "-c", "import os, dist_dml.engine; print(os.environ['TORCH_EXTENSIONS_DIR'])"],
+                         env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert out.stdout.strip() == str(Path(sys.prefix) / "torch_extensions"), out.stderr
+
+
+def test_each_loss_has_its_own_default_margin(tiny_shards):
+    assert LossConfig().alpha == 0.2 and LossConfig(kind="triplet").alpha == 0.2
+    assert LossConfig(kind="contrastive").alpha == 1.0 and LossConfig(kind="contrastive", alpha=0.5).alpha == 0.5
+    cfg = load_config(CONFIG, [f"data.root={tiny_shards}", "loss.kind=contrastive"])
+    assert cfg.loss.alpha == 1.0
+    # Hand-worked: a negative at distance 0.5 still pushes with the default margin: (1 - 0.5)^2 = 0.25.
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.875, 0.4841229]])  # |x0 - x2| = 0.5
+    out = build_loss(LossConfig(kind="contrastive"))(x, torch.tensor([0, 0, 1]), torch.arange(3),
+                                                     Triplets(torch.tensor([0]), torch.tensor([1]), torch.tensor([2]), 1, 0))
+    assert float(out.loss) == pytest.approx(0.25, rel=1e-5)  # one active term: the negative's
+
+
+def test_flip_off_gives_the_same_crops_unmirrored():
+    from torchvision.io import encode_jpeg
+
+    image = encode_jpeg(torch.randint(0, 255, (3, 40, 52), dtype=torch.uint8), quality=95).numpy().tobytes()
+    on, off = DataConfig(image_size=24, resize=32), DataConfig(image_size=24, resize=32, flip=False)
+    mirrored = 0
+    for seed in range(16):
+        a, b = train_image(image, on, random.Random(seed)), train_image(image, off, random.Random(seed))
+        if not torch.equal(a, b):
+            assert torch.equal(a, b.flip(-1))
+            mirrored += 1
+    assert 0 < mirrored < 16
