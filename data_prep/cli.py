@@ -18,6 +18,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-per-record", type=int, default=64)
     parser.add_argument("--shard-mb", type=float, default=256.0, help="target shard size")
+    parser.add_argument("--min-shards", type=int, default=1,
+                        help="at least this many shards per split, e.g. ranks x workers of the training")
     parser.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG")
     parser.add_argument("--max-side", type=int, help="with --reencode: longest side in pixels")
     parser.add_argument("--quality", type=int, default=90)
@@ -30,7 +32,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     syn.add_argument("--test-classes", type=int, help="held-out products (default: classes / 4)")
     syn.add_argument("--per-class", default="4", help="images per product: N or LOW:HIGH")
     syn.add_argument("--size", type=int, default=64, help="image side in pixels")
-    syn.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="class order in the shards (and synthetic images)")
     return parser
 
 
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     config = WriterConfig(out=args.out, max_per_record=args.max_per_record, shard_bytes=int(args.shard_mb * 2**20),
                           reencode=args.reencode, max_side=args.max_side, quality=args.quality,
                           workers=args.workers or os.cpu_count() or 1, max_failed_share=args.max_failed_share,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, min_shards=args.min_shards, seed=args.seed)
     start = time.time()
     try:
         if args.source == "synthetic":

@@ -13,6 +13,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class WriterConfig:
     workers: int = max(1, os.cpu_count() or 1)
     max_failed_share: float = 0.01  # fail the run when more source images than this are missing/unreadable
     progress: bool = True
+    min_shards: int = 1  # at least this many shards per split (records spread evenly), however small
+    seed: int = 0  # the order classes are written in: shuffled, so that every shard samples the catalogue
 
     def validate(self) -> None:
         if self.max_per_record < 2:
@@ -55,6 +58,8 @@ class WriterConfig:
             raise ValueError("max_side needs reencode (images kept as they are are never resized)")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality must lie in 1..100, got {self.quality}")
+        if self.min_shards < 1:
+            raise ValueError(f"min_shards must be at least 1, got {self.min_shards}")
 
 
 class TooManyFailures(RuntimeError):
@@ -122,10 +127,13 @@ def record_sizes(n: int, max_per_record: int) -> list[int]:
 
 
 class _ShardSink:
-    """Records into tars of about shard_bytes each, written atomically."""
+    """Records into tars of about shard_bytes each, written atomically; with ``expected`` records and
+    ``min_shards``, a shard also ends at every (i x expected / min_shards)-th record."""
 
-    def __init__(self, out: Path, split: str, shard_bytes: int):
+    def __init__(self, out: Path, split: str, shard_bytes: int, expected: int = 0, min_shards: int = 1):
         self.out, self.split, self.shard_bytes = out, split, shard_bytes
+        self.ends = {i * expected // min_shards for i in range(1, min_shards)} if min_shards > 1 else set()
+        self.written = 0
         self.shards: list[dict] = []
         self._tar = None
         self._tmp: Path | None = None
@@ -151,7 +159,8 @@ class _ShardSink:
         if shard["first_image_id"] is None:
             shard["first_image_id"] = meta["image_ids"][0]
         shard["bytes"] = self._tar.fileobj.tell()
-        if shard["bytes"] >= self.shard_bytes:
+        self.written += 1
+        if shard["bytes"] >= self.shard_bytes or self.written in self.ends:
             self.close()
 
     def close(self) -> None:
@@ -193,7 +202,17 @@ def write_shards(source: str, images: Iterable[SourceImage], config: WriterConfi
     by_class: dict[tuple[str, str], list[SourceImage]] = defaultdict(list)
     for image in images:
         by_class[(image.split, image.class_name)].append(image)
+    # Classes in a seeded random order within each split (not by name): a shard then holds a random
+    # sample of the catalogue, not a run of neighbouring classes (one SOP super-category, say), and so
+    # does every batch drawn from a few shards.
     classes = sorted(by_class, key=lambda sc: (sc[0], _class_sort_key(sc[1])))
+    rng = random.Random(config.seed)
+    classes = [sc for split in sorted({sc[0] for sc in classes})
+               for sc in rng.sample([c for c in classes if c[0] == split], sum(c[0] == split for c in classes))]
+    expected = defaultdict(int)  # records per split, for min_shards
+    for (split, _), members in by_class.items():
+        if len(members) >= 2 or (split not in train_splits and members):
+            expected[split] += len(record_sizes(len(members), config.max_per_record))
     ordered = [img for sc in classes for img in sorted(by_class[sc], key=lambda i: i.item)]
     if not ordered:
         raise ValueError(f"{source}: no images found")
@@ -211,7 +230,7 @@ def write_shards(source: str, images: Iterable[SourceImage], config: WriterConfi
             else:
                 good.append((img, res))
         if split not in states:
-            states[split] = _SplitState(_ShardSink(out, split, config.shard_bytes))
+            states[split] = _SplitState(_ShardSink(out, split, config.shard_bytes, expected[split], config.min_shards))
         state = states[split]
         if len(good) < 2 and (split in train_splits or not good):
             state.too_few.append(class_name)

@@ -1,15 +1,13 @@
 """Reading class-grouped shards (docs/SHARDS.md): the P x K training stream and the evaluation stream.
 
-Training: the split's shard list is shuffled by (seed, epoch) on every rank alike, then dealt to
-(rank, worker) slots; each worker streams records through a seeded shuffle buffer, takes K images
-per record and P records per batch. Every rank yields exactly ``steps_in_epoch(epoch)`` batches,
-computed from the manifest so that the slot with the fewest records can feed them (records are then
-disjoint within the epoch); a worker that still runs short (a corrupt shard, fewer shards than
-slots) starts another, reshuffled pass over its shards, so no collective ever waits on a rank that
-ran dry. Batch i of an epoch always comes from the same logical worker and is a function of
-(seed, epoch, rank, i) alone, which makes resuming exact: a resumed epoch skips the batches already
-consumed (reading their records, not decoding them) and yields the very batches the uninterrupted
-run would have.
+Training: every epoch, the split's records, numbered over its shard list shuffled by (seed, epoch) on
+every rank alike, are cut into one contiguous window per (rank, worker) slot, so every record is drawn
+once per epoch by one slot, however many shards there are against slots; each worker streams its
+window through a seeded shuffle buffer, takes K images per record and P records per batch. Every rank
+yields exactly ``steps_in_epoch(epoch)`` batches, computed from the manifest; a worker that runs short
+(its last batch, a corrupt shard) draws again from its own window, so no collective ever waits on a
+rank that ran dry. Batch i of an epoch always comes from the same logical worker and is a function of
+(seed, epoch, rank, i) alone, which makes resuming exact. One DataLoader runs through the epochs.
 
 Evaluation: every image of a split exactly once over all ranks and workers, with its label and its
 image id (the split-wide index). Only json and image members are read; nothing is unpickled. A
@@ -235,16 +233,87 @@ def read_records(shards: list[str], errors: ReadErrors) -> Iterator[dict]:
     included); unknown members are counted and never read.
     """
     for shard in shards:
+        yield from shard_records(shard, errors)
+
+
+def shard_records(shard: str, errors: ReadErrors, skip: int = 0) -> Iterator[dict]:
+    """The valid records of one shard after its first ``skip`` records, which are passed over without
+    reading their members (only their tar headers)."""
+    try:
+        for key, sample in _samples(tar_members(shard, _skipping_keep(skip, errors))):
+            record = _parse_record(sample, shard)
+            if record is None:
+                errors.bad_records += 1
+                log.warning("skipping malformed record %s in shard %s", key, shard)
+                continue
+            yield record
+    except (ShardError, OSError, ValueError, UnicodeDecodeError) as exc:
+        errors.corrupt(shard, exc)
+
+
+def _skipping_keep(skip: int, errors: ReadErrors) -> Callable[[str], bool]:
+    """A tar_members ``keep`` that passes over every member of the first ``skip`` records (a record is
+    the run of members with one KEY, as _samples groups them), then keeps what ``errors.keep`` keeps."""
+    if skip <= 0:
+        return errors.keep
+    state = {"key": None, "records": 0}
+
+    def keep(name: str) -> bool:
+        slash = name.rfind("/") + 1
+        dot = name.find(".", slash)
+        key = name[:dot] if dot >= 0 else name
+        if key != state["key"]:
+            state["key"], state["records"] = key, state["records"] + 1
+        return state["records"] > skip and errors.keep(name)
+
+    return keep
+
+
+Segment = tuple[str, int, int]  # (shard, records to skip, records to take)
+
+
+def read_segments(segments: list[Segment], errors: ReadErrors) -> Iterator[dict]:
+    """The records of each (shard, skip, take) in turn: a contiguous part of each shard."""
+    for shard, skip, take in segments:
+        records = shard_records(shard, errors, skip)
         try:
-            for key, sample in _samples(tar_members(shard, errors.keep)):
-                record = _parse_record(sample, shard)
-                if record is None:
-                    errors.bad_records += 1
-                    log.warning("skipping malformed record %s in shard %s", key, shard)
-                    continue
+            for _, record in zip(range(take), records):
                 yield record
-        except (ShardError, OSError, ValueError, UnicodeDecodeError) as exc:
-            errors.corrupt(shard, exc)
+        finally:
+            records.close()
+
+
+def record_windows(counts: list[int], slots: int, least: int) -> list[tuple[int, int]]:
+    """Each slot's window [start, end) of the records of an epoch, numbered over the epoch's shard order.
+
+    Contiguous, disjoint and of nearly equal length (R // slots or one more), so every record falls in
+    exactly one window and every shard is read about once in all; a slot reads at most two shards in
+    part. Where the split has fewer than ``least`` (P) records per slot, windows are widened to
+    ``least`` records (wrapping around), so a batch still holds distinct records: slots then share them.
+    """
+    total = sum(counts)
+    windows = [(slot * total // slots, (slot + 1) * total // slots) for slot in range(slots)]
+    want = min(least, total)
+    return [(a, max(b, a + want)) for a, b in windows]
+
+
+def window_segments(order: list[str], counts: list[int], window: tuple[int, int]) -> list[Segment]:
+    """The (shard, skip, take) parts of ``order`` that hold the records of ``window`` (end may pass the
+    total: it wraps around to the first shard)."""
+    import bisect
+
+    total = sum(counts)
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + n)
+    segments, pos, end = [], window[0], window[1]
+    while pos < end and total:
+        at = pos % total
+        i = bisect.bisect_right(starts, at) - 1  # the last shard starting at or before `at` (never an empty one)
+        take = min(counts[i] - (at - starts[i]), end - pos)
+        segments.append((order[i], at - starts[i], take))
+        pos += take
+    return segments
 
 
 def _parse_record(sample: dict, shard: str) -> dict | None:
@@ -264,15 +333,6 @@ def _parse_record(sample: dict, shard: str) -> dict | None:
     items = meta.get("items") if isinstance(meta.get("items"), list) and len(meta["items"]) == len(ids) else None
     return {"label": label, "image_ids": ids, "images": images, "shard": shard, "class": str(meta.get("class", label)),
             "items": [str(i) for i in items] if items else [f"{shard}#{i}" for i in ids]}
-
-
-def _slot_shards(shards: list[str], slot: int, slots: int) -> list[str]:
-    """The shards of one (rank, worker) slot; with fewer shards than slots, slots share (resample)."""
-    if not shards:
-        return []
-    if len(shards) >= slots:
-        return shards[slot::slots]
-    return [shards[slot % len(shards)]]
 
 
 # --- decoding and augmentation ------------------------------------------------------------------
@@ -392,7 +452,21 @@ def _die_with_parent(parent: int, worker_id: int) -> None:
 # --- training stream ----------------------------------------------------------------------------
 
 class TrainStream(IterableDataset):
-    """P x K batches for one rank; ``steps_per_epoch`` of them per epoch on every rank.
+    """P x K batches for one rank; ``steps_in_epoch(epoch)`` of them per epoch, the same on every rank.
+
+    Coverage. An epoch's records, numbered over the split's shard list shuffled by (seed, epoch), are
+    cut into one contiguous window per (rank, worker) slot (:func:`record_windows`), whatever the
+    number of shards against slots: every record is drawn in every epoch, by one slot only. Each slot
+    reads its window through a seeded shuffle buffer; a window that starts mid-shard passes over the
+    shard's first records without reading them. Each logical worker yields ceil(window / P) batches,
+    so the last batch of a slot is filled with records drawn again from its own window (fewer than P
+    draws per slot and epoch); a slot that runs short (a corrupt shard) draws again from its window
+    the same way, so no collective ever waits on a rank that ran dry.
+
+    Batch i of an epoch always comes from logical worker i % workers (epochs hold a multiple of the
+    workers, so one DataLoader serves any number of epochs with the same worker processes) and is a
+    function of (seed, epoch, rank, i) alone, which makes resuming exact: a resumed epoch skips the
+    batches already consumed (reading their records, not decoding them).
 
     State: (epoch, step within the epoch). ``state_dict`` / ``load_state_dict`` resume exactly.
     """
@@ -405,30 +479,51 @@ class TrainStream(IterableDataset):
         split = manifest.split(cfg.train_split)
         self.num_classes, self.num_images = split["classes"], split["images"]
         self.records = {path: s["records"] for path, s in zip(self.shards, split["shards"])}
-        if not self.shards:
-            raise ValueError(f"{cfg.root}: split {cfg.train_split!r} has no shards")
+        if not self.shards or not sum(self.records.values()):
+            raise ValueError(f"{cfg.root}: split {cfg.train_split!r} has no records")
         self.decode_images = decode_images
         self.epoch, self.step = 0, 0
+        self.epochs = 1  # how many epochs a loader runs through (see loader)
+        self._windows: dict[int, list[list[Segment]]] = {}
+
+    @property
+    def workers(self) -> int:
+        """Logical workers per rank (a DataLoader without worker processes is one)."""
+        return max(self.cfg.workers, 1)
 
     @property
     def slots(self) -> int:
-        return self.world_size * max(self.cfg.workers, 1)
+        return self.world_size * self.workers
 
     def shard_order(self, epoch: int) -> list[str]:
         order = list(self.shards)
         random.Random(mix(self.cfg.seed, epoch)).shuffle(order)  # identical on every rank
         return order
 
+    def slot_segments(self, epoch: int) -> list[list[Segment]]:
+        """Per (rank, worker) slot, the (shard, skip, take) parts of its window of the epoch's records."""
+        if epoch not in self._windows:
+            order = self.shard_order(epoch)
+            counts = [self.records[s] for s in order]
+            windows = record_windows(counts, self.slots, self.cfg.classes_per_batch)
+            self._windows = {epoch: [window_segments(order, counts, w) for w in windows]}  # keep one epoch
+        return self._windows[epoch]
+
     def steps_in_epoch(self, epoch: int) -> int:
-        """The same on every rank. With at least one shard per (rank, worker) slot, as many steps as
-        the slot with the fewest records can feed, so records are disjoint within the epoch; with
-        fewer shards, slots share shards and each record is used about once per epoch."""
-        workers, p = max(self.cfg.workers, 1), self.cfg.classes_per_batch
-        if len(self.shards) < self.slots:
-            return max(1, sum(self.records.values()) // (p * self.world_size))
-        order = self.shard_order(epoch)
-        fewest = min(sum(self.records[s] for s in order[slot::self.slots]) for slot in range(self.slots))
-        return max(1, workers * (fewest // p))
+        """The same on every rank, a multiple of the workers: each logical worker yields enough batches
+        for the longest window (windows differ by one record at most)."""
+        longest = max(sum(take for _, _, take in segments) for segments in self.slot_segments(epoch))
+        return self.workers * math.ceil(longest / self.cfg.classes_per_batch)
+
+    def layout_note(self) -> str | None:
+        """A warning where there are fewer shards than (rank x worker) slots, with the numbers."""
+        if len(self.shards) >= self.slots:
+            return None
+        per_slot = sum(self.records.values()) / self.slots
+        return (f"{len(self.shards)} training shards for {self.slots} (rank x worker) slots "
+                f"({self.world_size} ranks x {self.workers} workers): slots share shards, each reading a "
+                f"window of about {per_slot:.0f} records; with at least {self.slots} shards every slot reads "
+                f"whole shards of its own (dist-dml prep --min-shards {self.slots})")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -443,8 +538,17 @@ class TrainStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.step = epoch, 0
 
-    def loader(self) -> DataLoader:
-        """A DataLoader over the rest of the current epoch (create one per epoch)."""
+    def advance(self) -> None:
+        """One batch consumed: the next step, or the next epoch's first."""
+        self.step += 1
+        if self.step >= self.steps_per_epoch:
+            self.set_epoch(self.epoch + 1)
+
+    def loader(self, epochs: int = 1) -> DataLoader:
+        """A DataLoader from (epoch, step) through the end of epoch ``epoch + epochs - 1``, whose worker
+        processes move from one epoch to the next themselves (training passes a large ``epochs`` and
+        stops when it has its steps). Every batch names its ``epoch`` and ``index``."""
+        self.epochs = epochs
         return loader(self, self.cfg.workers)
 
     def __len__(self) -> int:
@@ -453,19 +557,23 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         workers, physical = (info.num_workers, info.id) if info else (1, 0)
-        # The DataLoader asks workers in turn from worker 0; after a resume at step s the first
-        # batch must come from logical worker s % workers.
+        assert workers == self.workers, (workers, self.workers)
+        # The DataLoader asks its workers in turn, from worker 0; after a resume at step s the first
+        # batch must come from logical worker s % workers, and since every epoch holds a multiple of
+        # the workers, each physical worker keeps its logical worker in the epochs after.
         worker = (physical + self.step) % workers
-        steps, start = self.steps_per_epoch, self.step
-        mine = list(range(worker, steps, workers))  # this logical worker's batch indices
-        yield from self._batches(worker, workers, mine, start)
+        for epoch in range(self.epoch, self.epoch + self.epochs):
+            start = self.step if epoch == self.epoch else 0
+            yield from self.worker_batches(epoch, worker, start)
 
-    def _batches(self, worker: int, workers: int, indices: list[int], start: int) -> Iterator[dict]:
+    def worker_batches(self, epoch: int, worker: int, start: int = 0) -> Iterator[dict]:
+        """Logical worker ``worker``'s batches of ``epoch`` (indices worker, worker + workers, ...) from
+        index ``start`` on; the ones before are drawn (records read, images not decoded) but not yielded."""
         cfg = self.cfg
-        rng = random.Random(mix(cfg.seed, self.epoch, self.rank, worker))
+        rng = random.Random(mix(cfg.seed, epoch, self.rank, worker))
         errors = ReadErrors()
-        records = self._record_stream(worker, workers, errors, rng)
-        for index in indices:
+        records = self._record_stream(epoch, worker, errors, rng)
+        for index in range(worker, self.steps_in_epoch(epoch), self.workers):
             chosen = []
             for _ in range(cfg.classes_per_batch):
                 record = next(records)
@@ -475,15 +583,18 @@ class TrainStream(IterableDataset):
             if index < start:
                 continue  # consumed before a resume: records read, images not decoded
             # Augmentations draw from their own generator, seeded per batch so a resumed epoch matches.
-            yield self._assemble(chosen, random.Random(mix(cfg.seed, self.epoch, self.rank, index, 1)), errors)
+            batch = self._assemble(chosen, random.Random(mix(cfg.seed, epoch, self.rank, index, 1)), errors)
+            yield {**batch, "epoch": epoch, "index": index}
 
-    def _record_stream(self, worker: int, workers: int, errors: ReadErrors, rng: random.Random) -> Iterator[dict]:
-        mine = _slot_shards(self.shard_order(self.epoch), self.rank * workers + worker, self.world_size * workers)
+    def _record_stream(self, epoch: int, worker: int, errors: ReadErrors, rng: random.Random) -> Iterator[dict]:
+        """The slot's window through the shuffle buffer, then the same window again (reshuffled) for as
+        long as records are asked for."""
+        segments = self.slot_segments(epoch)[self.rank * self.workers + worker]
         buffer: list[dict] = []
         passes = 0
         while True:
             produced = False
-            for record in read_records(mine, errors):
+            for record in read_segments(segments, errors):
                 produced = True
                 if len(buffer) < self.cfg.shuffle_buffer:
                     buffer.append(record)
@@ -492,14 +603,14 @@ class TrainStream(IterableDataset):
                 buffer[j], record = record, buffer[j]
                 yield record
             if not produced and not buffer:
-                raise RuntimeError(f"rank {self.rank} worker {worker}: no readable record in shards {mine}")
-            # The pass is over: empty the buffer, then resample with another shuffled pass.
+                raise RuntimeError(f"rank {self.rank} worker {worker}: no readable record in {segments}")
+            # The pass is over: empty the buffer, then draw again from the window, in another order.
             rng.shuffle(buffer)
             yield from buffer
             buffer.clear()
             passes += 1
-            mine = list(mine)
-            random.Random(mix(self.cfg.seed, self.epoch, self.rank, worker, passes)).shuffle(mine)
+            segments = list(segments)
+            random.Random(mix(self.cfg.seed, epoch, self.rank, worker, passes)).shuffle(segments)
 
     def _assemble(self, chosen, rng: random.Random, errors: ReadErrors) -> dict:
         labels, ids, data = [], [], []
@@ -508,7 +619,8 @@ class TrainStream(IterableDataset):
                 labels.append(record["label"])
                 ids.append(record["image_ids"][i])
                 data.append(record["images"][i][1])
-        batch = {"labels": torch.tensor(labels), "image_ids": torch.tensor(ids), "errors": errors.delta()}
+        batch = {"labels": torch.tensor(labels), "image_ids": torch.tensor(ids), "errors": errors.delta(),
+                 "records": torch.tensor([record["image_ids"][0] for record, _ in chosen])}  # a record's first id names it
         if self.decode_images:  # uint8: normalised on the device (normalize_batch)
             batch["images"] = new_batch(len(data), self.cfg.image_size)
             for image, out in zip(data, batch["images"]):

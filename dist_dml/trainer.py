@@ -46,6 +46,8 @@ def sized_loss_config(loss, stream: TrainStream):
 def train(cfg: RunConfig, ctx: DistContext) -> dict:
     out = Path(cfg.train.output_dir)
     stream = TrainStream(cfg.data, ctx.rank, ctx.world_size)
+    if ctx.is_main and stream.layout_note():
+        print(f"[train] warning: {stream.layout_note()}", flush=True)
     total_steps = cfg.train.steps or sum(stream.steps_in_epoch(e) for e in range(cfg.train.epochs))
     torch.manual_seed(cfg.train.seed)
     module = TrainModule(build_model(cfg.model, ctx.device), build_loss(sized_loss_config(cfg.loss, stream)))
@@ -69,30 +71,29 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict:
     meter.load_state_dict(resumed)
     bad_in_row, status = 0, "FAILED"
     try:
-        while step < total_steps:
-            for batch in stream.loader():
-                result = _forward(engine, objective, batch, ctx, step)
-                if _finite_everywhere(result, ctx):
-                    engine.backward(result.output.loss)
-                    engine.step()
-                    bad_in_row = 0
-                else:
-                    bad_in_row += 1
-                    meter.skipped += 1
-                    if bad_in_row >= cfg.train.max_bad_steps:
-                        raise TrainingStopped(f"{bad_in_row} non-finite losses in a row at step {step}; stopping "
-                                              "(train.max_bad_steps)")
-                step += 1
-                stream.step += 1
-                meter.update(result, batch, engine, tracker, step)
-                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
-                    _evaluate(cfg, engine, ctx, tracker, step)
-                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                    _save(checkpoints, engine, stream, cfg, step, tracker.run_id, meter)
-                if step >= total_steps:
-                    break
-            if stream.step >= stream.steps_per_epoch:
-                stream.set_epoch(stream.epoch + 1)
+        # One DataLoader for the whole run: its workers go on to the next epoch themselves.
+        for batch in stream.loader(epochs=1 << 30) if step < total_steps else ():
+            assert (batch["epoch"], batch["index"]) == (stream.epoch, stream.step), "data stream out of step"
+            result = _forward(engine, objective, batch, ctx, step)
+            if _finite_everywhere(result, ctx):
+                engine.backward(result.output.loss)
+                engine.step()
+                bad_in_row = 0
+            else:
+                bad_in_row += 1
+                meter.skipped += 1
+                if bad_in_row >= cfg.train.max_bad_steps:
+                    raise TrainingStopped(f"{bad_in_row} non-finite losses in a row at step {step}; stopping "
+                                          "(train.max_bad_steps)")
+            step += 1
+            stream.advance()
+            meter.update(result, batch, engine, tracker, step)
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
+                _evaluate(cfg, engine, ctx, tracker, step)
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                _save(checkpoints, engine, stream, cfg, step, tracker.run_id, meter)
+            if step >= total_steps:
+                break
         _save(checkpoints, engine, stream, cfg, step, tracker.run_id, meter)
         results["trained"] = _evaluate(cfg, engine, ctx, tracker, step, final=True)
         results["steps"] = step
