@@ -116,14 +116,15 @@ class DistContext:
     def _active(self) -> bool:
         return self.world_size > 1 and dist.is_initialized()
 
-    def gather(self, local: Tensor) -> Tensor:
-        """All ranks' ``local`` (equal shapes) concatenated in rank order along dim 0, autograd-aware."""
+    def all_gather_with_grad(self, local: Tensor) -> Tensor:
+        """Every rank gets all ranks' ``local`` (equal shapes) concatenated in rank order along dim 0;
+        autograd-aware: the backward sums every rank's gradient into the owner's ``local``."""
         if not self._active():
             return local
         return _all_gather_autograd(local.contiguous())
 
-    def all_gather(self, local: Tensor) -> Tensor:
-        """As :meth:`gather`, without gradient (labels, ids)."""
+    def all_gather_no_grad(self, local: Tensor) -> Tensor:
+        """As :meth:`all_gather_with_grad`, without gradient (labels, ids)."""
         if not self._active():
             return local
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
@@ -141,16 +142,23 @@ class DistContext:
         dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
         return out
 
-    def gather_uneven(self, local: Tensor) -> Tensor:
-        """All ranks' ``local`` concatenated in rank order along dim 0; lengths may differ (no gradient)."""
+    def all_gather_uneven(self, local: Tensor) -> Tensor:
+        """Every rank gets all ranks' ``local`` concatenated in rank order along dim 0; lengths may differ
+        (no gradient)."""
         if not self._active():
             return local
-        sizes = self.all_gather(torch.tensor([local.shape[0]], device=local.device))
+        sizes = self.all_gather_no_grad(torch.tensor([local.shape[0]], device=local.device))
         longest = int(sizes.max())
         padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
         padded[: local.shape[0]] = local
-        parts = self.all_gather(padded).split(longest)
+        parts = self.all_gather_no_grad(padded).split(longest)
         return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)])
+
+    def broadcast_(self, tensor: Tensor) -> Tensor:
+        """Rank 0's ``tensor`` copied into ``tensor`` on every rank (in place)."""
+        if self._active():
+            dist.broadcast(tensor, src=0)
+        return tensor
 
     def broadcast_object(self, obj):
         """Rank 0's ``obj`` on every rank (small, picklable values between our own processes)."""

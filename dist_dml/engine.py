@@ -118,8 +118,49 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
             return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def lazy_rows(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """``optimizer_class`` with one change: in param groups marked ``lazy``, an element whose gradient
+    is exactly zero in a step keeps its value and its optimizer state (momentum, second moment) in
+    that step. For the beta tables: a per-class or per-image row that no anchor of the global batch
+    used gets a zero gradient, and would otherwise still move on stale momentum under Adam. Works
+    element-wise, so it holds for DeepSpeed's flat ZeRO partitions of the group as for the tables."""
+
+    class LazyRows(optimizer_class):
+        @torch.no_grad()
+        def step(self, closure=None):
+            kept = []
+            for group in self.param_groups:
+                if not group.get("lazy"):
+                    continue
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    idle = p.grad == 0
+                    if not bool(idle.any()):
+                        continue
+                    state = {k: v.clone() for k, v in self.state.get(p, {}).items()
+                             if torch.is_tensor(v) and v.shape == p.shape}
+                    kept.append((p, idle, p.detach().clone(), state))
+            loss = super().step(closure)
+            for p, idle, value, state in kept:
+                p.copy_(torch.where(idle, value, p))
+                for key, old in state.items():
+                    self.state[p][key].copy_(torch.where(idle, old, self.state[p][key]))
+            return loss
+
+    LazyRows.__name__ = LazyRows.__qualname__ = f"LazyRows{optimizer_class.__name__}"
+    return LazyRows
+
+
+def build_optimizer(module: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
+    """The torch optimizer of a TrainModule: its param groups, beta's lazy (rows unused in a step stay)."""
+    kwargs = {"momentum": config.momentum} if config.name == "sgd" else {}
+    return lazy_rows(OPTIMIZERS[config.name])(param_groups(module, config), **kwargs)
+
+
 def param_groups(module: nn.Module, config: OptimizerConfig) -> list[dict]:
-    """backbone / head / beta groups of a TrainModule: `loss.*` is beta, `model.head.*` the head."""
+    """backbone / head / beta groups of a TrainModule: `loss.*` is beta (lazy: see lazy_rows),
+    `model.head.*` the head."""
     groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": [], "beta": []}
     for name, param in module.named_parameters():
         if not param.requires_grad:
@@ -133,7 +174,7 @@ def param_groups(module: nn.Module, config: OptimizerConfig) -> list[dict]:
     settings = {
         "backbone": dict(lr=config.lr, weight_decay=config.weight_decay),
         "head": dict(lr=config.head_lr or config.lr, weight_decay=config.weight_decay),
-        "beta": dict(lr=config.beta_lr, weight_decay=0.0),
+        "beta": dict(lr=config.beta_lr, weight_decay=0.0, lazy=True),
     }
     return [dict(params=params, name=name, **settings[name]) for name, params in groups.items() if params]
 
@@ -171,8 +212,7 @@ class TrainEngine:
         ctx.init_process_group(timeout_minutes=config.timeout_minutes)
         with _without_lines("built successfully"):  # DeepSpeed's line per rank on loading its CPU op
             deepspeed.init_distributed(dist_backend=ctx.backend, auto_mpi_discovery=False, verbose=False)
-        kwargs = {"momentum": optimizer.momentum} if optimizer.name == "sgd" else {}
-        torch_optimizer = OPTIMIZERS[optimizer.name](param_groups(module, optimizer), **kwargs)
+        torch_optimizer = build_optimizer(module, optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lr_lambda) if lr_lambda else None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module.to(ctx.device),

@@ -119,7 +119,7 @@ def embed_split(model: nn.Module, stream, ctx: DistContext, progress: bool = Fal
     """Every rank embeds its share of ``stream``; all ranks get the whole split, ordered by image id:
     (embeddings, labels, image ids) on the CPU. Ranks may hold different counts."""
     local = embed_local(model, stream, ctx, progress)
-    emb, lab, idx = (ctx.gather_uneven(t) for t in (local.embeddings, local.labels, local.image_ids))
+    emb, lab, idx = (ctx.all_gather_uneven(t) for t in (local.embeddings, local.labels, local.image_ids))
     order = torch.argsort(idx)
     return emb[order].cpu(), lab[order].cpu(), idx[order].cpu()
 

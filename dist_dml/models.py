@@ -18,10 +18,17 @@ class ModelConfig:
     embedding_dim: int = 128
     pretrained: bool = False  # torchvision's ImageNet weights (downloaded on first use)
     channels_last: bool = True  # on CUDA
+    # BatchNorm across ranks: sync (statistics of the global batch), frozen (eval mode, running
+    # statistics never change) or local (per-rank statistics; rank 0's buffers are broadcast before
+    # every evaluation and checkpoint).
+    norm: str = "sync"
+    norm_affine: bool = True  # frozen: BatchNorm's scale and shift still train
 
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"model.backbone: unknown backbone {self.backbone!r}; known: {sorted(BACKBONES)}")
+        if self.norm not in NORMS:
+            raise ValueError(f"model.norm must be one of {list(NORMS)}, got {self.norm!r}")
         if self.embedding_dim < 2:
             raise ValueError(f"model.embedding_dim must be >= 2, got {self.embedding_dim}")
 
@@ -71,6 +78,83 @@ BACKBONES: dict[str, Callable[[bool], tuple[nn.Module, int]]] = {
 }
 
 
+NORMS = ("sync", "frozen", "local")
+GatherWithGrad = Callable[[Tensor], Tensor]  # all ranks' tensors concatenated along dim 0, autograd-aware
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch over all ranks, on the CPU
+    (torch's SyncBatchNorm refuses CPU tensors) or anywhere: each rank's (count, mean, sum of squared
+    deviations) per channel are gathered with an autograd-aware all-gather and merged (Chan et al.),
+    so the forward, the backward and the running statistics equal those of one BatchNorm on the
+    concatenated batch, on every rank alike. Evaluation uses the running statistics, as BatchNorm does.
+    The same parameters and buffers as BatchNorm1d/2d/3d: state dicts move freely between them."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, gather: GatherWithGrad):
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.load_state_dict(bn.state_dict())
+        self.gather = gather
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = torch.tensor([float(x.numel() // x.shape[1])], device=x.device)
+        mean = xf.mean(dims)
+        m2 = ((xf - mean.view(shape)) ** 2).sum(dims)
+        parts = self.gather(torch.cat([count, mean, m2]).unsqueeze(0))  # [ranks, 1 + 2C]
+        counts, means, m2s = parts[:, :1], parts[:, 1:1 + self.num_features], parts[:, 1 + self.num_features:]
+        total = counts.sum()
+        global_mean = (counts * means).sum(0) / total
+        global_m2 = (m2s + counts * (means - global_mean) ** 2).sum(0)
+        var = global_m2 / total
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - momentum).add_(global_mean.detach(), alpha=momentum)
+                unbiased = global_m2.detach() / max(float(total) - 1.0, 1.0)
+                self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+        y = (xf - global_mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
+        return y.to(x.dtype)
+
+
+def _batch_norms(model: nn.Module):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def with_norm(model: nn.Module, config: "ModelConfig", gather: GatherWithGrad | None = None,
+              device: torch.device | None = None) -> nn.Module:
+    """``model`` with its BatchNorm layers as ``config.norm`` says, for training on several ranks.
+
+    sync: global-batch statistics: torch's SyncBatchNorm on CUDA, GlobalBatchNorm on the autograd
+    all-gather ``gather`` elsewhere (nothing changes without ``gather``: one process). frozen: every
+    BatchNorm stays in eval mode (see EmbeddingModel.train) and, without ``norm_affine``, its scale
+    and shift are frozen too. local: unchanged (the trainer broadcasts rank 0's buffers).
+    """
+    if config.norm == "sync" and gather is not None:
+        if device is not None and device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        for name, bn in _batch_norms(model):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, GlobalBatchNorm(bn, gather))
+    if config.norm == "frozen":
+        model.frozen_norm = True
+        for _, bn in _batch_norms(model):
+            for p in bn.parameters():
+                p.requires_grad_(config.norm_affine)
+        model.train(model.training)
+    return model
+
+
 class EmbeddingModel(nn.Module):
     """A backbone's features through a linear head to L2-normalised float32 embeddings.
 
@@ -82,6 +166,14 @@ class EmbeddingModel(nn.Module):
         self.backbone = backbone
         self.head = nn.Linear(feature_dim, embedding_dim)
         self.channels_last = channels_last
+        self.frozen_norm = False  # with_norm(..., frozen): BatchNorm layers stay in eval mode
+
+    def train(self, mode: bool = True) -> "EmbeddingModel":
+        super().train(mode)
+        if self.frozen_norm:
+            for _, bn in _batch_norms(self):
+                bn.eval()
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.uint8:
@@ -92,11 +184,15 @@ class EmbeddingModel(nn.Module):
         return nn.functional.normalize(self.head(self.backbone(x)).float(), dim=1)
 
 
-def build_model(config: ModelConfig, device: torch.device | None = None) -> EmbeddingModel:
+def build_model(config: ModelConfig, device: torch.device | None = None,
+                gather: GatherWithGrad | None = None) -> EmbeddingModel:
+    """The model of ``config``; with ``gather`` (training on several ranks) its BatchNorm layers as
+    ``config.norm`` says (:func:`with_norm`). Evaluation and export build it without."""
     config.validate()
     backbone, features = BACKBONES[config.backbone](config.pretrained)
     channels_last = config.channels_last and device is not None and device.type == "cuda"
     model = EmbeddingModel(backbone, features, config.embedding_dim, channels_last)
+    model = with_norm(model, config, gather, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -31,9 +31,9 @@ class GlobalBatchObjective:
     def __call__(self, local_embeddings: Tensor, labels: Tensor, image_ids: Tensor, step: int) -> StepResult:
         ctx = self.ctx
         local_embeddings = local_embeddings.float()  # the loss is fp32 even when the model runs in bf16
-        embeddings = ctx.gather(local_embeddings)
-        labels = ctx.all_gather(labels.to(local_embeddings.device))
-        image_ids = ctx.all_gather(image_ids.to(local_embeddings.device))
+        embeddings = ctx.all_gather_with_grad(local_embeddings)
+        labels = ctx.all_gather_no_grad(labels.to(local_embeddings.device))
+        image_ids = ctx.all_gather_no_grad(image_ids.to(local_embeddings.device))
         batch = local_embeddings.shape[0]  # equal on every rank: the data contract
         start = ctx.rank * batch
         triplets = self.sampler(embeddings.detach(), labels, start, start + batch, step)

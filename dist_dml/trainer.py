@@ -50,7 +50,8 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict:
         print(f"[train] warning: {stream.layout_note()}", flush=True)
     total_steps = cfg.train.steps or sum(stream.steps_in_epoch(e) for e in range(cfg.train.epochs))
     torch.manual_seed(cfg.train.seed)
-    module = TrainModule(build_model(cfg.model, ctx.device), build_loss(sized_loss_config(cfg.loss, stream)))
+    gather = ctx.all_gather_with_grad if ctx.world_size > 1 else None  # model.norm: sync
+    module = TrainModule(build_model(cfg.model, ctx.device, gather), build_loss(sized_loss_config(cfg.loss, stream)))
     engine = TrainEngine(module, ctx, cfg.optimizer, cfg.deepspeed, micro_batch=cfg.data.local_batch,
                          lr_lambda=cfg.optimizer.lr_lambda(total_steps))
     objective = GlobalBatchObjective(build_sampler(cfg.sampler), engine.module.loss, ctx)
@@ -130,10 +131,20 @@ def _resume(cfg: RunConfig, engine, stream: TrainStream, ctx) -> tuple[int, dict
     return int(state["step"]), state
 
 
+def share_norm_statistics(model: torch.nn.Module, cfg: RunConfig, ctx: DistContext) -> None:
+    """model.norm=local: rank 0's BatchNorm buffers on every rank, so that all ranks embed alike and a
+    checkpoint holds the statistics every rank evaluates with (sync computes them alike on every rank;
+    frozen never changes them)."""
+    if cfg.model.norm == "local":
+        for buffer in model.buffers():
+            ctx.broadcast_(buffer)
+
+
 def _save(checkpoints: Checkpointer, engine, stream: TrainStream, cfg: RunConfig, step: int,
           run_id: str | None, meter: "_Meter") -> None:
     if checkpoints.latest() == f"step{step:08d}":
         return
+    share_norm_statistics(engine.module.model, cfg, checkpoints.ctx)
     state = {"step": step, "data": stream.state_dict(), "torch_rng": torch.get_rng_state(),
              "config_digest": cfg.digest(), "mlflow_run_id": run_id or "", **meter.state_dict()}
     meta = {"step": step, "world_size": checkpoints.ctx.world_size, "zero_stage": cfg.deepspeed.zero_stage,
@@ -143,6 +154,7 @@ def _save(checkpoints: Checkpointer, engine, stream: TrainStream, cfg: RunConfig
 
 def _evaluate(cfg: RunConfig, engine, ctx: DistContext, tracker, step: int, final: bool = False) -> dict[str, float]:
     plots_dir = Path(cfg.train.output_dir) / "plots" if final else None
+    share_norm_statistics(engine.module.model, cfg, ctx)
     metrics, plot_paths = evaluate(engine.module.model, cfg.data, cfg.eval, ctx, progress=final, plots_dir=plots_dir,
                                    title=f"{cfg.train.name}, step {step}")
     if ctx.is_main:

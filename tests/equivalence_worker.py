@@ -26,8 +26,9 @@ SAMPLER = SamplerConfig(kind="distance_weighted", seed=7)
 
 
 def build_module() -> TrainModule:
+    """A backbone with BatchNorm (plain BatchNorm1d: the single-process reference's)."""
     torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Linear(IN_DIM, FEATURES), nn.Tanh())
+    backbone = nn.Sequential(nn.Linear(IN_DIM, FEATURES), nn.BatchNorm1d(FEATURES), nn.Tanh())
     return TrainModule(EmbeddingModel(backbone, FEATURES, EMBED), build_loss(LOSS))
 
 
@@ -45,9 +46,10 @@ def global_batch(step: int, scenario: str, world_size: int):
     return x, labels, ids
 
 
-def run(zero_stages: list[int], steps: int, scenario: str) -> dict:
+def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync") -> dict:
     from dist_dml.distributed import DistContext
     from dist_dml.engine import TrainEngine
+    from dist_dml.models import ModelConfig, with_norm
     from dist_dml.objective import GlobalBatchObjective
 
     ctx = DistContext.from_env(device="cpu")
@@ -55,9 +57,10 @@ def run(zero_stages: list[int], steps: int, scenario: str) -> dict:
     local = GLOBAL_BATCH // ctx.world_size
     for stage in zero_stages:
         module = build_module()
+        with_norm(module.model, ModelConfig(backbone="tiny_cnn", norm=norm), ctx.all_gather_with_grad)
         engine = TrainEngine(module, ctx, OPTIMIZER, DeepSpeedConfig(zero_stage=stage), micro_batch=local)
         objective = GlobalBatchObjective(build_sampler(SAMPLER), engine.module.loss, ctx)
-        record = {"loss": [], "grads": []}
+        record = {"loss": [], "grads": [], "beta": []}
         for step in range(steps):
             x, labels, ids = global_batch(step, scenario, ctx.world_size)
             part = slice(ctx.rank * local, (ctx.rank + 1) * local)
@@ -65,10 +68,34 @@ def run(zero_stages: list[int], steps: int, scenario: str) -> dict:
             engine.backward(result.output.loss)
             record["grads"].append(engine.full_gradients())
             engine.step()
+            record["beta"].append({k: v.detach().float().cpu().clone() for k, v in engine.module.loss.named_parameters()})
             record["loss"].append(float(ctx.all_reduce_sum(result.output.loss.detach())))
         record["params"] = {k: v.detach().float().cpu().clone() for k, v in engine.module.named_parameters()}
+        record["buffers"] = {k: v.detach().float().cpu().clone() for k, v in engine.module.named_buffers()}
+        if norm == "local":
+            record.update(embed_on_every_rank(engine, ctx))
         results[stage] = record
     return results
+
+
+def embed_on_every_rank(engine, ctx) -> dict:
+    """Each rank embeds the same images in eval mode, before and after the trainer's broadcast of rank
+    0's BatchNorm statistics: {"before": [per-rank embeddings], "after": [...]}."""
+    from dist_dml.config import RunConfig
+    from dist_dml.models import ModelConfig
+    from dist_dml.trainer import share_norm_statistics
+
+    x = torch.randn(6, IN_DIM, generator=torch.Generator().manual_seed(99))
+    model = engine.module.model
+    out = {}
+    for when in ("before", "after"):
+        if when == "after":
+            share_norm_statistics(model, RunConfig(model=ModelConfig(norm="local")), ctx)
+        model.eval()
+        with torch.no_grad():
+            out[when] = list(ctx.all_gather_no_grad(model(x).unsqueeze(0)).cpu())
+        model.train()
+    return out
 
 
 def main() -> None:
@@ -76,9 +103,10 @@ def main() -> None:
     parser.add_argument("--zero", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--scenario", default="normal", choices=["normal", "lonely"])
+    parser.add_argument("--norm", default="sync", choices=["sync", "local"])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    results = run(args.zero, args.steps, args.scenario)
+    results = run(args.zero, args.steps, args.scenario, args.norm)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -42,7 +42,7 @@ def test_inconsistent_environment_is_a_clear_error():
 def test_single_process_collectives_are_identities():
     ctx = DistContext()
     x = torch.randn(3, 2, requires_grad=True)
-    assert ctx.gather(x) is x and torch.equal(ctx.all_reduce_sum(torch.ones(2)), torch.ones(2))
+    assert ctx.all_gather_with_grad(x) is x and torch.equal(ctx.all_reduce_sum(torch.ones(2)), torch.ones(2))
 
 
 def test_gather_backward_is_a_sum_over_ranks(tmp_path, run_torchrun):

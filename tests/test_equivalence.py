@@ -1,14 +1,15 @@
 """W processes under DeepSpeed (gloo, CPU) against one plain-PyTorch process on the concatenated batch.
 
 The contract of DESIGN.md: the same loss, the same gradients for the model and for every beta part
-(global, per-class, per-image), and the same parameters after several optimizer steps.
+(global, per-class, per-image), and the same parameters after several optimizer steps; with
+BatchNorm in the model (model.norm=sync), the same BatchNorm running statistics too.
 """
 import pytest
 
 from .conftest import HANG_GUARD_S
 import torch
 
-from dist_dml.engine import param_groups, OPTIMIZERS
+from dist_dml.engine import build_optimizer
 from dist_dml.sampling import build_sampler
 from tests import equivalence_worker as problem
 
@@ -18,9 +19,9 @@ STEPS = 3
 def single_process_reference(steps: int, scenario: str, world_size: int) -> dict:
     """Plain PyTorch, no DeepSpeed, no process group: the whole global batch in one process."""
     module = problem.build_module()
-    optimizer = OPTIMIZERS[problem.OPTIMIZER.name](param_groups(module, problem.OPTIMIZER))
+    optimizer = build_optimizer(module, problem.OPTIMIZER)
     sampler = build_sampler(problem.SAMPLER)
-    record = {"loss": [], "grads": []}
+    record = {"loss": [], "grads": [], "beta": []}
     for step in range(steps):
         x, labels, ids = problem.global_batch(step, scenario, world_size)
         optimizer.zero_grad()
@@ -31,7 +32,9 @@ def single_process_reference(steps: int, scenario: str, world_size: int) -> dict
         record["loss"].append(float(loss.detach()))
         record["grads"].append({k: p.grad.detach().clone() for k, p in module.named_parameters()})
         optimizer.step()
+        record["beta"].append({k: v.detach().clone() for k, v in module.loss.named_parameters()})
     record["params"] = {k: v.detach().clone() for k, v in module.named_parameters()}
+    record["buffers"] = {k: v.detach().float().clone() for k, v in module.named_buffers()}
     return record
 
 
@@ -43,6 +46,9 @@ def assert_same_run(distributed: dict, reference: dict) -> None:
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"step {step} grad {name}: {m}")
     for name, want in reference["params"].items():
         torch.testing.assert_close(distributed["params"][name], want, rtol=1e-4, atol=1e-5, msg=lambda m: f"param {name}: {m}")
+    assert set(distributed["buffers"]) == set(reference["buffers"]) and reference["buffers"]
+    for name, want in reference["buffers"].items():
+        torch.testing.assert_close(distributed["buffers"][name], want, rtol=1e-4, atol=1e-5, msg=lambda m: f"buffer {name}: {m}")
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -54,8 +60,23 @@ def test_deepspeed_ranks_equal_single_process(world_size, tmp_path, run_torchrun
     # The beta parts really receive gradients: the comparison is not between zeros.
     for part in ("global_beta", "class_beta", "image_beta"):
         assert reference["grads"][0][f"loss.beta.{part}"].abs().sum() > 0
+    # BatchNorm's running statistics moved away from their start (0 and 1): they are compared for real.
+    assert reference["buffers"]["model.backbone.1.running_mean"].abs().max() > 1e-3
     for stage in (0, 2):
         assert_same_run(results[stage], reference)
+        assert_unused_beta_rows_stay(results[stage]["beta"], world_size)
+
+
+def assert_unused_beta_rows_stay(beta: list[dict], world_size: int) -> None:
+    """Per-image beta rows of images absent from a step's global batch are bit-identical before and after
+    that step (no stale Adam momentum), and the rows of the images present moved."""
+    for step in range(1, len(beta)):
+        _, _, ids = problem.global_batch(step, "normal", world_size)
+        before, after = beta[step - 1]["beta.image_beta"], beta[step]["beta.image_beta"]
+        present = torch.zeros(problem.IMAGES, dtype=torch.bool)
+        present[ids] = True
+        assert (~present).any() and torch.equal(after[~present], before[~present])
+        assert (after[present] != before[present]).float().mean() > 0.9
 
 
 def test_rank_without_triplets_neither_hangs_nor_crashes(tmp_path, run_torchrun):
@@ -67,3 +88,14 @@ def test_rank_without_triplets_neither_hangs_nor_crashes(tmp_path, run_torchrun)
     reference = single_process_reference(2, "lonely", 2)
     for stage in (0, 2):
         assert_same_run(results[stage], reference)
+
+
+def test_local_batchnorm_ranks_embed_alike_after_the_broadcast(tmp_path, run_torchrun):
+    """model.norm=local: per-rank statistics drift apart in training; the broadcast the trainer runs
+    before every evaluation and checkpoint makes both ranks embed the same images identically."""
+    out = tmp_path / "result.pt"
+    run_torchrun(2, "tests.equivalence_worker", "--zero", "0", "--steps", "3", "--norm", "local", "--out", str(out))
+    record = torch.load(out, weights_only=True)[0]
+    before, after = record["before"], record["after"]
+    assert not torch.equal(before[0], before[1])  # the premise: local statistics differ per rank
+    assert torch.equal(after[0], after[1])
