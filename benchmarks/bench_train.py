@@ -7,6 +7,11 @@ Prints
     nproc=1 images_s=...
     nproc=2 images_s=... scaling=...           (images/s of 2 processes over 1; each process 1 thread)
     backbone_ms=... sampling_loss_ms=... share=...   (forward + backward of one step, one process)
+    beta_classes=1000000 step_ms=... global_beta_step_ms=... overhead=...
+        (2 processes: a per-class beta table of 1,000,000 rows, reduced by DeepSpeed and stepped by the
+        lazy optimizer every step, against the global beta alone; runs alternated, medians)
+
+    python benchmarks/bench_train.py --only beta     # just the last line
 """
 from __future__ import annotations
 
@@ -28,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/cpu_synthetic.yaml"
 
 
-def throughput(nproc: int, data: Path, out: Path, steps: int) -> float:
+def throughput(nproc: int, data: Path, out: Path, steps: int, *overrides: str) -> float:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            "-m", "dist_dml.cli", "train", str(CONFIG), f"data.root={data}", f"train.output_dir={out}",
            f"train.steps={steps}", "train.log_every=20", "eval.at_start=false", "eval.every_steps=0",
-           "checkpoint.every_steps=0", "checkpoint.resume=none", "tracking.enabled=false"]
+           "checkpoint.every_steps=0", "checkpoint.resume=none", "tracking.enabled=false", *overrides]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     log = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     rates = [float(x) for x in re.findall(r"images/s=([0-9.]+)", log)]
@@ -68,21 +73,40 @@ def step_split(repeats: int = 10) -> tuple[float, float]:
     return 1e3 * statistics.median(backbone), 1e3 * statistics.median(objective)
 
 
+def beta_overhead(data: Path, tmp: Path, steps: int, classes: int = 1_000_000, rounds: int = 2) -> str:
+    """Step time of 2 processes with a per-class beta table of ``classes`` rows against the global beta
+    alone, runs alternated so that both see the same machine."""
+    batch = 2 * 16 * 4  # the CPU config's global batch: 2 ranks x P 16 x K 4
+    per_class = ["loss.beta_per_class=true", f"loss.num_classes={classes}"]
+    times: dict[str, list[float]] = {"table": [], "global": []}
+    for r in range(rounds):
+        for name, extra in (("global", []), ("table", per_class)):
+            times[name].append(1e3 * batch / throughput(2, data, tmp / f"beta{name}{r}", steps, *extra))
+    table, alone = statistics.median(times["table"]), statistics.median(times["global"])
+    return (f"beta_classes={classes} step_ms={table:.1f} global_beta_step_ms={alone:.1f} "
+            f"overhead={table / alone - 1:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--only", choices=["beta"], help="run one measurement only")
     args = parser.parse_args()
     from data_prep.cli import main as prep
 
+    print("[bench_train] synthetic data, then 2-process trainings of about 30 s each (a few minutes)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         prep(["synthetic", "--classes", "500", "--test-classes", "10", "--per-class", "4:8", "--size", "64",
               "--out", str(data), "--no-progress"])
-        rates = {n: throughput(n, data, Path(tmp) / f"run{n}", args.steps) for n in (1, 2)}
-    print(f"nproc=1 images_s={rates[1]:.0f}")
-    print(f"nproc=2 images_s={rates[2]:.0f} scaling={rates[2] / rates[1]:.2f}")
-    backbone, objective = step_split()
-    print(f"backbone_ms={backbone:.1f} sampling_loss_ms={objective:.1f} share={objective / (backbone + objective):.3f}")
+        if args.only != "beta":
+            rates = {n: throughput(n, data, Path(tmp) / f"run{n}", args.steps) for n in (1, 2)}
+            print(f"nproc=1 images_s={rates[1]:.0f}")
+            print(f"nproc=2 images_s={rates[2]:.0f} scaling={rates[2] / rates[1]:.2f}")
+            backbone, objective = step_split()
+            print(f"backbone_ms={backbone:.1f} sampling_loss_ms={objective:.1f} "
+                  f"share={objective / (backbone + objective):.3f}", flush=True)
+        print(beta_overhead(data, Path(tmp), args.steps), flush=True)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import deepspeed  # noqa: E402
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
 from deepspeed.runtime.fp16.loss_scaler import LossScaler  # noqa: E402
 from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
-from deepspeed.utils import safe_get_full_grad  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -222,6 +222,21 @@ class TrainEngine:
             dist_init_required=False,
         )
         self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine._config)
+        self.low_precision = config.precision != "fp32"
+        self._share_beta_masters()
+
+    def _share_beta_masters(self) -> None:
+        """Under bf16/fp16: the optimizer's fp32 masters of beta to the loss, which computes with them
+        (every rank: assembling a ZeRO-partitioned master is a collective)."""
+        beta = getattr(getattr(self.engine.module, "loss", None), "beta", None)
+        if not self.low_precision or beta is None:
+            return
+        masters = {}
+        for name, param in beta.named_parameters():
+            full = safe_get_full_fp32_param(param)
+            if full is not None:
+                masters[name] = full.detach().float().reshape(param.shape)
+        beta.use_masters(masters)
 
     @property
     def module(self) -> nn.Module:
@@ -236,6 +251,7 @@ class TrainEngine:
 
     def step(self) -> None:
         self.engine.step()
+        self._share_beta_masters()
 
     def full_gradients(self) -> dict[str, Tensor]:
         """Each parameter's reduced (rank-independent) fp32 gradient, between backward and step."""

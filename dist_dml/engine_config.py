@@ -60,5 +60,8 @@ class DeepSpeedConfig:
             raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"deepspeed.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "bf16" and self.zero_stage == 0:
+            raise ValueError("deepspeed.precision=bf16 needs deepspeed.zero_stage 1 or 2: under ZeRO-0 DeepSpeed "
+                             "steps the bf16 weights themselves, with no fp32 master copy")
         if self.gradient_clipping < 0 or self.timeout_minutes <= 0:
             raise ValueError("deepspeed.gradient_clipping must be >= 0 and deepspeed.timeout_minutes > 0")

@@ -65,27 +65,46 @@ class LossConfig:
 
 
 class Beta(nn.Module):
-    """beta_i = beta^(0) + beta^class[label_i] + beta^img[image_id_i], each part optional.
+    """beta_i = beta^(0) + beta^class[label_i] + beta^img[image_id_i], each part optional, in fp32.
 
-    Parameters have shape (1,), (C,) and (N,): a 0-dim parameter crashes deepspeed.initialize.
+    Parameters have shape (1,), (C,) and (N,): a 0-dim parameter crashes deepspeed.initialize. Under
+    bf16/fp16 the parameters are low-precision copies; the engine hands the optimizer's fp32 masters
+    to :meth:`use_masters`, and the forward then uses the masters' values (gradients still reach the
+    parameters), so the loss sees beta exactly, not rounded to 2^-7.
     """
 
     def __init__(self, config: LossConfig):
         super().__init__()
+        self.init_value = float(config.beta_init)
         init = torch.tensor([config.beta_init], dtype=torch.float32)
         if config.beta_global:
             self.global_beta = nn.Parameter(init)
         else:
-            self.register_buffer("global_beta", init)
+            self.register_buffer("global_beta", init)  # kept for checkpoints; the forward uses init_value
         self.class_beta = nn.Parameter(torch.zeros(config.num_classes)) if config.beta_per_class else None
         self.image_beta = nn.Parameter(torch.zeros(config.num_images)) if config.beta_per_image else None
+        self._masters: dict[str, Tensor] = {}
+
+    def use_masters(self, masters: dict[str, Tensor]) -> None:
+        """fp32 values of the parameters (by name) that the forward uses in their place."""
+        self._masters = masters
+
+    def _rows(self, name: str, index: Tensor) -> Tensor:
+        rows = getattr(self, name)[index].float()
+        master = self._masters.get(name)
+        if master is None:
+            return rows
+        return rows + (master.to(rows.device)[index] - rows).detach()  # the master's value, the parameter's gradient
 
     def forward(self, labels: Tensor, image_ids: Tensor) -> Tensor:
-        beta = self.global_beta.float().expand(labels.shape[0])
+        if isinstance(self.global_beta, nn.Parameter):
+            beta = self._rows("global_beta", torch.zeros_like(labels))
+        else:
+            beta = torch.full(labels.shape, self.init_value, device=labels.device)
         if self.class_beta is not None:
-            beta = beta + self.class_beta.float()[_checked_index(labels, self.class_beta, "label", "num_classes")]
+            beta = beta + self._rows("class_beta", _checked_index(labels, self.class_beta, "label", "num_classes"))
         if self.image_beta is not None:
-            beta = beta + self.image_beta.float()[_checked_index(image_ids, self.image_beta, "image id", "num_images")]
+            beta = beta + self._rows("image_beta", _checked_index(image_ids, self.image_beta, "image id", "num_images"))
         return beta
 
 

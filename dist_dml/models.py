@@ -83,14 +83,16 @@ GatherWithGrad = Callable[[Tensor], Tensor]  # all ranks' tensors concatenated a
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose training statistics are those of the global batch over all ranks, on the CPU
-    (torch's SyncBatchNorm refuses CPU tensors) or anywhere: each rank's (count, mean, sum of squared
-    deviations) per channel are gathered with an autograd-aware all-gather and merged (Chan et al.),
-    so the forward, the backward and the running statistics equal those of one BatchNorm on the
-    concatenated batch, on every rank alike. Evaluation uses the running statistics, as BatchNorm does.
-    The same parameters and buffers as BatchNorm1d/2d/3d: state dicts move freely between them."""
+    """BatchNorm computed in fp32 whatever the model's precision (DeepSpeed's bf16 casts parameters but
+    may leave buffers fp32), whose training statistics are those of the global batch over all ranks
+    when given ``gather`` (an autograd-aware all-gather; None: this rank's batch). Each rank's
+    (count, mean, sum of squared deviations) per channel are gathered and merged (Chan et al.), so the
+    forward, the backward and the running statistics equal those of one BatchNorm on the concatenated
+    batch, on every rank alike; on the CPU too, where torch's SyncBatchNorm refuses to run.
+    Evaluation uses the running statistics. The same parameters and buffers as BatchNorm1d/2d/3d:
+    state dicts move freely between them."""
 
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, gather: GatherWithGrad):
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, gather: GatherWithGrad | None):
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
         self.load_state_dict(bn.state_dict())
         self.gather = gather
@@ -100,31 +102,37 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training:
-            return super().forward(x)
-        dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
-        count = torch.tensor([float(x.numel() // x.shape[1])], device=x.device)
+        if self.training or not self.track_running_stats:
+            mean, var = self._batch_statistics(xf)
+        else:
+            mean, var = self.running_mean.float(), self.running_var.float()
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
+        return y.to(x.dtype)
+
+    def _batch_statistics(self, xf: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, biased variance) per channel over the global batch; updates the running statistics."""
+        dims = [0] + list(range(2, xf.dim()))
+        count = torch.tensor([float(xf.numel() // xf.shape[1])], device=xf.device)
         mean = xf.mean(dims)
-        m2 = ((xf - mean.view(shape)) ** 2).sum(dims)
-        parts = self.gather(torch.cat([count, mean, m2]).unsqueeze(0))  # [ranks, 1 + 2C]
+        m2 = ((xf - mean.view([1, -1] + [1] * (xf.dim() - 2))) ** 2).sum(dims)
+        parts = torch.cat([count, mean, m2]).unsqueeze(0)
+        parts = self.gather(parts) if self.gather is not None else parts  # [ranks, 1 + 2C]
         counts, means, m2s = parts[:, :1], parts[:, 1:1 + self.num_features], parts[:, 1 + self.num_features:]
         total = counts.sum()
         global_mean = (counts * means).sum(0) / total
         global_m2 = (m2s + counts * (means - global_mean) ** 2).sum(0)
-        var = global_m2 / total
-        if self.track_running_stats:
+        if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - momentum).add_(global_mean.detach(), alpha=momentum)
                 unbiased = global_m2.detach() / max(float(total) - 1.0, 1.0)
-                self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
-        y = (xf - global_mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
-        return y.to(x.dtype)
+                self.running_mean.copy_(self.running_mean.float() * (1 - momentum) + momentum * global_mean.detach())
+                self.running_var.copy_(self.running_var.float() * (1 - momentum) + momentum * unbiased)
+        return global_mean, global_m2 / total
 
 
 def _batch_norms(model: nn.Module):
@@ -133,19 +141,23 @@ def _batch_norms(model: nn.Module):
 
 def with_norm(model: nn.Module, config: "ModelConfig", gather: GatherWithGrad | None = None,
               device: torch.device | None = None) -> nn.Module:
-    """``model`` with its BatchNorm layers as ``config.norm`` says, for training on several ranks.
+    """``model`` with its BatchNorm layers as ``config.norm`` says, for training (``gather``: the
+    autograd all-gather of the run's ranks; an identity in one process).
 
-    sync: global-batch statistics: torch's SyncBatchNorm on CUDA, GlobalBatchNorm on the autograd
-    all-gather ``gather`` elsewhere (nothing changes without ``gather``: one process). frozen: every
-    BatchNorm stays in eval mode (see EmbeddingModel.train) and, without ``norm_affine``, its scale
-    and shift are frozen too. local: unchanged (the trainer broadcasts rank 0's buffers).
+    sync: global-batch statistics: torch's SyncBatchNorm on CUDA, GlobalBatchNorm on ``gather``
+    elsewhere. local: GlobalBatchNorm on this rank's batch (the trainer broadcasts rank 0's buffers).
+    frozen: every BatchNorm stays in eval mode (see EmbeddingModel.train) and, without
+    ``norm_affine``, its scale and shift are frozen too. Without ``gather`` (evaluation, export)
+    nothing changes but frozen's flag.
     """
-    if config.norm == "sync" and gather is not None:
-        if device is not None and device.type == "cuda":
-            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        for name, bn in _batch_norms(model):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, GlobalBatchNorm(bn, gather))
+    if gather is not None:
+        if config.norm == "sync" and device is not None and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            for name, bn in _batch_norms(model):
+                parent, _, child = name.rpartition(".")
+                owner = model.get_submodule(parent) if parent else model
+                setattr(owner, child, GlobalBatchNorm(bn, gather if config.norm == "sync" else None))
     if config.norm == "frozen":
         model.frozen_norm = True
         for _, bn in _batch_norms(model):
@@ -186,8 +198,8 @@ class EmbeddingModel(nn.Module):
 
 def build_model(config: ModelConfig, device: torch.device | None = None,
                 gather: GatherWithGrad | None = None) -> EmbeddingModel:
-    """The model of ``config``; with ``gather`` (training on several ranks) its BatchNorm layers as
-    ``config.norm`` says (:func:`with_norm`). Evaluation and export build it without."""
+    """The model of ``config``; with ``gather`` (training) its BatchNorm layers as ``config.norm`` says
+    (:func:`with_norm`). Evaluation and export build it without."""
     config.validate()
     backbone, features = BACKBONES[config.backbone](config.pretrained)
     channels_last = config.channels_last and device is not None and device.type == "cuda"

@@ -50,8 +50,8 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict:
         print(f"[train] warning: {stream.layout_note()}", flush=True)
     total_steps = cfg.train.steps or sum(stream.steps_in_epoch(e) for e in range(cfg.train.epochs))
     torch.manual_seed(cfg.train.seed)
-    gather = ctx.all_gather_with_grad if ctx.world_size > 1 else None  # model.norm: sync
-    module = TrainModule(build_model(cfg.model, ctx.device, gather), build_loss(sized_loss_config(cfg.loss, stream)))
+    model = build_model(cfg.model, ctx.device, gather=ctx.all_gather_with_grad)  # BatchNorm as model.norm says
+    module = TrainModule(model, build_loss(sized_loss_config(cfg.loss, stream)))
     engine = TrainEngine(module, ctx, cfg.optimizer, cfg.deepspeed, micro_batch=cfg.data.local_batch,
                          lr_lambda=cfg.optimizer.lr_lambda(total_steps))
     objective = GlobalBatchObjective(build_sampler(cfg.sampler), engine.module.loss, ctx)

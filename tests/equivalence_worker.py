@@ -46,7 +46,7 @@ def global_batch(step: int, scenario: str, world_size: int):
     return x, labels, ids
 
 
-def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync") -> dict:
+def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync", precision: str = "fp32") -> dict:
     from dist_dml.distributed import DistContext
     from dist_dml.engine import TrainEngine
     from dist_dml.models import ModelConfig, with_norm
@@ -58,7 +58,8 @@ def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync") -
     for stage in zero_stages:
         module = build_module()
         with_norm(module.model, ModelConfig(backbone="tiny_cnn", norm=norm), ctx.all_gather_with_grad)
-        engine = TrainEngine(module, ctx, OPTIMIZER, DeepSpeedConfig(zero_stage=stage), micro_batch=local)
+        engine = TrainEngine(module, ctx, OPTIMIZER, DeepSpeedConfig(zero_stage=stage, precision=precision),
+                             micro_batch=local)
         objective = GlobalBatchObjective(build_sampler(SAMPLER), engine.module.loss, ctx)
         record = {"loss": [], "grads": [], "beta": []}
         for step in range(steps):
@@ -74,6 +75,8 @@ def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync") -
         record["buffers"] = {k: v.detach().float().cpu().clone() for k, v in engine.module.named_buffers()}
         if norm == "local":
             record.update(embed_on_every_rank(engine, ctx))
+        if precision != "fp32":
+            record.update(beta_against_masters(engine, labels, ids))
         results[stage] = record
     return results
 
@@ -98,15 +101,31 @@ def embed_on_every_rank(engine, ctx) -> dict:
     return out
 
 
+def beta_against_masters(engine, labels, ids) -> dict:
+    """The beta the loss uses for a batch; the same from the optimizer's fp32 masters (DeepSpeed's own
+    accessor) and from the low-precision parameters."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    beta = engine.module.loss.beta
+    masters = {name: safe_get_full_fp32_param(p).float().reshape(p.shape) for name, p in beta.named_parameters()}
+    params = {name: p.detach().float() for name, p in beta.named_parameters()}
+    combine = lambda t: t["global_beta"][torch.zeros_like(labels)] + t["class_beta"][labels] + t["image_beta"][ids]
+    with torch.no_grad():
+        used = beta(labels, ids).float()
+    return {"used": used.cpu(), "from_masters": combine(masters).cpu(), "from_params": combine(params).cpu(),
+            "param_dtype": str(beta.class_beta.dtype)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--zero", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--scenario", default="normal", choices=["normal", "lonely"])
     parser.add_argument("--norm", default="sync", choices=["sync", "local"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    results = run(args.zero, args.steps, args.scenario, args.norm)
+    results = run(args.zero, args.steps, args.scenario, args.norm, args.precision)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -36,6 +36,7 @@ BAD = [
     (["loss.beta_per_class=true", "loss.num_classes=3"], "loss.num_classes=3 is smaller than the 48 classes"),
     (["sampler.kind=clever"], "sampler.kind: unknown sampler 'clever'"),
     (["deepspeed.zero_stage=3"], "deepspeed.zero_stage must be 0, 1 or 2"),
+    (["deepspeed.zero_stage=0", "deepspeed.precision=bf16"], "bf16 needs deepspeed.zero_stage 1 or 2"),
     (["model.backbone=alexnet"], "model.backbone: unknown backbone 'alexnet'"),
     (["eval.split=validation"], "no split 'validation'"),
     (["data.root=/nonexistent/shards"], "no manifest"),

@@ -99,3 +99,16 @@ def test_local_batchnorm_ranks_embed_alike_after_the_broadcast(tmp_path, run_tor
     before, after = record["before"], record["after"]
     assert not torch.equal(before[0], before[1])  # the premise: local statistics differ per rank
     assert torch.equal(after[0], after[1])
+
+
+def test_bf16_beta_in_the_loss_is_the_fp32_master(tmp_path, run_torchrun):
+    """Under bf16 the beta tables are bf16 parameters; the loss uses the optimizer's fp32 masters (ZeRO 1
+    and 2; ZeRO-0 with bf16 is refused: DeepSpeed keeps no fp32 master there), not their values rounded
+    to 2^-7."""
+    out = tmp_path / "result.pt"
+    run_torchrun(2, "tests.equivalence_worker", "--zero", "1", "2", "--steps", "3", "--precision", "bf16",
+                 "--out", str(out))
+    for stage, record in torch.load(out, weights_only=True).items():
+        assert record["param_dtype"] == "torch.bfloat16", stage
+        assert torch.equal(record["used"], record["from_masters"]), stage
+        assert not torch.equal(record["used"], record["from_params"]), stage  # rounding would show

@@ -240,3 +240,19 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_shards, tmp_path):
     assert proc.returncode != 0
     assert "3 non-finite losses in a row at step" in proc.stderr
     assert not (out / "final_model.pt").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero1_runs_complete_and_resume(tiny_shards, tmp_path, precision):
+    """The CPU config under ZeRO-1, in fp32 and bf16: 6 steps with checkpoints, then resumed to 10."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_shards, out, **{"train.steps": 6, "checkpoint.every_steps": 3, "train.log_every": 2,
+                                                    "eval.at_start": False, "tracking.enabled": False,
+                                                    "deepspeed.zero_stage": 1, "deepspeed.precision": precision})
+    finish(torchrun_train(2, overrides, cpu_env()))
+    assert json.loads((out / "results.json").read_text())["steps"] == 6
+    log = finish(torchrun_train(2, overrides + ["train.steps=10"], cpu_env()))
+    assert re.search(r"resumed from .*step00000006 at step 6", log), log[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 10 and results["skipped_steps"] == 0
+    assert all(0 < loss < 2 for loss in logged_losses(log)), log[-3000:]
