@@ -235,7 +235,7 @@ def demo_command(args: argparse.Namespace) -> int:
 
         print(f"[demo] writing synthetic products to {data}", flush=True)
         code = prep(["synthetic", "--classes", "500", "--test-classes", "150", "--per-class", "4:8",
-                     "--size", "64", "--out", str(data)])
+                     "--size", "64", "--min-shards", "8", "--out", str(data)])
         if code:
             return code
     config = _config_path("configs/cpu_synthetic.yaml")
