@@ -150,8 +150,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def build_config(raw: dict, source: str = "config", run_name: str = "default") -> RunConfig:
-    """Typed, validated sections from raw ones. ``name`` (the config file's stem) names the run where
-    train.name is not set (``run_name``): its output folder runs/NAME and its MLflow experiment."""
+    """Typed, validated sections from raw ones. ``run_name`` (the config file's stem) names the run where
+    train.name is not set: its output folder runs/NAME and its MLflow experiment."""
     sections = {}
     known = {f.name: f for f in dataclasses.fields(RunConfig)}
     for name, values in raw.items():

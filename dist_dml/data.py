@@ -15,6 +15,7 @@ truncated or corrupt shard is logged by name, skipped from the point of damage, 
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import json
@@ -205,14 +206,19 @@ def tar_members(path: str, keep: Callable[[str], bool]) -> Iterator[tuple[str, b
                 f.seek(skip, 1)
 
 
+def _key_suffix(name: str) -> tuple[str, str]:
+    """A member name's record KEY and SUFFIX, as webdataset splits them: at the first dot of the base name."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    return (name[:dot], name[dot + 1:]) if dot >= 0 else (name, "")
+
+
 def _samples(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """webdataset's grouping: consecutive members KEY.SUFFIX with the same KEY make one sample."""
     key, sample = None, {}
     try:
         for name, data in members:
-            slash = name.rfind("/") + 1
-            dot = name.find(".", slash)
-            k, suffix = (name[:dot], name[dot + 1:]) if dot >= 0 else (name, "")
+            k, suffix = _key_suffix(name)
             if k != key and sample:
                 yield key, sample
                 sample = {}
@@ -259,9 +265,7 @@ def _skipping_keep(skip: int, errors: ReadErrors) -> Callable[[str], bool]:
     state = {"key": None, "records": 0}
 
     def keep(name: str) -> bool:
-        slash = name.rfind("/") + 1
-        dot = name.find(".", slash)
-        key = name[:dot] if dot >= 0 else name
+        key = _key_suffix(name)[0]
         if key != state["key"]:
             state["key"], state["records"] = key, state["records"] + 1
         return state["records"] > skip and errors.keep(name)
@@ -300,8 +304,6 @@ def record_windows(counts: list[int], slots: int, least: int) -> list[tuple[int,
 def window_segments(order: list[str], counts: list[int], window: tuple[int, int]) -> list[Segment]:
     """The (shard, skip, take) parts of ``order`` that hold the records of ``window`` (end may pass the
     total: it wraps around to the first shard)."""
-    import bisect
-
     total = sum(counts)
     starts = [0]
     for n in counts:
