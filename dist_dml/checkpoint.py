@@ -1,24 +1,52 @@
-"""Atomic, rotating DeepSpeed checkpoints under OUTPUT/checkpoints.
+"""Atomic, verified, rotating DeepSpeed checkpoints under OUTPUT/checkpoints.
 
-Every rank writes its part into `stepNNNNNNNN.partial`; once all have finished, rank 0 renames the
-folder to `stepNNNNNNNN` and then points `latest` at it (written to a temporary file and renamed).
-A checkpoint under its final name is therefore always whole, and `latest` never names a partial
-one. The oldest complete checkpoints beyond `keep_last` are removed.
+Every rank writes its part into `stepNNNNNNNN.partial`; once all have finished, rank 0 writes the
+folder's index `dist_dml.json` last (step, world size, ZeRO stage, the run's config, and every file
+with its size), then renames the folder to `stepNNNNNNNN` and points `latest` at it. A checkpoint
+counts only once it is verified whole against its index (:func:`verify`): a truncated or missing file,
+or no index at all (a save cut short, a copy gone wrong), and it is reported and passed over.
+`latest` is only a hint: a resume takes the newest whole checkpoint and says which. No checkpoint is
+deleted unless `keep_last` newer whole ones exist (a damaged one once a newer whole one exists).
+Decisions that every rank must take alike (which checkpoint, whether this step is saved already)
+are taken by rank 0 and broadcast. The output folder must be on a file system that every rank sees.
 
-Beside DeepSpeed's files each checkpoint holds `dist_dml.json` (step, world size, ZeRO stage and the
-run's config), readable without unpickling anything: :func:`resume_problem` uses it to refuse,
-before any process starts, a resume that cannot apply.
+The index is readable without unpickling anything: :func:`resume_problem` uses it to refuse, before
+any process starts, a resume that cannot apply.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 from dist_dml.distributed import DistContext
 
 META = "dist_dml.json"
+_TAG = re.compile(r"step(\d{8})")
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint to resume from where the run expects one (all damaged, or not whole)."""
+
+
+def verify(folder: Path) -> str | None:
+    """None if the checkpoint folder is whole per its index; else why not, in a few words."""
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / META).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {META} index (a save cut short, or written before dist-dml kept one)"
+    except (ValueError, KeyError, TypeError):
+        return f"its {META} index is unreadable"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, its index says {size}"
+    return None
 
 
 class Checkpointer:
@@ -27,27 +55,54 @@ class Checkpointer:
         self.keep_last = keep_last
         self.ctx = ctx
 
-    def latest(self) -> str | None:
+    def tags(self) -> list[str]:
+        """The checkpoint folders (not partial ones), newest first."""
+        if not self.directory.is_dir():
+            return []
+        return sorted((p.name for p in self.directory.iterdir() if p.is_dir() and _TAG.fullmatch(p.name)), reverse=True)
+
+    def newest_whole(self, report=None) -> str | None:
+        """The newest checkpoint verified whole. ``report`` (e.g. print) hears of every newer one passed
+        over and why, and of a `latest` pointer that names another."""
+        chosen = None
+        for tag in self.tags():
+            problem = verify(self.directory / tag)
+            if problem is None:
+                chosen = tag
+                break
+            if report:
+                report(f"[checkpoint] passing over {self.directory / tag}: {problem}")
         pointer = self.directory / "latest"
-        if not pointer.is_file():
-            return None
-        tag = pointer.read_text().strip()
-        return tag if (self.directory / tag).is_dir() else None
+        hint = pointer.read_text().strip() if pointer.is_file() else None
+        if report and chosen and hint != chosen:
+            report(f"[checkpoint] `latest` names {hint or 'nothing'}; the newest whole checkpoint is {chosen}")
+        return chosen
+
+    def latest(self) -> str | None:
+        """The newest whole checkpoint (what `resume: auto` continues from)."""
+        return self.newest_whole()
+
+    def saved_already(self, step: int) -> bool:
+        """Whether the newest whole checkpoint is this step's; decided by rank 0 for every rank."""
+        return bool(self.ctx.broadcast_object(self.latest() == f"step{step:08d}" if self.ctx.is_main else None))
 
     def save(self, engine, step: int, client_state: dict, meta: dict) -> str:
-        """Every rank: ``client_state`` goes into DeepSpeed's files, ``meta`` (JSON) into META."""
+        """Every rank: ``client_state`` goes into DeepSpeed's files, ``meta`` (JSON) into the index."""
         tag = f"step{step:08d}"
-        partial = f"{tag}.partial"
+        partial = self.directory / f"{tag}.partial"
         if self.ctx.is_main:
             self.directory.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(self.directory / partial, ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)
         self.ctx.barrier()
-        engine.save(self.directory, partial, client_state)  # every rank
+        engine.save(self.directory, partial.name, client_state)  # every rank
         self.ctx.barrier()
         if self.ctx.is_main:
-            (self.directory / partial / META).write_text(json.dumps(meta, indent=1))
+            files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+            tmp = partial / f".{META}.tmp"
+            tmp.write_text(json.dumps({**meta, "files": files}, indent=1))
+            os.replace(tmp, partial / META)  # last: the index makes the folder a checkpoint
             shutil.rmtree(self.directory / tag, ignore_errors=True)
-            os.replace(self.directory / partial, self.directory / tag)
+            os.replace(partial, self.directory / tag)
             tmp = self.directory / ".latest.tmp"
             tmp.write_text(tag)
             os.replace(tmp, self.directory / "latest")
@@ -56,10 +111,14 @@ class Checkpointer:
         return tag
 
     def _prune(self) -> None:
-        complete = sorted(p for p in self.directory.glob("step*") if p.is_dir() and not p.name.endswith(".partial"))
-        for old in complete[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.directory.glob("step*.partial"):  # left by a run that died while saving
+        """Remove checkpoints older than the ``keep_last`` newest whole ones, damaged ones older than the
+        newest whole one, and partial folders (left by a run that died while saving)."""
+        whole = [t for t in self.tags() if verify(self.directory / t) is None]
+        if whole:
+            for tag in self.tags():
+                if tag < whole[min(self.keep_last, len(whole)) - 1] or (tag < whole[0] and tag not in whole):
+                    shutil.rmtree(self.directory / tag, ignore_errors=True)
+        for stale in self.directory.glob("step*.partial"):
             shutil.rmtree(stale, ignore_errors=True)
 
     def load(self, engine, tag: str) -> dict:
@@ -83,31 +142,44 @@ def saved_world_size(checkpoint: Path) -> int | None:
     return len(parts) or None
 
 
-def resume_target(config) -> Path | None:
-    """The checkpoint folder a run with this config would resume from, or None for a fresh start."""
+def resume_target(config, report=None) -> Path | None:
+    """The checkpoint folder a run with this config would resume from, or None for a fresh start.
+
+    Raises CheckpointError where checkpoints exist but none is whole (the run would otherwise start
+    afresh over them without a word), or where checkpoint.resume names one that is not whole."""
     resume = config.checkpoint.resume
     if resume == "none":
         return None
     if resume == "auto":
-        directory = Path(config.train.output_dir) / "checkpoints"
-        tag = Checkpointer(directory, 1, DistContext()).latest()
-        return directory / tag if tag else None
-    return Path(resume)
+        checkpoints = Checkpointer(Path(config.train.output_dir) / "checkpoints", 1, DistContext())
+        tag = checkpoints.newest_whole(report)
+        if tag is None and checkpoints.tags():
+            raise CheckpointError(
+                f"none of the checkpoints in {checkpoints.directory} is whole ("
+                + "; ".join(f"{t}: {verify(checkpoints.directory / t)}" for t in checkpoints.tags())
+                + "). They are kept; checkpoint.resume=none starts afresh, or give another train.name")
+        return checkpoints.directory / tag if tag else None
+    target = Path(resume)
+    problem = verify(target) if target.is_dir() else "no such folder"
+    if problem:
+        raise CheckpointError(f"checkpoint.resume={resume} is not a whole checkpoint: {problem}")
+    return target
 
 
 def resume_problem(config, world_size: int) -> str | None:
     """Why a run with this config at ``world_size`` processes cannot resume where it would; None if it can.
 
-    Read from the checkpoint's META (no unpickling): a folder that is not a checkpoint, a model or beta
-    table of another shape, or ZeRO-1/2 optimizer state partitioned over another number of ranks.
+    Read from the checkpoint's index (no unpickling): no whole checkpoint where one is expected, a model
+    or beta table of another shape, or ZeRO-1/2 optimizer state partitioned over another number of ranks.
     """
-    target = resume_target(config)
+    try:
+        target = resume_target(config)
+    except CheckpointError as exc:
+        return str(exc)
     if target is None:
         return None
     how = ("checkpoint.resume=auto found " if config.checkpoint.resume == "auto" else
            f"checkpoint.resume={config.checkpoint.resume}: ")
-    if not (target / "mp_rank_00_model_states.pt").is_file():
-        return f"{how}{target}, which is not a checkpoint folder (no mp_rank_00_model_states.pt)"
     fresh = ("; to start afresh instead, give another train.name (or train.output_dir) or "
              "checkpoint.resume=none")
     meta = read_meta(target)

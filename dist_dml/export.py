@@ -20,9 +20,12 @@ from dist_dml.models import EmbeddingModel, build_model
 def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[EmbeddingModel, RunConfig]:
     path = Path(path)
     if path.is_dir():
+        from dist_dml.checkpoint import verify
+
         states = path / "mp_rank_00_model_states.pt"
-        if not states.is_file():
-            raise FileNotFoundError(f"{path}: not a DeepSpeed checkpoint folder (no {states.name})")
+        problem = verify(path)
+        if problem:
+            raise FileNotFoundError(f"{path}: not a whole checkpoint folder ({problem})")
         from dist_dml.engine import WeightsOnlyCheckpointEngine
 
         with torch.serialization.safe_globals(WeightsOnlyCheckpointEngine.SAFE_GLOBALS):

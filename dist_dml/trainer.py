@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dist_dml import plots
-from dist_dml.checkpoint import Checkpointer, resume_target
+from dist_dml.checkpoint import CheckpointError, Checkpointer, resume_target
 from dist_dml.config import RunConfig, dump_yaml
 from dist_dml.data import TrainStream
 from dist_dml.distributed import DistContext
@@ -117,10 +117,20 @@ def _finite_everywhere(result: StepResult, ctx: DistContext) -> bool:
 
 
 def _resume(cfg: RunConfig, engine, stream: TrainStream, ctx) -> tuple[int, dict]:
-    """(step, client state) of the checkpoint to continue from; (0, {}) for a fresh run."""
-    target = resume_target(cfg)
-    if target is None:
+    """(step, client state) of the checkpoint to continue from; (0, {}) for a fresh run. Rank 0 picks the
+    checkpoint (reporting any it passes over) and every rank loads that one."""
+    chosen = None
+    if ctx.is_main:
+        try:
+            chosen = ("path", str(resume_target(cfg, report=lambda line: print(line, flush=True)) or ""))
+        except CheckpointError as exc:
+            chosen = ("error", str(exc))
+    kind, value = ctx.broadcast_object(chosen)
+    if kind == "error":  # every rank stops alike
+        raise CheckpointError(value)
+    if not value:
         return 0, {}
+    target = Path(value)
     state = Checkpointer(target.parent, cfg.checkpoint.keep_last, ctx).load(engine, target.name)
     stream.load_state_dict(state["data"])
     torch.set_rng_state(state["torch_rng"])
@@ -142,7 +152,7 @@ def share_norm_statistics(model: torch.nn.Module, cfg: RunConfig, ctx: DistConte
 
 def _save(checkpoints: Checkpointer, engine, stream: TrainStream, cfg: RunConfig, step: int,
           run_id: str | None, meter: "_Meter") -> None:
-    if checkpoints.latest() == f"step{step:08d}":
+    if checkpoints.saved_already(step):
         return
     share_norm_statistics(engine.module.model, cfg, checkpoints.ctx)
     state = {"step": step, "data": stream.state_dict(), "torch_rng": torch.get_rng_state(),

@@ -92,7 +92,8 @@ def fake_checkpoint(output: Path, world_size: int, **config_changes) -> Path:
     for key, value in config_changes.items():
         section, name = key.split(".")
         saved[section][name] = value
-    (folder / META).write_text(json.dumps({"step": 10, "world_size": world_size, "config": saved}))
+    files = {"mp_rank_00_model_states.pt": (folder / "mp_rank_00_model_states.pt").stat().st_size}
+    (folder / META).write_text(json.dumps({"step": 10, "world_size": world_size, "config": saved, "files": files}))
     return folder
 
 
@@ -107,7 +108,7 @@ def test_resume_that_cannot_apply_is_refused_before_any_process_starts(tiny_shar
     assert "model.embedding_dim=64, but this run has 32" in resume_problem(
         load_config(CONFIG, overrides + ["model.embedding_dim=32"]), 2)
     missing = resume_problem(load_config(CONFIG, overrides + [f"checkpoint.resume={tmp_path}/nothing"]), 2)
-    assert "not a checkpoint folder" in missing
+    assert "is not a whole checkpoint: no such folder" in missing
 
     # The launch script refuses before torchrun starts a process.
     proc = subprocess.run(["bash", str(ROOT / "launch/torchrun.sh"), "1", "train", str(CONFIG), *overrides],
