@@ -26,9 +26,14 @@ class OptimizerConfig:
     def validate(self) -> None:
         if self.name not in OPTIMIZER_NAMES:
             raise ValueError(f"optimizer.name: unknown optimizer {self.name!r}; known: {list(OPTIMIZER_NAMES)}")
-        for key in ("lr", "beta_lr"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"optimizer.{key} must be positive, got {getattr(self, key)}")
+        for key in ("lr", "head_lr", "beta_lr"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"optimizer.{key} must be a positive finite rate, got {value}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"optimizer.weight_decay must be finite and >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"optimizer.momentum must lie in [0, 1), got {self.momentum}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optimizer.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if self.warmup_steps < 0 or self.step_size < 1 or not 0 < self.gamma <= 1:
