@@ -14,6 +14,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -196,8 +197,6 @@ def write_shards(source: str, images: Iterable[SourceImage], config: WriterConfi
     """Write the shards and manifest of ``images``; return the manifest."""
     config.validate()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # stale until this run completes
 
     by_class: dict[tuple[str, str], list[SourceImage]] = defaultdict(list)
     for image in images:
@@ -213,6 +212,9 @@ def write_shards(source: str, images: Iterable[SourceImage], config: WriterConfi
     for (split, _), members in by_class.items():
         if len(members) >= 2 or (split not in train_splits and members):
             expected[split] += len(record_sizes(len(members), config.max_per_record))
+    _check_splits({split for split, _ in classes}, expected, train_splits, source)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # stale until this run completes
     ordered = [img for sc in classes for img in sorted(by_class[sc], key=lambda i: i.item)]
     if not ordered:
         raise ValueError(f"{source}: no images found")
@@ -277,6 +279,18 @@ def write_shards(source: str, images: Iterable[SourceImage], config: WriterConfi
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / "manifest.json")
     return manifest
+
+
+def _check_splits(splits: set[str], expected: dict, train_splits: Sequence[str], source: str) -> None:
+    """Before anything is written: every split name is a plain name (it becomes part of a file name in
+    the output folder: `../x` would write outside it), and a training split has a class to train on."""
+    for split in sorted(splits):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", split):
+            raise ValueError(f"{source}: split {split!r} is not a plain name (letters, digits, _ and -)")
+    for split in train_splits:
+        if split in splits and not expected.get(split):
+            raise ValueError(f"{source}: split {split!r} has no class with 2 or more images, so no training "
+                             "record (a class needs two images to give a positive pair); nothing written")
 
 
 def _write_class(state: _SplitState, source: str, class_name: str, good: list, max_per_record: int) -> None:

@@ -55,6 +55,7 @@ class DataConfig:
     flip: bool = True  # random horizontal flip in training (off for text, digits, logos)
     seed: int = 0
     batch_size: int = 0  # per rank; optional, checked against P x K
+    max_member_mb: float = 256.0  # a tar member declaring more is damage: its shard is counted corrupt
 
     @property
     def local_batch(self) -> int:
@@ -75,6 +76,8 @@ class DataConfig:
             raise ValueError(f"data.min_scale={self.min_scale} must be in (0, 1]")
         if self.workers < 0 or self.shuffle_buffer < 1:
             raise ValueError("data.workers must be >= 0 and data.shuffle_buffer >= 1")
+        if not 0 < self.max_member_mb < float("inf"):
+            raise ValueError(f"data.max_member_mb must be positive and finite, got {self.max_member_mb}")
 
 
 class Manifest:
@@ -106,7 +109,8 @@ class Manifest:
 class ReadErrors:
     """Per-worker counts of what could not be read; reported with every batch as a delta."""
 
-    def __init__(self):
+    def __init__(self, max_member_bytes: int = 256 << 20):
+        self.max_member_bytes = max_member_bytes  # a member declaring more makes its shard corrupt
         self.corrupt_shards: set[str] = set()
         self.bad_records = 0
         self.unknown_members = 0
@@ -157,7 +161,7 @@ def _pax(data: bytes) -> dict[str, str]:
     return out
 
 
-def tar_members(path: str, keep: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+def tar_members(path: str, keep: Callable[[str], bool], max_member: int = 256 << 20) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of the regular files of the POSIX tar at ``path`` that ``keep`` accepts, in order.
 
     ustar headers with pax and GNU long names, as tarfile writes them. webdataset's tar path reads
@@ -165,8 +169,10 @@ def tar_members(path: str, keep: Callable[[str], bool]) -> Iterator[tuple[str, b
     reads the 512-byte header itself (~8 us), checks its checksum, and seeks over members it does
     not keep without reading them. Raises ShardError where the tar is damaged: a bad checksum, a
     member cut short, or no end-of-archive block (tarfile ends quietly there, but every tar writer
-    writes one, so a shard cut at a member boundary is reported too); the members before the
-    damage have been yielded.
+    writes one, so a shard cut at a member boundary is reported too), a file that starts with an
+    end-of-archive block (empty, or all NUL bytes: tarfile reads it as an empty tar), or a member or
+    extended header that declares more than ``max_member`` bytes (a pax header can declare any size:
+    it would be read into memory); the members before the damage have been yielded.
     """
     with open(path, "rb", buffering=1 << 20) as f:
         end = os.fstat(f.fileno()).st_size
@@ -178,6 +184,9 @@ def tar_members(path: str, keep: Callable[[str], bool]) -> Iterator[tuple[str, b
                 raise ShardError(f"cut short: no end-of-archive block after byte {min(offset, end)}"
                                  + (" (a member runs past the end of the file)" if offset > end else ""))
             if not header.strip(b"\0"):
+                if offset == 0:
+                    raise ShardError("no member at all: the file starts with an end-of-archive block "
+                                     "(empty, or all NUL bytes)")
                 return  # the end-of-archive blocks
             if len(header) < _BLOCK:
                 raise ShardError(f"cut short in the header at byte {offset}")
@@ -190,13 +199,17 @@ def tar_members(path: str, keep: Callable[[str], bool]) -> Iterator[tuple[str, b
             name, size = extended.pop("path", name), int(extended.pop("size", size))
             extended.clear()
             skip = size + (-size) % _BLOCK
+            kept = kind in (b"0", b"\0") and keep(name)
+            if size > max_member and (kept or kind in (b"x", b"L")):
+                raise ShardError(f"member {name} at byte {offset} declares {size} bytes, more than the "
+                                 f"{max_member} a member may have (data.max_member_mb)")
             if kind in (b"x", b"L"):  # pax extended header / GNU long name: they describe the next member
                 data = f.read(size)
                 if len(data) < size:
                     raise ShardError(f"cut short in an extended header at byte {offset}")
                 extended = _pax(data) if kind == b"x" else {"path": data.rstrip(b"\0").decode("utf-8", "surrogateescape")}
                 f.seek(skip - size, 1)
-            elif kind in (b"0", b"\0") and keep(name):
+            elif kept:
                 data = f.read(size)
                 if len(data) < size:
                     raise ShardError(f"cut short in member {name} at byte {offset}")
@@ -246,7 +259,7 @@ def shard_records(shard: str, errors: ReadErrors, skip: int = 0) -> Iterator[dic
     """The valid records of one shard after its first ``skip`` records, which are passed over without
     reading their members (only their tar headers)."""
     try:
-        for key, sample in _samples(tar_members(shard, _skipping_keep(skip, errors))):
+        for key, sample in _samples(tar_members(shard, _skipping_keep(skip, errors), errors.max_member_bytes)):
             record = _parse_record(sample, shard)
             if record is None:
                 errors.bad_records += 1
@@ -573,7 +586,7 @@ class TrainStream(IterableDataset):
         index ``start`` on; the ones before are drawn (records read, images not decoded) but not yielded."""
         cfg = self.cfg
         rng = random.Random(mix(cfg.seed, epoch, self.rank, worker))
-        errors = ReadErrors()
+        errors = ReadErrors(int(cfg.max_member_mb * 2**20))
         records = self._record_stream(epoch, worker, errors, rng)
         for index in range(worker, self.steps_in_epoch(epoch), self.workers):
             chosen = []
@@ -668,7 +681,7 @@ class EvalStream(IterableDataset):
         slots = self.world_size * workers
         mine = self.shards[self.rank * workers + worker::slots]  # exactly once: no resampling here
         pending: list[tuple[bytes, int, int, str, str]] = []
-        for record in read_records(mine, ReadErrors()):
+        for record in read_records(mine, ReadErrors(int(self.cfg.max_member_mb * 2**20))):
             for (_, image), image_id, item in zip(record["images"], record["image_ids"], record["items"]):
                 pending.append((image, record["label"], image_id, record["class"], item))
                 if len(pending) == self.batch_size:
@@ -690,7 +703,7 @@ class EvalStream(IterableDataset):
 def images_by_id(cfg: DataConfig, split: str, wanted) -> dict[int, torch.Tensor]:
     """The evaluation-transformed uint8 images of the given image ids (for plots), one pass over the split."""
     wanted, found = set(int(i) for i in wanted), {}
-    for record in read_records(Manifest(cfg.root).shard_paths(split), ReadErrors()):
+    for record in read_records(Manifest(cfg.root).shard_paths(split), ReadErrors(int(cfg.max_member_mb * 2**20))):
         for (_, data), image_id in zip(record["images"], record["image_ids"]):
             if image_id in wanted:
                 found[image_id] = eval_image(data, cfg)

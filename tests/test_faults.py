@@ -109,3 +109,86 @@ def test_eval_of_a_truncated_checkpoint_is_one_line(run, capsys):
     assert cli(["eval", str(states.parent)]) == 2
     err = capsys.readouterr().err
     assert "not a whole checkpoint folder" in err and len(err.strip().splitlines()) == 1
+
+
+# --- shards and sources a user or an adversary hands us ------------------------------------------
+
+def train_errors(root: Path) -> dict:
+    """The read-error counts of one training epoch over ``root`` (2 workers' worth, in this process)."""
+    from dist_dml.data import DataConfig, TrainStream
+
+    cfg = DataConfig(root=str(root), classes_per_batch=4, images_per_class=2, workers=2, image_size=16, resize=20)
+    stream, totals = TrainStream(cfg, decode_images=False), {}
+    for worker in range(2):
+        for batch in stream.worker_batches(0, worker):
+            for key, value in batch["errors"].items():
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+@pytest.fixture
+def shards_copy(tiny_shards, tmp_path) -> Path:
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    return copy
+
+
+def test_a_nul_shard_is_counted_corrupt_not_read_as_empty(shards_copy):
+    victim = sorted(shards_copy.glob("train-*.tar"))[0]
+    victim.write_bytes(b"\0" * victim.stat().st_size)
+    assert train_errors(shards_copy)["corrupt_shards"] == 1
+    from dist_dml.data import ReadErrors, read_records
+
+    errors = ReadErrors()
+    assert list(read_records([str(victim)], errors)) == [] and errors.corrupt_shards == {str(victim)}
+
+
+def test_a_member_declaring_a_huge_size_is_damage_not_a_memory_error(shards_copy):
+    """A pax header may declare any size (here 10^15 bytes); the reader would try to read it into memory."""
+    import io
+    import tarfile
+
+    victim = sorted(shards_copy.glob("train-*.tar"))[0]
+    with tarfile.open(victim) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(victim, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i, (member, data) in enumerate(members):
+            if i == len(members) - 1:
+                member.pax_headers = {"size": str(10**15)}
+            tar.addfile(member, io.BytesIO(data))
+    from dist_dml.data import ReadErrors, read_records
+
+    errors = ReadErrors()
+    records = list(read_records([str(victim)], errors))
+    assert errors.corrupt_shards == {str(victim)} and len(records) >= 1  # the records before it are kept
+    assert train_errors(shards_copy)["corrupt_shards"] == 1
+
+
+def write_csv(folder: Path, rows: list[tuple[str, str, str]]) -> Path:
+    from PIL import Image
+
+    lines = ["path,label,split"]
+    for i, (label, split, _) in enumerate(rows):
+        Image.new("RGB", (8, 8), (i * 40 % 255, 0, 0)).save(folder / f"im{i}.jpg")
+        lines.append(f"im{i}.jpg,{label},{split}")
+    (folder / "list.csv").write_text("\n".join(lines))
+    return folder / "list.csv"
+
+
+def test_prep_refuses_a_split_that_is_not_a_plain_name(tmp_path, capsys):
+    from data_prep.cli import main as prep
+
+    csv = write_csv(tmp_path, [("a", "train", ""), ("a", "train", ""), ("b", "/../../escaped", "")])
+    assert prep(["csv", "--src", str(csv), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "split '/../../escaped' is not a plain name" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_prep_refuses_a_training_split_with_nothing_to_train_on(tmp_path, capsys):
+    from data_prep.cli import main as prep
+
+    code = prep(["synthetic", "--classes", "5", "--test-classes", "2", "--per-class", "1", "--size", "8",
+                 "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == 2
+    assert "split 'train' has no class with 2 or more images" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
