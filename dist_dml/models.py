@@ -97,15 +97,11 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.load_state_dict(bn.state_dict())
         self.gather = gather
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
-
     def forward(self, x: Tensor) -> Tensor:
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
         if self.training or not self.track_running_stats:
-            mean, var = self._batch_statistics(xf)
+            mean, var = self._batch_statistics(xf, shape)
         else:
             mean, var = self.running_mean.float(), self.running_var.float()
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
@@ -113,12 +109,12 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
         return y.to(x.dtype)
 
-    def _batch_statistics(self, xf: Tensor) -> tuple[Tensor, Tensor]:
+    def _batch_statistics(self, xf: Tensor, shape: list[int]) -> tuple[Tensor, Tensor]:
         """(mean, biased variance) per channel over the global batch; updates the running statistics."""
         dims = [0] + list(range(2, xf.dim()))
         count = torch.tensor([float(xf.numel() // xf.shape[1])], device=xf.device)
         mean = xf.mean(dims)
-        m2 = ((xf - mean.view([1, -1] + [1] * (xf.dim() - 2))) ** 2).sum(dims)
+        m2 = ((xf - mean.view(shape)) ** 2).sum(dims)
         parts = torch.cat([count, mean, m2]).unsqueeze(0)
         parts = self.gather(parts) if self.gather is not None else parts  # [ranks, 1 + 2C]
         counts, means, m2s = parts[:, :1], parts[:, 1:1 + self.num_features], parts[:, 1 + self.num_features:]

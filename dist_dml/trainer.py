@@ -46,8 +46,9 @@ def sized_loss_config(loss, stream: TrainStream):
 def train(cfg: RunConfig, ctx: DistContext) -> dict:
     out = Path(cfg.train.output_dir)
     stream = TrainStream(cfg.data, ctx.rank, ctx.world_size)
-    if ctx.is_main and stream.layout_note():
-        print(f"[train] warning: {stream.layout_note()}", flush=True)
+    note = stream.layout_note()
+    if ctx.is_main and note:
+        print(f"[train] warning: {note}", flush=True)
     total_steps = cfg.train.steps or sum(stream.steps_in_epoch(e) for e in range(cfg.train.epochs))
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, ctx.device, gather=ctx.all_gather_with_grad)  # BatchNorm as model.norm says
@@ -228,21 +229,23 @@ class _Meter:
 
     def update(self, result: StepResult, batch: dict, engine, tracker, step: int) -> None:
         out, triplets, stats = result.output, result.triplets, result.output.stats
+        # The step's device scalars in one transfer (each float() would be a host sync of its own on a GPU).
+        keys = ("loss", "active", "terms", "d_ap_sum", "d_an_sum", "triplets", "beta_sum", "beta_min", "beta_max")
+        found = {"loss": out.loss.detach(), "active": out.active, "terms": out.terms, **stats}
+        values = dict(zip(keys, torch.stack([torch.as_tensor(found.get(k, 0.0), dtype=torch.float32,
+                                                             device=out.loss.device).reshape(())
+                                             for k in keys]).tolist()))
         w = self.window
-        w["loss"] += float(out.loss.detach())
+        for key in keys[:7]:
+            w[key] += values[key]
         w["steps"] += 1
-        w["active"] += float(out.active)
-        w["terms"] += float(out.terms)
-        for key in ("d_ap_sum", "d_an_sum", "triplets", "beta_sum"):
-            w[key] += float(stats.get(key, 0.0))
         w["fallback"] += triplets.num_fallback
         w["anchors"] += triplets.num_anchors
         w["images"] += batch["labels"].numel()
         for key, value in batch["errors"].items():
             w[key] += value
         if "beta_min" in stats:
-            self.beta_range = [min(self.beta_range[0], float(stats["beta_min"])),
-                               max(self.beta_range[1], float(stats["beta_max"]))]
+            self.beta_range = [min(self.beta_range[0], values["beta_min"]), max(self.beta_range[1], values["beta_max"])]
         d_an = out.negative_distances.float().cpu()
         self.window_histogram += torch.histc(d_an, bins=HIST_BINS, min=0.0, max=2.0)
         if step % self.every and step != self.total:

@@ -37,12 +37,14 @@ def twelve_steps(tiny_shards, tmp_path_factory) -> Path:
     return out
 
 
+def copy_to_damage(source: Path, tmp_path: Path) -> Path:
+    """A copy of ``source`` in this test's folder, to damage."""
+    return Path(shutil.copytree(source, tmp_path / source.name))
+
+
 @pytest.fixture
 def run(twelve_steps, tmp_path) -> Path:
-    """A copy of the 12-step run to damage."""
-    copy = tmp_path / "run"
-    shutil.copytree(twelve_steps, copy)
-    return copy
+    return copy_to_damage(twelve_steps, tmp_path)
 
 
 def resumed_step(log: str) -> int:
@@ -128,9 +130,7 @@ def train_errors(root: Path) -> dict:
 
 @pytest.fixture
 def shards_copy(tiny_shards, tmp_path) -> Path:
-    copy = tmp_path / "shards"
-    shutil.copytree(tiny_shards, copy)
-    return copy
+    return copy_to_damage(tiny_shards, tmp_path)
 
 
 def test_a_nul_shard_is_counted_corrupt_not_read_as_empty(shards_copy):
