@@ -22,13 +22,16 @@ import shutil
 from pathlib import Path
 
 from dist_dml.distributed import DistContext
+from dist_dml.errors import UserError
 
 META = "dist_dml.json"
 _TAG = re.compile(r"step(\d{8})")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No checkpoint to resume from where the run expects one (all damaged, or not whole)."""
+
+    on_every_rank = True
 
 
 def verify(folder: Path) -> str | None:

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from dist_dml.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,17 +56,25 @@ def train_command(args: argparse.Namespace) -> int:
         ctx.shutdown()
     if ctx.is_main:
         _train_summary(cfg, results)
+    from dist_dml.evaluation import EvaluationIncomplete, coverage_problem
+
+    problem = coverage_problem(results["trained"], cfg.eval.max_missing_share)
+    if problem:  # the model, checkpoints and results are written
+        raise EvaluationIncomplete(f"the final evaluation {problem}")
     return 0
 
 
 def _train_summary(cfg, results: dict) -> None:
+    from dist_dml.evaluation import format_metrics as shown
+
     out = Path(cfg.train.output_dir).resolve()
-    shown = lambda m: " ".join(f"{k.replace('recall_at_', 'R@')}={v:.4f}" for k, v in m.items() if k != "unanswerable")
     print(f"\n[train] done: run {cfg.train.name!r}, {results['steps']} steps"
           f" ({results['skipped_steps']} skipped) on {results['world_size']} processes")
     if "untrained" in results:
         print(f"[train] untrained: {shown(results['untrained'])}")
     print(f"[train] trained:   {shown(results['trained'])}")
+    faults = " ".join(f"{k}={v}" for k, v in results.get("data_faults", {}).items() if v)
+    print(f"[train] data faults met in training: {faults or 'none'}")
     print(f"[train] model: {out / 'final_model.pt'}   checkpoints: {out / 'checkpoints'}   results: {out / 'results.json'}")
     print(f"[train] MLflow: {results['mlflow'] or 'tracking disabled'}", flush=True)
 
@@ -73,6 +84,19 @@ def check_command(args: argparse.Namespace) -> int:
     cfg = _checked_config("train", args.config, args.overrides, args.world_size)
     if cfg is None:
         return 2
+    if cfg.tracking.enabled:
+        from dist_dml.tracking import tracking_uri, unreachable
+
+        uri = tracking_uri(cfg.tracking)
+        problem = unreachable(uri, cfg.tracking.timeout_s)
+        if problem and cfg.tracking.required:
+            print(f"dist-dml train: error: the MLflow server at {uri} does not answer ({problem}): start it, fix "
+                  "tracking.uri or MLFLOW_TRACKING_URI, or set tracking.required=false to train without it",
+                  file=sys.stderr)
+            return 2
+        if problem:
+            print(f"[check] warning: the MLflow server at {uri} does not answer ({problem}); the run will train "
+                  "without tracking (tracking.required=false)", file=sys.stderr, flush=True)
     print(f"[check] run {cfg.train.name!r}: output {cfg.train.output_dir}, MLflow experiment "
           f"{cfg.tracking.experiment!r}, {args.world_size} processes", flush=True)
     return 0
@@ -112,7 +136,7 @@ def _on_checkpoint(args: argparse.Namespace, work) -> int:
 
 def eval_command(args: argparse.Namespace) -> int:
     """Retrieval metrics of a checkpoint on the configured evaluation split(s)."""
-    from dist_dml.evaluation import evaluate
+    from dist_dml.evaluation import EvaluationIncomplete, coverage_problem, evaluate
 
     def work(model, cfg, ctx) -> int:
         metrics, paths = evaluate(model, cfg.data, cfg.eval, ctx, progress=True, plots_dir=args.plots)
@@ -122,6 +146,9 @@ def eval_command(args: argparse.Namespace) -> int:
                 Path(args.out).write_text(json.dumps(metrics, indent=1))
             for path in paths:
                 print(f"[eval] plot: {path}")
+        problem = coverage_problem(metrics, cfg.eval.max_missing_share)
+        if problem:  # after writing what it has
+            raise EvaluationIncomplete(problem)
         return 0
 
     return _on_checkpoint(args, work)
@@ -183,6 +210,20 @@ def index_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_meta(folder: Path) -> dict:
+    """An index folder's meta.json; a missing or damaged one is a UserError."""
+    path = folder / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{folder}: not an index folder (no meta.json; build one with dist-dml index)")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: damaged ({exc}); build the index again with dist-dml index") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: damaged (not a JSON object); build the index again with dist-dml index")
+    return meta
+
+
 def search_command(args: argparse.Namespace) -> int:
     """The nearest indexed items of image files, by class and source. The model must be the one the
     index was built with (--force searches anyway, with a warning)."""
@@ -192,7 +233,9 @@ def search_command(args: argparse.Namespace) -> int:
     from dist_dml.search import load_index
 
     folder = Path(args.index)
-    meta = json.loads((folder / "meta.json").read_text())
+    if args.k < 1:
+        raise UserError(f"--k {args.k}: give at least 1 neighbour")
+    meta = _index_meta(folder)
     checkpoint = args.checkpoint or meta.get("checkpoint")
     if not checkpoint:
         print("dist-dml search: error: give --checkpoint (the index does not name one)", file=sys.stderr)
@@ -210,9 +253,16 @@ def search_command(args: argparse.Namespace) -> int:
             print(f"dist-dml search: error: {message} (--force searches anyway)", file=sys.stderr)
             return 2
         print(f"dist-dml search: warning: {message}", file=sys.stderr)
-    index = load_index(folder / "index.faiss")
-    columns = {name: np.load(folder / f"{name}.npy") for name in ("ids", "labels", "classes", "items")
-               if (folder / f"{name}.npy").is_file()}
+    try:
+        index = load_index(folder / "index.faiss")
+        columns = {name: np.load(folder / f"{name}.npy", allow_pickle=False)
+                   for name in ("ids", "labels", "classes", "items") if (folder / f"{name}.npy").is_file()}
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise UserError(f"{folder}: the index is damaged ({' '.join(str(exc).split())[:200]}); build it again "
+                        "with dist-dml index") from None
+    if index.ntotal != len(columns.get("ids", ())):
+        raise UserError(f"{folder}: the index holds {index.ntotal} vectors but ids.npy {len(columns.get('ids', ()))}"
+                        "; build it again with dist-dml index")
     scores, rows = index.search(embed_images(model, cfg, args.images).numpy(), args.k)
     for image, score_row, index_row in zip(args.images, scores, rows):
         print(f"{image}:")
@@ -256,7 +306,14 @@ def demo_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-dml", description="Distributed deep metric learning")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error (also DIST_DML_DEBUG=1)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of a user error (also DIST_DML_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)
 
     p = sub.add_parser("train", help="train (run under torchrun, srun, or alone)")
     p.add_argument("config", help="a YAML file under configs/")
@@ -318,7 +375,27 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=prep_run)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    debug = getattr(args, "debug", False) or os.environ.get("DIST_DML_DEBUG", "") not in ("", "0")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if debug:
+            raise
+        rank = int(os.environ.get("RANK", "0") or 0)
+        if rank == 0 or not exc.on_every_rank:
+            where = f" (rank {rank})" if rank else ""
+            print(f"dist-dml {args.command}: error{where}: {_one_line(exc)}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:
+        if debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"dist-dml {args.command}: error: no space left on the device of {exc.filename or 'the output'}: "
+              f"free some space (or give another train.output_dir) and run again", file=sys.stderr, flush=True)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -21,12 +21,13 @@ import yaml
 
 from dist_dml.data import DataConfig
 from dist_dml.engine_config import DeepSpeedConfig, OptimizerConfig
+from dist_dml.errors import UserError
 from dist_dml.losses import LossConfig
 from dist_dml.models import ModelConfig
 from dist_dml.sampling import SamplerConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     pass
 
 
@@ -62,10 +63,15 @@ class EvalConfig:
     nmi: bool = True  # faiss k-means with as many clusters as classes
     grid_queries: int = 6  # rows of the retrieval grid plot (0: no grid)
     grid_k: int = 5
+    max_missing_share: float = 0.0  # images of the split that may go unread (corrupt) before eval fails
 
     def validate(self) -> None:
         if not self.recall_ks or min(self.recall_ks) < 1:
             raise ValueError("eval.recall_ks must be a non-empty list of positive integers")
+        if not 0 <= self.max_missing_share <= 1:
+            raise ValueError(f"eval.max_missing_share must be in [0, 1], got {self.max_missing_share}")
+        if self.batch_size < 1 or self.every_steps < 0 or self.grid_queries < 0 or self.grid_k < 1:
+            raise ValueError("eval.batch_size and eval.grid_k must be >= 1, eval.every_steps and eval.grid_queries >= 0")
         if len(self.split.split(",")) not in (1, 2):
             raise ValueError(f"eval.split must be a split or 'query,gallery', got {self.split!r}")
 
@@ -77,9 +83,12 @@ class TrackingConfig:
     experiment: str = ""  # "": the run's name (train.name), so two configs never share an experiment
     run_name: str | None = None
     system_metrics: bool = True
+    required: bool = True  # an unreachable server stops the run at start; false: train without tracking
+    timeout_s: float = 10.0  # per request to a tracking server (the start-up check, and each log call)
 
     def validate(self) -> None:
-        pass
+        if not 0 < self.timeout_s <= 300:
+            raise ValueError(f"tracking.timeout_s must be in (0, 300] seconds, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -145,7 +154,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{section}: must be a mapping")
-        raw[section][name] = yaml.safe_load(value) if value != "" else None
+        try:
+            raw[section][name] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem", None) or "not valid YAML"
+            raise ConfigError(f"override {item!r}: the value {value!r} is not valid YAML ({where}); quote a "
+                              "string, write a list as [1,2]") from None
     return raw
 
 

@@ -32,6 +32,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dist_dml.errors import UserError
 from dist_dml.seeding import mix
 
 FORMAT, VERSION = "dist-dml/class-shards", 1
@@ -80,24 +81,55 @@ class DataConfig:
             raise ValueError(f"data.max_member_mb must be positive and finite, got {self.max_member_mb}")
 
 
+class ManifestError(UserError, ValueError):
+    """A manifest that is missing, unreadable, of another schema, or without the split asked for."""
+
+
 class Manifest:
+    """A shard folder's manifest.json (docs/SHARDS.md), schema-checked on load."""
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        path = self.root / "manifest.json"
+        self.path = path = self.root / "manifest.json"
         try:
             self.data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no manifest (write shards with `dist-dml prep`)") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        if self.data.get("format") != FORMAT or self.data.get("version") != VERSION:
-            raise ValueError(f"{path}: format {self.data.get('format')!r} version {self.data.get('version')!r}, "
-                             f"expected {FORMAT!r} version {VERSION}")
+            raise ManifestError(f"{path}: no manifest (write shards with `dist-dml prep`)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(self.data, dict) or self.data.get("format") != FORMAT or self.data.get("version") != VERSION:
+            got = self.data if not isinstance(self.data, dict) else self.data.get("format"), \
+                None if not isinstance(self.data, dict) else self.data.get("version")
+            raise ManifestError(f"{path}: format {got[0]!r} version {got[1]!r}, expected {FORMAT!r} version {VERSION}")
+        self._check_schema()
+
+    def _check_schema(self) -> None:
+        """Every field a reader relies on, with its type: one message naming the first that is wrong."""
+        def need(ok: bool, where: str, what: str) -> None:
+            if not ok:
+                raise ManifestError(f"{self.path}: {where} must be {what} (docs/SHARDS.md)")
+
+        splits = self.data.get("splits")
+        need(isinstance(splits, dict), "splits", "an object of splits")
+        count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for name, split in splits.items():
+            need(isinstance(split, dict), f"splits.{name}", "an object")
+            for key in ("classes", "images"):
+                need(count(split.get(key)), f"splits.{name}.{key}", "a count (an integer >= 0)")
+            need(isinstance(split.get("shards"), list), f"splits.{name}.shards", "a list")
+            for i, shard in enumerate(split["shards"]):
+                where = f"splits.{name}.shards[{i}]"
+                need(isinstance(shard, dict), where, "an object")
+                file = shard.get("name")
+                need(isinstance(file, str) and file != "" and not Path(file).is_absolute()
+                     and ".." not in Path(file).parts, f"{where}.name", "a file name inside the shard folder")
+                for key in ("records", "images"):
+                    need(count(shard.get(key)), f"{where}.{key}", "a count (an integer >= 0)")
 
     def split(self, name: str) -> dict:
         splits = self.data["splits"]
         if name not in splits:
-            raise KeyError(f"{self.root / 'manifest.json'}: no split {name!r}; it has {sorted(splits)}")
+            raise ManifestError(f"{self.path}: no split {name!r}; it has {sorted(splits)}")
         return splits[name]
 
     def shard_paths(self, split: str) -> list[str]:
@@ -106,15 +138,43 @@ class Manifest:
 
 # --- records ------------------------------------------------------------------------------------
 
-class ReadErrors:
-    """Per-worker counts of what could not be read; reported with every batch as a delta."""
+FAULTS = ("corrupt_shards", "bad_records", "unknown_members", "bad_labels", "bad_images", "dropped_records")
 
-    def __init__(self, max_member_bytes: int = 256 << 20):
+
+class ReadErrors:
+    """Per-worker counts of what could not be read; reported with every batch as a delta (FAULTS).
+
+    corrupt_shards: shards skipped from a point of damage on (not a tar, NUL bytes, a truncated or
+    oversized member); bad_records: records without a readable json or with images missing;
+    unknown_members: members that are neither json nor an image (never read); bad_labels: records whose
+    label or image ids lie outside the split's (per the manifest); bad_images: images that do not decode
+    (the record keeps its others); dropped_records: records left with fewer than 2 decodable images.
+    """
+
+    def __init__(self, max_member_bytes: int = 256 << 20, classes: int | None = None, images: int | None = None):
         self.max_member_bytes = max_member_bytes  # a member declaring more makes its shard corrupt
+        self.classes, self.images = classes, images  # the split's: labels and image ids must lie below
         self.corrupt_shards: set[str] = set()
-        self.bad_records = 0
-        self.unknown_members = 0
-        self._reported = (0, 0, 0)
+        self.bad_records = self.unknown_members = self.bad_labels = self.bad_images = self.dropped_records = 0
+        self._reported = (0,) * len(FAULTS)
+        self._logged: set[str] = set()
+
+    def warn_once(self, what: str, message: str, *args) -> None:
+        if what not in self._logged:
+            self._logged.add(what)
+            log.warning(message, *args)
+
+    def check_range(self, record: dict, key: str) -> bool:
+        """Whether the record's label and image ids lie in the split's ranges; counted and logged if not."""
+        label_ok = self.classes is None or 0 <= record["label"] < self.classes
+        ids_ok = self.images is None or all(0 <= i < self.images for i in record["image_ids"])
+        if label_ok and ids_ok:
+            return True
+        self.bad_labels += 1
+        what = (f"label {record['label']} (the split has {self.classes} classes)" if not label_ok else
+                f"image ids {record['image_ids']} (the split has {self.images} images)")
+        self.warn_once(f"{record['shard']}#{key}", "skipping record %s in shard %s: %s", key, record["shard"], what)
+        return False
 
     def corrupt(self, shard: str, exc: Exception) -> None:
         """Log once and count a shard whose rest is skipped."""
@@ -130,11 +190,17 @@ class ReadErrors:
         self.unknown_members += 1
         return False
 
+    def delta_pending(self) -> tuple[int, ...]:
+        """The counts not yet reported by delta()."""
+        now = (len(self.corrupt_shards), self.bad_records, self.unknown_members, self.bad_labels, self.bad_images,
+               self.dropped_records)
+        return tuple(a - b for a, b in zip(now, self._reported))
+
     def delta(self) -> dict[str, int]:
-        now = (len(self.corrupt_shards), self.bad_records, self.unknown_members)
-        out = {k: a - b for k, a, b in zip(("corrupt_shards", "bad_records", "unknown_members"), now, self._reported)}
-        self._reported = now
-        return out
+        """The counts since the previous call."""
+        pending = self.delta_pending()
+        self._reported = tuple(a + b for a, b in zip(self._reported, pending))
+        return dict(zip(FAULTS, pending))
 
 
 class ShardError(Exception):
@@ -265,7 +331,8 @@ def shard_records(shard: str, errors: ReadErrors, skip: int = 0) -> Iterator[dic
                 errors.bad_records += 1
                 log.warning("skipping malformed record %s in shard %s", key, shard)
                 continue
-            yield record
+            if errors.check_range(record, key):
+                yield record
     except (ShardError, OSError, ValueError, UnicodeDecodeError) as exc:
         errors.corrupt(shard, exc)
 
@@ -586,7 +653,7 @@ class TrainStream(IterableDataset):
         index ``start`` on; the ones before are drawn (records read, images not decoded) but not yielded."""
         cfg = self.cfg
         rng = random.Random(mix(cfg.seed, epoch, self.rank, worker))
-        errors = ReadErrors(int(cfg.max_member_mb * 2**20))
+        errors = ReadErrors(int(cfg.max_member_mb * 2**20), self.num_classes, self.num_images)
         records = self._record_stream(epoch, worker, errors, rng)
         for index in range(worker, self.steps_in_epoch(epoch), self.workers):
             chosen = []
@@ -628,19 +695,69 @@ class TrainStream(IterableDataset):
             random.Random(mix(self.cfg.seed, epoch, self.rank, worker, passes)).shuffle(segments)
 
     def _assemble(self, chosen, rng: random.Random, errors: ReadErrors) -> dict:
-        labels, ids, data = [], [], []
-        for record, picks in chosen:
+        """The batch of the chosen (record, picks). An image that does not decode is counted and replaced by
+        another of its record (the next that decodes); a record left with fewer than 2 decodable images is
+        dropped, counted, and its places go to the batch's previous (or next) record, so the batch keeps
+        its size. Which images replace which depends on the data alone, so a resumed run matches."""
+        cfg = self.cfg
+        picks_of = [list(picks) for _, picks in chosen]
+        images = new_batch(cfg.local_batch, cfg.image_size) if self.decode_images else None
+        if images is not None:  # uint8: normalised on the device (normalize_batch)
+            dropped = []
+            for r, (record, _) in enumerate(chosen):
+                picks_of[r] = self._decode_record(record, picks_of[r], images[r * cfg.images_per_class:], rng, errors)
+                if picks_of[r] is None:
+                    dropped.append(r)
+            kept = [r for r in range(len(chosen)) if r not in dropped]
+            if not kept:
+                raise RuntimeError(f"rank {self.rank}: no record of a batch has 2 decodable images: "
+                                   f"{sorted({record['shard'] for record, _ in chosen})}")
+            k = cfg.images_per_class
+            for r in dropped:  # its places: a copy of the nearest kept record's images
+                donor = max((d for d in kept if d < r), default=min(kept))
+                images[r * k:(r + 1) * k].copy_(images[donor * k:(donor + 1) * k])
+                chosen[r], picks_of[r] = chosen[donor], picks_of[donor]
+        labels, ids = [], []
+        for (record, _), picks in zip(chosen, picks_of):
             for i in picks:
                 labels.append(record["label"])
                 ids.append(record["image_ids"][i])
-                data.append(record["images"][i][1])
         batch = {"labels": torch.tensor(labels), "image_ids": torch.tensor(ids), "errors": errors.delta(),
                  "records": torch.tensor([record["image_ids"][0] for record, _ in chosen])}  # a record's first id names it
-        if self.decode_images:  # uint8: normalised on the device (normalize_batch)
-            batch["images"] = new_batch(len(data), self.cfg.image_size)
-            for image, out in zip(data, batch["images"]):
-                train_image(image, self.cfg, rng, out)
+        if images is not None:
+            batch["images"] = images
         return batch
+
+    def _decode_record(self, record: dict, picks: list[int], out: torch.Tensor, rng: random.Random,
+                       errors: ReadErrors) -> list[int] | None:
+        """Decode and augment the record's picked images into out[0..K); the picks actually used, or None
+        where fewer than 2 of its images decode (then counted as dropped)."""
+        bad: set[int] = set()
+        used = []
+        have = len(record["images"])
+        for slot, pick in enumerate(picks):
+            for i in [pick] + [(pick + j) % have for j in range(1, have)]:
+                if i in bad:
+                    continue
+                try:
+                    train_image(record["images"][i][1], self.cfg, rng, out[slot])
+                    used.append(i)
+                    break
+                except (RuntimeError, ValueError):
+                    bad.add(i)
+                    errors.bad_images += 1
+                    errors.warn_once(f"{record['shard']}#{record['items'][i]}", "skipping image %s of shard %s: it "
+                                     "does not decode", record["items"][i], record["shard"])
+            else:
+                break
+            if bad and have - len(bad) < 2:
+                break
+        if bad and have - len(bad) < 2:
+            errors.dropped_records += 1
+            errors.warn_once(f"{record['shard']}#drop{record['image_ids'][0]}", "dropping a record of class %s in "
+                             "shard %s: fewer than 2 of its %d images decode", record["class"], record["shard"], have)
+            return None
+        return used
 
 
 # --- evaluation stream --------------------------------------------------------------------------
@@ -654,6 +771,7 @@ class EvalBatch(NamedTuple):
     image_ids: torch.Tensor
     classes: list[str]
     items: list[str]
+    errors: dict | None = None  # FAULTS met since the worker's previous batch
 
 
 class EvalStream(IterableDataset):
@@ -665,6 +783,7 @@ class EvalStream(IterableDataset):
         manifest = Manifest(cfg.root)
         self.shards = manifest.shard_paths(split)
         self.num_images = manifest.split(split)["images"]
+        self.num_classes = manifest.split(split)["classes"]
         self.batch_size = batch_size
         self.decode_images = decode_images
         workers = max(cfg.workers, 1)
@@ -680,24 +799,35 @@ class EvalStream(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         slots = self.world_size * workers
         mine = self.shards[self.rank * workers + worker::slots]  # exactly once: no resampling here
-        pending: list[tuple[bytes, int, int, str, str]] = []
-        for record in read_records(mine, ReadErrors(int(self.cfg.max_member_mb * 2**20))):
+        pending: list[tuple[bytes, int, int, str, str, str]] = []
+        errors = ReadErrors(int(self.cfg.max_member_mb * 2**20), self.num_classes, self.num_images)
+        for record in read_records(mine, errors):
             for (_, image), image_id, item in zip(record["images"], record["image_ids"], record["items"]):
-                pending.append((image, record["label"], image_id, record["class"], item))
+                pending.append((image, record["label"], image_id, record["class"], item, record["shard"]))
                 if len(pending) == self.batch_size:
-                    yield self._batch(pending)
+                    yield self._batch(pending, errors)
                     pending = []
-        if pending:
-            yield self._batch(pending)
+        if pending or any(errors.delta_pending()):
+            yield self._batch(pending, errors)
 
-    def _batch(self, pending) -> EvalBatch:
-        data, labels, ids, classes, items = zip(*pending)
+    def _batch(self, pending, errors: ReadErrors) -> EvalBatch:
+        """The decoded batch; an image that does not decode is counted, logged and left out."""
         images = torch.empty(0, dtype=torch.uint8)
-        if self.decode_images:
-            images = new_batch(len(data), self.cfg.image_size)
-            for image, out in zip(data, images):
-                eval_image(image, self.cfg, out)
-        return EvalBatch(images, torch.tensor(labels), torch.tensor(ids), list(classes), list(items))
+        if self.decode_images and pending:
+            images = new_batch(len(pending), self.cfg.image_size)
+            good = []
+            for entry in pending:
+                try:
+                    eval_image(entry[0], self.cfg, images[len(good)])
+                    good.append(entry)
+                except (RuntimeError, ValueError):
+                    errors.bad_images += 1
+                    errors.warn_once(f"{entry[5]}#{entry[4]}", "leaving out image %s of shard %s: it does not decode",
+                                     entry[4], entry[5])
+            pending, images = good, images[:len(good)]
+        _, labels, ids, classes, items, _ = zip(*pending) if pending else ((),) * 6
+        return EvalBatch(images, torch.tensor(labels, dtype=torch.long), torch.tensor(ids, dtype=torch.long),
+                         list(classes), list(items), errors.delta())
 
 
 def images_by_id(cfg: DataConfig, split: str, wanted) -> dict[int, torch.Tensor]:

@@ -10,14 +10,16 @@ retrieval metric; their number is reported as `unanswerable`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from dist_dml.data import FAULTS as FAULT_KEYS
 from dist_dml.distributed import DistContext
+from dist_dml.errors import UserError
 
 
 @dataclass
@@ -79,13 +81,44 @@ def clustering_nmi(vectors: np.ndarray, labels: np.ndarray, use_gpu: bool = True
 @dataclass
 class Embedded:
     """Embeddings of images with their labels and image ids (tensors), and with ``names``, each image's
-    class and item (its source path or id)."""
+    class and item (its source path or id); ``faults``: what could not be read (data.FAULTS)."""
 
     embeddings: Tensor
     labels: Tensor
     image_ids: Tensor
     classes: list[str] | None = None
     items: list[str] | None = None
+    faults: dict[str, int] = field(default_factory=dict)
+
+
+class EvaluationIncomplete(UserError):
+    """More images of an evaluation split went missing than eval.max_missing_share allows."""
+
+    on_every_rank = True
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """One line: R@K and scores to 4 decimals, counts as integers."""
+    shown = []
+    for key, value in metrics.items():
+        if key.startswith(("images_", "unanswerable")) or key in FAULT_KEYS:
+            if key != "unanswerable" and (value or key.startswith("images_")):
+                shown.append(f"{key}={int(value)}")
+        else:
+            shown.append(f"{key.replace('recall_at_', 'R@')}={value:.4f}")
+    return " ".join(shown)
+
+
+def coverage_problem(metrics: dict[str, float], max_missing_share: float) -> str | None:
+    """Why an evaluation's coverage fails eval.max_missing_share (None if it does not)."""
+    expected, evaluated = metrics.get("images_expected", 0), metrics.get("images_evaluated", 0)
+    missing = expected - evaluated
+    if expected and missing / expected > max_missing_share:
+        faults = ", ".join(f"{k}={int(metrics[k])}" for k in FAULT_KEYS if metrics.get(k))
+        return (f"evaluated {int(evaluated)} of the {int(expected)} images the manifest lists ({missing / expected:.1%} "
+                f"missing{': ' + faults if faults else ''}), above eval.max_missing_share={max_missing_share}; the "
+                "metrics above cover only the images read (see the reader's warnings for which shards)")
+    return None
 
 
 @torch.no_grad()
@@ -99,7 +132,12 @@ def embed_local(model: nn.Module, stream, ctx: DistContext, progress: bool = Fal
     where = f" (rank 0 of {ctx.world_size})" if ctx.world_size > 1 else ""
     bar = tqdm(total=stream.local_images, unit="img", desc=f"[eval] embed {stream.split}{where}",
                disable=not (progress and ctx.is_main), mininterval=2)
+    faults = dict.fromkeys(FAULT_KEYS, 0)
     for batch in stream.loader():
+        for key, value in (batch.errors or {}).items():
+            faults[key] += value
+        if not len(batch.image_ids):
+            continue
         parts.append(model(batch.images.to(ctx.device)).float())
         labels.append(batch.labels.to(ctx.device))
         ids.append(batch.image_ids.to(ctx.device))
@@ -112,16 +150,23 @@ def embed_local(model: nn.Module, stream, ctx: DistContext, progress: bool = Fal
     dim = model.head.out_features
     return Embedded(torch.cat(parts) if parts else torch.empty(0, dim, device=ctx.device),
                     torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=ctx.device),
-                    torch.cat(ids) if ids else torch.empty(0, dtype=torch.long, device=ctx.device), classes, items)
+                    torch.cat(ids) if ids else torch.empty(0, dtype=torch.long, device=ctx.device), classes, items,
+                    faults)
 
 
-def embed_split(model: nn.Module, stream, ctx: DistContext, progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def embed_split(model: nn.Module, stream, ctx: DistContext, progress: bool = False
+                ) -> tuple[tuple[Tensor, Tensor, Tensor], dict[str, float]]:
     """Every rank embeds its share of ``stream``; all ranks get the whole split, ordered by image id:
-    (embeddings, labels, image ids) on the CPU. Ranks may hold different counts."""
+    (embeddings, labels, image ids) on the CPU, and its coverage: images_evaluated and images_expected
+    (the manifest's count) with the faults met, summed over ranks. Ranks may hold different counts."""
     local = embed_local(model, stream, ctx, progress)
     emb, lab, idx = (ctx.all_gather_uneven(t) for t in (local.embeddings, local.labels, local.image_ids))
     order = torch.argsort(idx)
-    return emb[order].cpu(), lab[order].cpu(), idx[order].cpu()
+    faults = ctx.all_reduce_sum(torch.tensor([float(local.faults[k]) for k in FAULT_KEYS], dtype=torch.float64,
+                                             device=ctx.device)).cpu().tolist()
+    coverage = {"images_evaluated": float(len(idx)), "images_expected": float(stream.num_images),
+                **dict(zip(FAULT_KEYS, faults))}
+    return (emb[order].cpu(), lab[order].cpu(), idx[order].cpu()), coverage
 
 
 def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: bool = False,
@@ -134,8 +179,10 @@ def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: b
     from dist_dml.data import EvalStream
 
     splits = eval_cfg.split.split(",")
-    sets = [embed_split(model, EvalStream(data_cfg, s, ctx.rank, ctx.world_size, eval_cfg.batch_size), ctx,
-                        progress) for s in splits]
+    embedded = [embed_split(model, EvalStream(data_cfg, s, ctx.rank, ctx.world_size, eval_cfg.batch_size), ctx,
+                            progress) for s in splits]
+    sets = [e[0] for e in embedded]
+    coverage = {k: sum(e[1][k] for e in embedded) for k in embedded[0][1]}
     metrics, paths = {}, []
     if ctx.is_main:
         (q_emb, q_lab, q_ids), gallery = sets[0], sets[1] if len(sets) == 2 else None
@@ -143,7 +190,7 @@ def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: b
         result = retrieval_metrics(q_emb.numpy(), q_lab.numpy(), None if gallery is None else gallery[0].numpy(),
                                    None if gallery is None else gallery[1].numpy(), eval_cfg.recall_ks,
                                    nmi=eval_cfg.nmi, use_gpu=use_gpu, progress=progress)
-        metrics = result.metrics
+        metrics = {**result.metrics, **coverage}
         if plots_dir is not None:
             paths = _plots(result, eval_cfg, data_cfg, splits, sets, plots_dir, title)
     return ctx.broadcast_object(metrics), paths

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dist_dml.config import RunConfig, apply_overrides, build_config, load_config
+from dist_dml.errors import UserError
 from dist_dml.models import EmbeddingModel, build_model
 
 
@@ -25,20 +26,45 @@ def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[Embedd
         states = path / "mp_rank_00_model_states.pt"
         problem = verify(path)
         if problem:
-            raise FileNotFoundError(f"{path}: not a whole checkpoint folder ({problem})")
+            raise UserError(f"{path}: not a whole checkpoint folder ({problem})")
         from dist_dml.engine import WeightsOnlyCheckpointEngine
 
         with torch.serialization.safe_globals(WeightsOnlyCheckpointEngine.SAFE_GLOBALS):
-            module_state = torch.load(states, map_location="cpu", weights_only=True)["module"]
+            module_state = _read(states)["module"]
         state = {k[len("model."):]: v for k, v in module_state.items() if k.startswith("model.")}
         config = load_config(path.parent.parent / "config.yaml", list(overrides))
     else:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = _read(path)
+        if not isinstance(saved, dict) or not {"state_dict", "config"} <= set(saved):
+            raise UserError(f"{path}: not a dist-dml model (expected final_model.pt or a checkpoint folder)")
         state = saved["state_dict"]
         config = build_config(apply_overrides(saved["config"], list(overrides)), source=f"{path} (its config)")
     model = build_model(config.model)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise UserError(f"{path} holds another model than the config describes ({_shape_difference(model, state)}); "
+                        "leave model.* as the checkpoint was trained") from None
     return model.eval(), config
+
+
+def _read(path: Path):
+    """torch.load with weights_only=True; a file that is not a readable checkpoint is a UserError."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- weights_only unpickling of garbage raises anything: all mean "unreadable"
+        raise UserError(f"{path}: not a readable checkpoint ({' '.join(str(exc).split())[:200]})") from None
+
+
+def _shape_difference(model: torch.nn.Module, state: dict) -> str:
+    mine = model.state_dict()
+    for name, tensor in state.items():
+        if name in mine and mine[name].shape != tensor.shape:
+            return f"{name} is {tuple(tensor.shape)} there, {tuple(mine[name].shape)} here"
+    missing = sorted(set(mine) - set(state))
+    return f"it lacks {missing[0]} and {len(missing) - 1} more" if missing else "other parameter names"
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -111,11 +137,15 @@ def read_embeddings(folder: Path) -> Exported:
 
 
 def embed_images(model: EmbeddingModel, config: RunConfig, paths: list[Path]) -> torch.Tensor:
-    """Embeddings of image files, through the evaluation transform."""
+    """Embeddings of image files, through the evaluation transform. A file that is not a decodable
+    image is a UserError naming it."""
     from dist_dml.data import eval_image, new_batch
 
     images = new_batch(len(paths), config.data.image_size)
     for path, out in zip(paths, images):
-        eval_image(Path(path).read_bytes(), config.data, out)
+        try:
+            eval_image(Path(path).read_bytes(), config.data, out)
+        except (RuntimeError, ValueError):
+            raise UserError(f"{path}: not a readable image (JPEG, PNG, WebP or GIF)") from None
     with torch.no_grad():
         return model(images)

@@ -2,16 +2,38 @@
 
 MLFLOW_TRACKING_URI, else `tracking.uri`, else MLflow's own local default (a SQLite file in the
 working directory), so a laptop run needs no server.
+
+A server that does not answer is found at start, within about 2 x `tracking.timeout_s`: the run stops
+with one line naming the URI, or, with `tracking.required: false`, trains without tracking. Once
+training runs, tracking never stops it: a failing call warns and tracking pauses for a while
+(PAUSE_S) before it tries again, so a dead server costs the run a few bounded timeouts, not hours.
+Params are logged once, by a fresh run; a resumed run records what its config changes (a tag and an
+artifact per resume), since MLflow refuses to change a logged param.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
 from dist_dml.distributed import DistContext
+from dist_dml.errors import UserError
+
+PAUSE_S = 300.0  # after a failed call, tracking rests this long before it tries again
+
+
+class TrackingError(UserError):
+    """The tracking server cannot be reached at start (and tracking.required is true)."""
+
+    on_every_rank = True
 
 
 class Tracker(Protocol):
@@ -21,6 +43,7 @@ class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None: ...
+    def record_resume(self, step: int, changes: dict[str, tuple[Any, Any]]) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -44,16 +67,47 @@ class NullTracker:
     def log_artifact(self, path, folder=None):
         pass
 
+    def record_resume(self, step, changes):
+        pass
+
     def close(self, status="FINISHED"):
         pass
 
 
+def tracking_uri(config) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or config.uri or ""
+
+
+def unreachable(uri: str, timeout_s: float, tries: int = 2) -> str | None:
+    """Why an http(s) tracking server does not answer its /health check (None if it does, or if the URI
+    is a local store). At most ``tries`` x ``timeout_s`` seconds."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    problem = None
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+                if response.status == 200:
+                    return None
+                problem = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            problem = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            problem = str(getattr(exc, "reason", exc))
+        if attempt + 1 < tries:
+            time.sleep(1.0)
+    return problem
+
+
 class MlflowTracker:
     def __init__(self, config, ctx: DistContext, tags: dict[str, str], resume_run_id: str | None = None):
+        # Bounded cost per call where a server stops answering mid-run (MLflow's defaults: 120 s x 7 retries).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(config.timeout_s, 1))))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         import mlflow
 
         self.mlflow = mlflow
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or config.uri
+        uri = tracking_uri(config)
         if uri:
             mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(config.experiment)
@@ -65,35 +119,82 @@ class MlflowTracker:
                 run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=config.system_metrics)
             except mlflow.exceptions.MlflowException:
                 run = None
+        self.fresh = run is None
         if run is None:
             run = mlflow.start_run(run_name=config.run_name, log_system_metrics=config.system_metrics, tags=tags)
         self.run_id = run.info.run_id
         self.location = f"{mlflow.get_tracking_uri()} (experiment {config.experiment!r}, run {self.run_id})"
+        self.paused_until = 0.0
+
+    def _call(self, what: str, fn, *args, **kwargs) -> None:
+        """One MLflow call that never stops training: a failure warns, and tracking rests PAUSE_S."""
+        now = time.time()
+        if now < self.paused_until:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 -- whatever the server or the store says, training goes on
+            self.paused_until = time.time() + PAUSE_S
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            print(f"[tracking] warning: {what} failed ({first}); training goes on, tracking retries in "
+                  f"{PAUSE_S / 60:.0f} min", file=sys.stderr, flush=True)
 
     def log_params(self, params):
+        """Only a fresh run logs params (MLflow refuses to change one): see record_resume."""
+        if not self.fresh:
+            return
         items = {k: ("" if v is None else str(v))[:6000] for k, v in params.items()}
         keys = list(items)
         for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per call
-            self.mlflow.log_params({k: items[k] for k in keys[i:i + 100]})
+            self._call("logging params", self.mlflow.log_params, {k: items[k] for k in keys[i:i + 100]})
 
     def log_metrics(self, metrics, step):
         clean = {metric_name(k): float(v) for k, v in metrics.items() if v == v}  # drop NaN
-        self.mlflow.log_metrics(clean, step=step)
+        self._call(f"logging metrics at step {step}", self.mlflow.log_metrics, clean, step=step)
 
     def log_artifact(self, path, folder=None):
-        self.mlflow.log_artifact(str(path), artifact_path=folder)
+        self._call(f"logging {path}", self.mlflow.log_artifact, str(path), artifact_path=folder)
+
+    def record_resume(self, step, changes):
+        """A resume at ``step``: tag `resumed_at_step_N` with the changed keys (old -> new), and the full
+        list as the artifact resume/step_N.json."""
+        summary = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()) or "no config change"
+        self._call("tagging the resume", self.mlflow.set_tag, f"resumed_at_step_{step}", summary[:5000])
+        if changes:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"step_{step}.json"
+                path.write_text(json.dumps({k: {"was": old, "now": new} for k, (old, new) in changes.items()},
+                                           indent=1, default=str))
+                self.log_artifact(path, "resume")
 
     def close(self, status="FINISHED"):
-        self.mlflow.end_run(status=status)
+        self._call("ending the run", self.mlflow.end_run, status=status)
 
 
 def build_tracker(config, ctx: DistContext, resume_run_id: str | None = None) -> Tracker:
-    """MLflow on rank 0, a NullTracker elsewhere; every rank learns the run id."""
+    """MLflow on rank 0, a NullTracker elsewhere; every rank learns the run id, or every rank raises
+    TrackingError where the server cannot be reached and tracking is required."""
     tracker: Tracker = NullTracker()
+    failure = None
     if ctx.is_main and config.enabled:
-        tags = {"world_size": str(ctx.world_size), "git_commit": _git_commit()}
-        tracker = MlflowTracker(config, ctx, tags, resume_run_id)
-    run_id = ctx.broadcast_object(tracker.run_id)
+        uri = tracking_uri(config)
+        problem = unreachable(uri, config.timeout_s)
+        if problem is None:
+            tags = {"world_size": str(ctx.world_size), "git_commit": _git_commit()}
+            try:
+                tracker = MlflowTracker(config, ctx, tags, resume_run_id)
+            except Exception as exc:  # noqa: BLE001 -- reported in one line below
+                problem = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        if problem is not None:
+            message = (f"MLflow tracking at {uri or 'the default store'} failed: {problem} (start the server, fix "
+                       "tracking.uri or MLFLOW_TRACKING_URI, or set tracking.required=false to train without it)")
+            if config.required:
+                failure = message
+            else:
+                print(f"[tracking] warning: {message}; training without tracking", file=sys.stderr, flush=True)
+    failure, run_id = ctx.broadcast_object((failure, tracker.run_id))
+    if failure:
+        raise TrackingError(failure)
     return tracker if ctx.is_main else NullTracker(run_id)
 
 

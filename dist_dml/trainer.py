@@ -12,18 +12,19 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from dist_dml import plots
-from dist_dml.checkpoint import CheckpointError, Checkpointer, resume_target
+from dist_dml.checkpoint import CheckpointError, Checkpointer, read_meta, resume_target
 from dist_dml.config import RunConfig, dump_yaml
-from dist_dml.data import TrainStream
+from dist_dml.data import FAULTS, TrainStream
 from dist_dml.distributed import DistContext
 from dist_dml.engine import TrainEngine
-from dist_dml.evaluation import evaluate
+from dist_dml.evaluation import coverage_problem, evaluate, format_metrics
 from dist_dml.losses import build_loss
 from dist_dml.models import TrainModule, build_model
 from dist_dml.objective import GlobalBatchObjective, StepResult
@@ -57,14 +58,16 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict:
                          lr_lambda=cfg.optimizer.lr_lambda(total_steps))
     objective = GlobalBatchObjective(build_sampler(cfg.sampler), engine.module.loss, ctx)
     checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.keep_last, ctx)
-    step, resumed = _resume(cfg, engine, stream, ctx)
+    step, resumed, changes = _resume(cfg, engine, stream, ctx)
     tracker = build_tracker(cfg.tracking, ctx, resume_run_id=resumed.get("mlflow_run_id"))
     results: dict = {"name": cfg.train.name, "mlflow": tracker.location, "run_id": tracker.run_id,
                      "world_size": ctx.world_size, "total_steps": total_steps}
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_yaml(cfg))
-        tracker.log_params(cfg.flat())
+        tracker.log_params(cfg.flat())  # a fresh run only: MLflow refuses to change a param
+        if resumed:
+            tracker.record_resume(step, changes)
         tracker.log_artifact(out / "config.yaml")
     if cfg.eval.at_start and step == 0:
         results["untrained"] = _evaluate(cfg, engine, ctx, tracker, step)
@@ -100,6 +103,7 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict:
         results["trained"] = _evaluate(cfg, engine, ctx, tracker, step, final=True)
         results["steps"] = step
         results["skipped_steps"] = meter.skipped
+        results["data_faults"] = dict(meter.faults)
         _finish(cfg, engine, ctx, tracker, meter, results, out)
         status = "FINISHED"
         return results
@@ -117,9 +121,10 @@ def _finite_everywhere(result: StepResult, ctx: DistContext) -> bool:
     return float(ctx.all_reduce(bad, "max")) == 0.0
 
 
-def _resume(cfg: RunConfig, engine, stream: TrainStream, ctx) -> tuple[int, dict]:
-    """(step, client state) of the checkpoint to continue from; (0, {}) for a fresh run. Rank 0 picks the
-    checkpoint (reporting any it passes over) and every rank loads that one."""
+def _resume(cfg: RunConfig, engine, stream: TrainStream, ctx) -> tuple[int, dict, dict]:
+    """(step, client state, config changes) of the checkpoint to continue from; (0, {}, {}) for a fresh
+    run. Rank 0 picks the checkpoint (reporting any it passes over) and every rank loads that one. The
+    changes are {section.key: (saved, now)} against the config the checkpoint was saved with."""
     chosen = None
     if ctx.is_main:
         try:
@@ -130,16 +135,33 @@ def _resume(cfg: RunConfig, engine, stream: TrainStream, ctx) -> tuple[int, dict
     if kind == "error":  # every rank stops alike
         raise CheckpointError(value)
     if not value:
-        return 0, {}
+        return 0, {}, {}
     target = Path(value)
     state = Checkpointer(target.parent, cfg.checkpoint.keep_last, ctx).load(engine, target.name)
     stream.load_state_dict(state["data"])
     torch.set_rng_state(state["torch_rng"])
-    if state.get("config_digest") != cfg.digest() and ctx.is_main:
-        print(f"[train] note: resuming {target} under a changed config", flush=True)
+    changes = config_changes(read_meta(target).get("config", {}), cfg)
+    if changes and ctx.is_main:
+        shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        print(f"[train] note: resuming {target} under a changed config: {shown}", flush=True)
     if ctx.is_main:
         print(f"[train] resumed from {target} at step {state['step']}", flush=True)
-    return int(state["step"]), state
+    return int(state["step"]), state, changes
+
+
+def config_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple]:
+    """{section.key: (saved value, this run's)} for every key that differs (a key the saved config lacks
+    counts as changed from None)."""
+    now = cfg.to_dict()
+    changes = {}
+    for section, values in now.items():
+        for key, value in values.items():
+            was = saved.get(section, {}).get(key)
+            value = list(value) if isinstance(value, tuple) else value
+            was = list(was) if isinstance(was, tuple) else was
+            if was != value:
+                changes[f"{section}.{key}"] = (was, value)
+    return changes
 
 
 def share_norm_statistics(model: torch.nn.Module, cfg: RunConfig, ctx: DistContext) -> None:
@@ -172,8 +194,10 @@ def _evaluate(cfg: RunConfig, engine, ctx: DistContext, tracker, step: int, fina
         tracker.log_metrics(metrics, step)
         for path in plot_paths:
             tracker.log_artifact(path, "plots")
-        shown = " ".join(f"{k.replace('recall_at_', 'R@')}={v:.4f}" for k, v in metrics.items() if k != "unanswerable")
-        print(f"[eval] step {step}: {shown}", flush=True)
+        print(f"[eval] step {step}: {format_metrics(metrics)}", flush=True)
+        problem = coverage_problem(metrics, cfg.eval.max_missing_share)
+        if problem:
+            print(f"[eval] {'error' if final else 'warning'}: step {step}: {problem}", file=sys.stderr, flush=True)
     return metrics
 
 
@@ -202,7 +226,7 @@ class _Meter:
     checkpoint with the step it starts at)."""
 
     SUMS = ("loss", "steps", "active", "terms", "d_ap_sum", "d_an_sum", "triplets", "beta_sum", "fallback",
-            "anchors", "images", "corrupt_shards", "bad_records", "unknown_members")
+            "anchors", "images", *FAULTS)
     GLOBAL = ("steps", "active", "terms")  # already global on every rank: not summed over ranks
 
     def __init__(self, ctx: DistContext, every: int, total: int, start_step: int):
@@ -214,18 +238,20 @@ class _Meter:
         self.window_histogram = torch.zeros(HIST_BINS)  # sampled-negative distances since the last reduction
         self.histogram = torch.zeros(HIST_BINS)  # all ranks, steps histogram_from.. (rank 0's copy is used)
         self.histogram_from = start_step + 1
+        self.faults = dict.fromkeys(FAULTS, 0)  # the run's totals over all ranks (as of the last reduction)
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps (call on every rank: it reduces the pending histogram)."""
         self._reduce_histogram()
         return {"negative_histogram": self.histogram.clone(), "histogram_from": self.histogram_from,
-                "skipped_steps": self.skipped}
+                "skipped_steps": self.skipped, "data_faults": dict(self.faults)}
 
     def load_state_dict(self, state: dict) -> None:
         if "negative_histogram" in state:
             self.histogram = state["negative_histogram"].float().clone()
             self.histogram_from = int(state["histogram_from"])
             self.skipped = int(state.get("skipped_steps", 0))
+            self.faults.update({k: int(v) for k, v in state.get("data_faults", {}).items() if k in self.faults})
 
     def update(self, result: StepResult, batch: dict, engine, tracker, step: int) -> None:
         out, triplets, stats = result.output, result.triplets, result.output.stats
@@ -257,8 +283,7 @@ class _Meter:
                   f"active={metrics['active_fraction']:.3f} d_ap={metrics['d_ap_mean']:.3f} "
                   f"d_an={metrics['d_an_mean']:.3f} fallback={metrics['fallback_rate']:.3f} "
                   f"images/s={metrics['images_per_s']:.0f} ETA {_duration(metrics['eta_s'])}"
-                  + (f" corrupt_shards={metrics['corrupt_shards']:.0f}" if metrics["corrupt_shards"] else ""),
-                  flush=True)
+                  + "".join(f" {k}={v}" for k, v in self.faults.items() if v), flush=True)
 
     def _reduce_histogram(self) -> torch.Tensor:
         hist = self.ctx.all_reduce_sum(self.window_histogram.to(self.ctx.device)).cpu()
@@ -271,6 +296,8 @@ class _Meter:
         reduced = dict(zip(self.SUMS, self.ctx.all_reduce_sum(sums).cpu().tolist()))
         total = {k: (self.window[k] if k in self.GLOBAL else reduced[k]) for k in self.SUMS}
         hist = self._reduce_histogram()
+        for key in FAULTS:
+            self.faults[key] += int(total[key])
         now, done = time.time(), max(step - self.start_step, 1)
         n, steps = max(total["triplets"], 1.0), max(total["steps"], 1.0)
         metrics = {
@@ -280,7 +307,7 @@ class _Meter:
             "images_per_s": total["images"] / max(now - self.last_time, 1e-9),
             "eta_s": (self.total - step) * (now - self.start_time) / done,
             "skipped_steps": float(self.skipped),
-            **{k: total[k] for k in ("corrupt_shards", "bad_records", "unknown_members")},
+            **{k: total[k] for k in FAULTS},
             **{f"d_an_q{int(q * 100)}": v for q, v in _quantiles(hist).items()},
             **{f"lr_{name}": lr for name, lr in engine.learning_rates().items()},
         }
