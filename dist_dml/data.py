@@ -159,9 +159,12 @@ class ReadErrors:
         self._reported = (0,) * len(FAULTS)
         self._logged: set[str] = set()
 
-    def warn_once(self, what: str, message: str, *args) -> None:
+    def fault(self, kind: str, what: str, message: str, *args) -> None:
+        """Count (``kind``, one of FAULTS) and log a fault once per ``what`` (a record or image): a window
+        read again (its slot's last batch) meets the same faults without counting them twice."""
         if what not in self._logged:
             self._logged.add(what)
+            setattr(self, kind, getattr(self, kind) + 1)
             log.warning(message, *args)
 
     def check_range(self, record: dict, key: str) -> bool:
@@ -170,10 +173,10 @@ class ReadErrors:
         ids_ok = self.images is None or all(0 <= i < self.images for i in record["image_ids"])
         if label_ok and ids_ok:
             return True
-        self.bad_labels += 1
         what = (f"label {record['label']} (the split has {self.classes} classes)" if not label_ok else
                 f"image ids {record['image_ids']} (the split has {self.images} images)")
-        self.warn_once(f"{record['shard']}#{key}", "skipping record %s in shard %s: %s", key, record["shard"], what)
+        self.fault("bad_labels", f"{record['shard']}#{key}", "skipping record %s in shard %s: %s", key,
+                   record["shard"], what)
         return False
 
     def corrupt(self, shard: str, exc: Exception) -> None:
@@ -328,8 +331,7 @@ def shard_records(shard: str, errors: ReadErrors, skip: int = 0) -> Iterator[dic
         for key, sample in _samples(tar_members(shard, _skipping_keep(skip, errors), errors.max_member_bytes)):
             record = _parse_record(sample, shard)
             if record is None:
-                errors.bad_records += 1
-                log.warning("skipping malformed record %s in shard %s", key, shard)
+                errors.fault("bad_records", f"{shard}#{key}", "skipping malformed record %s in shard %s", key, shard)
                 continue
             if errors.check_range(record, key):
                 yield record
@@ -730,32 +732,44 @@ class TrainStream(IterableDataset):
 
     def _decode_record(self, record: dict, picks: list[int], out: torch.Tensor, rng: random.Random,
                        errors: ReadErrors) -> list[int] | None:
-        """Decode and augment the record's picked images into out[0..K); the picks actually used, or None
-        where fewer than 2 of its images decode (then counted as dropped)."""
+        """Decode and augment the record's picked images into out[0..K); the images actually used. A pick
+        that does not decode is replaced by another of the record's images (one not used yet first).
+        None (counted as dropped) where images failed and fewer than 2 distinct ones decode."""
         bad: set[int] = set()
-        used = []
+        used: list[int] = []
         have = len(record["images"])
+
+        def decode_into(i: int, slot: int) -> bool:
+            try:
+                train_image(record["images"][i][1], self.cfg, rng, out[slot])
+                return True
+            except (RuntimeError, ValueError):
+                bad.add(i)
+                errors.fault("bad_images", f"{record['shard']}#{record['items'][i]}", "skipping image %s of shard "
+                             "%s: it does not decode", record["items"][i], record["shard"])
+                return False
+
         for slot, pick in enumerate(picks):
-            for i in [pick] + [(pick + j) % have for j in range(1, have)]:
-                if i in bad:
-                    continue
-                try:
-                    train_image(record["images"][i][1], self.cfg, rng, out[slot])
+            if pick not in bad and decode_into(pick, slot):
+                used.append(pick)
+                continue
+            others = [(pick + j) % have for j in range(1, have)]
+            for i in [i for i in others if i not in used] + [i for i in others if i in used]:
+                if i not in bad and decode_into(i, slot):
                     used.append(i)
                     break
-                except (RuntimeError, ValueError):
-                    bad.add(i)
-                    errors.bad_images += 1
-                    errors.warn_once(f"{record['shard']}#{record['items'][i]}", "skipping image %s of shard %s: it "
-                                     "does not decode", record["items"][i], record["shard"])
             else:
-                break
-            if bad and have - len(bad) < 2:
-                break
-        if bad and have - len(bad) < 2:
-            errors.dropped_records += 1
-            errors.warn_once(f"{record['shard']}#drop{record['image_ids'][0]}", "dropping a record of class %s in "
-                             "shard %s: fewer than 2 of its %d images decode", record["class"], record["shard"], have)
+                break  # nothing of the record decodes
+        if bad and len(used) == len(picks) and len(set(used)) < 2:  # look for a second distinct image
+            spare = next(s for s in range(len(used) - 1, -1, -1) if used.count(used[s]) > 1) if len(used) > 1 else None
+            for i in range(have):
+                if spare is not None and i not in bad and i not in used and decode_into(i, spare):
+                    used[spare] = i
+                    break
+        if bad and (len(used) < len(picks) or len(set(used)) < 2):
+            errors.fault("dropped_records", f"{record['shard']}#drop{record['image_ids'][0]}", "dropping a record "
+                         "of class %s in shard %s: fewer than 2 of its %d images decode", record["class"],
+                         record["shard"], have)
             return None
         return used
 
@@ -821,9 +835,8 @@ class EvalStream(IterableDataset):
                     eval_image(entry[0], self.cfg, images[len(good)])
                     good.append(entry)
                 except (RuntimeError, ValueError):
-                    errors.bad_images += 1
-                    errors.warn_once(f"{entry[5]}#{entry[4]}", "leaving out image %s of shard %s: it does not decode",
-                                     entry[4], entry[5])
+                    errors.fault("bad_images", f"{entry[5]}#{entry[4]}", "leaving out image %s of shard %s: it does "
+                                 "not decode", entry[4], entry[5])
             pending, images = good, images[:len(good)]
         _, labels, ids, classes, items, _ = zip(*pending) if pending else ((),) * 6
         return EvalBatch(images, torch.tensor(labels, dtype=torch.long), torch.tensor(ids, dtype=torch.long),

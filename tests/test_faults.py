@@ -192,3 +192,276 @@ def test_prep_refuses_a_training_split_with_nothing_to_train_on(tmp_path, capsys
     assert code == 2
     assert "split 'train' has no class with 2 or more images" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --- images and labels that cannot be used, in training and in evaluation -----------------------
+
+def rewrite_members(shard: Path, change) -> None:
+    """Rewrite a shard with each member's bytes passed through ``change(name, data)``."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            data = change(member.name, data)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+
+def first_records(shard: Path, n: int) -> list[dict]:
+    from dist_dml.data import ReadErrors, read_records
+
+    return list(read_records([str(shard)], ReadErrors()))[:n]
+
+
+def damage(shards: Path, split: str) -> dict:
+    """In the first shard of ``split``: every image but the first of record 0 made undecodable (it keeps one:
+    dropped), one image of record 1 made undecodable (kept with its others), record 2's label put out of
+    range. Returns their image ids and labels."""
+    shard = sorted(shards.glob(f"{split}-*.tar"))[0]
+    r0, r1, r2 = first_records(shard, 3)
+    assert len(r1["image_ids"]) >= 3
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        names = [m.name for m in tar.getmembers()]
+    record_keys = list(dict.fromkeys(n.split(".", 1)[0] for n in names))[:3]
+    keys = dict(zip(("dropped", "kept", "relabelled"), record_keys))
+
+    def change(name: str, data: bytes) -> bytes:
+        key, _, rest = name.partition(".")
+        if key == keys["dropped"] and rest != "json" and not rest.startswith("0."):
+            return b"this is not a jpeg"
+        if key == keys["kept"] and rest.startswith("1."):
+            return b""
+        if key == keys["relabelled"] and rest == "json":
+            meta = json.loads(data)
+            return json.dumps({**meta, "label": 10**6}).encode()
+        return data
+
+    rewrite_members(shard, change)
+    return {"dropped": r0, "kept": r1, "bad_image": r1["image_ids"][1], "relabelled": r2}
+
+
+def test_undecodable_images_and_bad_labels_in_training_are_skipped_and_counted(shards_copy):
+    from dist_dml.data import DataConfig, TrainStream
+
+    hit = damage(shards_copy, "train")
+    cfg = DataConfig(root=str(shards_copy), classes_per_batch=4, images_per_class=2, workers=2, image_size=16,
+                     resize=20)
+    stream, totals, labels, ids = TrainStream(cfg), {}, set(), set()
+    for worker in range(2):
+        for batch in stream.worker_batches(0, worker):
+            assert batch["images"].shape[0] == len(batch["labels"]) == cfg.local_batch  # the batch keeps its size
+            labels |= set(batch["labels"].tolist())
+            ids |= set(batch["image_ids"].tolist())
+            for key, value in batch["errors"].items():
+                totals[key] = totals.get(key, 0) + value
+    assert totals["dropped_records"] == 1 and totals["bad_labels"] == 1 and totals["bad_images"] >= 1
+    assert hit["dropped"]["label"] not in labels  # one decodable image left: the record is dropped
+    assert hit["kept"]["label"] in labels and hit["bad_image"] not in ids  # kept, without its bad image
+    assert not set(hit["relabelled"]["image_ids"]) & ids  # a label out of range: the record is skipped
+    assert totals["corrupt_shards"] == 0
+
+
+def test_a_training_run_over_damaged_data_finishes_counts_and_fails_its_incomplete_evaluation(shards_copy, tmp_path):
+    """Bad images and labels in the training and the test split: the run trains to the end, counts them in its
+    log line and results.json, evaluates what it can read, writes everything, and exits 2 because the
+    evaluation missed images (eval.max_missing_share defaults to 0); `dist-dml eval` says the same."""
+    damage(shards_copy, "train")
+    test_hit = damage(shards_copy, "test")
+    out = tmp_path / "run"
+    overrides = tiny_overrides(shards_copy, out, **{"train.steps": 8, "eval.at_start": False, "train.log_every": 4,
+                                                    "tracking.enabled": False, "checkpoint.every_steps": 0})
+    proc = subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", CONFIG, *overrides], cwd=ROOT,
+                          env=cpu_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "final_model.pt").is_file() and results["steps"] == 8
+    faults = results["data_faults"]
+    assert faults["dropped_records"] >= 1 and faults["bad_labels"] >= 1 and faults["bad_images"] >= 1, faults
+    assert "data faults met in training: " in proc.stdout and "dropped_records=" in proc.stdout
+    trained = results["trained"]
+    expected = json.loads((shards_copy / "manifest.json").read_text())["splits"]["test"]["images"]
+    lost = (len(test_hit["dropped"]["image_ids"]) - 1) + 1 + len(test_hit["relabelled"]["image_ids"])
+    assert trained["images_expected"] == expected and trained["images_evaluated"] == expected - lost
+    assert trained["bad_labels"] == 1 and trained["bad_images"] == lost - len(test_hit["relabelled"]["image_ids"])
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dist-dml train: error: the final evaluation evaluated") and "max_missing_share" in last
+
+    from dist_dml.cli import main as cli
+
+    allowed = cli(["eval", str(out / "final_model.pt"), f"eval.max_missing_share={lost / expected + 0.01}"])
+    assert allowed == 0
+    assert cli(["eval", str(out / "final_model.pt")]) == 2
+
+
+# --- tracking: a server that does not answer, a resume with other overrides ---------------------
+
+def test_a_server_that_never_answers_is_found_in_bounded_time():
+    """A port that accepts connections and never replies (a hung server, a firewall): the start-up check
+    gives up after 2 tries of tracking.timeout_s, well inside 30 s (it took MLflow 265 s to fail)."""
+    import socket
+    import time
+
+    from dist_dml.tracking import unreachable
+
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(8)
+        uri = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        start = time.time()
+        problem = unreachable(uri, timeout_s=3)
+        elapsed = time.time() - start
+    assert problem and "timed out" in problem
+    assert elapsed < 30
+
+
+def dead_uri() -> str:
+    from dist_dml.distributed import free_port
+
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+
+def test_a_dead_tracking_server_stops_the_run_at_start_in_one_line(tiny_shards, tmp_path):
+    uri = dead_uri()
+    overrides = tiny_overrides(tiny_shards, tmp_path / "run", **{"train.steps": 4, "eval.at_start": False})
+    proc = subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", CONFIG, *overrides], cwd=ROOT,
+                          env=cpu_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dist-dml")]
+    assert len(lines) == 1 and uri in lines[0] and "tracking.required=false" in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
+    check = subprocess.run([sys.executable, "-m", "dist_dml.cli", "check", CONFIG, *overrides, "--world-size", "2"],
+                           cwd=ROOT, env=cpu_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
+                           timeout=HANG_GUARD_S)
+    assert check.returncode == 2 and uri in check.stderr  # what the launch scripts run before torchrun
+
+
+def test_tracking_not_required_trains_without_the_server(tiny_shards, tmp_path):
+    overrides = tiny_overrides(tiny_shards, tmp_path / "run", **{"train.steps": 4, "eval.at_start": False,
+                                                                 "tracking.required": False})
+    proc = subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", CONFIG, *overrides], cwd=ROOT,
+                          env=cpu_env(MLFLOW_TRACKING_URI=dead_uri()), capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training without tracking" in proc.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 4
+
+
+def test_a_tracking_failure_during_training_warns_and_never_raises(tmp_path, capsys):
+    from dist_dml.config import TrackingConfig
+    from dist_dml.distributed import DistContext
+    from dist_dml.tracking import build_tracker
+
+    config = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="faults", system_metrics=False)
+    tracker = build_tracker(config, DistContext())
+    tracker.log_metrics({"loss": 1.0}, 1)
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("the server went away")
+
+    tracker.mlflow.log_metrics = broken
+    tracker.log_metrics({"loss": 0.5}, 2)  # warns
+    tracker.log_metrics({"loss": 0.4}, 3)  # paused: not even tried
+    tracker.close()
+    err = capsys.readouterr().err
+    assert err.count("the server went away") == 1 and "training goes on" in err
+
+
+def test_a_resume_with_changed_overrides_keeps_its_mlflow_run_and_records_the_change(tiny_shards, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def run(steps: int, *extra: str) -> subprocess.CompletedProcess:
+        overrides = tiny_overrides(tiny_shards, tmp_path / "run", **{"train.steps": steps, "eval.at_start": False,
+                                                                     "checkpoint.every_steps": 4})
+        return subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", CONFIG, *overrides, *extra], cwd=ROOT,
+                              env=cpu_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
+                              timeout=HANG_GUARD_S)
+
+    first = run(4)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run(8, "optimizer.lr=0.001", "train.log_every=2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert resumed_step(second.stdout) == 4 and "optimizer.lr: 0.003 -> 0.001" in second.stdout
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("cpu_synthetic").experiment_id])
+    assert len(runs) == 1  # the resume continued the run
+    data = runs[0].data
+    assert data.params["optimizer.lr"] == "0.003"  # params stay those of the fresh run
+    assert "optimizer.lr: 0.003 -> 0.001" in data.tags["resumed_at_step_4"]
+    assert "train.log_every" in data.tags["resumed_at_step_4"]
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")][-1] == 8
+
+
+# --- a user's mistakes on the command line: one line, exit 2 ------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(twelve_steps, tiny_shards, tmp_path_factory):
+    """An index of the twelve-step model's test embeddings, and files that are not images."""
+    from dist_dml.cli import main as cli
+
+    folder = tmp_path_factory.mktemp("exported")
+    model = twelve_steps / "final_model.pt"
+    assert cli(["embed", str(model), "--out", str(folder / "emb")]) == 0
+    assert cli(["index", str(folder / "emb"), "--out", str(folder / "index")]) == 0
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("hello")
+    (folder / "junk.pt").write_text("junk")
+    return folder
+
+
+def mistakes(model: Path, folder: Path, config: str) -> dict[str, tuple[list[str], str]]:
+    """name: (argv, what the line must say)."""
+    bad_index, bad_meta, bad_manifest = folder / "bad_index", folder / "bad_meta", folder / "bad_manifest"
+    if not bad_index.exists():
+        shutil.copytree(folder / "index", bad_index)
+        (bad_index / "index.faiss").write_bytes(b"garbage")
+        shutil.copytree(folder / "index", bad_meta)
+        (bad_meta / "meta.json").write_text("{")
+        bad_manifest.mkdir()
+        (bad_manifest / "manifest.json").write_text(json.dumps({"format": "dist-dml/class-shards", "version": 1,
+                                                                "splits": {"train": {"shards": [{"nam": "x"}]}}}))
+    index = str(folder / "index")
+    return {
+        "yaml": (["check", config, "data.classes_per_batch=[1,", "--world-size", "1"], "is not valid YAML"),
+        "manifest": (["check", config, f"data.root={bad_manifest}", "--world-size", "1"], "splits.train.classes"),
+        "not an image": (["search", index, str(folder / "text.jpg")], "text.jpg: not a readable image"),
+        "empty image": (["search", index, str(folder / "empty.jpg")], "empty.jpg: not a readable image"),
+        "missing image": (["search", index, str(folder / "nosuch.jpg")], "no such image file"),
+        "k 0": (["search", index, str(folder / "text.jpg"), "--k", "0"], "--k 0"),
+        "corrupt index": (["search", str(bad_index), str(folder / "text.jpg")], "the index is damaged"),
+        "corrupt meta": (["search", str(bad_meta), str(folder / "text.jpg")], "meta.json: damaged"),
+        "no such split": (["embed", str(model), "--split", "nosuch", "--out", str(folder / "x")], "no split 'nosuch'"),
+        "other dim": (["eval", str(model), "model.embedding_dim=64"], "head.weight is (32, 128) there, (64, 128) here"),
+        "other backbone": (["eval", str(model), "model.backbone=resnet18"], "holds another model"),
+        "not a checkpoint": (["eval", str(folder / "junk.pt")], "junk.pt: not a readable checkpoint"),
+        "missing resume": (["check", config, "checkpoint.resume=/nonexistent", "--world-size", "1"],
+                           "checkpoint.resume=/nonexistent is not a whole checkpoint"),
+    }
+
+
+@pytest.mark.parametrize("case", ["yaml", "manifest", "not an image", "empty image", "missing image", "k 0",
+                                  "corrupt index", "corrupt meta", "no such split", "other dim", "other backbone",
+                                  "not a checkpoint", "missing resume"])
+def test_a_command_line_mistake_is_one_line_and_exit_2(case, exported, twelve_steps, tiny_shards, capsys):
+    from dist_dml.cli import main as cli
+
+    config = str(twelve_steps / "config.yaml")
+    argv, says = mistakes(twelve_steps / "final_model.pt", exported, config)[case]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in err, err
+
+
+def test_debug_shows_the_traceback(exported, capsys):
+    from dist_dml.cli import main as cli
+    from dist_dml.errors import UserError
+
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        cli(["eval", str(exported / "junk.pt"), "--debug"])
