@@ -15,6 +15,7 @@ any process starts, a resume that cannot apply.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from dist_dml.distributed import DistContext
-from dist_dml.errors import UserError
+from dist_dml.errors import UserError, as_write_error
 
 META = "dist_dml.json"
 _TAG = re.compile(r"step(\d{8})")
@@ -32,6 +33,18 @@ class CheckpointError(UserError, RuntimeError):
     """No checkpoint to resume from where the run expects one (all damaged, or not whole)."""
 
     on_every_rank = True
+
+
+class CheckpointSaveError(UserError):
+    """A checkpoint could not be written (a full disk, a read-only folder); the partial one is removed."""
+
+    on_every_rank = True
+
+
+def _write_error(path: str, exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device writing {path}"
+    return f"cannot write {path}: {exc.strerror or exc}"
 
 
 def verify(folder: Path) -> str | None:
@@ -97,13 +110,25 @@ class Checkpointer:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)
         self.ctx.barrier()
-        engine.save(self.directory, partial.name, client_state)  # every rank
-        self.ctx.barrier()
+        failures = engine.save(self.directory, partial.name, client_state)  # every rank
+        problem = None
+        if self.ctx.is_main and not failures:
+            try:
+                self._index(partial, meta)
+            except OSError as exc:
+                failures = [(str(exc.filename or partial), as_write_error(partial / META, exc))]
+        if failures:
+            path, exc = failures[0]
+            problem = f"rank {self.ctx.rank}: {_write_error(path, exc)}"
+        problems = [p for p in self.ctx.all_gather_object(problem) if p]
+        if problems:  # every rank: remove the partial folder, keep what was there, stop alike
+            if self.ctx.is_main:
+                shutil.rmtree(partial, ignore_errors=True)
+            self.ctx.barrier()
+            kept = self.newest_whole() if self.ctx.is_main else None
+            raise CheckpointSaveError(f"saving checkpoint {tag} failed ({'; '.join(problems)}); the partial "
+                                      f"checkpoint is removed, {'the previous one, ' + kept + ', is kept' if kept else 'no earlier checkpoint exists'}")
         if self.ctx.is_main:
-            files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
-            tmp = partial / f".{META}.tmp"
-            tmp.write_text(json.dumps({**meta, "files": files}, indent=1))
-            os.replace(tmp, partial / META)  # last: the index makes the folder a checkpoint
             shutil.rmtree(self.directory / tag, ignore_errors=True)
             os.replace(partial, self.directory / tag)
             tmp = self.directory / ".latest.tmp"
@@ -112,6 +137,13 @@ class Checkpointer:
             self._prune()
         self.ctx.barrier()
         return tag
+
+    @staticmethod
+    def _index(partial: Path, meta: dict) -> None:
+        files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+        tmp = partial / f".{META}.tmp"
+        tmp.write_text(json.dumps({**meta, "files": files}, indent=1))
+        os.replace(tmp, partial / META)  # last: the index makes the folder a checkpoint
 
     def _prune(self) -> None:
         """Remove checkpoints older than the ``keep_last`` newest whole ones, damaged ones older than the

@@ -168,6 +168,15 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank (small, picklable values between our own
+        processes)."""
+        if not self._active():
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self._active():
             dist.barrier()

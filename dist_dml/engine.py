@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from dist_dml.distributed import DistContext
 from dist_dml.engine_config import DeepSpeedConfig, OptimizerConfig
+from dist_dml.errors import as_write_error
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 # DeepSpeed JIT-builds ops into TORCH_EXTENSIONS_DIR, by default a per-user cache that every Python
@@ -116,6 +117,26 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
     """
 
     SAFE_GLOBALS = [fragment_address, LossScaler, ZeroStageEnum]
+
+    def __init__(self, config_params=None):
+        super().__init__(config_params)
+        self.failures: list[tuple[str, OSError]] = []  # writes that failed since the last save() began
+
+    def save(self, state_dict, path: str):
+        """A write that fails (a full disk) is recorded, not raised: DeepSpeed's save_checkpoint ends in a
+        barrier that the other ranks would wait in forever. The caller checks ``failures`` on every rank."""
+        self.guarded(path, super().save, state_dict, path)
+
+    def makedirs(self, path, exist_ok=False):
+        self.guarded(path, super().makedirs, path, exist_ok=exist_ok)
+
+    def guarded(self, path: str, write, *args, **kwargs) -> None:
+        """``write(*args, **kwargs)``; a failure is recorded as an OSError (torch.save reports a full disk as
+        a RuntimeError, "basic_ios::clear: iostream error")."""
+        try:
+            write(*args, **kwargs)
+        except (OSError, RuntimeError) as exc:
+            self.failures.append((str(path), as_write_error(path, exc)))
 
     def load(self, path: str, map_location=None):
         with torch.serialization.safe_globals(self.SAFE_GLOBALS):
@@ -226,6 +247,8 @@ class TrainEngine:
             dist_init_required=False,
         )
         self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine._config)
+        copy_script = self.engine._copy_recovery_script  # rank 0 copies DeepSpeed's zero_to_fp32.py in as well
+        self.engine._copy_recovery_script = lambda path: self.engine.checkpoint_engine.guarded(path, copy_script, path)
         self.low_precision = config.precision != "fp32"
         self._share_beta_masters()
 
@@ -269,9 +292,15 @@ class TrainEngine:
     def learning_rates(self) -> dict[str, float]:
         return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
 
-    def save(self, directory: Path, tag: str, client_state: dict) -> None:
-        """DeepSpeed's checkpoint of model, optimizer and scheduler; call on every rank."""
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+    def save(self, directory: Path, tag: str, client_state: dict) -> list[tuple[str, OSError]]:
+        """DeepSpeed's checkpoint of model, optimizer and scheduler; call on every rank. Returns this rank's
+        failed writes (path, error): every rank returns from it either way."""
+        self.engine.checkpoint_engine.failures = []
+        try:
+            self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+        except OSError as exc:  # outside the files (a folder that cannot be made): raised on this rank alone
+            self.engine.checkpoint_engine.failures.append((str(exc.filename or directory / tag), exc))
+        return list(self.engine.checkpoint_engine.failures)
 
     def load(self, directory: Path, tag: str) -> dict:
         """Restore a checkpoint written by :meth:`save`; returns its client state."""

@@ -24,6 +24,7 @@ from dist_dml.config import RunConfig, dump_yaml
 from dist_dml.data import FAULTS, TrainStream
 from dist_dml.distributed import DistContext
 from dist_dml.engine import TrainEngine
+from dist_dml.errors import as_write_error
 from dist_dml.evaluation import coverage_problem, evaluate, format_metrics
 from dist_dml.losses import build_loss
 from dist_dml.models import TrainModule, build_model
@@ -207,7 +208,11 @@ def _finish(cfg, engine, ctx, tracker, meter: "_Meter", results: dict, out: Path
     model = engine.module.model
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     tmp = out / ".final_model.pt.tmp"
-    torch.save({"state_dict": state, "config": cfg.to_dict()}, tmp)
+    try:
+        torch.save({"state_dict": state, "config": cfg.to_dict()}, tmp)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise as_write_error(out / "final_model.pt", exc) from None
     os.replace(tmp, out / "final_model.pt")
     tracker.log_artifact(out / "final_model.pt", "model")
     if meter.histogram.sum() > 0:

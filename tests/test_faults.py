@@ -465,3 +465,46 @@ def test_debug_shows_the_traceback(exported, capsys):
 
     with pytest.raises(UserError, match="not a readable checkpoint"):
         cli(["eval", str(exported / "junk.pt"), "--debug"])
+
+
+# --- a full disk -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs (needs root and a kernel that lets this container mount; skipped otherwise)."""
+    import os
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_says_so_removes_the_partial_checkpoint_and_keeps_the_previous(small_disk, tiny_shards):
+    out = small_disk / "run"
+    first = train(out, tiny_shards, 4)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (out / "final_model.pt").unlink()
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # fill the disk up to 256 KiB: room for config.yaml, not for a checkpoint
+        import os
+
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        f.write(b"\0" * (free - (256 << 10)))
+    second = train(out, tiny_shards, 8)
+    assert second.returncode == 2, second.stderr[-3000:]
+    line = [line for line in second.stderr.splitlines() if line.startswith("dist-dml")]
+    assert len(line) == 1 and "no space left on the device writing" in line[0] and str(out) in line[0], second.stderr
+    assert "the previous one, step00000004, is kept" in line[0] and "Traceback" not in second.stderr
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step")) == ["step00000004"]
+    assert verify(checkpoints / "step00000004") is None
+    filler.unlink()
+    third = train(out, tiny_shards, 8)  # space again: it resumes from the kept checkpoint
+    assert third.returncode == 0 and resumed_step(third.stdout) == 4, third.stderr[-3000:]
