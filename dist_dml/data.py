@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -326,44 +327,55 @@ def read_records(shards: list[str], errors: ReadErrors) -> Iterator[dict]:
 
 def shard_records(shard: str, errors: ReadErrors, skip: int = 0) -> Iterator[dict]:
     """The valid records of one shard after its first ``skip`` records, which are passed over without
-    reading their members (only their tar headers)."""
+    reading their members (only their tar headers). Each record carries its ``index`` in the shard (its
+    KEY's ordinal: malformed or skipped records count too)."""
+    counter = _KeyCounter(skip, errors)
     try:
-        for key, sample in _samples(tar_members(shard, _skipping_keep(skip, errors), errors.max_member_bytes)):
-            record = _parse_record(sample, shard)
+        for key, sample in _samples(tar_members(shard, counter.keep, errors.max_member_bytes)):
+            index = counter.ordinals.pop(key, None)
+            record = _parse_record(sample, shard) if index is not None else None
             if record is None:
                 errors.fault("bad_records", f"{shard}#{key}", "skipping malformed record %s in shard %s", key, shard)
                 continue
+            record["index"] = index
             if errors.check_range(record, key):
                 yield record
     except (ShardError, OSError, ValueError, UnicodeDecodeError) as exc:
         errors.corrupt(shard, exc)
 
 
-def _skipping_keep(skip: int, errors: ReadErrors) -> Callable[[str], bool]:
-    """A tar_members ``keep`` that passes over every member of the first ``skip`` records (a record is
-    the run of members with one KEY, as _samples groups them), then keeps what ``errors.keep`` keeps."""
-    if skip <= 0:
-        return errors.keep
-    state = {"key": None, "records": 0}
+class _KeyCounter:
+    """A tar_members ``keep`` that numbers the records (runs of members with one KEY, as _samples groups
+    them) and passes over every member of the first ``skip``; the rest are kept as ``errors.keep`` says."""
 
-    def keep(name: str) -> bool:
+    def __init__(self, skip: int, errors: ReadErrors):
+        self.skip, self.errors = skip, errors
+        self.key, self.count = None, 0
+        self.ordinals: dict[str, int] = {}  # KEY -> its ordinal, until its sample is read
+
+    def keep(self, name: str) -> bool:
         key = _key_suffix(name)[0]
-        if key != state["key"]:
-            state["key"], state["records"] = key, state["records"] + 1
-        return state["records"] > skip and errors.keep(name)
-
-    return keep
+        if key != self.key:
+            self.key, self.count = key, self.count + 1
+            if self.count > self.skip:
+                while len(self.ordinals) > 64:  # the oldest: keys none of whose members were kept, never read
+                    self.ordinals.pop(next(iter(self.ordinals)))
+                self.ordinals[key] = self.count - 1
+        return self.count > self.skip and self.errors.keep(name)
 
 
 Segment = tuple[str, int, int]  # (shard, records to skip, records to take)
 
 
 def read_segments(segments: list[Segment], errors: ReadErrors) -> Iterator[dict]:
-    """The records of each (shard, skip, take) in turn: a contiguous part of each shard."""
+    """The records of each (shard, skip, take) in turn: those whose index in the shard lies in
+    [skip, skip + take), a contiguous part of it (a malformed record in it is not made up for from beyond)."""
     for shard, skip, take in segments:
         records = shard_records(shard, errors, skip)
         try:
-            for _, record in zip(range(take), records):
+            for record in records:
+                if record["index"] >= skip + take:
+                    break
                 yield record
         finally:
             records.close()
@@ -383,21 +395,41 @@ def record_windows(counts: list[int], slots: int, least: int) -> list[tuple[int,
     return [(a, max(b, a + want)) for a, b in windows]
 
 
-def window_segments(order: list[str], counts: list[int], window: tuple[int, int]) -> list[Segment]:
+def window_segments(order: list[str], counts: list[int], window: tuple[int, int],
+                    firsts: list[int] | None = None) -> list[Segment]:
     """The (shard, skip, take) parts of ``order`` that hold the records of ``window`` (end may pass the
-    total: it wraps around to the first shard)."""
+    total: it wraps around to the first shard). With ``firsts``, entry i is the run of ``counts[i]``
+    records of shard ``order[i]`` from its record ``firsts[i]`` on (a shard may then appear in several runs)."""
     total = sum(counts)
+    firsts = firsts or [0] * len(order)
     starts = [0]
     for n in counts:
         starts.append(starts[-1] + n)
     segments, pos, end = [], window[0], window[1]
     while pos < end and total:
         at = pos % total
-        i = bisect.bisect_right(starts, at) - 1  # the last shard starting at or before `at` (never an empty one)
+        i = bisect.bisect_right(starts, at) - 1  # the last run starting at or before `at` (never an empty one)
         take = min(counts[i] - (at - starts[i]), end - pos)
-        segments.append((order[i], at - starts[i], take))
+        segments.append((order[i], firsts[i] + at - starts[i], take))
         pos += take
     return segments
+
+
+def undrawn_runs(order: list[str], counts: list[int], drawn: np.ndarray) -> tuple[list[str], list[int], list[int]]:
+    """(shards, counts, firsts): the runs of records of an epoch (numbered over ``order``) that ``drawn``
+    marks False, in order: what is left of the epoch for a resumed layout."""
+    shards, lengths, firsts = [], [], []
+    start = 0
+    for shard, n in zip(order, counts):
+        left = ~drawn[start:start + n]
+        if left.any():
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], left.astype(np.int8), [0]])))
+            for a, b in zip(edges[::2], edges[1::2]):
+                shards.append(shard)
+                firsts.append(int(a))
+                lengths.append(int(b - a))
+        start += n
+    return shards, lengths, firsts
 
 
 def _parse_record(sample: dict, shard: str) -> dict | None:
@@ -552,8 +584,16 @@ class TrainStream(IterableDataset):
     function of (seed, epoch, rank, i) alone, which makes resuming exact: a resumed epoch skips the
     batches already consumed (reading their records, not decoding them).
 
-    State: (epoch, step within the epoch). ``state_dict`` / ``load_state_dict`` resume exactly.
+    Position in global samples. Every batch names the epoch positions of its records' first draws
+    (``positions``; -1 for a record drawn again to fill a batch); the trainer hands each consumed batch
+    to :meth:`consume`, so the stream knows which of the epoch's records this rank has drawn. A
+    checkpoint keeps the epoch's draws over all ranks. Resumed with the same ranks, workers and batch
+    geometry, the epoch continues exactly; resumed otherwise (another world size), the records not yet
+    drawn in the epoch are cut into windows over the new slots from the resume step on (a *resumed
+    layout*), so the epoch ends without replaying or skipping a record.
     """
+
+    GEOMETRY = ("world_size", "workers", "classes_per_batch", "shuffle_buffer", "seed", "records")
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, decode_images: bool = True):
         cfg.validate()
@@ -563,12 +603,17 @@ class TrainStream(IterableDataset):
         split = manifest.split(cfg.train_split)
         self.num_classes, self.num_images = split["classes"], split["images"]
         self.records = {path: s["records"] for path, s in zip(self.shards, split["shards"])}
-        if not self.shards or not sum(self.records.values()):
+        self.num_records = sum(self.records.values())
+        if not self.shards or not self.num_records:
             raise ValueError(f"{cfg.root}: split {cfg.train_split!r} has no records")
         self.decode_images = decode_images
         self.epoch, self.step = 0, 0
         self.epochs = 1  # how many epochs a loader runs through (see loader)
-        self._windows: dict[int, list[list[Segment]]] = {}
+        # A resumed layout of epoch `epoch`: from base_step on, the records base_drawn marks False.
+        self.base_step, self.base_drawn = 0, None
+        self.drawn_before = np.zeros(self.num_records, np.int32)  # this epoch's draws, all ranks, as loaded
+        self.drawn_here = np.zeros(self.num_records, np.int32)  # this rank's draws since (see consume)
+        self._windows: dict[tuple, list[list[Segment]]] = {}
 
     @property
     def workers(self) -> int:
@@ -584,26 +629,50 @@ class TrainStream(IterableDataset):
         random.Random(mix(self.cfg.seed, epoch)).shuffle(order)  # identical on every rank
         return order
 
+    def _base(self, epoch: int) -> int:
+        """The step a (resumed) layout of ``epoch`` starts at: 0 for a whole epoch."""
+        return self.base_step if epoch == self.epoch and self.base_drawn is not None else 0
+
+    def offsets(self, epoch: int) -> dict[str, int]:
+        """Each shard's first position in the epoch's numbering of records."""
+        out, start = {}, 0
+        for shard in self.shard_order(epoch):
+            out[shard] = start
+            start += self.records[shard]
+        return out
+
     def slot_segments(self, epoch: int) -> list[list[Segment]]:
-        """Per (rank, worker) slot, the (shard, skip, take) parts of its window of the epoch's records."""
-        if epoch not in self._windows:
+        """Per (rank, worker) slot, the (shard, skip, take) parts of its window of the epoch's records (of
+        the records not yet drawn, in a resumed layout)."""
+        resumed = epoch == self.epoch and self.base_drawn is not None
+        key = (epoch, resumed)
+        if key not in self._windows:
             order = self.shard_order(epoch)
             counts = [self.records[s] for s in order]
+            firsts = None
+            if resumed:
+                order, counts, firsts = undrawn_runs(order, counts, self.base_drawn)
             windows = record_windows(counts, self.slots, self.cfg.classes_per_batch)
-            self._windows = {epoch: [window_segments(order, counts, w) for w in windows]}  # keep one epoch
-        return self._windows[epoch]
+            self._windows = {key: [window_segments(order, counts, w, firsts) for w in windows]}  # keep one
+        return self._windows[key]
 
     def steps_in_epoch(self, epoch: int) -> int:
-        """The same on every rank, a multiple of the workers: each logical worker yields enough batches
-        for the longest window (windows differ by one record at most)."""
+        """The same on every rank: each logical worker yields enough batches for the longest window
+        (windows differ by one record at most), after the resumed layout's base step if any; a multiple of
+        the workers from that base."""
         longest = max(sum(take for _, _, take in segments) for segments in self.slot_segments(epoch))
-        return self.workers * math.ceil(longest / self.cfg.classes_per_batch)
+        return self._base(epoch) + self.workers * math.ceil(longest / self.cfg.classes_per_batch)
+
+    def remaining_steps(self, epochs: int) -> int:
+        """Steps from the current position to the end of epoch ``epochs - 1``."""
+        return (self.steps_in_epoch(self.epoch) - self.step
+                + sum(self.steps_in_epoch(e) for e in range(self.epoch + 1, epochs)))
 
     def layout_note(self) -> str | None:
         """A warning where there are fewer shards than (rank x worker) slots, with the numbers."""
         if len(self.shards) >= self.slots:
             return None
-        per_slot = sum(self.records.values()) / self.slots
+        per_slot = self.num_records / self.slots
         return (f"{len(self.shards)} training shards for {self.slots} (rank x worker) slots "
                 f"({self.world_size} ranks x {self.workers} workers): slots share shards, each reading a "
                 f"window of about {per_slot:.0f} records; with at least {self.slots} shards every slot reads "
@@ -613,20 +682,70 @@ class TrainStream(IterableDataset):
     def steps_per_epoch(self) -> int:
         return self.steps_in_epoch(self.epoch)
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step}
+    def _geometry(self) -> dict:
+        return {"world_size": self.world_size, "workers": self.workers, "classes_per_batch": self.cfg.classes_per_batch,
+                "shuffle_buffer": self.cfg.shuffle_buffer, "seed": self.cfg.seed, "records": self.num_records}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+    def state_dict(self, drawn: np.ndarray | None = None) -> dict:
+        """The position: (epoch, step), the geometry it was reached with, the resumed layout if any, and
+        ``drawn`` (this epoch's draws per record over all ranks; see :meth:`local_draws`)."""
+        return {"epoch": self.epoch, "step": self.step, **self._geometry(), "base_step": self._base(self.epoch),
+                "base_drawn": None if self.base_drawn is None else self.base_drawn.copy(),
+                "drawn": None if drawn is None else np.asarray(drawn, np.int32)}
+
+    def load_state_dict(self, state: dict) -> str:
+        """Continue from ``state``: exactly where its geometry is this stream's, else (another world size,
+        other workers or batches) with a resumed layout over the records its ``drawn`` leaves. Returns how,
+        in a few words. A state without draws (written before they were kept) resumes only exactly."""
+        self.set_epoch(int(state["epoch"]))
+        self.step = int(state["step"])
+        drawn = state.get("drawn")
+        same = all(state.get(k, v) == v for k, v in self._geometry().items())
+        if drawn is not None:
+            if len(drawn) != self.num_records:
+                raise ValueError(f"the saved data position covers {len(drawn)} records, the split has "
+                                 f"{self.num_records}: another data.root or train_split")
+            self.drawn_before = np.asarray(drawn, np.int32).copy()
+        if same:
+            base = state.get("base_drawn")
+            self.base_step, self.base_drawn = (int(state.get("base_step", 0)), np.asarray(base, bool)) \
+                if base is not None else (0, None)
+            return "exactly where it was"
+        if drawn is None:
+            raise ValueError("the checkpoint's data position was saved without its draws (an older dist-dml): "
+                             f"resume it with its own geometry ({ {k: state.get(k) for k in self.GEOMETRY} })")
+        if self.step == 0:
+            return "at the start of an epoch"
+        self.base_step, self.base_drawn = self.step, self.drawn_before > 0
+        left = int((~self.base_drawn).sum())
+        return (f"epoch {self.epoch} from step {self.step} with the {left} of its {self.num_records} records not yet "
+                f"drawn, cut over {self.slots} slots")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.step = epoch, 0
+        self.base_step, self.base_drawn = 0, None
+        self.drawn_before = np.zeros(self.num_records, np.int32)
+        self.drawn_here = np.zeros(self.num_records, np.int32)
 
-    def advance(self) -> None:
-        """One batch consumed: the next step, or the next epoch's first."""
+    def consume(self, batch: dict) -> None:
+        """A batch the trainer used: its records' first draws count as drawn (by this rank)."""
+        positions = batch["positions"].numpy()
+        np.add.at(self.drawn_here, positions[positions >= 0], 1)
+
+    def local_draws(self) -> tuple[np.ndarray, np.ndarray]:
+        """(draws of this epoch over all ranks as loaded, this rank's since): the epoch's draws per record
+        are the first plus the sum of the second over ranks."""
+        return self.drawn_before, self.drawn_here
+
+    def advance(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """One batch consumed: the next step, or the next epoch's first. At an epoch's end, returns its
+        :meth:`local_draws` (for the trainer's report on the epoch)."""
         self.step += 1
-        if self.step >= self.steps_per_epoch:
-            self.set_epoch(self.epoch + 1)
+        if self.step < self.steps_per_epoch:
+            return None
+        finished = self.local_draws()
+        self.set_epoch(self.epoch + 1)
+        return finished
 
     def loader(self, epochs: int = 1) -> DataLoader:
         """A DataLoader from (epoch, step) through the end of epoch ``epoch + epochs - 1``, whose worker
@@ -643,21 +762,25 @@ class TrainStream(IterableDataset):
         workers, physical = (info.num_workers, info.id) if info else (1, 0)
         assert workers == self.workers, (workers, self.workers)
         # The DataLoader asks its workers in turn, from worker 0; after a resume at step s the first
-        # batch must come from logical worker s % workers, and since every epoch holds a multiple of
-        # the workers, each physical worker keeps its logical worker in the epochs after.
-        worker = (physical + self.step) % workers
+        # batch must come from logical worker (s - base) % workers, and since every epoch (a resumed
+        # layout: from its base) holds a multiple of the workers, each physical worker keeps its logical
+        # worker in the epochs after.
+        worker = (physical + self.step - self._base(self.epoch)) % workers
         for epoch in range(self.epoch, self.epoch + self.epochs):
             start = self.step if epoch == self.epoch else 0
             yield from self.worker_batches(epoch, worker, start)
 
     def worker_batches(self, epoch: int, worker: int, start: int = 0) -> Iterator[dict]:
-        """Logical worker ``worker``'s batches of ``epoch`` (indices worker, worker + workers, ...) from
-        index ``start`` on; the ones before are drawn (records read, images not decoded) but not yielded."""
+        """Logical worker ``worker``'s batches of ``epoch`` (indices base + worker, base + worker + workers,
+        ...) from index ``start`` on; the ones before are drawn (records read, images not decoded) but not
+        yielded."""
         cfg = self.cfg
-        rng = random.Random(mix(cfg.seed, epoch, self.rank, worker))
+        base = self._base(epoch)
+        salt = (base + 1,) if epoch == self.epoch and self.base_drawn is not None else ()  # a resumed layout
+        rng = random.Random(mix(cfg.seed, epoch, self.rank, worker, *salt))
         errors = ReadErrors(int(cfg.max_member_mb * 2**20), self.num_classes, self.num_images)
-        records = self._record_stream(epoch, worker, errors, rng)
-        for index in range(worker, self.steps_in_epoch(epoch), self.workers):
+        records = self._record_stream(epoch, worker, errors, rng, salt)
+        for index in range(base + worker, self.steps_in_epoch(epoch), self.workers):
             chosen = []
             for _ in range(cfg.classes_per_batch):
                 record = next(records)
@@ -667,19 +790,23 @@ class TrainStream(IterableDataset):
             if index < start:
                 continue  # consumed before a resume: records read, images not decoded
             # Augmentations draw from their own generator, seeded per batch so a resumed epoch matches.
-            batch = self._assemble(chosen, random.Random(mix(cfg.seed, epoch, self.rank, index, 1)), errors)
+            batch = self._assemble(chosen, random.Random(mix(cfg.seed, epoch, self.rank, index, 1, *salt)), errors)
             yield {**batch, "epoch": epoch, "index": index}
 
-    def _record_stream(self, epoch: int, worker: int, errors: ReadErrors, rng: random.Random) -> Iterator[dict]:
+    def _record_stream(self, epoch: int, worker: int, errors: ReadErrors, rng: random.Random,
+                       salt: tuple = ()) -> Iterator[dict]:
         """The slot's window through the shuffle buffer, then the same window again (reshuffled) for as
-        long as records are asked for."""
+        long as records are asked for. Records carry their epoch ``position`` and whether this is their
+        ``first`` draw."""
         segments = self.slot_segments(epoch)[self.rank * self.workers + worker]
+        offsets = self.offsets(epoch)
         buffer: list[dict] = []
         passes = 0
         while True:
             produced = False
             for record in read_segments(segments, errors):
                 produced = True
+                record["position"], record["first"] = offsets[record["shard"]] + record["index"], passes == 0
                 if len(buffer) < self.cfg.shuffle_buffer:
                     buffer.append(record)
                     continue
@@ -694,7 +821,7 @@ class TrainStream(IterableDataset):
             buffer.clear()
             passes += 1
             segments = list(segments)
-            random.Random(mix(self.cfg.seed, epoch, self.rank, worker, passes)).shuffle(segments)
+            random.Random(mix(self.cfg.seed, epoch, self.rank, worker, passes, *salt)).shuffle(segments)
 
     def _assemble(self, chosen, rng: random.Random, errors: ReadErrors) -> dict:
         """The batch of the chosen (record, picks). An image that does not decode is counted and replaced by
@@ -702,6 +829,8 @@ class TrainStream(IterableDataset):
         dropped, counted, and its places go to the batch's previous (or next) record, so the batch keeps
         its size. Which images replace which depends on the data alone, so a resumed run matches."""
         cfg = self.cfg
+        # Each record's epoch position where this is its first draw (a dropped record was drawn all the same).
+        positions = torch.tensor([r.get("position", -1) if r.get("first") else -1 for r, _ in chosen])
         picks_of = [list(picks) for _, picks in chosen]
         images = new_batch(cfg.local_batch, cfg.image_size) if self.decode_images else None
         if images is not None:  # uint8: normalised on the device (normalize_batch)
@@ -725,7 +854,8 @@ class TrainStream(IterableDataset):
                 labels.append(record["label"])
                 ids.append(record["image_ids"][i])
         batch = {"labels": torch.tensor(labels), "image_ids": torch.tensor(ids), "errors": errors.delta(),
-                 "records": torch.tensor([record["image_ids"][0] for record, _ in chosen])}  # a record's first id names it
+                 "records": torch.tensor([record["image_ids"][0] for record, _ in chosen]),  # a record's first id names it
+                 "positions": positions}
         if images is not None:
             batch["images"] = images
         return batch

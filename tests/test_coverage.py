@@ -142,3 +142,66 @@ def test_one_loader_runs_through_epochs_as_separate_ones_would(datasets):
     for epoch, index, _ in through:
         assert (first.epoch, first.step) == (epoch, index)
         first.advance()
+
+
+# --- the position in global samples: resuming at another world size ------------------------------
+
+def run_ranks(root: Path, ranks: int, workers: int, state: dict | None, steps: int | None, p: int = 4):
+    """Every rank of a world of ``ranks`` x ``workers`` from ``state`` (None: a fresh start) for ``steps``
+    steps (None: to the end of the epoch), batches taken as the trainer takes them. Returns the state a
+    checkpoint would keep (draws summed over ranks, as the trainer's all-reduce does), the draws per record
+    of this stretch, and the steps taken."""
+    import numpy as np
+
+    cfg = DataConfig(root=str(root), classes_per_batch=p, images_per_class=2, workers=workers, shuffle_buffer=50,
+                     image_size=8, resize=12, seed=5)
+    streams = [TrainStream(cfg, rank, ranks, decode_images=False) for rank in range(ranks)]
+    for stream in streams:
+        if state is not None:
+            stream.load_state_dict(state)
+    first = streams[0]
+    epoch, start, base = first.epoch, first.step, first._base(first.epoch)
+    total = first.steps_in_epoch(epoch)
+    assert all(s.steps_in_epoch(epoch) == total for s in streams)  # the same on every rank
+    stop = total if steps is None else min(total, start + steps)
+    draws = []
+    for stream in streams:
+        batches = {w: stream.worker_batches(epoch, w, start) for w in range(workers)}
+        for step in range(start, stop):
+            batch = next(batches[(step - base) % workers])
+            assert (batch["epoch"], batch["index"]) == (epoch, step)
+            stream.consume(batch)
+            finished = stream.advance()
+        draws.append(finished or stream.local_draws())
+    before, here = draws[0][0], sum(d[1] for d in draws)
+    if stop == total:
+        return None, here, stop - start
+    return first.state_dict(drawn=before + here), here, stop - start
+
+
+@pytest.mark.parametrize("worlds", [[(2, 2), (1, 1)], [(1, 1), (2, 1)], [(2, 2), (3, 1), (2, 2)], [(4, 1), (4, 1)]],
+                         ids=["2x2->1", "1->2", "2x2->3->2x2", "4->4 exact"])
+def test_resuming_at_another_world_size_neither_replays_nor_skips_a_record(datasets, worlds):
+    """An epoch run in stretches at different world sizes (and workers): every record's first draw
+    happens exactly once over the stretches, whatever the resumes; every class is drawn."""
+    import numpy as np
+
+    root = datasets[4]
+    count = TrainStream(DataConfig(root=str(root)), decode_images=False).num_records
+    total, state = np.zeros(count, np.int64), None
+    for i, (ranks, workers) in enumerate(worlds):
+        last = i == len(worlds) - 1
+        state, here, taken = run_ranks(root, ranks, workers, state, None if last else 7)
+        assert taken > 0
+        total += here
+    assert total.min() == 1 and total.max() == 1, (np.bincount(total))
+
+
+def test_an_exact_resume_matches_the_uninterrupted_epoch(datasets):
+    """Same world, same workers: the resumed epoch's batches are the uninterrupted run's."""
+    root = datasets[3]
+    _, whole, _ = run_ranks(root, 2, 2, None, None)
+    state, first, _ = run_ranks(root, 2, 2, None, 5)
+    assert state["base_step"] == 0 and state["base_drawn"] is None
+    _, rest, _ = run_ranks(root, 2, 2, state, None)
+    assert ((first + rest) == whole).all()
