@@ -155,6 +155,13 @@ class Checkpointer:
                     shutil.rmtree(self.directory / tag, ignore_errors=True)
         for stale in self.directory.glob("step*.partial"):
             shutil.rmtree(stale, ignore_errors=True)
+        (self.directory / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's, after loading a conversion
+        # The trainer's conversions of checkpoints for another world size: once a newer whole checkpoint exists
+        # (or the checkpoint is gone) they are a copy nobody resumes from; made again if ever needed.
+        for converted in self.directory.glob("step*.universal*"):
+            base = converted.name.split(".")[0]
+            if converted.name.endswith(".tmp") or not (self.directory / base).is_dir() or (whole and whole[0] > base):
+                shutil.rmtree(converted, ignore_errors=True)
 
     def load(self, engine, tag: str) -> dict:
         return engine.load(self.directory, tag)
@@ -205,7 +212,8 @@ def resume_problem(config, world_size: int) -> str | None:
     """Why a run with this config at ``world_size`` processes cannot resume where it would; None if it can.
 
     Read from the checkpoint's index (no unpickling): no whole checkpoint where one is expected, a model
-    or beta table of another shape, or ZeRO-1/2 optimizer state partitioned over another number of ranks.
+    or beta table of another shape, or a checkpoint of another world size saved before the data position
+    was kept in global samples. (ZeRO-1/2 state of another world size is converted by the trainer.)
     """
     try:
         target = resume_target(config)
@@ -225,9 +233,8 @@ def resume_problem(config, world_size: int) -> str | None:
             was, now = saved[section][key], getattr(getattr(config, section), key)
             if was != now:
                 return f"{how}{target}, saved with {section}.{key}={was}, but this run has {now}{fresh}"
-    stage = saved.get("deepspeed", {}).get("zero_stage", config.deepspeed.zero_stage)
     world = saved_world_size(target)
-    if stage > 0 and world is not None and world != world_size:
-        return (f"{how}{target}, whose ZeRO-{stage} optimizer state is partitioned over {world} processes; this "
-                f"run has {world_size}. Resume with {world} processes{fresh}")
+    if world not in (None, world_size) and "data" not in meta:
+        return (f"{how}{target}, saved at {world} processes by a dist-dml that did not record the data position in "
+                f"global samples; this run has {world_size}. Resume with {world} processes{fresh}")
     return None

@@ -44,6 +44,8 @@ from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 # Our optimizer is torch's own with the lazy beta rows (lazy_rows): DeepSpeed calls every client
 # optimizer under ZeRO "untested" at every start; the warning says nothing to act on.
 deepspeed.utils.logger.addFilter(lambda record: "untested optimizer" not in record.getMessage())
+# Loading a universal checkpoint without tensor parallelism (ours): "setting tp size to 1", once per rank.
+deepspeed.utils.logger.addFilter(lambda record: "MPU is not provided" not in record.getMessage())
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -143,6 +145,77 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
             return torch.load(path, map_location=map_location, weights_only=True)
 
 
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load in the block with ``weights_only=True`` (and the three DeepSpeed classes ZeRO
+    checkpoints hold). DeepSpeed's universal-checkpoint converter and loader unpickle freely; a checkpoint
+    copied from elsewhere must never run code."""
+    real = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(WeightsOnlyCheckpointEngine.SAFE_GLOBALS):
+            return real(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
+
+
+def to_universal(source: Path, dest: Path) -> None:
+    """Convert a ZeRO-1/2 checkpoint folder into DeepSpeed's universal checkpoint at ``dest``: per
+    parameter, its fp32 master and optimizer moments, whole, which a run at any world size partitions
+    afresh on loading (TrainEngine(universal=True)). Written to ``dest``.tmp, renamed when complete."""
+    import argparse
+    import shutil
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)  # its own model-agnostic state (injected) is all our checkpoints lack
+    os.replace(tmp, dest)
+
+
+def _load_universal_groups_with_a_share(zero) -> None:
+    """Work around DeepSpeed 0.19's universal loading of ZeRO-1/2 state, which fails (IndexError in
+    load_hp_checkpoint_state_from_checkpoint_dir) on a rank that holds no element of a param group: the
+    global beta (one number) at 2 or more processes, whose partition on every rank but the first is
+    padding alone. Such groups, last in our order, are left out of that load on that rank: nothing of
+    them is there to load (the padding's optimizer state starts afresh)."""
+    lp_groups = getattr(zero, "bit16_groups", None) or getattr(zero, "bf16_groups", None)
+    original = getattr(zero, "_load_universal_checkpoint", None)
+    if lp_groups is None or original is None:
+        return
+
+    def load(*args, **kwargs):
+        groups = zero.optimizer.param_groups
+        empty = [not any(getattr(p, "_hp_mapping", None) is not None for p in group) for group in lp_groups]
+        keep = len(groups)
+        while keep and empty[keep - 1]:
+            keep -= 1
+        if any(empty[:keep]):
+            raise RuntimeError(f"param group {empty.index(True)} has no element on rank {dist_rank()}: a universal "
+                               "checkpoint cannot be loaded at this world size")
+        saved = list(groups)
+        groups[:] = saved[:keep]
+        try:
+            return original(*args, **kwargs)
+        finally:
+            groups[:] = saved
+
+    zero._load_universal_checkpoint = load
+
+
+def dist_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 def lazy_rows(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
     """``optimizer_class`` with one change: in param groups marked ``lazy``, an element whose gradient
     is exactly zero in a step keeps its value and its optimizer state (momentum, second moment) in
@@ -204,8 +277,9 @@ def param_groups(module: nn.Module, config: OptimizerConfig) -> list[dict]:
     return [dict(params=params, name=name, **settings[name]) for name, params in groups.items() if params]
 
 
-def deepspeed_config(config: DeepSpeedConfig, micro_batch: int) -> dict:
+def deepspeed_config(config: DeepSpeedConfig, micro_batch: int, universal: bool = False) -> dict:
     return {
+        "checkpoint": {"load_universal": universal},
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "steps_per_print": 1 << 30,
@@ -228,7 +302,9 @@ class TrainEngine:
         config: DeepSpeedConfig,
         micro_batch: int,
         lr_lambda: Callable[[int], float] | None = None,
+        universal: bool = False,
     ):
+        """``universal``: the checkpoint this engine will load is a universal one (see to_universal)."""
         optimizer.validate()
         config.validate()
         self.ctx = ctx
@@ -243,13 +319,16 @@ class TrainEngine:
             model=module.to(ctx.device),
             optimizer=torch_optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(config, micro_batch),
+            config=deepspeed_config(config, micro_batch, universal),
             dist_init_required=False,
         )
         self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine._config)
         copy_script = self.engine._copy_recovery_script  # rank 0 copies DeepSpeed's zero_to_fp32.py in as well
         self.engine._copy_recovery_script = lambda path: self.engine.checkpoint_engine.guarded(path, copy_script, path)
         self.low_precision = config.precision != "fp32"
+        self.universal = universal
+        if universal:
+            _load_universal_groups_with_a_share(self.engine.optimizer)
         self._share_beta_masters()
 
     def _share_beta_masters(self) -> None:
@@ -303,8 +382,11 @@ class TrainEngine:
         return list(self.engine.checkpoint_engine.failures)
 
     def load(self, directory: Path, tag: str) -> dict:
-        """Restore a checkpoint written by :meth:`save`; returns its client state."""
-        path, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
+        """Restore a checkpoint written by :meth:`save` (a universal one if the engine was built for it);
+        returns its client state."""
+        with weights_only_loads() if self.universal else contextlib.nullcontext():
+            path, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
         if path is None:
             raise FileNotFoundError(f"{directory / tag}: no DeepSpeed checkpoint there")
+        self._share_beta_masters()  # the loaded masters, not the initial ones
         return client_state or {}

@@ -16,14 +16,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dist_dml import plots
-from dist_dml.checkpoint import CheckpointError, Checkpointer, read_meta, resume_target
+from dist_dml.checkpoint import CheckpointError, Checkpointer, read_meta, resume_target, saved_world_size
 from dist_dml.config import RunConfig, dump_yaml
 from dist_dml.data import FAULTS, TrainStream
 from dist_dml.distributed import DistContext
-from dist_dml.engine import TrainEngine
+from dist_dml.engine import TrainEngine, to_universal
 from dist_dml.errors import as_write_error
 from dist_dml.evaluation import coverage_problem, evaluate, format_metrics
 from dist_dml.losses import build_loss
@@ -45,21 +46,48 @@ def sized_loss_config(loss, stream: TrainStream):
                                num_images=loss.num_images or stream.num_images)
 
 
-def train(cfg: RunConfig, ctx: DistContext) -> dict:
-    out = Path(cfg.train.output_dir)
+@dataclasses.dataclass
+class Prepared:
+    """A run set up to train: its stream and engine at the step it continues from."""
+
+    stream: TrainStream
+    engine: TrainEngine
+    step: int
+    total_steps: int
+    resumed: dict  # the checkpoint's client state ({} for a fresh run)
+    changes: dict  # {section.key: (saved, now)}
+
+
+def prepare(cfg: RunConfig, ctx: DistContext) -> Prepared:
+    """The data stream, the model and its engine, and the resume if any: the checkpoint rank 0 picks
+    (converted for this world size where its ZeRO state was partitioned for another)."""
     stream = TrainStream(cfg.data, ctx.rank, ctx.world_size)
     note = stream.layout_note()
     if ctx.is_main and note:
         print(f"[train] warning: {note}", flush=True)
-    total_steps = cfg.train.steps or sum(stream.steps_in_epoch(e) for e in range(cfg.train.epochs))
+    ctx.init_process_group(timeout_minutes=cfg.deepspeed.timeout_minutes)  # rank 0 decides the resume for all
+    target = _pick_checkpoint(cfg, ctx)
+    load_from, universal = _loadable(target, cfg, ctx) if target else (None, False)
+    steps = {}
+    schedule = _schedule(cfg.optimizer, cfg.train.steps or stream.remaining_steps(cfg.train.epochs), steps)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, ctx.device, gather=ctx.all_gather_with_grad)  # BatchNorm as model.norm says
     module = TrainModule(model, build_loss(sized_loss_config(cfg.loss, stream)))
     engine = TrainEngine(module, ctx, cfg.optimizer, cfg.deepspeed, micro_batch=cfg.data.local_batch,
-                         lr_lambda=cfg.optimizer.lr_lambda(total_steps))
+                         lr_lambda=schedule, universal=universal)
+    step, resumed, changes = _resume(cfg, engine, stream, ctx, target, load_from)
+    # Steps to the end of the last epoch from where the data stream stands (another world size: other steps).
+    steps["total"] = cfg.train.steps or step + stream.remaining_steps(cfg.train.epochs)
+    return Prepared(stream, engine, step, steps["total"], resumed, changes)
+
+
+def train(cfg: RunConfig, ctx: DistContext) -> dict:
+    out = Path(cfg.train.output_dir)
+    run = prepare(cfg, ctx)
+    stream, engine, step, total_steps, resumed, changes = (run.stream, run.engine, run.step, run.total_steps,
+                                                            run.resumed, run.changes)
     objective = GlobalBatchObjective(build_sampler(cfg.sampler), engine.module.loss, ctx)
     checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.keep_last, ctx)
-    step, resumed, changes = _resume(cfg, engine, stream, ctx)
     tracker = build_tracker(cfg.tracking, ctx, resume_run_id=resumed.get("mlflow_run_id"))
     results: dict = {"name": cfg.train.name, "mlflow": tracker.location, "run_id": tracker.run_id,
                      "world_size": ctx.world_size, "total_steps": total_steps}
@@ -92,7 +120,10 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict:
                     raise TrainingStopped(f"{bad_in_row} non-finite losses in a row at step {step}; stopping "
                                           "(train.max_bad_steps)")
             step += 1
-            stream.advance()
+            stream.consume(batch)
+            finished = stream.advance()
+            if finished is not None:
+                _report_epoch(batch["epoch"], finished, ctx, tracker, step)
             meter.update(result, batch, engine, tracker, step)
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
                 _evaluate(cfg, engine, ctx, tracker, step)
@@ -122,10 +153,21 @@ def _finite_everywhere(result: StepResult, ctx: DistContext) -> bool:
     return float(ctx.all_reduce(bad, "max")) == 0.0
 
 
-def _resume(cfg: RunConfig, engine, stream: TrainStream, ctx) -> tuple[int, dict, dict]:
-    """(step, client state, config changes) of the checkpoint to continue from; (0, {}, {}) for a fresh
-    run. Rank 0 picks the checkpoint (reporting any it passes over) and every rank loads that one. The
-    changes are {section.key: (saved, now)} against the config the checkpoint was saved with."""
+def _schedule(optimizer, total: int, holder: dict):
+    """The learning-rate multiplier at a step, over ``holder["total"]`` steps (set again once a resume tells
+    the steps left: at another world size an epoch has other steps). A function, not a callable object:
+    LambdaLR pickles callable objects into its state, which weights_only loading refuses."""
+    holder["total"] = total
+
+    def factor(step: int) -> float:
+        return optimizer.lr_lambda(holder["total"])(step)
+
+    return factor
+
+
+def _pick_checkpoint(cfg: RunConfig, ctx: DistContext) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh run: rank 0 picks it (reporting any it passes
+    over) and every rank gets its pick, or the same CheckpointError."""
     chosen = None
     if ctx.is_main:
         try:
@@ -135,19 +177,90 @@ def _resume(cfg: RunConfig, engine, stream: TrainStream, ctx) -> tuple[int, dict
     kind, value = ctx.broadcast_object(chosen)
     if kind == "error":  # every rank stops alike
         raise CheckpointError(value)
-    if not value:
+    return Path(value) if value else None
+
+
+def _loadable(target: Path, cfg: RunConfig, ctx: DistContext) -> tuple[Path, bool]:
+    """(folder to load, whether it is a universal checkpoint). ZeRO-1/2 optimizer state saved at another
+    world size is partitioned for that one: rank 0 converts it once to DeepSpeed's universal checkpoint
+    (kept beside it as stepN.universal), which any world size loads."""
+    meta = read_meta(target)
+    stage = int(meta.get("zero_stage", cfg.deepspeed.zero_stage))
+    world = saved_world_size(target)
+    if stage == 0 or world in (None, ctx.world_size):
+        return target, False
+    dest = target.with_name(target.name + ".universal")
+    outcome = None
+    if ctx.is_main:
+        try:
+            if not dest.is_dir():
+                print(f"[checkpoint] {target} holds ZeRO-{stage} optimizer state partitioned over {world} processes; "
+                      f"converting it for {ctx.world_size} into a universal checkpoint at {dest} (seconds for a "
+                      "small model, about a minute per GB of checkpoint)", flush=True)
+                started = time.time()
+                to_universal(target, dest)
+                print(f"[checkpoint] converted in {time.time() - started:.0f}s", flush=True)
+        except Exception as exc:  # noqa: BLE001 -- any failure of the converter stops every rank alike
+            outcome = f"cannot convert {target} (saved at {world} processes) for {ctx.world_size}: {exc}"
+    outcome = ctx.broadcast_object(outcome)
+    if outcome:
+        raise CheckpointError(outcome + f"; resume with {world} processes instead")
+    return dest, True
+
+
+def _resume(cfg: RunConfig, engine, stream: TrainStream, ctx, target: Path | None,
+            load_from: Path | None) -> tuple[int, dict, dict]:
+    """(step, client state, config changes) after loading ``load_from`` (``target`` or its universal
+    conversion); (0, {}, {}) for a fresh run. The changes are {section.key: (saved, now)} against the
+    config the checkpoint was saved with."""
+    if target is None:
         return 0, {}, {}
-    target = Path(value)
-    state = Checkpointer(target.parent, cfg.checkpoint.keep_last, ctx).load(engine, target.name)
-    stream.load_state_dict(state["data"])
+    state = engine.load(load_from.parent, load_from.name)
+    try:
+        how = stream.load_state_dict(_arrays(state["data"]))
+    except ValueError as exc:
+        raise CheckpointError(f"cannot continue the data stream of {target}: {exc}") from None
     torch.set_rng_state(state["torch_rng"])
     changes = config_changes(read_meta(target).get("config", {}), cfg)
     if changes and ctx.is_main:
         shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
         print(f"[train] note: resuming {target} under a changed config: {shown}", flush=True)
     if ctx.is_main:
-        print(f"[train] resumed from {target} at step {state['step']}", flush=True)
+        saved = read_meta(target).get("world_size")
+        where = f", saved at {saved} processes, now {ctx.world_size}" if saved not in (None, ctx.world_size) else ""
+        print(f"[train] resumed from {target} at step {state['step']}{where}; the data continues {how}", flush=True)
     return int(state["step"]), state, changes
+
+
+def _arrays(data: dict) -> dict:
+    """A data position from a checkpoint: its tensors as numpy arrays."""
+    return {k: v.numpy() if torch.is_tensor(v) else v for k, v in data.items()}
+
+
+def _tensors(data: dict) -> dict:
+    """A data position for a checkpoint (loaded with weights_only: tensors, not numpy arrays)."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in data.items()}
+
+
+def _global_draws(stream: TrainStream, ctx: DistContext, finished=None) -> np.ndarray:
+    """The epoch's draws per record over all ranks (a collective)."""
+    before, here = finished or stream.local_draws()
+    summed = ctx.all_reduce_sum(torch.from_numpy(here).to(ctx.device)).cpu().numpy()
+    return before + summed
+
+
+def _report_epoch(epoch: int, finished, ctx: DistContext, tracker, step: int) -> None:
+    """At an epoch's end, on every rank: how many of its records were drawn, and how often."""
+    drawn = _global_draws(None, ctx, finished)
+    once, never, again = int((drawn == 1).sum()), int((drawn == 0).sum()), int((drawn > 1).sum())
+    if ctx.is_main:
+        tracker.log_metrics({"epoch_records_drawn": float(once + again), "epoch_records_missed": float(never)}, step)
+        if never == 0 and again == 0:
+            print(f"[train] epoch {epoch} done at step {step}: each of its {len(drawn)} records drawn once", flush=True)
+        else:
+            print(f"[train] epoch {epoch} done at step {step}: {once} of its {len(drawn)} records drawn once, "
+                  f"{never} never (unreadable: see the reader's warnings), {again} more than once (fewer records "
+                  f"than classes_per_batch per slot)", flush=True)
 
 
 def config_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple]:
@@ -179,9 +292,11 @@ def _save(checkpoints: Checkpointer, engine, stream: TrainStream, cfg: RunConfig
     if checkpoints.saved_already(step):
         return
     share_norm_statistics(engine.module.model, cfg, checkpoints.ctx)
-    state = {"step": step, "data": stream.state_dict(), "torch_rng": torch.get_rng_state(),
+    data = _tensors(stream.state_dict(drawn=_global_draws(stream, checkpoints.ctx)))
+    state = {"step": step, "data": data, "torch_rng": torch.get_rng_state(),
              "config_digest": cfg.digest(), "mlflow_run_id": run_id or "", **meter.state_dict()}
     meta = {"step": step, "world_size": checkpoints.ctx.world_size, "zero_stage": cfg.deepspeed.zero_stage,
+            "data": {k: data[k] for k in ("epoch", "step", "base_step", *TrainStream.GEOMETRY)},
             "config": cfg.to_dict()}
     checkpoints.save(engine, step, state, meta)
 

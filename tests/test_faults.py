@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_dml.checkpoint import verify
 
@@ -508,3 +509,79 @@ def test_a_full_disk_says_so_removes_the_partial_checkpoint_and_keeps_the_previo
     filler.unlink()
     third = train(out, tiny_shards, 8)  # space again: it resumes from the kept checkpoint
     assert third.returncode == 0 and resumed_step(third.stdout) == 4, third.stderr[-3000:]
+
+
+# --- resuming at another world size ----------------------------------------------------------------
+
+def saved_state(checkpoint: Path) -> dict:
+    """Every parameter's fp32 value and Adam moments as the ZeRO-1/2 checkpoint holds them, put together from
+    its per-rank partitions by hand (the reference for what any world size must load): per param group, the
+    ranks' flat partitions in rank order, cut by the saved parameter shapes, padding at the end dropped."""
+    import math
+
+    from dist_dml.engine import weights_only_loads
+
+    with weights_only_loads():
+        model = torch.load(checkpoint / "mp_rank_00_model_states.pt")
+        parts = [torch.load(p)["optimizer_state_dict"]
+                 for p in sorted(checkpoint.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                                 key=lambda p: int(p.name.split("_")[3]))]
+    out, steps = {}, set()
+    for g, shapes in enumerate(model["param_shapes"]):
+        assert not any(any(p) for p in (parts[0].get("param_alignment_paddings") or [[0]])), "layout with gaps"
+        flat = {"fp32": torch.cat([p["single_partition_of_fp32_groups"][g] for p in parts])}
+        for key in ("exp_avg", "exp_avg_sq"):
+            flat[key] = torch.cat([p["base_optimizer_state"]["state"][g][key] for p in parts])
+        steps |= {float(p["base_optimizer_state"]["state"][g]["step"]) for p in parts}
+        at = 0
+        for name, shape in shapes.items():
+            n = math.prod(shape)
+            out[name] = {k: v[at:at + n].reshape(shape).float() for k, v in flat.items()}
+            at += n
+    return {"params": out, "step": model["global_steps"], "optimizer_steps": sorted(steps)}
+
+
+def loaded_state(output: Path, shards: Path, nproc: int, dump: Path) -> dict:
+    overrides = tiny_overrides(shards, output, **{"train.steps": 0, "eval.at_start": False, "tracking.enabled": False})
+    from .conftest import torchrun
+
+    torchrun(nproc, "tests.resume_worker", CONFIG, str(dump), *overrides)
+    return torch.load(dump, weights_only=True)
+
+
+def assert_same_state(loaded: dict, saved: dict) -> None:
+    assert loaded["step"] == saved["step"] and loaded["optimizer_steps"] == saved["optimizer_steps"]
+    assert loaded["params"].keys() == saved["params"].keys()
+    for name, values in saved["params"].items():
+        for key, value in values.items():
+            assert torch.equal(loaded["params"][name][key].reshape(value.shape), value), (name, key)
+
+
+def test_resume_at_another_world_size_carries_model_beta_optimizer_and_data_position(tiny_shards, tmp_path):
+    """ZeRO-2, fp32. 2 processes save at step 4 (mid-epoch); 1 process loads it: every parameter (the
+    network's and beta), both Adam moments and the optimizer step equal the saved partitions put together,
+    and the epoch ends without replaying or skipping a record. Then 1 -> 2 the same way, from step 10."""
+    out = tmp_path / "run"
+    overrides = lambda steps: tiny_overrides(tiny_shards, out, **{  # noqa: E731
+        "train.steps": steps, "checkpoint.every_steps": 4, "eval.at_start": False, "tracking.enabled": False,
+        "train.log_every": 2, "checkpoint.keep_last": 5})
+    from .conftest import torchrun
+
+    torchrun(2, "dist_dml.cli", "train", CONFIG, *overrides(4))
+    step4 = out / "checkpoints" / "step00000004"
+    assert json.loads((step4 / "dist_dml.json").read_text())["world_size"] == 2
+    assert_same_state(loaded_state(out, tiny_shards, 1, tmp_path / "at1.pt"), saved_state(step4))
+
+    one = subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", CONFIG, *overrides(10)], cwd=ROOT,
+                         env=cpu_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert "saved at 2 processes, now 1" in one.stdout  # converted already, by loaded_state
+    assert "epoch 1 done at step 8: each of its 48 records drawn once" in one.stdout, one.stdout[-3000:]
+    step10 = out / "checkpoints" / "step00000010"
+    assert json.loads((step10 / "dist_dml.json").read_text())["world_size"] == 1
+    assert_same_state(loaded_state(out, tiny_shards, 2, tmp_path / "at2.pt"), saved_state(step10))
+
+    two = torchrun(2, "dist_dml.cli", "train", CONFIG, *overrides(12))
+    assert "saved at 1 processes, now 2" in two.stdout
+    assert "epoch 2 done at step 12: each of its 48 records drawn once" in two.stdout, two.stdout[-3000:]
+    assert not list((out / "checkpoints").glob("*.universal*"))  # conversions go once newer checkpoints exist

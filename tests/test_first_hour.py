@@ -103,7 +103,7 @@ def test_resume_that_cannot_apply_is_refused_before_any_process_starts(tiny_shar
     overrides = [f"data.root={tiny_shards}", f"train.output_dir={out}"]
     cfg = load_config(CONFIG, overrides)
     assert resume_problem(cfg, 2) is None
-    assert "ZeRO-2 optimizer state is partitioned over 2 processes; this run has 1" in resume_problem(cfg, 1)
+    assert "saved at 2 processes by a dist-dml that did not record the data position" in resume_problem(cfg, 1)
     assert resume_problem(load_config(CONFIG, overrides + ["checkpoint.resume=none"]), 1) is None
     assert "model.embedding_dim=64, but this run has 32" in resume_problem(
         load_config(CONFIG, overrides + ["model.embedding_dim=32"]), 2)
@@ -114,7 +114,7 @@ def test_resume_that_cannot_apply_is_refused_before_any_process_starts(tiny_shar
     proc = subprocess.run(["bash", str(ROOT / "launch/torchrun.sh"), "1", "train", str(CONFIG), *overrides],
                           cwd=tmp_path, env=bare_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "cannot resume" in proc.stderr and "partitioned over 2 processes" in proc.stderr
+    assert "cannot resume" in proc.stderr and "did not record the data position" in proc.stderr
     assert "[launch]" not in proc.stdout  # torchrun never started
 
 

@@ -1,0 +1,42 @@
+"""Sets a training run up as `dist-dml train` would (the resume included) under torchrun, and rank 0
+saves what the engine holds: every parameter's fp32 value and optimizer moments, whole, and the step.
+
+    torchrun --nproc_per_node W -m tests.resume_worker CONFIG OUT.pt section.key=value ...
+
+Shared with tests/test_faults.py, which compares it with the checkpoint's own partitions.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+from dist_dml.config import load_config
+from dist_dml.distributed import DistContext
+from dist_dml.trainer import prepare
+
+
+def main(config: str, out: str, *overrides: str) -> None:
+    cfg = load_config(config, list(overrides))
+    ctx = DistContext.from_env(device="cpu")
+    run = prepare(cfg, ctx)
+    engine = run.engine.engine
+    found = {}
+    for name, param in engine.module.named_parameters():
+        full = {"fp32": safe_get_full_fp32_param(param)}  # collectives: every rank
+        for key in ("exp_avg", "exp_avg_sq"):
+            full[key] = safe_get_full_optimizer_state(param, key)
+        found[name] = {k: v.detach().float().cpu().clone() for k, v in full.items()}
+    optimizer = run.engine.optimizer.optimizer if hasattr(run.engine.optimizer, "optimizer") else run.engine.optimizer
+    steps = {float(state["step"]) for state in optimizer.state.values() if "step" in state}
+    if ctx.is_main:
+        torch.save({"params": found, "step": run.step, "optimizer_steps": sorted(steps),
+                    "lr": run.engine.learning_rates(), "data": {k: v for k, v in run.stream.state_dict().items()
+                                                              if not hasattr(v, "shape")}}, out)
+    ctx.barrier()
+    ctx.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
