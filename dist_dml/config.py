@@ -45,6 +45,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.steps < 0 or self.epochs < 1:
             raise ValueError("train.steps must be >= 0 and train.epochs >= 1")
+        if self.seed < 0:
+            raise ValueError(f"train.seed must be >= 0, got {self.seed}")
         if self.log_every < 1 or self.max_bad_steps < 1:
             raise ValueError("train.log_every and train.max_bad_steps must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -98,8 +100,8 @@ class CheckpointConfig:
     resume: str = "auto"  # auto: the latest checkpoint under train.output_dir, if any; none; or a path
 
     def validate(self) -> None:
-        if self.keep_last < 1:
-            raise ValueError("checkpoint.keep_last must be >= 1")
+        if self.keep_last < 1 or self.every_steps < 0:
+            raise ValueError("checkpoint.keep_last must be >= 1 and checkpoint.every_steps >= 0 (0: only at the end)")
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,8 @@ class DataConfig:
                              "(evaluation resizes the shorter side to resize, then crops image_size)")
         if not 0 < self.min_scale <= 1:
             raise ValueError(f"data.min_scale={self.min_scale} must be in (0, 1]")
+        if self.seed < 0:
+            raise ValueError(f"data.seed must be >= 0, got {self.seed}")
         if self.workers < 0 or self.shuffle_buffer < 1:
             raise ValueError("data.workers must be >= 0 and data.shuffle_buffer >= 1")
         if not 0 < self.max_member_mb < float("inf"):

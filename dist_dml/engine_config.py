@@ -68,5 +68,6 @@ class DeepSpeedConfig:
         if self.precision == "bf16" and self.zero_stage == 0:
             raise ValueError("deepspeed.precision=bf16 needs deepspeed.zero_stage 1 or 2: under ZeRO-0 DeepSpeed "
                              "steps the bf16 weights themselves, with no fp32 master copy")
-        if self.gradient_clipping < 0 or self.timeout_minutes <= 0:
-            raise ValueError("deepspeed.gradient_clipping must be >= 0 and deepspeed.timeout_minutes > 0")
+        if not (0 <= self.gradient_clipping < math.inf and 0 < self.timeout_minutes < math.inf):
+            raise ValueError("deepspeed.gradient_clipping must be finite and >= 0 (0: off) and deepspeed.timeout_minutes "
+                             f"finite and > 0, got {self.gradient_clipping} and {self.timeout_minutes}")

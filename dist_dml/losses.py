@@ -58,8 +58,9 @@ class LossConfig:
         for key in ("alpha", "beta_init", "nu"):
             if not math.isfinite(getattr(self, key)):
                 raise ValueError(f"loss.{key} must be finite, got {getattr(self, key)}")
-        if self.alpha < 0:
-            raise ValueError(f"loss.alpha must be >= 0, got {self.alpha}")
+        for key in ("alpha", "beta_init", "nu"):  # a margin, a distance and a penalty weight
+            if getattr(self, key) < 0:
+                raise ValueError(f"loss.{key} must be >= 0, got {getattr(self, key)}")
         if self.num_classes < 0 or self.num_images < 0:
             raise ValueError("loss.num_classes and loss.num_images must be >= 0 (0: sized from the data's manifest)")
 

@@ -47,6 +47,8 @@ class SamplerConfig:
             )
         if self.chunk_elements < 1:
             raise ValueError(f"sampler.chunk_elements must be positive, got {self.chunk_elements}")
+        if self.seed < 0:
+            raise ValueError(f"sampler.seed must be >= 0, got {self.seed}")
 
 
 @dataclass(frozen=True)

@@ -66,3 +66,27 @@ def test_bad_config_exit_code_reaches_the_shell(tiny_shards):
                           capture_output=True, text=True, env=cpu_env(), timeout=HANG_GUARD_S)
     assert proc.returncode == 2 and "images_per_class" in proc.stderr
     assert "deepspeed" not in proc.stderr.lower()  # stopped before the engine or a process group
+
+
+# Values that are meaningful although they look out of range: sampler.nonzero_loss_cutoff=inf switches it off.
+ALLOWED = {("sampler.nonzero_loss_cutoff", ".inf")}
+
+
+def test_every_numeric_key_is_range_checked(tiny_shards):
+    """Each numeric key of the config, set to -1 (and a float one to NaN and infinity), stops at the check
+    with its name; a new key without a range check fails here."""
+    base = load_config(ROOT / "configs/cpu_synthetic.yaml", [f"data.root={tiny_shards}"])
+    accepted = []
+    for section, values in base.to_dict().items():
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            for bad in ("-1", ".nan", ".inf") if isinstance(value, float) else ("-1",):
+                if (f"{section}.{key}", bad) in ALLOWED:
+                    continue
+                try:
+                    load_config(ROOT / "configs/cpu_synthetic.yaml", [f"data.root={tiny_shards}", f"{section}.{key}={bad}"])
+                    accepted.append(f"{section}.{key}={bad}")
+                except ConfigError as exc:
+                    assert f"{section}.{key}" in str(exc) or key in str(exc), str(exc)
+    assert not accepted

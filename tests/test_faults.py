@@ -364,10 +364,15 @@ def test_a_tracking_failure_during_training_warns_and_never_raises(tmp_path, cap
     def broken(*args, **kwargs):
         raise ConnectionError("the server went away")
 
+    real = tracker.mlflow.log_metrics
     tracker.mlflow.log_metrics = broken
-    tracker.log_metrics({"loss": 0.5}, 2)  # warns
-    tracker.log_metrics({"loss": 0.4}, 3)  # paused: not even tried
-    tracker.close()
+    try:
+        tracker.log_metrics({"loss": 0.5}, 2)  # warns
+        tracker.log_metrics({"loss": 0.4}, 3)  # paused: not even tried
+        tracker.close()
+    finally:
+        tracker.mlflow.log_metrics = real
+        tracker.mlflow.set_tracking_uri(None)  # MLflow exported it to os.environ, for every later subprocess
     err = capsys.readouterr().err
     assert err.count("the server went away") == 1 and "training goes on" in err
 
@@ -585,3 +590,32 @@ def test_resume_at_another_world_size_carries_model_beta_optimizer_and_data_posi
     assert "saved at 1 processes, now 2" in two.stdout
     assert "epoch 2 done at step 12: each of its 48 records drawn once" in two.stdout, two.stdout[-3000:]
     assert not list((out / "checkpoints").glob("*.universal*"))  # conversions go once newer checkpoints exist
+
+
+@pytest.mark.parametrize("damage_kind", ["nul", "huge member"])
+def test_a_corrupt_test_shard_is_counted_in_evaluation(shards_copy, damage_kind):
+    """The evaluation stream meets the shard faults the training stream meets: counted, the rest read."""
+    import io
+    import tarfile
+
+    from dist_dml.data import DataConfig, EvalStream
+
+    victim = sorted(shards_copy.glob("test-*.tar"))[0]
+    if damage_kind == "nul":
+        victim.write_bytes(b"\0" * victim.stat().st_size)
+    else:
+        with tarfile.open(victim) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(victim, "w", format=tarfile.PAX_FORMAT) as tar:
+            for i, (member, data) in enumerate(members):
+                if i == 1:
+                    member.pax_headers = {"size": str(10**15)}
+                tar.addfile(member, io.BytesIO(data))
+    stream = EvalStream(DataConfig(root=str(shards_copy), workers=2), "test", decode_images=False)
+    faults, images = {}, 0
+    for batch in stream.loader():
+        images += len(batch.image_ids)
+        for key, value in batch.errors.items():
+            faults[key] = faults.get(key, 0) + value
+    assert faults["corrupt_shards"] == 1
+    assert 0 < images < stream.num_images
