@@ -1,0 +1,47 @@
+"""The `data` section of a run's config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The `data` section of a run's config."""
+
+    root: str = ""  # folder with manifest.json and the shards
+    train_split: str = "train"
+    classes_per_batch: int = 16  # P, per rank
+    images_per_class: int = 4  # K
+    workers: int = 2  # DataLoader workers per rank
+    shuffle_buffer: int = 1000  # records
+    image_size: int = 224  # training crop / evaluation center crop
+    resize: int = 256  # evaluation resize before the center crop
+    min_scale: float = 0.16  # random resized crop's smallest area share
+    flip: bool = True  # random horizontal flip in training (off for text, digits, logos)
+    seed: int = 0
+    batch_size: int = 0  # per rank; optional, checked against P x K
+    max_member_mb: float = 256.0  # a tar member declaring more is damage: its shard is counted corrupt
+
+    @property
+    def local_batch(self) -> int:
+        return self.classes_per_batch * self.images_per_class
+
+    def validate(self) -> None:
+        if self.images_per_class < 2:
+            raise ValueError(f"data.images_per_class (K) must be at least 2 to give positives, got {self.images_per_class}")
+        if self.classes_per_batch < 1:
+            raise ValueError(f"data.classes_per_batch (P) must be at least 1, got {self.classes_per_batch}")
+        if self.batch_size and self.batch_size != self.local_batch:
+            raise ValueError(f"data.batch_size={self.batch_size} is not classes_per_batch x images_per_class = "
+                             f"{self.classes_per_batch} x {self.images_per_class} = {self.local_batch}")
+        if not 0 < self.image_size <= self.resize:
+            raise ValueError(f"data.image_size={self.image_size} must be positive and at most data.resize={self.resize} "
+                             "(evaluation resizes the shorter side to resize, then crops image_size)")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError(f"data.min_scale={self.min_scale} must be in (0, 1]")
+        if self.seed < 0:
+            raise ValueError(f"data.seed must be >= 0, got {self.seed}")
+        if self.workers < 0 or self.shuffle_buffer < 1:
+            raise ValueError("data.workers must be >= 0 and data.shuffle_buffer >= 1")
+        if not 0 < self.max_member_mb < float("inf"):
+            raise ValueError(f"data.max_member_mb must be positive and finite, got {self.max_member_mb}")

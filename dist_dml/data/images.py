@@ -1,0 +1,102 @@
+"""Decoding and augmentation: an image's bytes to its uint8 crop, written into its slot of a batch."""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from torch.utils.data import get_worker_info
+
+from dist_dml.data.config import DataConfig
+
+# --- decoding and augmentation ------------------------------------------------------------------
+#
+# Per image, on uint8, written straight into its slot of the batch: the random resized crop takes
+# its box from the decoded image as a view, then one antialiased bilinear resize to the output size
+# runs on channels-last uint8 (torch's vectorised path; decode_image already returns that layout),
+# mirrored with probability 1/2. The batch itself is channels-last and, inside a DataLoader worker,
+# in shared memory, so it reaches the main process without another copy. Normalisation runs once
+# per batch where the model runs (normalize_batch).
+
+def decode(data: bytes) -> torch.Tensor:
+    """RGB uint8 (3, H, W) (a channels-last view of the decoder's HWC buffer)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def crop_box(height: int, width: int, rng: random.Random, scale: tuple[float, float],
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (top, left, h, w), drawn from ``rng``: an area share in
+    ``scale`` and a log-uniform aspect ratio in ``ratio``, 10 tries, then the central crop with the
+    ratio clamped."""
+    area, log_ratio = height * width, (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target, aspect = area * rng.uniform(*scale), math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    if width / height < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resize_into(region: torch.Tensor, out: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """Antialiased bilinear resize of uint8 (3, h, w) ``region`` into ``out`` (3, H, W), mirrored if
+    ``flip``. Mirroring the (smaller) source is bit-identical to mirroring the result; the resize
+    writes into ``out`` directly (the .out form of the operator F.interpolate calls)."""
+    x = (region.flip(-1) if flip else region).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    if x.shape[-2:] == out.shape[-2:]:
+        return out.copy_(x[0])
+    torch.ops.aten._upsample_bilinear2d_aa.out(x, list(out.shape[-2:]), False, None, None, out=out.unsqueeze(0))
+    return out
+
+
+def new_batch(n: int, size: int) -> torch.Tensor:
+    """Empty uint8 (n, 3, size, size), channels-last in memory; in shared memory inside a DataLoader
+    worker, so handing it to the main process costs no copy."""
+    out = torch.empty((n, size, size, 3), dtype=torch.uint8)
+    if get_worker_info() is not None:
+        out.share_memory_()
+    return out.permute(0, 3, 1, 2)
+
+
+def train_image(data: bytes, cfg: DataConfig, rng: random.Random, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Training augmentation: random resized crop (area share min_scale..1, aspect 3/4..4/3) to
+    image_size, horizontal flip with probability 1/2 where ``cfg.flip``; all draws from ``rng``."""
+    out = new_batch(1, cfg.image_size)[0] if out is None else out
+    image = decode(data)
+    top, left, h, w = crop_box(image.shape[1], image.shape[2], rng, (cfg.min_scale, 1.0))
+    flip = rng.random() < 0.5 and cfg.flip  # drawn either way: the crops stay the same with or without flips
+    return resize_into(image[:, top:top + h, left:left + w], out, flip=flip)
+
+
+def eval_image(data: bytes, cfg: DataConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Evaluation: the shorter side resized to ``resize``, then the central image_size square
+    (torchvision's Resize(resize) + CenterCrop(image_size))."""
+    out = new_batch(1, cfg.image_size)[0] if out is None else out
+    image = decode(data)
+    _, height, width = image.shape
+    short, long = min(height, width), max(height, width)
+    scaled = int(cfg.resize * long / short)
+    size = (cfg.resize, scaled) if height <= width else (scaled, cfg.resize)
+    if size != (height, width):
+        image = resize_into(image, torch.empty((*size, 3), dtype=torch.uint8).permute(2, 0, 1))
+    top, left = int(round((size[0] - cfg.image_size) / 2)), int(round((size[1] - cfg.image_size) / 2))
+    return resize_into(image[:, top:top + cfg.image_size, left:left + cfg.image_size], out)
+
+
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+
+
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) to float32 normalised with ImageNet's mean and std.
+
+    The streams yield uint8 (a quarter of the bytes to move); this runs where the model runs.
+    """
+    return images.float().sub_(_MEAN.to(images.device)).div_(_STD.to(images.device))

@@ -1,0 +1,475 @@
+"""The P x K training stream and the evaluation stream over shards, and their DataLoader.
+
+Training: every epoch, the split's records, numbered over its shard list shuffled by (seed, epoch) on
+every rank alike, are cut into one contiguous window per (rank, worker) slot, so every record is drawn
+once per epoch by one slot, however many shards there are against slots; each worker streams its
+window through a seeded shuffle buffer, takes K images per record and P records per batch. Every rank
+yields exactly ``steps_in_epoch(epoch)`` batches, computed from the manifest; a worker that runs short
+(its last batch, a corrupt shard) draws again from its own window, so no collective ever waits on a
+rank that ran dry. Batch i of an epoch always comes from the same logical worker and is a function of
+(seed, epoch, rank, i) alone, which makes resuming exact. One DataLoader runs through the epochs.
+
+Evaluation: every image of a split exactly once over all ranks and workers, with its label and its
+image id (the split-wide index).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import os
+import random
+import signal
+import sys
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dist_dml.data.config import DataConfig
+from dist_dml.data.images import eval_image, new_batch, train_image
+from dist_dml.data.manifest import Manifest
+from dist_dml.data.shards import (ReadErrors, Segment, read_records, read_segments, record_windows, undrawn_runs,
+                                  window_segments)
+from dist_dml.seeding import mix
+
+# --- loading ------------------------------------------------------------------------------------
+
+def loader(dataset: IterableDataset, workers: int) -> DataLoader:
+    """A DataLoader over a stream that yields whole batches; its workers die with this process."""
+    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                      prefetch_factor=4 if workers else None,
+                      worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers else None)
+
+
+def _die_with_parent(parent: int, worker_id: int) -> None:
+    """A DataLoader worker_init_fn. torch's worker watchdog compares getppid() with the parent pid the
+    worker saw when it started, so a rank SIGKILLed (OOM killer, a failing node, the kill/resume
+    test) while a worker starts leaves that worker alive for good, holding the launcher's stdout
+    and shared memory. Here the kernel kills the worker with its parent (PR_SET_PDEATHSIG), and a
+    worker whose parent is already gone exits at once."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+# --- training stream ----------------------------------------------------------------------------
+
+class TrainStream(IterableDataset):
+    """P x K batches for one rank; ``steps_in_epoch(epoch)`` of them per epoch, the same on every rank.
+
+    Coverage. An epoch's records, numbered over the split's shard list shuffled by (seed, epoch), are
+    cut into one contiguous window per (rank, worker) slot (:func:`record_windows`), whatever the
+    number of shards against slots: every record is drawn in every epoch, by one slot only. Each slot
+    reads its window through a seeded shuffle buffer; a window that starts mid-shard passes over the
+    shard's first records without reading them. Each logical worker yields ceil(window / P) batches,
+    so the last batch of a slot is filled with records drawn again from its own window (fewer than P
+    draws per slot and epoch); a slot that runs short (a corrupt shard) draws again from its window
+    the same way, so no collective ever waits on a rank that ran dry.
+
+    Batch i of an epoch always comes from logical worker i % workers (epochs hold a multiple of the
+    workers, so one DataLoader serves any number of epochs with the same worker processes) and is a
+    function of (seed, epoch, rank, i) alone, which makes resuming exact: a resumed epoch skips the
+    batches already consumed (reading their records, not decoding them).
+
+    Position in global samples. Every batch names the epoch positions of its records' first draws
+    (``positions``; -1 for a record drawn again to fill a batch); the trainer hands each consumed batch
+    to :meth:`consume`, so the stream knows which of the epoch's records this rank has drawn. A
+    checkpoint keeps the epoch's draws over all ranks. Resumed with the same ranks, workers and batch
+    geometry, the epoch continues exactly; resumed otherwise (another world size), the records not yet
+    drawn in the epoch are cut into windows over the new slots from the resume step on (a *resumed
+    layout*), so the epoch ends without replaying or skipping a record.
+    """
+
+    GEOMETRY = ("world_size", "workers", "classes_per_batch", "shuffle_buffer", "seed", "records")
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, decode_images: bool = True):
+        cfg.validate()
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        manifest = Manifest(cfg.root)
+        self.shards = manifest.shard_paths(cfg.train_split)
+        split = manifest.split(cfg.train_split)
+        self.num_classes, self.num_images = split["classes"], split["images"]
+        self.records = {path: s["records"] for path, s in zip(self.shards, split["shards"])}
+        self.num_records = sum(self.records.values())
+        if not self.shards or not self.num_records:
+            raise ValueError(f"{cfg.root}: split {cfg.train_split!r} has no records")
+        self.decode_images = decode_images
+        self.epoch, self.step = 0, 0
+        self.epochs = 1  # how many epochs a loader runs through (see loader)
+        # A resumed layout of epoch `epoch`: from base_step on, the records base_drawn marks False.
+        self.base_step, self.base_drawn = 0, None
+        self.drawn_before = np.zeros(self.num_records, np.int32)  # this epoch's draws, all ranks, as loaded
+        self.drawn_here = np.zeros(self.num_records, np.int32)  # this rank's draws since (see consume)
+        self._windows: dict[tuple, list[list[Segment]]] = {}
+
+    @property
+    def workers(self) -> int:
+        """Logical workers per rank (a DataLoader without worker processes is one)."""
+        return max(self.cfg.workers, 1)
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * self.workers
+
+    def shard_order(self, epoch: int) -> list[str]:
+        order = list(self.shards)
+        random.Random(mix(self.cfg.seed, epoch)).shuffle(order)  # identical on every rank
+        return order
+
+    def _base(self, epoch: int) -> int:
+        """The step a (resumed) layout of ``epoch`` starts at: 0 for a whole epoch."""
+        return self.base_step if epoch == self.epoch and self.base_drawn is not None else 0
+
+    def offsets(self, epoch: int) -> dict[str, int]:
+        """Each shard's first position in the epoch's numbering of records."""
+        out, start = {}, 0
+        for shard in self.shard_order(epoch):
+            out[shard] = start
+            start += self.records[shard]
+        return out
+
+    def slot_segments(self, epoch: int) -> list[list[Segment]]:
+        """Per (rank, worker) slot, the (shard, skip, take) parts of its window of the epoch's records (of
+        the records not yet drawn, in a resumed layout)."""
+        resumed = epoch == self.epoch and self.base_drawn is not None
+        key = (epoch, resumed)
+        if key not in self._windows:
+            order = self.shard_order(epoch)
+            counts = [self.records[s] for s in order]
+            firsts = None
+            if resumed:
+                order, counts, firsts = undrawn_runs(order, counts, self.base_drawn)
+            windows = record_windows(counts, self.slots, self.cfg.classes_per_batch)
+            self._windows = {key: [window_segments(order, counts, w, firsts) for w in windows]}  # keep one
+        return self._windows[key]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """The same on every rank: each logical worker yields enough batches for the longest window
+        (windows differ by one record at most), after the resumed layout's base step if any; a multiple of
+        the workers from that base."""
+        longest = max(sum(take for _, _, take in segments) for segments in self.slot_segments(epoch))
+        return self._base(epoch) + self.workers * math.ceil(longest / self.cfg.classes_per_batch)
+
+    def remaining_steps(self, epochs: int) -> int:
+        """Steps from the current position to the end of epoch ``epochs - 1``."""
+        return (self.steps_in_epoch(self.epoch) - self.step
+                + sum(self.steps_in_epoch(e) for e in range(self.epoch + 1, epochs)))
+
+    def layout_note(self) -> str | None:
+        """A warning where there are fewer shards than (rank x worker) slots, with the numbers."""
+        if len(self.shards) >= self.slots:
+            return None
+        per_slot = self.num_records / self.slots
+        return (f"{len(self.shards)} training shards for {self.slots} (rank x worker) slots "
+                f"({self.world_size} ranks x {self.workers} workers): slots share shards, each reading a "
+                f"window of about {per_slot:.0f} records; with at least {self.slots} shards every slot reads "
+                f"whole shards of its own (dist-dml prep --min-shards {self.slots})")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.steps_in_epoch(self.epoch)
+
+    def _geometry(self) -> dict:
+        return {"world_size": self.world_size, "workers": self.workers, "classes_per_batch": self.cfg.classes_per_batch,
+                "shuffle_buffer": self.cfg.shuffle_buffer, "seed": self.cfg.seed, "records": self.num_records}
+
+    def state_dict(self, drawn: np.ndarray | None = None) -> dict:
+        """The position: (epoch, step), the geometry it was reached with, the resumed layout if any, and
+        ``drawn`` (this epoch's draws per record over all ranks; see :meth:`local_draws`)."""
+        return {"epoch": self.epoch, "step": self.step, **self._geometry(), "base_step": self._base(self.epoch),
+                "base_drawn": None if self.base_drawn is None else self.base_drawn.copy(),
+                "drawn": None if drawn is None else np.asarray(drawn, np.int32)}
+
+    def load_state_dict(self, state: dict) -> str:
+        """Continue from ``state``: exactly where its geometry is this stream's, else (another world size,
+        other workers or batches) with a resumed layout over the records its ``drawn`` leaves. Returns how,
+        in a few words. A state without draws (written before they were kept) resumes only exactly."""
+        self.set_epoch(int(state["epoch"]))
+        self.step = int(state["step"])
+        drawn = state.get("drawn")
+        same = all(state.get(k, v) == v for k, v in self._geometry().items())
+        if drawn is not None:
+            if len(drawn) != self.num_records:
+                raise ValueError(f"the saved data position covers {len(drawn)} records, the split has "
+                                 f"{self.num_records}: another data.root or train_split")
+            self.drawn_before = np.asarray(drawn, np.int32).copy()
+        if same:
+            base = state.get("base_drawn")
+            self.base_step, self.base_drawn = (int(state.get("base_step", 0)), np.asarray(base, bool)) \
+                if base is not None else (0, None)
+            return "exactly where it was"
+        if drawn is None:
+            raise ValueError("the checkpoint's data position was saved without its draws (an older dist-dml): "
+                             f"resume it with its own geometry ({ {k: state.get(k) for k in self.GEOMETRY} })")
+        if self.step == 0:
+            return "at the start of an epoch"
+        self.base_step, self.base_drawn = self.step, self.drawn_before > 0
+        left = int((~self.base_drawn).sum())
+        return (f"epoch {self.epoch} from step {self.step} with the {left} of its {self.num_records} records not yet "
+                f"drawn, cut over {self.slots} slots")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.step = epoch, 0
+        self.base_step, self.base_drawn = 0, None
+        self.drawn_before = np.zeros(self.num_records, np.int32)
+        self.drawn_here = np.zeros(self.num_records, np.int32)
+
+    def consume(self, batch: dict) -> None:
+        """A batch the trainer used: its records' first draws count as drawn (by this rank)."""
+        positions = batch["positions"].numpy()
+        np.add.at(self.drawn_here, positions[positions >= 0], 1)
+
+    def local_draws(self) -> tuple[np.ndarray, np.ndarray]:
+        """(draws of this epoch over all ranks as loaded, this rank's since): the epoch's draws per record
+        are the first plus the sum of the second over ranks."""
+        return self.drawn_before, self.drawn_here
+
+    def advance(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """One batch consumed: the next step, or the next epoch's first. At an epoch's end, returns its
+        :meth:`local_draws` (for the trainer's report on the epoch)."""
+        self.step += 1
+        if self.step < self.steps_per_epoch:
+            return None
+        finished = self.local_draws()
+        self.set_epoch(self.epoch + 1)
+        return finished
+
+    def loader(self, epochs: int = 1) -> DataLoader:
+        """A DataLoader from (epoch, step) through the end of epoch ``epoch + epochs - 1``, whose worker
+        processes move from one epoch to the next themselves (training passes a large ``epochs`` and
+        stops when it has its steps). Every batch names its ``epoch`` and ``index``."""
+        self.epochs = epochs
+        return loader(self, self.cfg.workers)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.step
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers, physical = (info.num_workers, info.id) if info else (1, 0)
+        assert workers == self.workers, (workers, self.workers)
+        # The DataLoader asks its workers in turn, from worker 0; after a resume at step s the first
+        # batch must come from logical worker (s - base) % workers, and since every epoch (a resumed
+        # layout: from its base) holds a multiple of the workers, each physical worker keeps its logical
+        # worker in the epochs after.
+        worker = (physical + self.step - self._base(self.epoch)) % workers
+        for epoch in range(self.epoch, self.epoch + self.epochs):
+            start = self.step if epoch == self.epoch else 0
+            yield from self.worker_batches(epoch, worker, start)
+
+    def worker_batches(self, epoch: int, worker: int, start: int = 0) -> Iterator[dict]:
+        """Logical worker ``worker``'s batches of ``epoch`` (indices base + worker, base + worker + workers,
+        ...) from index ``start`` on; the ones before are drawn (records read, images not decoded) but not
+        yielded."""
+        cfg = self.cfg
+        base = self._base(epoch)
+        salt = (base + 1,) if epoch == self.epoch and self.base_drawn is not None else ()  # a resumed layout
+        rng = random.Random(mix(cfg.seed, epoch, self.rank, worker, *salt))
+        errors = ReadErrors(int(cfg.max_member_mb * 2**20), self.num_classes, self.num_images)
+        records = self._record_stream(epoch, worker, errors, rng, salt)
+        for index in range(base + worker, self.steps_in_epoch(epoch), self.workers):
+            chosen = []
+            for _ in range(cfg.classes_per_batch):
+                record = next(records)
+                k, have = cfg.images_per_class, len(record["images"])
+                picks = rng.sample(range(have), k) if have >= k else [rng.randrange(have) for _ in range(k)]
+                chosen.append((record, picks))
+            if index < start:
+                continue  # consumed before a resume: records read, images not decoded
+            # Augmentations draw from their own generator, seeded per batch so a resumed epoch matches.
+            batch = self._assemble(chosen, random.Random(mix(cfg.seed, epoch, self.rank, index, 1, *salt)), errors)
+            yield {**batch, "epoch": epoch, "index": index}
+
+    def _record_stream(self, epoch: int, worker: int, errors: ReadErrors, rng: random.Random,
+                       salt: tuple = ()) -> Iterator[dict]:
+        """The slot's window through the shuffle buffer, then the same window again (reshuffled) for as
+        long as records are asked for. Records carry their epoch ``position`` and whether this is their
+        ``first`` draw."""
+        segments = self.slot_segments(epoch)[self.rank * self.workers + worker]
+        offsets = self.offsets(epoch)
+        buffer: list[dict] = []
+        passes = 0
+        while True:
+            produced = False
+            for record in read_segments(segments, errors):
+                produced = True
+                record["position"], record["first"] = offsets[record["shard"]] + record["index"], passes == 0
+                if len(buffer) < self.cfg.shuffle_buffer:
+                    buffer.append(record)
+                    continue
+                j = rng.randrange(len(buffer))
+                buffer[j], record = record, buffer[j]
+                yield record
+            if not produced and not buffer:
+                raise RuntimeError(f"rank {self.rank} worker {worker}: no readable record in {segments}")
+            # The pass is over: empty the buffer, then draw again from the window, in another order.
+            rng.shuffle(buffer)
+            yield from buffer
+            buffer.clear()
+            passes += 1
+            segments = list(segments)
+            random.Random(mix(self.cfg.seed, epoch, self.rank, worker, passes, *salt)).shuffle(segments)
+
+    def _assemble(self, chosen, rng: random.Random, errors: ReadErrors) -> dict:
+        """The batch of the chosen (record, picks). An image that does not decode is counted and replaced by
+        another of its record (the next that decodes); a record left with fewer than 2 decodable images is
+        dropped, counted, and its places go to the batch's previous (or next) record, so the batch keeps
+        its size. Which images replace which depends on the data alone, so a resumed run matches."""
+        cfg = self.cfg
+        # Each record's epoch position where this is its first draw (a dropped record was drawn all the same).
+        positions = torch.tensor([r.get("position", -1) if r.get("first") else -1 for r, _ in chosen])
+        picks_of = [list(picks) for _, picks in chosen]
+        images = new_batch(cfg.local_batch, cfg.image_size) if self.decode_images else None
+        if images is not None:  # uint8: normalised on the device (normalize_batch)
+            dropped = []
+            for r, (record, _) in enumerate(chosen):
+                picks_of[r] = self._decode_record(record, picks_of[r], images[r * cfg.images_per_class:], rng, errors)
+                if picks_of[r] is None:
+                    dropped.append(r)
+            kept = [r for r in range(len(chosen)) if r not in dropped]
+            if not kept:
+                raise RuntimeError(f"rank {self.rank}: no record of a batch has 2 decodable images: "
+                                   f"{sorted({record['shard'] for record, _ in chosen})}")
+            k = cfg.images_per_class
+            for r in dropped:  # its places: a copy of the nearest kept record's images
+                donor = max((d for d in kept if d < r), default=min(kept))
+                images[r * k:(r + 1) * k].copy_(images[donor * k:(donor + 1) * k])
+                chosen[r], picks_of[r] = chosen[donor], picks_of[donor]
+        labels, ids = [], []
+        for (record, _), picks in zip(chosen, picks_of):
+            for i in picks:
+                labels.append(record["label"])
+                ids.append(record["image_ids"][i])
+        batch = {"labels": torch.tensor(labels), "image_ids": torch.tensor(ids), "errors": errors.delta(),
+                 "records": torch.tensor([record["image_ids"][0] for record, _ in chosen]),  # a record's first id names it
+                 "positions": positions}
+        if images is not None:
+            batch["images"] = images
+        return batch
+
+    def _decode_record(self, record: dict, picks: list[int], out: torch.Tensor, rng: random.Random,
+                       errors: ReadErrors) -> list[int] | None:
+        """Decode and augment the record's picked images into out[0..K); the images actually used. A pick
+        that does not decode is replaced by another of the record's images (one not used yet first).
+        None (counted as dropped) where images failed and fewer than 2 distinct ones decode."""
+        bad: set[int] = set()
+        used: list[int] = []
+        have = len(record["images"])
+
+        def decode_into(i: int, slot: int) -> bool:
+            try:
+                train_image(record["images"][i][1], self.cfg, rng, out[slot])
+                return True
+            except (RuntimeError, ValueError):
+                bad.add(i)
+                errors.fault("bad_images", f"{record['shard']}#{record['items'][i]}", "skipping image %s of shard "
+                             "%s: it does not decode", record["items"][i], record["shard"])
+                return False
+
+        for slot, pick in enumerate(picks):
+            if pick not in bad and decode_into(pick, slot):
+                used.append(pick)
+                continue
+            others = [(pick + j) % have for j in range(1, have)]
+            for i in [i for i in others if i not in used] + [i for i in others if i in used]:
+                if i not in bad and decode_into(i, slot):
+                    used.append(i)
+                    break
+            else:
+                break  # nothing of the record decodes
+        if bad and len(used) == len(picks) and len(set(used)) < 2:  # look for a second distinct image
+            spare = next(s for s in range(len(used) - 1, -1, -1) if used.count(used[s]) > 1) if len(used) > 1 else None
+            for i in range(have):
+                if spare is not None and i not in bad and i not in used and decode_into(i, spare):
+                    used[spare] = i
+                    break
+        if bad and (len(used) < len(picks) or len(set(used)) < 2):
+            errors.fault("dropped_records", f"{record['shard']}#drop{record['image_ids'][0]}", "dropping a record "
+                         "of class %s in shard %s: fewer than 2 of its %d images decode", record["class"],
+                         record["shard"], have)
+            return None
+        return used
+
+
+# --- evaluation stream --------------------------------------------------------------------------
+
+class EvalBatch(NamedTuple):
+    """A batch of the evaluation stream: uint8 images and, per image, its label, split-wide image id,
+    class (the source's class id or name) and item (its source path or id)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    image_ids: torch.Tensor
+    classes: list[str]
+    items: list[str]
+    errors: dict | None = None  # FAULTS met since the worker's previous batch
+
+
+class EvalStream(IterableDataset):
+    """Every image of ``split`` once over all ranks and workers, in :class:`EvalBatch` es."""
+
+    def __init__(self, cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1, batch_size: int = 128,
+                 decode_images: bool = True):
+        self.cfg, self.split, self.rank, self.world_size = cfg, split, rank, world_size
+        manifest = Manifest(cfg.root)
+        self.shards = manifest.shard_paths(split)
+        self.num_images = manifest.split(split)["images"]
+        self.num_classes = manifest.split(split)["classes"]
+        self.batch_size = batch_size
+        self.decode_images = decode_images
+        workers = max(cfg.workers, 1)
+        counts = [s["images"] for s in manifest.split(split)["shards"]]
+        # This rank's images per the manifest: its workers read the shards i with i % slots in its range.
+        self.local_images = sum(n for i, n in enumerate(counts) if (i % (world_size * workers)) // workers == rank)
+
+    def loader(self) -> DataLoader:
+        return loader(self, self.cfg.workers)
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        slots = self.world_size * workers
+        mine = self.shards[self.rank * workers + worker::slots]  # exactly once: no resampling here
+        pending: list[tuple[bytes, int, int, str, str, str]] = []
+        errors = ReadErrors(int(self.cfg.max_member_mb * 2**20), self.num_classes, self.num_images)
+        for record in read_records(mine, errors):
+            for (_, image), image_id, item in zip(record["images"], record["image_ids"], record["items"]):
+                pending.append((image, record["label"], image_id, record["class"], item, record["shard"]))
+                if len(pending) == self.batch_size:
+                    yield self._batch(pending, errors)
+                    pending = []
+        if pending or any(errors.delta_pending()):
+            yield self._batch(pending, errors)
+
+    def _batch(self, pending, errors: ReadErrors) -> EvalBatch:
+        """The decoded batch; an image that does not decode is counted, logged and left out."""
+        images = torch.empty(0, dtype=torch.uint8)
+        if self.decode_images and pending:
+            images = new_batch(len(pending), self.cfg.image_size)
+            good = []
+            for entry in pending:
+                try:
+                    eval_image(entry[0], self.cfg, images[len(good)])
+                    good.append(entry)
+                except (RuntimeError, ValueError):
+                    errors.fault("bad_images", f"{entry[5]}#{entry[4]}", "leaving out image %s of shard %s: it does "
+                                 "not decode", entry[4], entry[5])
+            pending, images = good, images[:len(good)]
+        _, labels, ids, classes, items, _ = zip(*pending) if pending else ((),) * 6
+        return EvalBatch(images, torch.tensor(labels, dtype=torch.long), torch.tensor(ids, dtype=torch.long),
+                         list(classes), list(items), errors.delta())
+
+
+def images_by_id(cfg: DataConfig, split: str, wanted) -> dict[int, torch.Tensor]:
+    """The evaluation-transformed uint8 images of the given image ids (for plots), one pass over the split."""
+    wanted, found = set(int(i) for i in wanted), {}
+    for record in read_records(Manifest(cfg.root).shard_paths(split), ReadErrors(int(cfg.max_member_mb * 2**20))):
+        for (_, data), image_id in zip(record["images"], record["image_ids"]):
+            if image_id in wanted:
+                found[image_id] = eval_image(data, cfg)
+        if len(found) == len(wanted):
+            break
+    return found
