@@ -8,7 +8,7 @@ from dataclasses import dataclass
 class DataConfig:
     """The `data` section of a run's config."""
 
-    root: str = ""  # folder with manifest.json and the shards
+    root: str = ""  # folder with manifest.json and the shards, or a URL prefix (http(s)://, pipe:, s3://, gs://)
     train_split: str = "train"
     classes_per_batch: int = 16  # P, per rank
     images_per_class: int = 4  # K
@@ -21,6 +21,9 @@ class DataConfig:
     seed: int = 0
     batch_size: int = 0  # per rank; optional, checked against P x K
     max_member_mb: float = 256.0  # a tar member declaring more is damage: its shard is counted corrupt
+    read_retries: int = 3  # a remote shard whose read fails is tried again this often (then counted corrupt)
+    retry_backoff_s: float = 1.0  # the first wait before a retry; it doubles with each
+    verify_sha256: bool = False  # read each shard whole against the manifest's sha256 first (once per worker)
 
     @property
     def local_batch(self) -> int:
@@ -45,3 +48,6 @@ class DataConfig:
             raise ValueError("data.workers must be >= 0 and data.shuffle_buffer >= 1")
         if not 0 < self.max_member_mb < float("inf"):
             raise ValueError(f"data.max_member_mb must be positive and finite, got {self.max_member_mb}")
+        if self.read_retries < 0 or not 0 <= self.retry_backoff_s <= 600:
+            raise ValueError(f"data.read_retries must be >= 0 and data.retry_backoff_s in [0, 600], got "
+                             f"{self.read_retries} and {self.retry_backoff_s}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dist_dml.data.opener import join, read_bytes
 from dist_dml.errors import UserError
 
 FORMAT, VERSION = "dist-dml/class-shards", 1
@@ -17,12 +18,14 @@ class Manifest:
     """A shard folder's manifest.json (docs/SHARDS.md), schema-checked on load."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.path = path = self.root / "manifest.json"
+        self.root = str(root)  # a folder or a URL prefix (dist_dml.data.opener)
+        self.path = path = join(self.root, "manifest.json")
         try:
-            self.data = json.loads(path.read_text())
+            self.data = json.loads(read_bytes(path) or b"null")
         except FileNotFoundError:
             raise ManifestError(f"{path}: no manifest (write shards with `dist-dml prep`)") from None
+        except OSError as exc:  # a remote root: the command or the server failed
+            raise ManifestError(f"{path}: cannot be read ({' '.join(str(exc).split())[:300]})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ManifestError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(self.data, dict) or self.data.get("format") != FORMAT or self.data.get("version") != VERSION:
@@ -61,4 +64,10 @@ class Manifest:
         return splits[name]
 
     def shard_paths(self, split: str) -> list[str]:
-        return [str(self.root / s["name"]) for s in self.split(split)["shards"]]
+        """Each shard's location: a path under a local root, else a URL or command (opener.join)."""
+        return [join(self.root, s["name"]) for s in self.split(split)["shards"]]
+
+    def checksums(self, split: str) -> dict[str, str]:
+        """{shard location: sha256} for the shards of ``split`` whose manifest entry has one."""
+        return {join(self.root, s["name"]): s["sha256"] for s in self.split(split)["shards"]
+                if isinstance(s.get("sha256"), str)}

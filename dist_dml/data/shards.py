@@ -5,12 +5,16 @@ the point of damage, and counted."""
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import logging
 import os
+import time
 from typing import Callable, Iterator
 
 import numpy as np
+
+from dist_dml.data.opener import close_quietly, is_local, open_stream
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 log = logging.getLogger("dist_dml.data")
@@ -29,9 +33,12 @@ class ReadErrors:
     (the record keeps its others); dropped_records: records left with fewer than 2 decodable images.
     """
 
-    def __init__(self, max_member_bytes: int = 256 << 20, classes: int | None = None, images: int | None = None):
+    def __init__(self, max_member_bytes: int = 256 << 20, classes: int | None = None, images: int | None = None,
+                 retries: int = 0, backoff_s: float = 1.0, checksums: dict[str, str] | None = None):
         self.max_member_bytes = max_member_bytes  # a member declaring more makes its shard corrupt
         self.classes, self.images = classes, images  # the split's: labels and image ids must lie below
+        self.retries, self.backoff_s = retries, backoff_s  # a remote shard's read is tried again this often
+        self.checksums = checksums  # {shard: sha256} to verify each shard against before reading it
         self.corrupt_shards: set[str] = set()
         self.bad_records = self.unknown_members = self.bad_labels = self.bad_images = self.dropped_records = 0
         self._reported = (0,) * len(FAULTS)
@@ -121,15 +128,27 @@ def tar_members(path: str, keep: Callable[[str], bool], max_member: int = 256 <<
     extended header that declares more than ``max_member`` bytes (a pax header can declare any size:
     it would be read into memory); the members before the damage have been yielded.
     """
-    with open(path, "rb", buffering=1 << 20) as f:
-        end = os.fstat(f.fileno()).st_size
+    f, seekable = open_stream(path)
+    end = os.fstat(f.fileno()).st_size if seekable else None
+
+    def skip(n: int) -> None:  # a local file seeks; a stream reads and drops
+        if seekable:
+            f.seek(n, 1)
+            return
+        while n > 0:
+            chunk = f.read(min(n, 1 << 20))
+            if not chunk:
+                return
+            n -= len(chunk)
+
+    try:
         extended: dict[str, str] = {}
+        offset = 0
         while True:
-            offset = f.tell()
             header = f.read(_BLOCK)
             if not header:
-                raise ShardError(f"cut short: no end-of-archive block after byte {min(offset, end)}"
-                                 + (" (a member runs past the end of the file)" if offset > end else ""))
+                raise ShardError(f"cut short: no end-of-archive block after byte {offset if end is None else min(offset, end)}"
+                                 + (" (a member runs past the end of the file)" if end is not None and offset > end else ""))
             if not header.strip(b"\0"):
                 if offset == 0:
                     raise ShardError("no member at all: the file starts with an end-of-archive block "
@@ -145,7 +164,7 @@ def tar_members(path: str, keep: Callable[[str], bool], max_member: int = 256 <<
                 name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
             name, size = extended.pop("path", name), int(extended.pop("size", size))
             extended.clear()
-            skip = size + (-size) % _BLOCK
+            padded = size + (-size) % _BLOCK
             kept = kind in (b"0", b"\0") and keep(name)
             if size > max_member and (kept or kind in (b"x", b"L")):
                 raise ShardError(f"member {name} at byte {offset} declares {size} bytes, more than the "
@@ -155,15 +174,18 @@ def tar_members(path: str, keep: Callable[[str], bool], max_member: int = 256 <<
                 if len(data) < size:
                     raise ShardError(f"cut short in an extended header at byte {offset}")
                 extended = _pax(data) if kind == b"x" else {"path": data.rstrip(b"\0").decode("utf-8", "surrogateescape")}
-                f.seek(skip - size, 1)
+                skip(padded - size)
             elif kept:
                 data = f.read(size)
                 if len(data) < size:
                     raise ShardError(f"cut short in member {name} at byte {offset}")
-                f.seek(skip - size, 1)
+                skip(padded - size)
                 yield name, data
             else:  # directories, links, pax globals, members we do not read
-                f.seek(skip, 1)
+                skip(padded)
+            offset += _BLOCK + padded
+    finally:
+        close_quietly(f)
 
 
 def _key_suffix(name: str) -> tuple[str, str]:
@@ -205,20 +227,62 @@ def read_records(shards: list[str], errors: ReadErrors) -> Iterator[dict]:
 def shard_records(shard: str, errors: ReadErrors, skip: int = 0) -> Iterator[dict]:
     """The valid records of one shard after its first ``skip`` records, which are passed over without
     reading their members (only their tar headers). Each record carries its ``index`` in the shard (its
-    KEY's ordinal: malformed or skipped records count too)."""
-    counter = _KeyCounter(skip, errors)
+    KEY's ordinal: malformed or skipped records count too).
+
+    A remote shard (a URL or command) whose read fails is opened again after a back-off (errors.retries
+    times, doubling errors.backoff_s), from the record after the last one read; then, like a local shard
+    that is damaged, it is logged, counted corrupt and left. With errors.checksums, a shard is first
+    read whole against its sha256 (once per process)."""
+    attempt, start = 0, skip
+    while True:
+        counter = _KeyCounter(start, errors)
+        try:
+            if errors.checksums is not None and shard in errors.checksums and shard not in _VERIFIED:
+                _verify(shard, errors.checksums[shard])
+            for key, sample in _samples(tar_members(shard, counter.keep, errors.max_member_bytes)):
+                index = counter.ordinals.pop(key, None)
+                if index is not None:
+                    start = index + 1
+                record = _parse_record(sample, shard) if index is not None else None
+                if record is None:
+                    errors.fault("bad_records", f"{shard}#{key}", "skipping malformed record %s in shard %s", key,
+                                 shard)
+                    continue
+                record["index"] = index
+                if errors.check_range(record, key):
+                    yield record
+            return
+        except (ShardError, OSError, ValueError, UnicodeDecodeError) as exc:
+            if is_local(shard) or attempt >= errors.retries or isinstance(exc, ChecksumError):
+                errors.corrupt(shard, exc)
+                return
+            attempt += 1
+            delay = errors.backoff_s * 2 ** (attempt - 1)
+            log.warning("reading shard %s failed (%s); retry %d of %d from record %d in %.0f s", shard,
+                        " ".join(str(exc).split())[:200], attempt, errors.retries, start, delay)
+            time.sleep(delay)
+
+
+_VERIFIED: set[str] = set()  # shards whose sha256 this process has checked
+
+
+class ChecksumError(ShardError):
+    pass
+
+
+def _verify(shard: str, expected: str) -> None:
+    """Read ``shard`` whole (streaming) and compare its sha256 with the manifest's."""
+    digest = hashlib.sha256()
+    stream, _ = open_stream(shard)
     try:
-        for key, sample in _samples(tar_members(shard, counter.keep, errors.max_member_bytes)):
-            index = counter.ordinals.pop(key, None)
-            record = _parse_record(sample, shard) if index is not None else None
-            if record is None:
-                errors.fault("bad_records", f"{shard}#{key}", "skipping malformed record %s in shard %s", key, shard)
-                continue
-            record["index"] = index
-            if errors.check_range(record, key):
-                yield record
-    except (ShardError, OSError, ValueError, UnicodeDecodeError) as exc:
-        errors.corrupt(shard, exc)
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    finally:
+        close_quietly(stream)
+    if digest.hexdigest() != expected:
+        raise ChecksumError(f"its sha256 {digest.hexdigest()[:16]}… is not the manifest's {expected[:16]}… "
+                            "(modified or damaged since dist-dml prep wrote it)")
+    _VERIFIED.add(shard)
 
 
 class _KeyCounter:

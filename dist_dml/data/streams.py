@@ -36,6 +36,13 @@ from dist_dml.seeding import mix
 
 # --- loading ------------------------------------------------------------------------------------
 
+def read_errors(cfg: DataConfig, checksums: dict[str, str] | None, classes: int | None = None,
+                images: int | None = None) -> ReadErrors:
+    """A worker's fault counter with the config's limits, retries and (data.verify_sha256) checksums."""
+    return ReadErrors(int(cfg.max_member_mb * 2**20), classes, images, retries=cfg.read_retries,
+                      backoff_s=cfg.retry_backoff_s, checksums=checksums)
+
+
 def loader(dataset: IterableDataset, workers: int) -> DataLoader:
     """A DataLoader over a stream that yields whole batches; its workers die with this process."""
     return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
@@ -93,6 +100,7 @@ class TrainStream(IterableDataset):
         split = manifest.split(cfg.train_split)
         self.num_classes, self.num_images = split["classes"], split["images"]
         self.records = {path: s["records"] for path, s in zip(self.shards, split["shards"])}
+        self.checksums = manifest.checksums(cfg.train_split) if cfg.verify_sha256 else None
         self.num_records = sum(self.records.values())
         if not self.shards or not self.num_records:
             raise ValueError(f"{cfg.root}: split {cfg.train_split!r} has no records")
@@ -268,7 +276,7 @@ class TrainStream(IterableDataset):
         base = self._base(epoch)
         salt = (base + 1,) if epoch == self.epoch and self.base_drawn is not None else ()  # a resumed layout
         rng = random.Random(mix(cfg.seed, epoch, self.rank, worker, *salt))
-        errors = ReadErrors(int(cfg.max_member_mb * 2**20), self.num_classes, self.num_images)
+        errors = read_errors(cfg, self.checksums, self.num_classes, self.num_images)
         records = self._record_stream(epoch, worker, errors, rng, salt)
         for index in range(base + worker, self.steps_in_epoch(epoch), self.workers):
             chosen = []
@@ -418,6 +426,7 @@ class EvalStream(IterableDataset):
         self.shards = manifest.shard_paths(split)
         self.num_images = manifest.split(split)["images"]
         self.num_classes = manifest.split(split)["classes"]
+        self.checksums = manifest.checksums(split) if cfg.verify_sha256 else None
         self.batch_size = batch_size
         self.decode_images = decode_images
         workers = max(cfg.workers, 1)
@@ -434,7 +443,7 @@ class EvalStream(IterableDataset):
         slots = self.world_size * workers
         mine = self.shards[self.rank * workers + worker::slots]  # exactly once: no resampling here
         pending: list[tuple[bytes, int, int, str, str, str]] = []
-        errors = ReadErrors(int(self.cfg.max_member_mb * 2**20), self.num_classes, self.num_images)
+        errors = read_errors(self.cfg, self.checksums, self.num_classes, self.num_images)
         for record in read_records(mine, errors):
             for (_, image), image_id, item in zip(record["images"], record["image_ids"], record["items"]):
                 pending.append((image, record["label"], image_id, record["class"], item, record["shard"]))
@@ -466,7 +475,9 @@ class EvalStream(IterableDataset):
 def images_by_id(cfg: DataConfig, split: str, wanted) -> dict[int, torch.Tensor]:
     """The evaluation-transformed uint8 images of the given image ids (for plots), one pass over the split."""
     wanted, found = set(int(i) for i in wanted), {}
-    for record in read_records(Manifest(cfg.root).shard_paths(split), ReadErrors(int(cfg.max_member_mb * 2**20))):
+    manifest = Manifest(cfg.root)
+    checksums = manifest.checksums(split) if cfg.verify_sha256 else None
+    for record in read_records(manifest.shard_paths(split), read_errors(cfg, checksums)):
         for (_, data), image_id in zip(record["images"], record["image_ids"]):
             if image_id in wanted:
                 found[image_id] = eval_image(data, cfg)
