@@ -66,12 +66,17 @@ class EvalConfig:
     grid_queries: int = 6  # rows of the retrieval grid plot (0: no grid)
     grid_k: int = 5
     max_missing_share: float = 0.0  # images of the split that may go unread (corrupt) before eval fails
+    query_chunk: int = 4096  # queries searched against every rank's gallery shard at a time
+    nmi_max_classes: int = 10000  # above this many classes, NMI runs on a seeded sample of this many
 
     def validate(self) -> None:
         if not self.recall_ks or min(self.recall_ks) < 1:
             raise ValueError("eval.recall_ks must be a non-empty list of positive integers")
         if not 0 <= self.max_missing_share <= 1:
             raise ValueError(f"eval.max_missing_share must be in [0, 1], got {self.max_missing_share}")
+        if self.query_chunk < 1 or self.nmi_max_classes < 2:
+            raise ValueError(f"eval.query_chunk must be >= 1 and eval.nmi_max_classes >= 2, got {self.query_chunk} "
+                             f"and {self.nmi_max_classes}")
         if self.batch_size < 1 or self.every_steps < 0 or self.grid_queries < 0 or self.grid_k < 1:
             raise ValueError("eval.batch_size and eval.grid_k must be >= 1, eval.every_steps and eval.grid_queries >= 0")
         if len(self.split.split(",")) not in (1, 2):

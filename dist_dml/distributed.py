@@ -154,10 +154,10 @@ class DistContext:
         parts = self.all_gather_no_grad(padded).split(longest)
         return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)])
 
-    def broadcast_(self, tensor: Tensor) -> Tensor:
-        """Rank 0's ``tensor`` copied into ``tensor`` on every rank (in place)."""
+    def broadcast_(self, tensor: Tensor, src: int = 0) -> Tensor:
+        """Rank ``src``'s ``tensor`` copied into ``tensor`` on every rank (in place)."""
         if self._active():
-            dist.broadcast(tensor, src=0)
+            dist.broadcast(tensor, src=src)
         return tensor
 
     def broadcast_object(self, obj):

@@ -171,32 +171,47 @@ def embed_split(model: nn.Module, stream, ctx: DistContext, progress: bool = Fal
 
 def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: bool = False,
              plots_dir=None, title: str = "") -> tuple[dict[str, float], list]:
-    """Embed the evaluation split(s) on every rank, search and score on rank 0, share the metrics.
+    """Every rank embeds its share of the evaluation split(s) and keeps it; the metrics come from the
+    sharded search (dist_dml.sharded): no rank holds the whole split. Every rank gets the metrics, with
+    the coverage (images_evaluated of images_expected, and the faults met).
 
     ``eval_cfg.split`` is one split (each item against the others) or "query,gallery". With
     ``plots_dir``, rank 0 also draws Recall@K against K and a retrieval grid; returns their paths.
     """
     from dist_dml.data import EvalStream
+    from dist_dml.sharded import sharded_metrics
 
     splits = eval_cfg.split.split(",")
-    embedded = [embed_split(model, EvalStream(data_cfg, s, ctx.rank, ctx.world_size, eval_cfg.batch_size), ctx,
-                            progress) for s in splits]
-    sets = [e[0] for e in embedded]
-    coverage = {k: sum(e[1][k] for e in embedded) for k in embedded[0][1]}
-    metrics, paths = {}, []
-    if ctx.is_main:
-        (q_emb, q_lab, q_ids), gallery = sets[0], sets[1] if len(sets) == 2 else None
-        use_gpu = ctx.device.type == "cuda"
-        result = retrieval_metrics(q_emb.numpy(), q_lab.numpy(), None if gallery is None else gallery[0].numpy(),
-                                   None if gallery is None else gallery[1].numpy(), eval_cfg.recall_ks,
-                                   nmi=eval_cfg.nmi, use_gpu=use_gpu, progress=progress)
-        metrics = {**result.metrics, **coverage}
-        if plots_dir is not None:
-            paths = _plots(result, eval_cfg, data_cfg, splits, sets, plots_dir, title)
-    return ctx.broadcast_object(metrics), paths
+    streams = [EvalStream(data_cfg, s, ctx.rank, ctx.world_size, eval_cfg.batch_size) for s in splits]
+    parts = [embed_local(model, stream, ctx, progress) for stream in streams]
+    coverage = _coverage(parts, streams, ctx)
+    grid = []
+    if plots_dir is not None and eval_cfg.grid_queries:
+        grid = np.random.default_rng(0).permutation(streams[0].num_images)[:eval_cfg.grid_queries * 4].tolist()
+    query, gallery = parts[0], parts[1] if len(parts) == 2 else None
+    metrics, kept = sharded_metrics((query.embeddings, query.labels, query.image_ids),
+                                    None if gallery is None else (gallery.embeddings, gallery.labels, gallery.image_ids),
+                                    eval_cfg.recall_ks, ctx, nmi=eval_cfg.nmi, nmi_max_classes=eval_cfg.nmi_max_classes,
+                                    chunk=eval_cfg.query_chunk, use_gpu=ctx.device.type == "cuda", keep_ids=grid)
+    metrics = {**metrics, **coverage}
+    paths = []
+    if ctx.is_main and plots_dir is not None:
+        chosen = [q for q in grid if q in kept][:eval_cfg.grid_queries]
+        paths = _plots(metrics, eval_cfg, data_cfg, splits, chosen, kept, plots_dir, title)
+    return metrics, paths
 
 
-def _plots(result: Retrieval, eval_cfg, data_cfg, splits, sets, plots_dir, title: str) -> list:
+def _coverage(parts: list[Embedded], streams, ctx: DistContext) -> dict[str, float]:
+    """images_evaluated / images_expected over the splits, and the faults met, summed over ranks."""
+    local = [sum(len(p.image_ids) for p in parts), sum(s.num_images for s in streams) if ctx.is_main else 0]
+    local += [sum(p.faults[k] for p in parts) for k in FAULT_KEYS]
+    total = ctx.all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=ctx.device)).cpu().tolist()
+    return {"images_evaluated": total[0], "images_expected": total[1], **dict(zip(FAULT_KEYS, total[2:]))}
+
+
+def _plots(metrics: dict, eval_cfg, data_cfg, splits, chosen: list[int], kept: dict, plots_dir, title: str) -> list:
+    """Recall@K against K, and a grid of the ``chosen`` queries' nearest gallery images (``kept``: their
+    merged neighbours' gallery image ids and relevance)."""
     from pathlib import Path
 
     from dist_dml import plots
@@ -204,19 +219,19 @@ def _plots(result: Retrieval, eval_cfg, data_cfg, splits, sets, plots_dir, title
 
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    what = f"Recall@K on {' -> '.join(splits)} ({len(result.neighbours):,} queries)"
-    paths = [plots.recall_curve(result.metrics, eval_cfg.recall_ks, plots_dir / "recall_at_k.png",
+    queries = int(metrics.get("images_evaluated", 0)) if len(splits) == 1 else None
+    what = f"Recall@K on {' -> '.join(splits)}" + (f" ({queries:,} queries)" if queries else "")
+    paths = [plots.recall_curve(metrics, eval_cfg.recall_ks, plots_dir / "recall_at_k.png",
                                 f"{what}{', ' + title if title else ''}")]
-    if eval_cfg.grid_queries:
-        rng = np.random.default_rng(0)
-        rows = sorted(rng.choice(len(result.neighbours), min(eval_cfg.grid_queries, len(result.neighbours)),
-                                 replace=False).tolist())
-        neighbours = result.neighbours[:, :eval_cfg.grid_k]
-        q_ids, g_ids = sets[0][2].numpy(), sets[-1][2].numpy()
-        q_images = images_by_id(data_cfg, splits[0], q_ids[rows])
-        wanted = {int(g_ids[n]) for n in neighbours[rows].ravel() if n >= 0}
+    if chosen:
+        lists = [kept[q][0][:eval_cfg.grid_k] for q in chosen]
+        g_ids = np.array(sorted({n for ids in lists for n in ids if n >= 0}), dtype=np.int64)
+        where = {int(n): i for i, n in enumerate(g_ids)}
+        neighbours = np.array([[where.get(n, -1) for n in ids] for ids in lists], dtype=np.int64)
+        relevant = np.array([kept[q][1][:eval_cfg.grid_k] for q in chosen], dtype=bool)
+        q_images = images_by_id(data_cfg, splits[0], chosen)
         g_images = q_images if len(splits) == 1 else {}
-        g_images = {**g_images, **images_by_id(data_cfg, splits[-1], wanted)}
-        paths.append(plots.retrieval_grid(rows, neighbours, result.relevant[:, :eval_cfg.grid_k], q_ids, g_ids,
+        g_images = {**g_images, **images_by_id(data_cfg, splits[-1], [int(n) for n in g_ids])}
+        paths.append(plots.retrieval_grid(list(range(len(chosen))), neighbours, relevant, np.array(chosen), g_ids,
                                           q_images, g_images, plots_dir / "retrieval_grid.png"))
     return paths

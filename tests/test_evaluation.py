@@ -147,3 +147,32 @@ def test_distributed_extraction_each_image_once(world, tiny_shards, tmp_path, ru
     assert torch.equal(got["ids"], torch.arange(len(got["ids"])))
     assert torch.equal(got["ids"], want["ids"]) and torch.equal(got["labels"], want["labels"])
     torch.testing.assert_close(got["embeddings"], want["embeddings"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["same", "query_gallery"])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_evaluation_equals_the_single_process_brute_force(world, mode, tmp_path, run_torchrun):
+    """Each rank keeps only its embeddings; the merged neighbours and the metrics equal the whole set's
+    single-process search (Recall@K, R-Precision, MAP@R), also for query/gallery splits and a class
+    present on one rank only."""
+    import numpy as np
+
+    from tests.sharded_worker import KEEP, KS, sets
+
+    out = tmp_path / "metrics.pt"
+    run_torchrun(world, "tests.sharded_worker", mode, str(out), timeout=HANG_GUARD_S)
+    got = torch.load(out, weights_only=False)
+    query, gallery = sets(mode)
+    want = retrieval_metrics(query[0], query[1], None if gallery is None else gallery[0],
+                             None if gallery is None else gallery[1], KS, nmi=False, use_gpu=False)
+    for key, value in want.metrics.items():
+        assert got["metrics"][key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+    # The kept queries' neighbours, by brute force in float64: the same gallery ids in the same order.
+    g_emb, g_lab = (query[0], query[1]) if gallery is None else (gallery[0], gallery[1])
+    for qid in KEEP:
+        scores = g_emb.astype(np.float64) @ query[0][qid].astype(np.float64)
+        if gallery is None:
+            scores[qid] = -np.inf
+        ranked = np.argsort(-scores, kind="stable")[: len(got["kept"][qid][0])]
+        assert got["kept"][qid][0] == ranked.tolist()
+        assert got["kept"][qid][1] == (g_lab[ranked] == query[1][qid]).tolist()

@@ -1,0 +1,154 @@
+"""Retrieval metrics over embeddings sharded across ranks: no rank ever holds the whole split.
+
+Each rank keeps the gallery embeddings it extracted. The queries of each rank in turn go to every rank
+in chunks of `chunk` (a broadcast); every rank searches its own gallery shard for the chunk's nearest
+`fetch` (faiss, exact inner product) and the lists are gathered to the queries' owner, which merges
+them exactly — by (score descending, gallery image id ascending), the order of the single-process
+search, dropping the query itself where queries and gallery are one split — and scores its queries.
+The sums are reduced over ranks. Memory per rank: its shard of the embeddings, one chunk of queries,
+and W x chunk x fetch neighbours.
+
+Relevant counts come from the gallery's label histogram, summed over ranks; a class present on one
+rank only is found by every other rank's queries all the same. NMI needs the embeddings in one place:
+above `nmi_max_classes` classes it runs on the embeddings of a seeded sample of that many classes (and
+says so in its name), so it never gathers the whole split.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dist_dml.distributed import DistContext
+
+
+def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ctx: DistContext, nmi: bool = True,
+                    nmi_max_classes: int = 10000, chunk: int = 4096, use_gpu: bool = False, seed: int = 0,
+                    keep_ids=()) -> tuple[dict[str, float], dict]:
+    """Recall@K, R-Precision, MAP@R (and NMI) of this rank's ``query`` = (embeddings, labels, image ids)
+    against every rank's ``gallery`` (None: each query against the other items of the same split).
+    Call on every rank; every rank gets the metrics. Also returns, on every rank, the merged neighbours
+    (gallery image ids, relevant flags) of the queries whose image ids are in ``keep_ids`` (for plots)."""
+    from dist_dml.search import knn
+
+    same = gallery is None
+    q_emb, q_lab, q_ids = (_numpy(t) for t in query)
+    g_emb, g_lab, g_ids = (q_emb, q_lab, q_ids) if same else (_numpy(t) for t in gallery)
+    order = np.argsort(g_ids, kind="stable")  # local gallery in image-id order: faiss's index ties = id ties
+    g_emb, g_lab, g_ids = g_emb[order], g_lab[order], g_ids[order]
+    dim = q_emb.shape[1] if q_emb.ndim == 2 and q_emb.shape[1] else g_emb.shape[1]
+
+    # Relevant counts per class from the gallery's label histogram over all ranks.
+    classes = int(ctx.all_reduce(torch.tensor([max(int(g_lab.max(initial=-1)), int(q_lab.max(initial=-1))) + 1],
+                                              device=ctx.device), "max"))
+    counts = ctx.all_reduce_sum(torch.from_numpy(np.bincount(g_lab, minlength=classes).astype(np.int64))
+                                .to(ctx.device)).cpu().numpy()
+    relevant_count = counts[q_lab] - (1 if same else 0) if len(q_lab) else np.zeros(0, np.int64)
+    k = int(ctx.all_reduce(torch.tensor([max(max(ks), int(relevant_count.max(initial=0)))], device=ctx.device), "max"))
+    fetch = k + (1 if same else 0)
+
+    sizes = [int(n) for n in ctx.all_gather_no_grad(torch.tensor([len(q_ids)], device=ctx.device)).cpu()]
+    sums = np.zeros(len(ks) + 3)  # recall hits per K, R-precision sum, MAP@R sum, answerable count
+    kept: dict[int, tuple[list[int], list[bool]]] = {}
+    wanted = set(int(i) for i in keep_ids)
+    for owner, n in enumerate(sizes):
+        for start in range(0, n, chunk):
+            rows = min(chunk, n - start)
+            block = torch.zeros(rows, dim, dtype=torch.float32, device=ctx.device)
+            block_ids = torch.zeros(rows, dtype=torch.int64, device=ctx.device)
+            if ctx.rank == owner:
+                block.copy_(torch.from_numpy(q_emb[start:start + rows]))
+                block_ids.copy_(torch.from_numpy(q_ids[start:start + rows]))
+            ctx.broadcast_(block, src=owner)
+            ctx.broadcast_(block_ids, src=owner)
+            found = np.full((rows, fetch, 2), -1, np.int64)  # (gallery image id, its label)
+            found_scores = np.full((rows, fetch), -np.inf, np.float32)
+            if len(g_ids):
+                scores, index = knn(block.cpu().numpy(), g_emb, fetch, use_gpu=use_gpu)
+                width, hit = index.shape[1], index >= 0
+                found_scores[:, :width] = np.where(hit, scores, -np.inf)
+                found[:, :width, 0] = np.where(hit, g_ids[np.maximum(index, 0)], -1)
+                found[:, :width, 1] = np.where(hit, g_lab[np.maximum(index, 0)], -1)
+            all_scores = ctx.all_gather_no_grad(torch.from_numpy(found_scores).to(ctx.device)[None]).cpu().numpy()
+            all_found = ctx.all_gather_no_grad(torch.from_numpy(found).to(ctx.device)[None]).cpu().numpy()
+            if ctx.rank != owner:
+                continue
+            merged_ids, labels = _merge(all_scores, all_found, q_ids[start:start + rows] if same else None, k)
+            q_part = q_lab[start:start + rows]
+            sums += _score(merged_ids, labels, q_part, relevant_count[start:start + rows], ks)
+            for row in np.flatnonzero(np.isin(q_ids[start:start + rows], list(wanted))) if wanted else ():
+                rel = (labels[row] == q_part[row]) & (merged_ids[row] >= 0)
+                kept[int(q_ids[start + row])] = (merged_ids[row].tolist(), rel.tolist())
+    total = ctx.all_reduce_sum(torch.from_numpy(sums).to(ctx.device)).cpu().numpy()
+    answerable = total[-1]
+    metrics = {f"recall_at_{kk}": float(total[i] / answerable) if answerable else 0.0 for i, kk in enumerate(ks)}
+    metrics["r_precision"] = float(total[len(ks)] / answerable) if answerable else 0.0
+    metrics["map_at_r"] = float(total[len(ks) + 1] / answerable) if answerable else 0.0
+    queries = sum(sizes)
+    metrics["unanswerable"] = float(queries - answerable)
+    if nmi:
+        metrics.update(_nmi(q_emb, q_lab, None if same else (g_emb, g_lab), counts, ctx, nmi_max_classes, use_gpu,
+                            seed))
+    merged = {}
+    for part in ctx.all_gather_object(kept):
+        merged.update(part)
+    return metrics, merged
+
+
+def _merge(scores: np.ndarray, found: np.ndarray, own: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """([rows, k] gallery ids, their labels): every rank's lists merged by (score descending, id ascending),
+    the query's own id dropped (``own``), -1 where fewer than k exist."""
+    scores = np.concatenate(list(scores), axis=1)
+    ids = np.concatenate([f[..., 0] for f in found], axis=1)
+    labels = np.concatenate([f[..., 1] for f in found], axis=1)
+    if own is not None:
+        mine = ids == own[:, None]
+        scores, ids = np.where(mine, -np.inf, scores), np.where(mine, -1, ids)
+    missing = ids < 0
+    order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, ids), np.where(missing, np.inf, -scores)), axis=1)
+    ids, labels = np.take_along_axis(ids, order, 1)[:, :k], np.take_along_axis(labels, order, 1)[:, :k]
+    if ids.shape[1] < k:
+        pad = np.full((ids.shape[0], k - ids.shape[1]), -1, np.int64)
+        ids, labels = np.concatenate([ids, pad], axis=1), np.concatenate([labels, pad], axis=1)
+    return ids, np.where(ids >= 0, labels, -1)
+
+
+def _score(ids: np.ndarray, labels: np.ndarray, q_lab: np.ndarray, counts: np.ndarray, ks) -> np.ndarray:
+    """Sums over these queries: recall hits per K, R-precision, MAP@R, answerable queries (as
+    evaluation.retrieval_metrics computes them)."""
+    relevant = (ids >= 0) & (labels == q_lab[:, None])
+    answerable = counts > 0
+    rel, r = relevant[answerable], counts[answerable]
+    out = [float(rel[:, :kk].any(axis=1).sum()) for kk in ks]
+    within = np.arange(rel.shape[1])[None, :] < r[:, None]
+    hits = rel & within
+    out.append(float((hits.sum(1) / np.maximum(r, 1)).sum()))
+    precision = np.cumsum(hits, axis=1) / np.arange(1, rel.shape[1] + 1)[None, :]
+    out.append(float(((precision * hits).sum(1) / np.maximum(r, 1)).sum()))
+    out.append(float(answerable.sum()))
+    return np.array(out)
+
+
+def _nmi(q_emb, q_lab, gallery, counts, ctx: DistContext, max_classes: int, use_gpu: bool, seed: int) -> dict:
+    """NMI of k-means on the embeddings (queries and gallery), gathered to every rank: all of them up to
+    ``max_classes`` classes, else those of a seeded sample of ``max_classes`` classes."""
+    from dist_dml.evaluation import clustering_nmi
+
+    emb = q_emb if gallery is None else np.concatenate([q_emb, gallery[0]])
+    lab = q_lab if gallery is None else np.concatenate([q_lab, gallery[1]])
+    present = ctx.all_reduce_sum(torch.from_numpy(np.bincount(lab, minlength=len(counts)).astype(np.int64))
+                                 .to(ctx.device)).cpu().numpy()
+    classes = np.flatnonzero(present)
+    name = "nmi"
+    if len(classes) > max_classes:
+        sample = np.random.default_rng(seed).choice(classes, max_classes, replace=False)
+        keep = np.isin(lab, sample)
+        emb, lab = emb[keep], lab[keep]
+        name = f"nmi_{max_classes}_classes"
+    emb_all = ctx.all_gather_uneven(torch.from_numpy(np.ascontiguousarray(emb, np.float32)).to(ctx.device)).cpu()
+    lab_all = ctx.all_gather_uneven(torch.from_numpy(lab.astype(np.int64)).to(ctx.device)).cpu()
+    value = clustering_nmi(emb_all.numpy(), lab_all.numpy(), use_gpu=use_gpu, seed=seed) if ctx.is_main else 0.0
+    return {name: float(ctx.broadcast_object(value))}
+
+
+def _numpy(t) -> np.ndarray:
+    return t.detach().cpu().numpy() if torch.is_tensor(t) else np.asarray(t)
