@@ -35,27 +35,39 @@ def _flat_index(vectors: np.ndarray, use_gpu: bool, k: int):
     return index
 
 
-def knn(query: np.ndarray, gallery: np.ndarray | None, k: int, exclude_self: bool = False, use_gpu: bool = True,
-        query_block: int = 16384, gallery_block: int = 2_000_000, progress: bool = False):
+class Gallery:
+    """A gallery's exact inner-product indexes, one per block of ``block`` vectors, built once for many
+    searches (the sharded evaluation searches one rank's gallery shard chunk after chunk)."""
+
+    def __init__(self, vectors: np.ndarray, k: int, use_gpu: bool = True, block: int = 2_000_000):
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.size = self.vectors.shape[0]
+        self.blocks = [(g0, _flat_index(self.vectors[g0:g0 + block], use_gpu, k), min(block, self.size - g0))
+                       for g0 in range(0, self.size, block)]
+
+
+def knn(query: np.ndarray, gallery: np.ndarray | Gallery | None, k: int, exclude_self: bool = False,
+        use_gpu: bool = True, query_block: int = 16384, gallery_block: int = 2_000_000, progress: bool = False):
     """Top-k gallery neighbours of every query: (scores [nq, k], indices [nq, k]).
 
     ``gallery=None`` searches the queries against themselves; with ``exclude_self`` each query's own
-    index is removed (by index, not by distance). Rows with fewer than k candidates pad with -1.
+    index is removed (by index, not by distance). Rows with fewer than k candidates pad with -1. A
+    :class:`Gallery` is searched with the indexes it holds.
     """
     query = np.ascontiguousarray(query, dtype=np.float32)
     same = gallery is None
-    gallery = query if same else np.ascontiguousarray(gallery, dtype=np.float32)
     drop_self = exclude_self and same
-    fetch = min(k + (1 if drop_self else 0) + _TIE_MARGIN, gallery.shape[0])
+    if not isinstance(gallery, Gallery):
+        vectors = query if same else gallery
+        fetch = min(k + (1 if drop_self else 0) + _TIE_MARGIN, vectors.shape[0])
+        gallery = Gallery(vectors, fetch, use_gpu, gallery_block)
+    fetch = min(k + (1 if drop_self else 0) + _TIE_MARGIN, gallery.size)
     scores = np.full((query.shape[0], fetch), -np.inf, dtype=np.float32)
     indices = np.full((query.shape[0], fetch), -1, dtype=np.int64)
-    blocks = range(0, gallery.shape[0], gallery_block)
-    bar = tqdm(total=query.shape[0] * len(blocks), unit="query", desc="[eval] search", disable=not progress,
+    bar = tqdm(total=query.shape[0] * len(gallery.blocks), unit="query", desc="[eval] search", disable=not progress,
                mininterval=2)
-    for g0 in blocks:
-        part = gallery[g0:g0 + gallery_block]
-        index = _flat_index(part, use_gpu, fetch)
-        kk = min(fetch, part.shape[0])
+    for g0, index, part_size in gallery.blocks:
+        kk = min(fetch, part_size)
         for q0 in range(0, query.shape[0], query_block):
             d, i = index.search(query[q0:q0 + query_block], kk)
             i = np.where(i >= 0, i + g0, -1)
@@ -70,7 +82,7 @@ def knn(query: np.ndarray, gallery: np.ndarray | None, k: int, exclude_self: boo
         own = indices == np.arange(query.shape[0])[:, None]
         order = np.argsort(own, axis=1, kind="stable")  # the query itself (if found) moves last
         scores, indices = np.take_along_axis(scores, order, 1), np.take_along_axis(indices, order, 1)
-    width = min(k, gallery.shape[0] - (1 if drop_self else 0))
+    width = min(k, gallery.size - (1 if drop_self else 0))
     return scores[:, :width], indices[:, :width]
 
 

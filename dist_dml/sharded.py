@@ -28,7 +28,7 @@ def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ct
     against every rank's ``gallery`` (None: each query against the other items of the same split).
     Call on every rank; every rank gets the metrics. Also returns, on every rank, the merged neighbours
     (gallery image ids, relevant flags) of the queries whose image ids are in ``keep_ids`` (for plots)."""
-    from dist_dml.search import knn
+    from dist_dml.search import Gallery, knn
 
     same = gallery is None
     q_emb, q_lab, q_ids = (_numpy(t) for t in query)
@@ -47,6 +47,7 @@ def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ct
     fetch = k + (1 if same else 0)
 
     sizes = [int(n) for n in ctx.all_gather_no_grad(torch.tensor([len(q_ids)], device=ctx.device)).cpu()]
+    shard = Gallery(g_emb, fetch + 8, use_gpu) if len(g_ids) else None  # indexes built once, searched per chunk
     sums = np.zeros(len(ks) + 3)  # recall hits per K, R-precision sum, MAP@R sum, answerable count
     kept: dict[int, tuple[list[int], list[bool]]] = {}
     wanted = set(int(i) for i in keep_ids)
@@ -63,7 +64,7 @@ def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ct
             found = np.full((rows, fetch, 2), -1, np.int64)  # (gallery image id, its label)
             found_scores = np.full((rows, fetch), -np.inf, np.float32)
             if len(g_ids):
-                scores, index = knn(block.cpu().numpy(), g_emb, fetch, use_gpu=use_gpu)
+                scores, index = knn(block.cpu().numpy(), shard, fetch, use_gpu=use_gpu)
                 width, hit = index.shape[1], index >= 0
                 found_scores[:, :width] = np.where(hit, scores, -np.inf)
                 found[:, :width, 0] = np.where(hit, g_ids[np.maximum(index, 0)], -1)
