@@ -68,12 +68,20 @@ class EvalConfig:
     max_missing_share: float = 0.0  # images of the split that may go unread (corrupt) before eval fails
     query_chunk: int = 4096  # queries searched against every rank's gallery shard at a time
     nmi_max_classes: int = 10000  # above this many classes, NMI runs on a seeded sample of this many
+    index: str = "exact"  # exact, or ivf: approximate (faiss IVF per rank's shard), its recall reported
+    ivf_nlist: int = 0  # IVF lists per shard (0: 4 sqrt(shard size))
+    ivf_nprobe: int = 16  # lists searched per query
+    ivf_check_queries: int = 1000  # queries searched exactly too, for ivf_recall_at_K
 
     def validate(self) -> None:
         if not self.recall_ks or min(self.recall_ks) < 1:
             raise ValueError("eval.recall_ks must be a non-empty list of positive integers")
         if not 0 <= self.max_missing_share <= 1:
             raise ValueError(f"eval.max_missing_share must be in [0, 1], got {self.max_missing_share}")
+        if self.index not in ("exact", "ivf"):
+            raise ValueError(f"eval.index must be exact or ivf, got {self.index!r}")
+        if self.ivf_nlist < 0 or self.ivf_nprobe < 1 or self.ivf_check_queries < 1:
+            raise ValueError("eval.ivf_nlist must be >= 0 (0: 4 sqrt(N)), eval.ivf_nprobe and eval.ivf_check_queries >= 1")
         if self.query_chunk < 1 or self.nmi_max_classes < 2:
             raise ValueError(f"eval.query_chunk must be >= 1 and eval.nmi_max_classes >= 2, got {self.query_chunk} "
                              f"and {self.nmi_max_classes}")

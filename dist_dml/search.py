@@ -39,11 +39,28 @@ class Gallery:
     """A gallery's exact inner-product indexes, one per block of ``block`` vectors, built once for many
     searches (the sharded evaluation searches one rank's gallery shard chunk after chunk)."""
 
-    def __init__(self, vectors: np.ndarray, k: int, use_gpu: bool = True, block: int = 2_000_000):
+    def __init__(self, vectors: np.ndarray, k: int, use_gpu: bool = True, block: int = 2_000_000,
+                 kind: str = "exact", nlist: int = 0, nprobe: int = 16):
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.size = self.vectors.shape[0]
-        self.blocks = [(g0, _flat_index(self.vectors[g0:g0 + block], use_gpu, k), min(block, self.size - g0))
+        build = _flat_index if kind == "exact" else lambda v, gpu, kk: _ivf_index(v, nlist, nprobe)
+        if kind not in ("exact", "ivf"):
+            raise ValueError(f"eval.index must be exact or ivf, got {kind!r}")
+        self.blocks = [(g0, build(self.vectors[g0:g0 + block], use_gpu, k), min(block, self.size - g0))
                        for g0 in range(0, self.size, block)]
+
+
+def _ivf_index(vectors: np.ndarray, nlist: int, nprobe: int):
+    """An IVF (inverted lists of flat vectors, inner product) index: trained on at most 64 x nlist of the
+    vectors (seeded), searched in ``nprobe`` lists. Approximate."""
+    n, d = vectors.shape
+    nlist = max(1, min(nlist or int(4 * np.sqrt(n)), n))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    sample = vectors if n <= 64 * nlist else vectors[np.random.default_rng(0).choice(n, 64 * nlist, replace=False)]
+    index.train(np.ascontiguousarray(sample))
+    index.add(vectors)
+    index.nprobe = min(nprobe, nlist)
+    return index
 
 
 def knn(query: np.ndarray, gallery: np.ndarray | Gallery | None, k: int, exclude_self: bool = False,

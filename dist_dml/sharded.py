@@ -23,12 +23,18 @@ from dist_dml.distributed import DistContext
 
 def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ctx: DistContext, nmi: bool = True,
                     nmi_max_classes: int = 10000, chunk: int = 4096, use_gpu: bool = False, seed: int = 0,
-                    keep_ids=()) -> tuple[dict[str, float], dict]:
+                    keep_ids=(), index: str = "exact", ivf_nlist: int = 0, ivf_nprobe: int = 16,
+                    ivf_check_queries: int = 1000) -> tuple[dict[str, float], dict]:
     """Recall@K, R-Precision, MAP@R (and NMI) of this rank's ``query`` = (embeddings, labels, image ids)
     against every rank's ``gallery`` (None: each query against the other items of the same split).
     Call on every rank; every rank gets the metrics. Also returns, on every rank, the merged neighbours
-    (gallery image ids, relevant flags) of the queries whose image ids are in ``keep_ids`` (for plots)."""
-    from dist_dml.search import Gallery, knn
+    (gallery image ids, relevant flags) of the queries whose image ids are in ``keep_ids`` (for plots).
+
+    ``index="ivf"``: each rank searches its shard through a faiss IVF index (``ivf_nlist`` lists, 0: 4
+    sqrt(shard); ``ivf_nprobe`` probed) instead of exactly: approximate, and much faster for millions.
+    Its recall against the exact search, on up to ``ivf_check_queries`` queries, is reported as
+    ``ivf_recall_at_K`` (the share of the exact top K that the IVF top K holds)."""
+    from dist_dml.search import Gallery
 
     same = gallery is None
     q_emb, q_lab, q_ids = (_numpy(t) for t in query)
@@ -44,14 +50,48 @@ def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ct
                                 .to(ctx.device)).cpu().numpy()
     relevant_count = counts[q_lab] - (1 if same else 0) if len(q_lab) else np.zeros(0, np.int64)
     k = int(ctx.all_reduce(torch.tensor([max(max(ks), int(relevant_count.max(initial=0)))], device=ctx.device), "max"))
-    fetch = k + (1 if same else 0)
 
     sizes = [int(n) for n in ctx.all_gather_no_grad(torch.tensor([len(q_ids)], device=ctx.device)).cpu()]
-    shard = Gallery(g_emb, fetch + 8, use_gpu) if len(g_ids) else None  # indexes built once, searched per chunk
+    local = (g_lab, g_ids)
+    fetch = k + (1 if same else 0)
+    shard = Gallery(g_emb, fetch + 8, use_gpu, kind=index, nlist=ivf_nlist, nprobe=ivf_nprobe) if len(g_ids) else None
     sums = np.zeros(len(ks) + 3)  # recall hits per K, R-precision sum, MAP@R sum, answerable count
     kept: dict[int, tuple[list[int], list[bool]]] = {}
     wanted = set(int(i) for i in keep_ids)
+    for owner, start, rows, merged_ids, labels in _rounds(q_emb, q_ids, sizes, chunk, dim, shard, local, k, same, ctx):
+        q_part = q_lab[start:start + rows]
+        sums += _score(merged_ids, labels, q_part, relevant_count[start:start + rows], ks)
+        for row in np.flatnonzero(np.isin(q_ids[start:start + rows], list(wanted))) if wanted else ():
+            rel = (labels[row] == q_part[row]) & (merged_ids[row] >= 0)
+            kept[int(q_ids[start + row])] = (merged_ids[row].tolist(), rel.tolist())
+    total = ctx.all_reduce_sum(torch.from_numpy(sums).to(ctx.device)).cpu().numpy()
+    answerable = total[-1]
+    metrics = {f"recall_at_{kk}": float(total[i] / answerable) if answerable else 0.0 for i, kk in enumerate(ks)}
+    metrics["r_precision"] = float(total[len(ks)] / answerable) if answerable else 0.0
+    metrics["map_at_r"] = float(total[len(ks) + 1] / answerable) if answerable else 0.0
+    metrics["unanswerable"] = float(sum(sizes) - answerable)
+    if index == "ivf":
+        metrics.update(_ivf_recall(q_emb, q_ids, g_emb, local, shard, sizes, max(ks), same, ivf_check_queries,
+                                   dim, use_gpu, ctx))
+    if nmi:
+        metrics.update(_nmi(q_emb, q_lab, None if same else (g_emb, g_lab), counts, ctx, nmi_max_classes, use_gpu,
+                            seed))
+    merged = {}
+    for part in ctx.all_gather_object(kept):
+        merged.update(part)
+    return metrics, merged
+
+
+def _rounds(q_emb, q_ids, sizes, chunk, dim, shard, local, k, same, ctx: DistContext, limit: int | None = None):
+    """Every rank's queries in turn, in chunks, searched against every rank's shard: yields, on the
+    chunk's owner only, (owner, start, rows, merged gallery ids [rows, k], their labels). ``limit``: at
+    most that many queries of each rank."""
+    from dist_dml.search import knn
+
+    g_lab, g_ids = local
+    fetch = k + (1 if same else 0)
     for owner, n in enumerate(sizes):
+        n = min(n, limit) if limit is not None else n
         for start in range(0, n, chunk):
             rows = min(chunk, n - start)
             block = torch.zeros(rows, dim, dtype=torch.float32, device=ctx.device)
@@ -63,36 +103,39 @@ def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ct
             ctx.broadcast_(block_ids, src=owner)
             found = np.full((rows, fetch, 2), -1, np.int64)  # (gallery image id, its label)
             found_scores = np.full((rows, fetch), -np.inf, np.float32)
-            if len(g_ids):
-                scores, index = knn(block.cpu().numpy(), shard, fetch, use_gpu=use_gpu)
+            if shard is not None:
+                scores, index = knn(block.cpu().numpy(), shard, fetch)
                 width, hit = index.shape[1], index >= 0
                 found_scores[:, :width] = np.where(hit, scores, -np.inf)
                 found[:, :width, 0] = np.where(hit, g_ids[np.maximum(index, 0)], -1)
                 found[:, :width, 1] = np.where(hit, g_lab[np.maximum(index, 0)], -1)
             all_scores = ctx.all_gather_no_grad(torch.from_numpy(found_scores).to(ctx.device)[None]).cpu().numpy()
             all_found = ctx.all_gather_no_grad(torch.from_numpy(found).to(ctx.device)[None]).cpu().numpy()
-            if ctx.rank != owner:
-                continue
-            merged_ids, labels = _merge(all_scores, all_found, q_ids[start:start + rows] if same else None, k)
-            q_part = q_lab[start:start + rows]
-            sums += _score(merged_ids, labels, q_part, relevant_count[start:start + rows], ks)
-            for row in np.flatnonzero(np.isin(q_ids[start:start + rows], list(wanted))) if wanted else ():
-                rel = (labels[row] == q_part[row]) & (merged_ids[row] >= 0)
-                kept[int(q_ids[start + row])] = (merged_ids[row].tolist(), rel.tolist())
-    total = ctx.all_reduce_sum(torch.from_numpy(sums).to(ctx.device)).cpu().numpy()
-    answerable = total[-1]
-    metrics = {f"recall_at_{kk}": float(total[i] / answerable) if answerable else 0.0 for i, kk in enumerate(ks)}
-    metrics["r_precision"] = float(total[len(ks)] / answerable) if answerable else 0.0
-    metrics["map_at_r"] = float(total[len(ks) + 1] / answerable) if answerable else 0.0
-    queries = sum(sizes)
-    metrics["unanswerable"] = float(queries - answerable)
-    if nmi:
-        metrics.update(_nmi(q_emb, q_lab, None if same else (g_emb, g_lab), counts, ctx, nmi_max_classes, use_gpu,
-                            seed))
-    merged = {}
-    for part in ctx.all_gather_object(kept):
-        merged.update(part)
-    return metrics, merged
+            if ctx.rank == owner:
+                merged_ids, labels = _merge(all_scores, all_found, q_ids[start:start + rows] if same else None, k)
+                yield owner, start, rows, merged_ids, labels
+
+
+def _ivf_recall(q_emb, q_ids, g_emb, local, ivf, sizes, k, same, check, dim, use_gpu, ctx) -> dict[str, float]:
+    """The share of the exact top k that the IVF top k holds, on up to ``check`` queries (spread over the
+    ranks): what the approximate metrics are worth."""
+    from dist_dml.search import Gallery
+
+    exact = Gallery(g_emb, k + 9, use_gpu) if ivf is not None else None
+    limit = max(1, check // max(len(sizes), 1))
+    found = {}
+    for name, shard in (("exact", exact), ("ivf", ivf)):
+        found[name] = [ids for *_, ids, _ in _rounds(q_emb, q_ids, sizes, 4096, dim, shard, local, k, same, ctx,
+                                                     limit)]
+    hits = total = 0
+    for a, b in zip(found["exact"], found["ivf"]):
+        for row_a, row_b in zip(a, b):
+            want = set(row_a[row_a >= 0].tolist())
+            hits += len(want & set(row_b[row_b >= 0].tolist()))
+            total += len(want)
+    hits, total = ctx.all_reduce_sum(torch.tensor([float(hits), float(total)], dtype=torch.float64,
+                                                  device=ctx.device)).cpu().tolist()
+    return {f"ivf_recall_at_{k}": hits / total if total else 1.0}
 
 
 def _merge(scores: np.ndarray, found: np.ndarray, own: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:

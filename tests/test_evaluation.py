@@ -176,3 +176,21 @@ def test_sharded_evaluation_equals_the_single_process_brute_force(world, mode, t
         ranked = np.argsort(-scores, kind="stable")[: len(got["kept"][qid][0])]
         assert got["kept"][qid][0] == ranked.tolist()
         assert got["kept"][qid][1] == (g_lab[ranked] == query[1][qid]).tolist()
+
+
+def test_ivf_reports_its_recall_against_exact():
+    """eval.index=ivf: probing every list is the exact search (recall 1, the same metrics); probing one
+    list is approximate, and says by how much."""
+    from dist_dml.distributed import DistContext
+    from dist_dml.sharded import sharded_metrics
+    from tests.sharded_worker import KS, dataset
+
+    emb, labels, ids = (torch.from_numpy(a) for a in dataset(2000, 50, 4))
+    exact, _ = sharded_metrics((emb, labels, ids), None, KS, DistContext(), nmi=False)
+    full, _ = sharded_metrics((emb, labels, ids), None, KS, DistContext(), nmi=False, index="ivf", ivf_nlist=16,
+                              ivf_nprobe=16, ivf_check_queries=300)
+    assert full.pop("ivf_recall_at_8") == 1.0
+    assert full == pytest.approx(exact, rel=1e-12)
+    rough, _ = sharded_metrics((emb, labels, ids), None, KS, DistContext(), nmi=False, index="ivf", ivf_nlist=16,
+                               ivf_nprobe=1, ivf_check_queries=300)
+    assert 0.0 < rough["ivf_recall_at_8"] < 1.0
