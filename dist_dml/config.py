@@ -70,7 +70,7 @@ class EvalConfig:
     nmi_max_classes: int = 10000  # above this many classes, NMI runs on a seeded sample of this many
     index: str = "exact"  # exact, or ivf: approximate (faiss IVF per rank's shard), its recall reported
     ivf_nlist: int = 0  # IVF lists per shard (0: 4 sqrt(shard size))
-    ivf_nprobe: int = 16  # lists searched per query
+    ivf_nprobe: int = 64  # lists searched per query (about sqrt of the lists of a million-item shard)
     ivf_check_queries: int = 1000  # queries searched exactly too, for ivf_recall_at_K
 
     def validate(self) -> None:

@@ -40,7 +40,7 @@ class Gallery:
     searches (the sharded evaluation searches one rank's gallery shard chunk after chunk)."""
 
     def __init__(self, vectors: np.ndarray, k: int, use_gpu: bool = True, block: int = 2_000_000,
-                 kind: str = "exact", nlist: int = 0, nprobe: int = 16):
+                 kind: str = "exact", nlist: int = 0, nprobe: int = 64):
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.size = self.vectors.shape[0]
         build = _flat_index if kind == "exact" else lambda v, gpu, kk: _ivf_index(v, nlist, nprobe)

@@ -23,7 +23,7 @@ from dist_dml.distributed import DistContext
 
 def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ctx: DistContext, nmi: bool = True,
                     nmi_max_classes: int = 10000, chunk: int = 4096, use_gpu: bool = False, seed: int = 0,
-                    keep_ids=(), index: str = "exact", ivf_nlist: int = 0, ivf_nprobe: int = 16,
+                    keep_ids=(), index: str = "exact", ivf_nlist: int = 0, ivf_nprobe: int = 64,
                     ivf_check_queries: int = 1000) -> tuple[dict[str, float], dict]:
     """Recall@K, R-Precision, MAP@R (and NMI) of this rank's ``query`` = (embeddings, labels, image ids)
     against every rank's ``gallery`` (None: each query against the other items of the same split).
@@ -39,8 +39,9 @@ def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ct
     same = gallery is None
     q_emb, q_lab, q_ids = (_numpy(t) for t in query)
     g_emb, g_lab, g_ids = (q_emb, q_lab, q_ids) if same else (_numpy(t) for t in gallery)
-    order = np.argsort(g_ids, kind="stable")  # local gallery in image-id order: faiss's index ties = id ties
-    g_emb, g_lab, g_ids = g_emb[order], g_lab[order], g_ids[order]
+    if len(g_ids) > 1 and not bool(np.all(g_ids[1:] > g_ids[:-1])):  # sorted already: no copy of the shard
+        order = np.argsort(g_ids, kind="stable")  # local gallery in image-id order: faiss's index ties = id ties
+        g_emb, g_lab, g_ids = g_emb[order], g_lab[order], g_ids[order]
     dim = q_emb.shape[1] if q_emb.ndim == 2 and q_emb.shape[1] else g_emb.shape[1]
 
     # Relevant counts per class from the gallery's label histogram over all ranks.
@@ -104,7 +105,8 @@ def _rounds(q_emb, q_ids, sizes, chunk, dim, shard, local, k, same, ctx: DistCon
             found = np.full((rows, fetch, 2), -1, np.int64)  # (gallery image id, its label)
             found_scores = np.full((rows, fetch), -np.inf, np.float32)
             if shard is not None:
-                scores, index = knn(block.cpu().numpy(), shard, fetch)
+                queries = block.cpu().numpy()
+                scores, index = shard.search(queries, fetch) if isinstance(shard, _Exact) else knn(queries, shard, fetch)
                 width, hit = index.shape[1], index >= 0
                 found_scores[:, :width] = np.where(hit, scores, -np.inf)
                 found[:, :width, 0] = np.where(hit, g_ids[np.maximum(index, 0)], -1)
@@ -116,12 +118,30 @@ def _rounds(q_emb, q_ids, sizes, chunk, dim, shard, local, k, same, ctx: DistCon
                 yield owner, start, rows, merged_ids, labels
 
 
+class _Exact:
+    """The exact search of a few queries against a shard, block by block, without a copy of the shard (a
+    faiss flat index would copy it: the recall check of an IVF search must not double a rank's memory)."""
+
+    def __init__(self, vectors: np.ndarray, block: int = 65536):
+        self.vectors, self.block = vectors, block
+        self.size = len(vectors)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        best_s = np.full((len(queries), 0), -np.inf, np.float32)
+        best_i = np.zeros((len(queries), 0), np.int64)
+        for g0 in range(0, self.size, self.block):
+            scores = queries @ self.vectors[g0:g0 + self.block].T
+            cand_s = np.concatenate([best_s, scores], axis=1)
+            cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(g0, g0 + scores.shape[1]), scores.shape)], axis=1)
+            order = np.lexsort((cand_i, -cand_s), axis=1)[:, :k]
+            best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+        return best_s, best_i
+
+
 def _ivf_recall(q_emb, q_ids, g_emb, local, ivf, sizes, k, same, check, dim, use_gpu, ctx) -> dict[str, float]:
     """The share of the exact top k that the IVF top k holds, on up to ``check`` queries (spread over the
     ranks): what the approximate metrics are worth."""
-    from dist_dml.search import Gallery
-
-    exact = Gallery(g_emb, k + 9, use_gpu) if ivf is not None else None
+    exact = _Exact(g_emb) if ivf is not None else None
     limit = max(1, check // max(len(sizes), 1))
     found = {}
     for name, shard in (("exact", exact), ("ivf", ivf)):
