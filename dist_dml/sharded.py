@@ -120,9 +120,10 @@ def _rounds(q_emb, q_ids, sizes, chunk, dim, shard, local, k, same, ctx: DistCon
 
 class _Exact:
     """The exact search of a few queries against a shard, block by block, without a copy of the shard (a
-    faiss flat index would copy it: the recall check of an IVF search must not double a rank's memory)."""
+    faiss flat index would copy it: the recall check of an IVF search must not double a rank's memory).
+    Each block keeps its best k + 8 per query (argpartition), so the temporaries stay a few MB."""
 
-    def __init__(self, vectors: np.ndarray, block: int = 65536):
+    def __init__(self, vectors: np.ndarray, block: int = 8192):
         self.vectors, self.block = vectors, block
         self.size = len(vectors)
 
@@ -131,8 +132,10 @@ class _Exact:
         best_i = np.zeros((len(queries), 0), np.int64)
         for g0 in range(0, self.size, self.block):
             scores = queries @ self.vectors[g0:g0 + self.block].T
-            cand_s = np.concatenate([best_s, scores], axis=1)
-            cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(g0, g0 + scores.shape[1]), scores.shape)], axis=1)
+            keep = min(k + 8, scores.shape[1])
+            part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
+            cand_s = np.concatenate([best_s, np.take_along_axis(scores, part, 1)], axis=1)
+            cand_i = np.concatenate([best_i, part + g0], axis=1)
             order = np.lexsort((cand_i, -cand_s), axis=1)[:, :k]
             best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
         return best_s, best_i
