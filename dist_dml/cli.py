@@ -85,18 +85,16 @@ def check_command(args: argparse.Namespace) -> int:
     if cfg is None:
         return 2
     if cfg.tracking.enabled:
-        from dist_dml.tracking import tracking_uri, unreachable
+        from dist_dml.tracking import failure_message, tracking_uri, unreachable
 
         uri = tracking_uri(cfg.tracking)
         problem = unreachable(uri, cfg.tracking.timeout_s)
         if problem and cfg.tracking.required:
-            print(f"dist-dml train: error: the MLflow server at {uri} does not answer ({problem}): start it, fix "
-                  "tracking.uri or MLFLOW_TRACKING_URI, or set tracking.required=false to train without it",
-                  file=sys.stderr)
+            print(f"dist-dml train: error: {failure_message(uri, problem)}", file=sys.stderr)
             return 2
         if problem:
-            print(f"[check] warning: the MLflow server at {uri} does not answer ({problem}); the run will train "
-                  "without tracking (tracking.required=false)", file=sys.stderr, flush=True)
+            print(f"[check] warning: {failure_message(uri, problem)}; the run will train without tracking",
+                  file=sys.stderr, flush=True)
     print(f"[check] run {cfg.train.name!r}: output {cfg.train.output_dir}, MLflow experiment "
           f"{cfg.tracking.experiment!r}, {args.world_size} processes", flush=True)
     return 0

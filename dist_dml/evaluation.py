@@ -154,19 +154,14 @@ def embed_local(model: nn.Module, stream, ctx: DistContext, progress: bool = Fal
                     faults)
 
 
-def embed_split(model: nn.Module, stream, ctx: DistContext, progress: bool = False
-                ) -> tuple[tuple[Tensor, Tensor, Tensor], dict[str, float]]:
+def embed_split(model: nn.Module, stream, ctx: DistContext, progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Every rank embeds its share of ``stream``; all ranks get the whole split, ordered by image id:
-    (embeddings, labels, image ids) on the CPU, and its coverage: images_evaluated and images_expected
-    (the manifest's count) with the faults met, summed over ranks. Ranks may hold different counts."""
+    (embeddings, labels, image ids) on the CPU. Ranks may hold different counts. (Evaluation keeps
+    each rank's share instead: see evaluate.)"""
     local = embed_local(model, stream, ctx, progress)
     emb, lab, idx = (ctx.all_gather_uneven(t) for t in (local.embeddings, local.labels, local.image_ids))
     order = torch.argsort(idx)
-    faults = ctx.all_reduce_sum(torch.tensor([float(local.faults[k]) for k in FAULT_KEYS], dtype=torch.float64,
-                                             device=ctx.device)).cpu().tolist()
-    coverage = {"images_evaluated": float(len(idx)), "images_expected": float(stream.num_images),
-                **dict(zip(FAULT_KEYS, faults))}
-    return (emb[order].cpu(), lab[order].cpu(), idx[order].cpu()), coverage
+    return emb[order].cpu(), lab[order].cpu(), idx[order].cpu()
 
 
 def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: bool = False,

@@ -99,6 +99,12 @@ def unreachable(uri: str, timeout_s: float, tries: int = 2) -> str | None:
     return problem
 
 
+def failure_message(uri: str, problem: str) -> str:
+    """The line a run that cannot reach its tracking server prints (at start, and in the launch check)."""
+    return (f"MLflow tracking at {uri or 'the default store'} failed: {problem} (start the server, fix "
+            "tracking.uri or MLFLOW_TRACKING_URI, or set tracking.required=false to train without it)")
+
+
 class MlflowTracker:
     def __init__(self, config, ctx: DistContext, tags: dict[str, str], resume_run_id: str | None = None):
         # Bounded cost per call where a server stops answering mid-run (MLflow's defaults: 120 s x 7 retries).
@@ -186,8 +192,7 @@ def build_tracker(config, ctx: DistContext, resume_run_id: str | None = None) ->
             except Exception as exc:  # noqa: BLE001 -- reported in one line below
                 problem = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         if problem is not None:
-            message = (f"MLflow tracking at {uri or 'the default store'} failed: {problem} (start the server, fix "
-                       "tracking.uri or MLFLOW_TRACKING_URI, or set tracking.required=false to train without it)")
+            message = failure_message(uri, problem)
             if config.required:
                 failure = message
             else:

@@ -221,12 +221,13 @@ def _resume(cfg: RunConfig, engine, stream: TrainStream, ctx, target: Path | Non
     except ValueError as exc:
         raise CheckpointError(f"cannot continue the data stream of {target}: {exc}") from None
     torch.set_rng_state(state["torch_rng"])
-    changes = config_changes(read_meta(target).get("config", {}), cfg)
+    meta = read_meta(target)
+    changes = config_changes(meta.get("config", {}), cfg)
     if changes and ctx.is_main:
         shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
         print(f"[train] note: resuming {target} under a changed config: {shown}", flush=True)
     if ctx.is_main:
-        saved = read_meta(target).get("world_size")
+        saved = meta.get("world_size")
         where = f", saved at {saved} processes, now {ctx.world_size}" if saved not in (None, ctx.world_size) else ""
         print(f"[train] resumed from {target} at step {state['step']}{where}; the data continues {how}", flush=True)
     return int(state["step"]), state, changes
@@ -242,16 +243,16 @@ def _tensors(data: dict) -> dict:
     return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in data.items()}
 
 
-def _global_draws(stream: TrainStream, ctx: DistContext, finished=None) -> np.ndarray:
-    """The epoch's draws per record over all ranks (a collective)."""
-    before, here = finished or stream.local_draws()
+def _global_draws(draws: tuple[np.ndarray, np.ndarray], ctx: DistContext) -> np.ndarray:
+    """The epoch's draws per record over all ranks, from TrainStream.local_draws (a collective)."""
+    before, here = draws
     summed = ctx.all_reduce_sum(torch.from_numpy(here).to(ctx.device)).cpu().numpy()
     return before + summed
 
 
 def _report_epoch(epoch: int, finished, ctx: DistContext, tracker, step: int) -> None:
     """At an epoch's end, on every rank: how many of its records were drawn, and how often."""
-    drawn = _global_draws(None, ctx, finished)
+    drawn = _global_draws(finished, ctx)
     once, never, again = int((drawn == 1).sum()), int((drawn == 0).sum()), int((drawn > 1).sum())
     if ctx.is_main:
         tracker.log_metrics({"epoch_records_drawn": float(once + again), "epoch_records_missed": float(never)}, step)
@@ -292,7 +293,7 @@ def _save(checkpoints: Checkpointer, engine, stream: TrainStream, cfg: RunConfig
     if checkpoints.saved_already(step):
         return
     share_norm_statistics(engine.module.model, cfg, checkpoints.ctx)
-    data = _tensors(stream.state_dict(drawn=_global_draws(stream, checkpoints.ctx)))
+    data = _tensors(stream.state_dict(drawn=_global_draws(stream.local_draws(), checkpoints.ctx)))
     state = {"step": step, "data": data, "torch_rng": torch.get_rng_state(),
              "config_digest": cfg.digest(), "mlflow_run_id": run_id or "", **meter.state_dict()}
     meta = {"step": step, "world_size": checkpoints.ctx.world_size, "zero_stage": cfg.deepspeed.zero_stage,

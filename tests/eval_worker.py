@@ -19,7 +19,7 @@ def config(root):
 
 
 def embed_alone(root) -> dict:
-    (emb, labels, ids), _ = embed_split(model(), EvalStream(config(root), "test", batch_size=7), DistContext())
+    emb, labels, ids = embed_split(model(), EvalStream(config(root), "test", batch_size=7), DistContext())
     return {"embeddings": emb, "labels": labels, "ids": ids}
 
 
@@ -27,7 +27,7 @@ def main() -> None:
     ctx = DistContext.from_env(device="cpu")
     ctx.init_process_group()
     stream = EvalStream(config(sys.argv[1]), "test", ctx.rank, ctx.world_size, batch_size=7)
-    (emb, labels, ids), _ = embed_split(model(), stream, ctx)
+    emb, labels, ids = embed_split(model(), stream, ctx)
     if ctx.is_main:
         torch.save({"embeddings": emb, "labels": labels, "ids": ids}, sys.argv[2])
     ctx.barrier()

@@ -35,7 +35,7 @@ def test_eval_command_matches_in_memory_brute_force(checkpoint, tmp_path, capsys
     from dist_dml.distributed import DistContext
     from dist_dml.evaluation import embed_split
 
-    (emb, labels, _), _ = embed_split(model, EvalStream(cfg.data, "test"), DistContext())
+    emb, labels, _ = embed_split(model, EvalStream(cfg.data, "test"), DistContext())
     sim = emb @ emb.T
     sim.fill_diagonal_(-float("inf"))
     top = torch.sort(-sim, dim=1, stable=True).indices[:, 0]
