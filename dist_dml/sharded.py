@@ -121,13 +121,20 @@ def _rounds(q_emb, q_ids, sizes, chunk, dim, shard, local, k, same, ctx: DistCon
 class _Exact:
     """The exact search of a few queries against a shard, block by block, without a copy of the shard (a
     faiss flat index would copy it: the recall check of an IVF search must not double a rank's memory).
-    Each block keeps its best k + 8 per query (argpartition), so the temporaries stay a few MB."""
+    Queries go 256 at a time and each block of ``block`` vectors keeps its best k + 8 per query
+    (argpartition), so the temporaries stay a few tens of MB whatever the shard and the query count."""
 
-    def __init__(self, vectors: np.ndarray, block: int = 8192):
-        self.vectors, self.block = vectors, block
+    def __init__(self, vectors: np.ndarray, block: int = 8192, query_block: int = 256):
+        self.vectors, self.block, self.query_block = vectors, block, query_block
         self.size = len(vectors)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        found = [self._search(queries[q0:q0 + self.query_block], k) for q0 in range(0, len(queries), self.query_block)]
+        if not found:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return np.concatenate([s for s, _ in found]), np.concatenate([i for _, i in found])
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         best_s = np.full((len(queries), 0), -np.inf, np.float32)
         best_i = np.zeros((len(queries), 0), np.int64)
         for g0 in range(0, self.size, self.block):
