@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dist_dml.data import DataConfig, Manifest, ReadErrors, TrainStream, read_records, read_segments
+from dist_dml.data.shards import record_windows
 
 
 def prep(out: Path, classes: int, min_shards: int, per_class: str = "2:3", seed: int = 0) -> Path:
@@ -121,6 +122,29 @@ def test_fewer_shards_than_slots_is_reported_with_the_numbers(datasets):
     note = TrainStream(cfg, 0, 8, decode_images=False).layout_note()
     assert "4 training shards for 64 (rank x worker) slots" in note and "--min-shards 64" in note
     assert TrainStream(DataConfig(**{**cfg.__dict__, "root": str(datasets[200])}), 0, 8).layout_note() is None
+    assert "network" not in note
+
+
+def test_fewer_remote_shards_than_slots_say_what_an_epoch_fetches(datasets):
+    """Read through a command (a stream cannot seek), a window starting inside a shard reads the shard from
+    its first record: the note gives the records an epoch fetches, counted here record by record."""
+    root = f"pipe:cat {datasets[4]}/"
+    cfg = DataConfig(root=root, classes_per_batch=4, images_per_class=2, workers=8, image_size=8, resize=12)
+    stream = TrainStream(cfg, 0, 8, decode_images=False)
+    counts = [stream.records[s] for s in stream.shard_order(0)]
+    starts = [sum(counts[:i]) for i in range(len(counts) + 1)]
+    fetched = 0
+    for a, b in record_windows(counts, 64, 4):
+        furthest = {}  # shard -> the furthest record this slot takes in it, plus one
+        for pos in range(a, b):
+            pos %= starts[-1]
+            shard = next(i for i in range(len(counts)) if starts[i] <= pos < starts[i + 1])
+            furthest[shard] = max(furthest.get(shard, 0), pos - starts[shard] + 1)
+        fetched += sum(furthest.values())
+    assert stream.fetched_records(0) == fetched
+    assert fetched > 6 * stream.num_records  # 16 windows a shard: about 8x
+    note = stream.layout_note()
+    assert f"fetches {fetched} records to draw {stream.num_records}" in note and "--min-shards 64" in note
 
 
 def test_one_loader_runs_through_epochs_as_separate_ones_would(datasets):

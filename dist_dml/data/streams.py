@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dist_dml.data.config import DataConfig
 from dist_dml.data.images import eval_image, new_batch, train_image
 from dist_dml.data.manifest import Manifest
+from dist_dml.data.opener import is_local
 from dist_dml.data.shards import (ReadErrors, Segment, read_records, read_segments, record_windows, undrawn_runs,
                                   window_segments)
 from dist_dml.seeding import mix
@@ -167,14 +168,27 @@ class TrainStream(IterableDataset):
                 + sum(self.steps_in_epoch(e) for e in range(self.epoch + 1, epochs)))
 
     def layout_note(self) -> str | None:
-        """A warning where there are fewer shards than (rank x worker) slots, with the numbers."""
+        """A warning where there are fewer shards than (rank x worker) slots, with the numbers; for shards
+        read over the network (a stream cannot seek, so a window that starts inside a shard reads and drops
+        the records before it) also how many times the dataset each epoch fetches."""
         if len(self.shards) >= self.slots:
             return None
         per_slot = self.num_records / self.slots
-        return (f"{len(self.shards)} training shards for {self.slots} (rank x worker) slots "
+        note = (f"{len(self.shards)} training shards for {self.slots} (rank x worker) slots "
                 f"({self.world_size} ranks x {self.workers} workers): slots share shards, each reading a "
                 f"window of about {per_slot:.0f} records; with at least {self.slots} shards every slot reads "
                 f"whole shards of its own (dist-dml prep --min-shards {self.slots})")
+        if not is_local(self.shards[0]):
+            fetched = self.fetched_records(self.epoch)
+            note += (f". These shards are remote: a window that starts inside a shard streams it from its start, "
+                     f"so an epoch fetches {fetched} records to draw {self.num_records} "
+                     f"({fetched / self.num_records:.1f}x the dataset over the network)")
+        return note
+
+    def fetched_records(self, epoch: int) -> int:
+        """Records an epoch reads from streams that cannot seek: each window's part of a shard is read from
+        the shard's first record."""
+        return sum(skip + take for segments in self.slot_segments(epoch) for _, skip, take in segments)
 
     @property
     def steps_per_epoch(self) -> int:
