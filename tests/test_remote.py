@@ -99,6 +99,35 @@ def test_a_transfer_cut_once_is_retried_and_nothing_is_lost(server, local, caplo
     assert sum(b["errors"]["corrupt_shards"] for b in batches) == 0
 
 
+def test_a_transfer_cut_inside_a_record_is_retried_from_that_record(tiny_shards, tmp_path, local):
+    """The cut comes after a record's json and first image, inside its second: the part read is not that
+    record (it would be counted malformed and lost); the retry reads it from its start."""
+    import tarfile
+
+    victim = tiny_shards / "train-000003.tar"
+    with tarfile.open(victim) as tar:
+        members = tar.getmembers()
+    key = lambda m: m.name.split(".", 1)[0]
+    second = next(m for i, m in enumerate(members) if i >= 2 and key(members[i - 2]) == key(members[i - 1]) == key(m)
+                  and members[i - 2].name.endswith(".json"))
+    cut = second.offset_data + second.size // 2
+    script = tmp_path / "cut_once.sh"
+    script.write_text(f'if [ "$1" = {victim.name} ] && [ ! -e {tmp_path}/cut ]; then touch {tmp_path}/cut; '
+                      f'head -c {cut} {tiny_shards}/$1; else cat {tiny_shards}/$1; fi\n')
+    logger = logging.getLogger("dist_dml.data")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        batches = train_batches(config(f"pipe:sh {script} {{shard}}"))
+    finally:
+        logger.removeHandler(handler)
+    assert (tmp_path / "cut").exists() and any(victim.name in m and "retry 1 of 2" in m for m in seen), seen
+    assert same_batches(batches, local[0])
+    assert sum(b["errors"]["bad_records"] + b["errors"]["corrupt_shards"] for b in batches) == 0
+
+
 def test_a_transfer_that_keeps_breaking_is_counted_and_the_epoch_goes_on(server, local, caplog):
     victim = "train-000003.tar"
     server.breaks[victim] = 100

@@ -195,8 +195,10 @@ def _key_suffix(name: str) -> tuple[str, str]:
     return (name[:dot], name[dot + 1:]) if dot >= 0 else (name, "")
 
 
-def _samples(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """webdataset's grouping: consecutive members KEY.SUFFIX with the same KEY make one sample."""
+def _samples(members: Iterator[tuple[str, bytes]], last_on_damage: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """webdataset's grouping: consecutive members KEY.SUFFIX with the same KEY make one sample. Where the tar
+    is damaged, the sample read so far is yielded before the ShardError (``last_on_damage``), or not (a read
+    that will be tried again from that sample on)."""
     key, sample = None, {}
     try:
         for name, data in members:
@@ -207,7 +209,7 @@ def _samples(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[s
             key = k
             sample[suffix] = data
     except ShardError:
-        if sample:  # the damage may come right after a whole record: the caller checks it is whole
+        if sample and last_on_damage:  # the damage may come right after a whole record: the caller checks it is whole
             yield key, sample
         raise
     if sample:
@@ -239,7 +241,8 @@ def shard_records(shard: str, errors: ReadErrors, skip: int = 0) -> Iterator[dic
         try:
             if errors.checksums is not None and shard in errors.checksums and shard not in _VERIFIED:
                 _verify(shard, errors.checksums[shard])
-            for key, sample in _samples(tar_members(shard, counter.keep, errors.max_member_bytes)):
+            retried = not is_local(shard) and attempt < errors.retries  # a cut read goes on from its last record
+            for key, sample in _samples(tar_members(shard, counter.keep, errors.max_member_bytes), not retried):
                 index = counter.ordinals.pop(key, None)
                 if index is not None:
                     start = index + 1
