@@ -155,13 +155,14 @@ def eval_command(args: argparse.Namespace) -> int:
 def embed_command(args: argparse.Namespace) -> int:
     """Each rank writes the embeddings of its share of a split as one part, with each item's class and
     source; rank 0 writes which model made them (MODEL_FILE)."""
-    from dist_dml.data import EvalStream
+    from dist_dml.data import EvalStream, verify
     from dist_dml.evaluation import embed_local
     from dist_dml.export import MODEL_FILE, model_fingerprint, write_embeddings
 
     def work(model, cfg, ctx) -> int:
         out = Path(args.out)
         stream = EvalStream(cfg.data, args.split, ctx.rank, ctx.world_size, cfg.eval.batch_size)
+        verify(stream, ctx, repr(args.split))
         paths = write_embeddings(embed_local(model, stream, ctx, progress=True, names=True), out, ctx.rank, args.format)
         if ctx.is_main:
             meta = {"checkpoint": str(Path(args.checkpoint).resolve()), "fingerprint": model_fingerprint(model),

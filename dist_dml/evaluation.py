@@ -173,11 +173,13 @@ def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: b
     ``eval_cfg.split`` is one split (each item against the others) or "query,gallery". With
     ``plots_dir``, rank 0 also draws Recall@K against K and a retrieval grid; returns their paths.
     """
-    from dist_dml.data import EvalStream
+    from dist_dml.data import EvalStream, verify
     from dist_dml.sharded import sharded_metrics
 
     splits = eval_cfg.split.split(",")
     streams = [EvalStream(data_cfg, s, ctx.rank, ctx.world_size, eval_cfg.batch_size) for s in splits]
+    for split, stream in zip(splits, streams):
+        verify(stream, ctx, repr(split))
     parts = [embed_local(model, stream, ctx, progress) for stream in streams]
     coverage = _coverage(parts, streams, ctx)
     grid = []

@@ -22,7 +22,7 @@ import torch
 from dist_dml import plots
 from dist_dml.checkpoint import CheckpointError, Checkpointer, read_meta, resume_target, saved_world_size
 from dist_dml.config import RunConfig, dump_yaml
-from dist_dml.data import FAULTS, TrainStream
+from dist_dml.data import FAULTS, TrainStream, verify
 from dist_dml.distributed import DistContext
 from dist_dml.engine import TrainEngine, to_universal
 from dist_dml.errors import as_write_error
@@ -66,6 +66,7 @@ def prepare(cfg: RunConfig, ctx: DistContext) -> Prepared:
     if ctx.is_main and note:
         print(f"[train] warning: {note}", flush=True)
     ctx.init_process_group(timeout_minutes=cfg.deepspeed.timeout_minutes)  # rank 0 decides the resume for all
+    verify(stream, ctx, "training")
     target = _pick_checkpoint(cfg, ctx)
     load_from, universal = _loadable(target, cfg, ctx) if target else (None, False)
     steps = {}

@@ -2,7 +2,9 @@
 files' bit for bit, in training (windows that start mid-shard, skipped by reading) and evaluation; a shard
 whose transfer breaks is retried with back-off, visibly, and counted corrupt if it keeps breaking, while
 the epoch goes on; data.verify_sha256 catches a modified shard."""
+import contextlib
 import functools
+import json
 import http.server
 import logging
 import shutil
@@ -23,6 +25,11 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def do_GET(self):
+        name = Path(self.path).name
+        self.server.gets[name] = self.server.gets.get(name, 0) + 1
+        return super().do_GET()
+
     def copyfile(self, source, outputfile):
         name = Path(self.path).name
         left = self.server.breaks.get(name, 0)
@@ -35,16 +42,24 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         self.connection.shutdown(socket.SHUT_RDWR)
 
 
-@pytest.fixture
-def server(tiny_shards):
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                            functools.partial(Handler, directory=str(tiny_shards)))
-    httpd.breaks = {}
+@contextlib.contextmanager
+def serving(folder: Path):
+    """An http server of ``folder`` on 127.0.0.1 that counts the GETs of each file (``gets``)."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    httpd.breaks, httpd.gets = {}, {}
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def server(tiny_shards):
+    with serving(tiny_shards) as httpd:
+        yield httpd
 
 
 def url(httpd) -> str:
@@ -142,15 +157,51 @@ def test_a_transfer_that_keeps_breaking_is_counted_and_the_epoch_goes_on(server,
     assert 0 < len(drawn) < TrainStream(config(url(server)), 0, 3).num_records
 
 
-def test_sha256_verification_catches_a_modified_shard(tiny_shards, tmp_path):
+def modified_copy(tiny_shards: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the shards with one byte flipped inside an image of the second training shard (the tar
+    stays valid: only its hash tells)."""
     copy = Path(shutil.copytree(tiny_shards, tmp_path / "shards"))
     victim = sorted(copy.glob("train-*.tar"))[1]
     data = bytearray(victim.read_bytes())
-    data[2048] ^= 0xFF  # inside the first image member: the tar stays valid
+    data[2048] ^= 0xFF  # inside the first image member
     victim.write_bytes(bytes(data))
+    return copy, victim
+
+
+def test_sha256_verification_catches_a_modified_shard(tiny_shards, tmp_path):
+    copy, _ = modified_copy(tiny_shards, tmp_path)
     unchecked = train_batches(config(str(copy)))
     assert sum(b["errors"]["corrupt_shards"] for b in unchecked) == 0  # the tar reads fine: only the hash knows
     checked = train_batches(config(str(copy), verify_sha256=True))
     assert sum(b["errors"]["corrupt_shards"] for b in checked) == 1
     intact = train_batches(config(str(tiny_shards), verify_sha256=True))
     assert sum(b["errors"]["corrupt_shards"] for b in intact) == 0
+
+
+def test_sha256_is_verified_once_per_job_over_the_ranks(tiny_shards, tmp_path, run_torchrun):
+    """Two ranks over http fetch every shard exactly as often as one process reading both ranks' windows:
+    each shard whole once for its hash (by one rank, not by every reader that meets it), the modified
+    shard never again, and the other shards as their windows read them. Both ranks hold the same verdicts,
+    and each window that meets the modified shard counts it corrupt."""
+    from tests.conftest import HANG_GUARD_S
+
+    copy, victim = modified_copy(tiny_shards, tmp_path)
+    values = dict(classes_per_batch=4, images_per_class=2, workers=1, image_size=16, resize=20, shuffle_buffer=10,
+                  verify_sha256=True)
+    with serving(copy) as httpd:
+        root = url(httpd)
+        one_process = train_batches(DataConfig(root=root, **values), ranks=2)
+        alone = {n: c for n, c in httpd.gets.items() if n.startswith("train-")}
+        httpd.gets.clear()
+        out = tmp_path / "verdicts.json"
+        proc = run_torchrun(2, "tests.verify_worker", json.dumps({"root": root, **values}), str(out),
+                            timeout=HANG_GUARD_S)
+        job = {n: c for n, c in httpd.gets.items() if n.startswith("train-")}
+    shard_names = sorted(p.name for p in copy.glob("train-*.tar"))
+    assert sorted(alone) == shard_names and alone[victim.name] == 1
+    assert job == alone
+    ranks = json.loads(out.read_text())
+    assert ranks[0]["failed"] == ranks[1]["failed"] == [root + victim.name]
+    assert ranks[0]["verified"] == ranks[1]["verified"] == sorted(root + n for n in shard_names if n != victim.name)
+    assert sum(r["corrupt"] for r in ranks) == sum(b["errors"]["corrupt_shards"] for b in one_process) >= 1
+    assert f"{len(shard_names) - 1} of {len(shard_names)} training shards match the manifest" in proc.stdout

@@ -14,10 +14,10 @@ from dist_dml.data.manifest import FORMAT, VERSION, Manifest, ManifestError
 from dist_dml.data.shards import (FAULTS, IMAGE_EXTENSIONS, ReadErrors, Segment, ShardError, _samples, read_records,
                                   read_segments, record_windows, shard_records, tar_members, undrawn_runs,
                                   window_segments)
-from dist_dml.data.streams import EvalBatch, EvalStream, TrainStream, images_by_id, loader
+from dist_dml.data.streams import EvalBatch, EvalStream, TrainStream, images_by_id, loader, verify
 
 __all__ = ["DataConfig", "crop_box", "decode", "eval_image", "new_batch", "normalize_batch", "resize_into",
            "train_image", "FORMAT", "VERSION", "Manifest", "ManifestError", "FAULTS", "IMAGE_EXTENSIONS",
            "ReadErrors", "Segment", "ShardError", "_samples", "read_records", "read_segments", "record_windows",
            "shard_records", "tar_members", "undrawn_runs", "window_segments", "EvalBatch", "EvalStream",
-           "TrainStream", "images_by_id", "loader"]
+           "TrainStream", "images_by_id", "loader", "verify"]

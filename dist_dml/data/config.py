@@ -23,7 +23,7 @@ class DataConfig:
     max_member_mb: float = 256.0  # a tar member declaring more is damage: its shard is counted corrupt
     read_retries: int = 3  # a remote shard whose read fails is tried again this often (then counted corrupt)
     retry_backoff_s: float = 1.0  # the first wait before a retry; it doubles with each
-    verify_sha256: bool = False  # read each shard whole against the manifest's sha256 first (once per worker)
+    verify_sha256: bool = False  # read every shard whole against the manifest's sha256 once per job, before training
 
     @property
     def local_batch(self) -> int:

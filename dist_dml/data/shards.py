@@ -234,12 +234,15 @@ def shard_records(shard: str, errors: ReadErrors, skip: int = 0) -> Iterator[dic
     A remote shard (a URL or command) whose read fails is opened again after a back-off (errors.retries
     times, doubling errors.backoff_s), from the record after the last one read; then, like a local shard
     that is damaged, it is logged, counted corrupt and left. With errors.checksums, a shard is first
-    read whole against its sha256 (once per process)."""
+    read whole against its sha256, unless this process knows its verdict already (verify_shards, run once
+    for the job before the loaders fork their workers, or an earlier read here)."""
     attempt, start = 0, skip
     while True:
         counter = _KeyCounter(start, errors)
         try:
             if errors.checksums is not None and shard in errors.checksums and shard not in _VERIFIED:
+                if shard in _FAILED:
+                    raise _FAILED[shard]
                 _verify(shard, errors.checksums[shard])
             retried = not is_local(shard) and attempt < errors.retries  # a cut read goes on from its last record
             for key, sample in _samples(tar_members(shard, counter.keep, errors.max_member_bytes), not retried):
@@ -266,7 +269,9 @@ def shard_records(shard: str, errors: ReadErrors, skip: int = 0) -> Iterator[dic
             time.sleep(delay)
 
 
-_VERIFIED: set[str] = set()  # shards whose sha256 this process has checked
+_VERIFIED: set[str] = set()  # shards whose sha256 matched (checked here, or by any rank in verify_shards)
+_FAILED: dict[str, "ChecksumError"] = {}  # shards whose sha256 did not match: never read
+_OFFERED: set[str] = set()  # shards verify_shards has handled: the same on every rank (its collective depends on it)
 
 
 class ChecksumError(ShardError):
@@ -283,9 +288,65 @@ def _verify(shard: str, expected: str) -> None:
     finally:
         close_quietly(stream)
     if digest.hexdigest() != expected:
-        raise ChecksumError(f"its sha256 {digest.hexdigest()[:16]}… is not the manifest's {expected[:16]}… "
-                            "(modified or damaged since dist-dml prep wrote it)")
+        _FAILED[shard] = ChecksumError(f"its sha256 {digest.hexdigest()[:16]}… is not the manifest's {expected[:16]}… "
+                                       "(modified or damaged since dist-dml prep wrote it)")
+        raise _FAILED[shard]
     _VERIFIED.add(shard)
+
+
+def verify_shards(checksums: dict[str, str], sizes: dict[str, int], ctx, what: str, threads: int = 4) -> None:
+    """Check the sha256 of every shard in ``checksums`` once for the whole job: each of the ctx's ranks reads
+    its share (``threads`` at a time) and the verdicts are gathered to every rank, so no worker reads a
+    shard whole again (left to itself, every worker process that meets a shard would). A shard that does
+    not match is logged here and counted corrupt, unread, wherever it is met. A shard that could not be
+    read now (the network) is left for its reader to verify, with its retries. Call on every rank."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    todo = sorted(s for s in checksums if s not in _OFFERED)
+    if not todo:
+        return
+    _OFFERED.update(todo)
+    mine = todo[ctx.rank::ctx.world_size]
+    total_mb = sum(sizes.get(s, 0) for s in todo) / 2**20
+    if ctx.is_main:
+        print(f"[data] data.verify_sha256: reading the {len(todo)} {what} shards ({total_mb:,.0f} MB) whole once, "
+              f"split over {ctx.world_size} rank(s), before training reads them", flush=True)
+    verdicts: dict[str, str | None] = {}
+    start = last = time.monotonic()
+    done_mb = 0.0
+    with ThreadPoolExecutor(max(1, min(threads, len(mine)))) as pool:
+        futures = {pool.submit(_verify, shard, checksums[shard]): shard for shard in mine}
+        for i, future in enumerate(as_completed(futures), 1):
+            shard = futures[future]
+            try:
+                future.result()
+                verdicts[shard] = None
+            except ChecksumError as exc:
+                verdicts[shard] = str(exc)
+            except (OSError, ShardError) as exc:
+                log.warning("could not verify shard %s now (%s): its reader will", shard, exc)
+            done_mb += sizes.get(shard, 0) / 2**20
+            now = time.monotonic()
+            if ctx.is_main and (now - last > 10 or i == len(mine)):
+                rate = done_mb / max(now - start, 1e-9)
+                mine_mb = sum(sizes.get(s, 0) for s in mine) / 2**20
+                print(f"[data] sha256: {i}/{len(mine)} shards of rank 0 ({done_mb:,.0f}/{mine_mb:,.0f} MB, "
+                      f"{rate:,.0f} MB/s, about {(mine_mb - done_mb) / max(rate, 1e-9):,.0f} s left)", flush=True)
+                last = now
+    failed = 0
+    for part in ctx.all_gather_object(verdicts):
+        for shard, problem in part.items():
+            if problem is None:
+                _VERIFIED.add(shard)
+            else:
+                _FAILED[shard] = ChecksumError(problem)
+                failed += 1
+                if ctx.is_main:
+                    log.warning("shard %s does not match the manifest: %s; it will be counted corrupt and skipped",
+                                shard, problem)
+    if ctx.is_main:
+        print(f"[data] sha256: {len(todo) - failed} of {len(todo)} {what} shards match the manifest in "
+              f"{time.monotonic() - start:.0f} s" + (f"; {failed} do not and are skipped" if failed else ""), flush=True)
 
 
 class _KeyCounter:

@@ -32,7 +32,7 @@ from dist_dml.data.images import eval_image, new_batch, train_image
 from dist_dml.data.manifest import Manifest
 from dist_dml.data.opener import is_local
 from dist_dml.data.shards import (ReadErrors, Segment, read_records, read_segments, record_windows, undrawn_runs,
-                                  window_segments)
+                                  verify_shards, window_segments)
 from dist_dml.seeding import mix
 
 # --- loading ------------------------------------------------------------------------------------
@@ -42,6 +42,13 @@ def read_errors(cfg: DataConfig, checksums: dict[str, str] | None, classes: int 
     """A worker's fault counter with the config's limits, retries and (data.verify_sha256) checksums."""
     return ReadErrors(int(cfg.max_member_mb * 2**20), classes, images, retries=cfg.read_retries,
                       backoff_s=cfg.retry_backoff_s, checksums=checksums)
+
+
+def verify(stream: "TrainStream | EvalStream", ctx, what: str) -> None:
+    """data.verify_sha256: the stream's shards checked once for the job, over ctx's ranks, before a loader
+    forks the workers that read them (shards.verify_shards). Call on every rank."""
+    if stream.checksums:
+        verify_shards(stream.checksums, stream.sizes, ctx, what)
 
 
 def loader(dataset: IterableDataset, workers: int) -> DataLoader:
@@ -102,6 +109,7 @@ class TrainStream(IterableDataset):
         self.num_classes, self.num_images = split["classes"], split["images"]
         self.records = {path: s["records"] for path, s in zip(self.shards, split["shards"])}
         self.checksums = manifest.checksums(cfg.train_split) if cfg.verify_sha256 else None
+        self.sizes = {path: s.get("bytes", 0) for path, s in zip(self.shards, split["shards"])}
         self.num_records = sum(self.records.values())
         if not self.shards or not self.num_records:
             raise ValueError(f"{cfg.root}: split {cfg.train_split!r} has no records")
@@ -441,6 +449,7 @@ class EvalStream(IterableDataset):
         self.num_images = manifest.split(split)["images"]
         self.num_classes = manifest.split(split)["classes"]
         self.checksums = manifest.checksums(split) if cfg.verify_sha256 else None
+        self.sizes = {path: s.get("bytes", 0) for path, s in zip(self.shards, manifest.split(split)["shards"])}
         self.batch_size = batch_size
         self.decode_images = decode_images
         workers = max(cfg.workers, 1)
