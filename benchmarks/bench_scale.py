@@ -101,6 +101,7 @@ def eval_worker(n: int, index: str, out: str) -> None:
     import numpy as np
     import torch
 
+    from dist_dml.config import EvalConfig
     from dist_dml.distributed import DistContext
     from dist_dml.sharded import sharded_metrics
 
@@ -119,7 +120,8 @@ def eval_worker(n: int, index: str, out: str) -> None:
     ctx.barrier()
     start = time.perf_counter()
     metrics, _ = sharded_metrics((torch.from_numpy(emb), torch.from_numpy(labels), torch.from_numpy(ids)), None,
-                                 (1, 10), ctx, nmi=False, index=index, ivf_check_queries=1000)
+                                 (1, 10), ctx, nmi=False, index=index, ivf_check_queries=1000,
+                                 ivf_target_recall=EvalConfig().ivf_target_recall)
     elapsed = time.perf_counter() - start
     rss = ctx.all_gather_object((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, baseline))
     if ctx.is_main:
@@ -148,7 +150,8 @@ def evaluate(args, work: Path) -> None:
     two, one = found[2], found[1]
     extra = ""
     if index == "ivf":
-        extra = " ivf_recall_at_10=" + " / ".join(f"{f['metrics']['ivf_recall_at_10']:.4f}" for f in (two, one))
+        extra = (" ivf_recall_at_10=" + " / ".join(f"{f['metrics']['ivf_recall_at_10']:.4f}" for f in (two, one))
+                 + " ivf_nprobe=" + " / ".join(f"{f['metrics']['ivf_nprobe']:.0f}" for f in (two, one)))
     else:
         extra = f" identical_to_1_rank={two['metrics'] == one['metrics']}"
     print(f"eval n={args.eval_n} ranks=2 index={index} eval_s={two['eval_s']:.1f} "

@@ -72,6 +72,7 @@ class EvalConfig:
     ivf_nlist: int = 0  # IVF lists per shard (0: 4 sqrt(shard size))
     ivf_nprobe: int = 64  # lists searched per query (about sqrt of the lists of a million-item shard)
     ivf_check_queries: int = 1000  # queries searched exactly too, for ivf_recall_at_K
+    ivf_target_recall: float = 0.9  # ivf_nprobe doubles until ivf_recall_at_K reaches this (0: keep ivf_nprobe)
 
     def validate(self) -> None:
         if not self.recall_ks or min(self.recall_ks) < 1:
@@ -82,6 +83,8 @@ class EvalConfig:
             raise ValueError(f"eval.index must be exact or ivf, got {self.index!r}")
         if self.ivf_nlist < 0 or self.ivf_nprobe < 1 or self.ivf_check_queries < 1:
             raise ValueError("eval.ivf_nlist must be >= 0 (0: 4 sqrt(N)), eval.ivf_nprobe and eval.ivf_check_queries >= 1")
+        if not 0 <= self.ivf_target_recall <= 1:
+            raise ValueError(f"eval.ivf_target_recall must be in [0, 1] (0: no target), got {self.ivf_target_recall}")
         if self.query_chunk < 1 or self.nmi_max_classes < 2:
             raise ValueError(f"eval.query_chunk must be >= 1 and eval.nmi_max_classes >= 2, got {self.query_chunk} "
                              f"and {self.nmi_max_classes}")

@@ -191,7 +191,8 @@ def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: b
                                     eval_cfg.recall_ks, ctx, nmi=eval_cfg.nmi, nmi_max_classes=eval_cfg.nmi_max_classes,
                                     chunk=eval_cfg.query_chunk, use_gpu=ctx.device.type == "cuda", keep_ids=grid,
                                     index=eval_cfg.index, ivf_nlist=eval_cfg.ivf_nlist, ivf_nprobe=eval_cfg.ivf_nprobe,
-                                    ivf_check_queries=eval_cfg.ivf_check_queries)
+                                    ivf_check_queries=eval_cfg.ivf_check_queries,
+                                    ivf_target_recall=eval_cfg.ivf_target_recall)
     metrics = {**metrics, **coverage}
     paths = []
     if ctx.is_main and plots_dir is not None:

@@ -49,6 +49,16 @@ class Gallery:
         self.blocks = [(g0, build(self.vectors[g0:g0 + block], use_gpu, k), min(block, self.size - g0))
                        for g0 in range(0, self.size, block)]
 
+    @property
+    def nlist(self) -> int:
+        """The most inverted lists of an IVF block (0 for exact search)."""
+        return max((getattr(index, "nlist", 0) for _, index, _ in self.blocks), default=0)
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """IVF: search ``nprobe`` lists per query (at most each block's lists)."""
+        for _, index, _ in self.blocks:
+            index.nprobe = min(nprobe, index.nlist)
+
 
 def _ivf_index(vectors: np.ndarray, nlist: int, nprobe: int):
     """An IVF (inverted lists of flat vectors, inner product) index: trained on at most 64 x nlist of the

@@ -24,7 +24,7 @@ from dist_dml.distributed import DistContext
 def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ctx: DistContext, nmi: bool = True,
                     nmi_max_classes: int = 10000, chunk: int = 4096, use_gpu: bool = False, seed: int = 0,
                     keep_ids=(), index: str = "exact", ivf_nlist: int = 0, ivf_nprobe: int = 64,
-                    ivf_check_queries: int = 1000) -> tuple[dict[str, float], dict]:
+                    ivf_check_queries: int = 1000, ivf_target_recall: float = 0.0) -> tuple[dict[str, float], dict]:
     """Recall@K, R-Precision, MAP@R (and NMI) of this rank's ``query`` = (embeddings, labels, image ids)
     against every rank's ``gallery`` (None: each query against the other items of the same split).
     Call on every rank; every rank gets the metrics. Also returns, on every rank, the merged neighbours
@@ -33,7 +33,9 @@ def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ct
     ``index="ivf"``: each rank searches its shard through a faiss IVF index (``ivf_nlist`` lists, 0: 4
     sqrt(shard); ``ivf_nprobe`` probed) instead of exactly: approximate, and much faster for millions.
     Its recall against the exact search, on up to ``ivf_check_queries`` queries, is reported as
-    ``ivf_recall_at_K`` (the share of the exact top K that the IVF top K holds)."""
+    ``ivf_recall_at_K`` (the share of the exact top K that the IVF top K holds). With ``ivf_target_recall``
+    > 0, that check comes first: ``ivf_nprobe`` doubles until the recall reaches the target (or every list
+    is probed), and the search runs with the lists found (reported as ``ivf_nprobe``)."""
     from dist_dml.search import Gallery
 
     same = gallery is None
@@ -56,6 +58,10 @@ def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ct
     local = (g_lab, g_ids)
     fetch = k + (1 if same else 0)
     shard = Gallery(g_emb, fetch + 8, use_gpu, kind=index, nlist=ivf_nlist, nprobe=ivf_nprobe) if len(g_ids) else None
+    approximate = {}
+    if index == "ivf":  # the recall of the IVF search against exact, with nprobe raised to the target first
+        approximate = _ivf_recall(q_emb, q_ids, g_emb, local, shard, sizes, max(ks), same, ivf_check_queries,
+                                  dim, ctx, ivf_nprobe, ivf_target_recall)
     sums = np.zeros(len(ks) + 3)  # recall hits per K, R-precision sum, MAP@R sum, answerable count
     kept: dict[int, tuple[list[int], list[bool]]] = {}
     wanted = set(int(i) for i in keep_ids)
@@ -71,9 +77,7 @@ def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ct
     metrics["r_precision"] = float(total[len(ks)] / answerable) if answerable else 0.0
     metrics["map_at_r"] = float(total[len(ks) + 1] / answerable) if answerable else 0.0
     metrics["unanswerable"] = float(sum(sizes) - answerable)
-    if index == "ivf":
-        metrics.update(_ivf_recall(q_emb, q_ids, g_emb, local, shard, sizes, max(ks), same, ivf_check_queries,
-                                   dim, use_gpu, ctx))
+    metrics.update(approximate)
     if nmi:
         metrics.update(_nmi(q_emb, q_lab, None if same else (g_emb, g_lab), counts, ctx, nmi_max_classes, use_gpu,
                             seed))
@@ -148,24 +152,39 @@ class _Exact:
         return best_s, best_i
 
 
-def _ivf_recall(q_emb, q_ids, g_emb, local, ivf, sizes, k, same, check, dim, use_gpu, ctx) -> dict[str, float]:
+def _ivf_recall(q_emb, q_ids, g_emb, local, ivf, sizes, k, same, check, dim, ctx, nprobe: int,
+                target: float) -> dict[str, float]:
     """The share of the exact top k that the IVF top k holds, on up to ``check`` queries (spread over the
-    ranks): what the approximate metrics are worth."""
-    exact = _Exact(g_emb) if ivf is not None else None
+    ranks): what the approximate metrics are worth. With ``target`` > 0, ``nprobe`` doubles until the
+    share reaches it or every list of every rank is probed; ``ivf`` is left searching with that many.
+    Returns ivf_recall_at_k and ivf_nprobe, the same on every rank."""
     limit = max(1, check // max(len(sizes), 1))
-    found = {}
-    for name, shard in (("exact", exact), ("ivf", ivf)):
-        found[name] = [ids for *_, ids, _ in _rounds(q_emb, q_ids, sizes, 4096, dim, shard, local, k, same, ctx,
-                                                     limit)]
-    hits = total = 0
-    for a, b in zip(found["exact"], found["ivf"]):
-        for row_a, row_b in zip(a, b):
-            want = set(row_a[row_a >= 0].tolist())
-            hits += len(want & set(row_b[row_b >= 0].tolist()))
-            total += len(want)
-    hits, total = ctx.all_reduce_sum(torch.tensor([float(hits), float(total)], dtype=torch.float64,
-                                                  device=ctx.device)).cpu().tolist()
-    return {f"ivf_recall_at_{k}": hits / total if total else 1.0}
+    exact = [ids for *_, ids, _ in _rounds(q_emb, q_ids, sizes, 4096, dim, _Exact(g_emb) if ivf is not None else None,
+                                           local, k, same, ctx, limit)]
+    most = int(ctx.all_reduce(torch.tensor([ivf.nlist if ivf is not None else 0], device=ctx.device), "max"))
+    tried = []
+    while True:
+        if ivf is not None:
+            ivf.set_nprobe(nprobe)
+        found = [ids for *_, ids, _ in _rounds(q_emb, q_ids, sizes, 4096, dim, ivf, local, k, same, ctx, limit)]
+        hits = total = 0
+        for a, b in zip(exact, found):
+            for row_a, row_b in zip(a, b):
+                want = set(row_a[row_a >= 0].tolist())
+                hits += len(want & set(row_b[row_b >= 0].tolist()))
+                total += len(want)
+        hits, total = ctx.all_reduce_sum(torch.tensor([float(hits), float(total)], dtype=torch.float64,
+                                                      device=ctx.device)).cpu().tolist()
+        recall = hits / total if total else 1.0
+        tried.append(f"{nprobe}: {recall:.3f}")
+        if target <= 0 or recall >= target or nprobe >= most:
+            break
+        nprobe = min(2 * nprobe, most)
+    if ctx.is_main and target > 0:
+        print(f"[eval] IVF recall@{k} against exact on {min(check, sum(sizes))} queries, by lists probed: "
+              f"{', '.join(tried)}; searching {nprobe} of up to {most} lists per rank "
+              f"(eval.ivf_target_recall {target})", flush=True)
+    return {f"ivf_recall_at_{k}": recall, "ivf_nprobe": float(nprobe)}
 
 
 def _merge(scores: np.ndarray, found: np.ndarray, own: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -189,8 +189,32 @@ def test_ivf_reports_its_recall_against_exact():
     exact, _ = sharded_metrics((emb, labels, ids), None, KS, DistContext(), nmi=False)
     full, _ = sharded_metrics((emb, labels, ids), None, KS, DistContext(), nmi=False, index="ivf", ivf_nlist=16,
                               ivf_nprobe=16, ivf_check_queries=300)
-    assert full.pop("ivf_recall_at_8") == 1.0
+    assert full.pop("ivf_recall_at_8") == 1.0 and full.pop("ivf_nprobe") == 16
     assert full == pytest.approx(exact, rel=1e-12)
     rough, _ = sharded_metrics((emb, labels, ids), None, KS, DistContext(), nmi=False, index="ivf", ivf_nlist=16,
                                ivf_nprobe=1, ivf_check_queries=300)
     assert 0.0 < rough["ivf_recall_at_8"] < 1.0
+    assert rough["ivf_nprobe"] == 1.0
+
+
+def test_ivf_target_recall_raises_the_lists_probed_to_the_fewest_that_reach_it():
+    """ivf_target_recall: nprobe doubles from ivf_nprobe until the checked recall reaches the target. The
+    lists it settles on reach it and half of them do not (measured with fixed nprobe); a target of 1 ends
+    in the exact metrics."""
+    from dist_dml.distributed import DistContext
+    from dist_dml.sharded import sharded_metrics
+    from tests.sharded_worker import KS, dataset
+
+    emb, labels, ids = (torch.from_numpy(a) for a in dataset(2000, 50, 4))
+    run = lambda **kw: sharded_metrics((emb, labels, ids), None, KS, DistContext(), nmi=False, index="ivf",
+                                       ivf_nlist=16, ivf_check_queries=300, **kw)[0]
+    tuned = run(ivf_nprobe=1, ivf_target_recall=0.8)
+    chosen = int(tuned["ivf_nprobe"])
+    assert chosen in (2, 4, 8, 16) and tuned["ivf_recall_at_8"] >= 0.8
+    fixed = run(ivf_nprobe=chosen)
+    assert fixed == tuned  # the search ran with the lists chosen
+    assert run(ivf_nprobe=chosen // 2)["ivf_recall_at_8"] < 0.8
+    exact, _ = sharded_metrics((emb, labels, ids), None, KS, DistContext(), nmi=False)
+    full = run(ivf_nprobe=1, ivf_target_recall=1.0)
+    assert full.pop("ivf_recall_at_8") == 1.0 and full.pop("ivf_nprobe") <= 16
+    assert full == pytest.approx(exact, rel=1e-12)
