@@ -145,6 +145,8 @@ def test_fewer_remote_shards_than_slots_say_what_an_epoch_fetches(datasets):
     assert fetched > 6 * stream.num_records  # 16 windows a shard: about 8x
     note = stream.layout_note()
     assert f"fetches {fetched} records to draw {stream.num_records}" in note and "--min-shards 64" in note
+    cached = TrainStream(DataConfig(**{**cfg.__dict__, "cache_dir": "/tmp/cache"}), 0, 8, decode_images=False)
+    assert "network" not in cached.layout_note()
 
 
 def test_one_loader_runs_through_epochs_as_separate_ones_would(datasets):

@@ -10,6 +10,7 @@ import logging
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):
         name = Path(self.path).name
         self.server.gets[name] = self.server.gets.get(name, 0) + 1
+        time.sleep(self.server.delay_s)
         return super().do_GET()
 
     def copyfile(self, source, outputfile):
@@ -46,7 +48,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 def serving(folder: Path):
     """An http server of ``folder`` on 127.0.0.1 that counts the GETs of each file (``gets``)."""
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
-    httpd.breaks, httpd.gets = {}, {}
+    httpd.breaks, httpd.gets, httpd.delay_s = {}, {}, 0.0
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
@@ -205,3 +207,44 @@ def test_sha256_is_verified_once_per_job_over_the_ranks(tiny_shards, tmp_path, r
     assert ranks[0]["verified"] == ranks[1]["verified"] == sorted(root + n for n in shard_names if n != victim.name)
     assert sum(r["corrupt"] for r in ranks) == sum(b["errors"]["corrupt_shards"] for b in one_process) >= 1
     assert f"{len(shard_names) - 1} of {len(shard_names)} training shards match the manifest" in proc.stdout
+
+
+def test_a_shard_cache_fetches_each_remote_shard_once_per_machine(server, tiny_shards, local, tmp_path):
+    """data.cache_dir: 3 ranks' windows over http (several start mid-shard) read the local files' batches
+    while each shard is fetched once; another epoch, or another run, fetches nothing; 4 threads wanting
+    one uncached shard at once fetch it once."""
+    from dist_dml.data.opener import ShardCache
+
+    cache = tmp_path / "cache"
+    cfg = config(url(server), cache_dir=str(cache))
+    assert same_batches(train_batches(cfg), local[0])
+    shard_names = sorted(p.name for p in tiny_shards.glob("train-*.tar"))
+    assert {n: c for n, c in server.gets.items() if n.startswith("train-")} == {n: 1 for n in shard_names}
+    copies = sorted(cache.glob("*-train-*.tar"))
+    assert [p.read_bytes() for p in copies] == [(tiny_shards / p.name.split("-", 1)[1]).read_bytes() for p in copies]
+    shards_fetched = lambda: {n: c for n, c in server.gets.items() if n.endswith(".tar")}
+    before = shards_fetched()
+    again = [b for rank in range(3) for b in TrainStream(cfg, rank, 3).worker_batches(1, 0)]
+    assert again and shards_fetched() == before
+
+    server.delay_s = 0.5
+    shared = ShardCache(str(tmp_path / "other"))
+    location = url(server) + "test-000000.tar"
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(shared.path(location))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(paths)) == 1 and server.gets["test-000000.tar"] == 1
+    assert Path(paths[0]).read_bytes() == (tiny_shards / "test-000000.tar").read_bytes()
+
+
+def test_a_cached_shard_that_fails_its_hash_leaves_the_cache(tiny_shards, tmp_path):
+    copy, victim = modified_copy(tiny_shards, tmp_path)
+    cache = tmp_path / "cache"
+    with serving(copy) as httpd:
+        checked = train_batches(config(url(httpd), cache_dir=str(cache), verify_sha256=True))
+    assert sum(b["errors"]["corrupt_shards"] for b in checked) >= 1
+    cached = {p.name.split("-", 1)[1] for p in cache.glob("*-train-*.tar")}
+    assert victim.name not in cached and len(cached) == len(list(copy.glob("train-*.tar"))) - 1

@@ -23,6 +23,8 @@ class DataConfig:
     max_member_mb: float = 256.0  # a tar member declaring more is damage: its shard is counted corrupt
     read_retries: int = 3  # a remote shard whose read fails is tried again this often (then counted corrupt)
     retry_backoff_s: float = 1.0  # the first wait before a retry; it doubles with each
+    cache_dir: str = ""  # remote shards: each downloaded once per machine to this folder, then read locally
+    cache_gb: float = 0.0  # the cache's size limit (0: none); the least recently fetched shards go first
     verify_sha256: bool = False  # read every shard whole against the manifest's sha256 once per job, before training
 
     @property
@@ -48,6 +50,8 @@ class DataConfig:
             raise ValueError("data.workers must be >= 0 and data.shuffle_buffer >= 1")
         if not 0 < self.max_member_mb < float("inf"):
             raise ValueError(f"data.max_member_mb must be positive and finite, got {self.max_member_mb}")
+        if not 0 <= self.cache_gb < float("inf"):
+            raise ValueError(f"data.cache_gb must be >= 0 and finite (0: no limit), got {self.cache_gb}")
         if self.read_retries < 0 or not 0 <= self.retry_backoff_s <= 600:
             raise ValueError(f"data.read_retries must be >= 0 and data.retry_backoff_s in [0, 600], got "
                              f"{self.read_retries} and {self.retry_backoff_s}")

@@ -11,13 +11,21 @@
   handler), where those tools are installed.
 
 A local file is read with seeks (members the reader does not keep are passed over unread); a stream is
-read front to back and never held whole in memory.
+read front to back and never held whole in memory. With a :class:`ShardCache` (``data.cache_dir``), a
+remote shard is downloaded whole once per machine (webdataset's FileCache, one process at a time per
+shard) and then read from the local copy, with seeks.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import logging
+import os
 import shlex
 from pathlib import Path
 from typing import BinaryIO
+
+log = logging.getLogger("dist_dml.data")
 
 STALL_S = 60  # curl gives up on a transfer that delivers no byte for this long
 BUFFER = 1 << 20
@@ -47,10 +55,63 @@ def _command(location: str) -> str:
     return location  # pipe:…, gs://… and webdataset's other schemes as they are
 
 
-def open_stream(location: str) -> tuple[BinaryIO, bool]:
-    """(binary stream, whether it can seek) of a shard or manifest."""
+class ShardCache:
+    """Remote shards kept on local disk under ``folder`` (``data.cache_dir``), at most ``max_bytes`` in all (0:
+    no limit; the least recently fetched go first), through webdataset's FileCache. A copy is named by the
+    digest of its location, so shards of the same name from two datasets never mix; it is written to a
+    temporary file and renamed, so a reader never sees half of one. The processes of a machine that want
+    the same shard at once wait for the one that fetches it (a lock file beside it) rather than each
+    fetching it."""
+
+    def __init__(self, folder: str, max_bytes: int = 0):
+        from webdataset.cache import FileCache
+
+        self.folder = str(folder)
+        self._files = FileCache(self.folder, url_to_name=self.name, validator=None, cache_size=max_bytes or -1,
+                                cache_cleanup_interval=30)
+
+    @staticmethod
+    def name(command: str) -> str:
+        tail = command.rstrip("/").rsplit("/", 1)[-1].split()[-1] if command.strip() else "shard"
+        tail = "".join(c if c.isalnum() or c in "._-" else "_" for c in tail)[-80:]
+        return hashlib.sha256(command.encode()).hexdigest()[:20] + "-" + tail
+
+    def path(self, location: str) -> str:
+        """The local copy of ``location``, fetched first if this machine has none yet."""
+        command = _command(location)
+        dest = os.path.join(self.folder, self.name(command))
+        if os.path.exists(dest):
+            return dest
+        os.makedirs(self.folder, exist_ok=True)
+        with open(dest + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process of this machine may be fetching it
+            try:
+                if not os.path.exists(dest):
+                    log.info("caching shard %s in %s", location, dest)
+                    try:
+                        self._files.get_file(command)
+                    finally:  # a fetch that failed leaves webdataset's temporary file behind
+                        for name in os.listdir(self.folder):
+                            if name.startswith(os.path.basename(dest) + ".temp"):
+                                os.remove(os.path.join(self.folder, name))
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return dest
+
+    def forget(self, location: str) -> None:
+        """Remove the local copy of ``location`` (it did not match the manifest's hash)."""
+        try:
+            os.remove(os.path.join(self.folder, self.name(_command(location))))
+        except FileNotFoundError:
+            pass
+
+
+def open_stream(location: str, cache: ShardCache | None = None) -> tuple[BinaryIO, bool]:
+    """(binary stream, whether it can seek) of a shard or manifest; a remote one from ``cache`` if given."""
     if is_local(location):
         return open(location, "rb", buffering=BUFFER), True
+    if cache is not None:
+        return open(cache.path(location), "rb", buffering=BUFFER), True
     from webdataset.gopen import gopen
 
     return gopen(_command(location), "rb", bufsize=BUFFER), False

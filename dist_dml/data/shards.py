@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from dist_dml.data.opener import close_quietly, is_local, open_stream
+from dist_dml.data.opener import ShardCache, close_quietly, is_local, open_stream
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 log = logging.getLogger("dist_dml.data")
@@ -34,11 +34,13 @@ class ReadErrors:
     """
 
     def __init__(self, max_member_bytes: int = 256 << 20, classes: int | None = None, images: int | None = None,
-                 retries: int = 0, backoff_s: float = 1.0, checksums: dict[str, str] | None = None):
+                 retries: int = 0, backoff_s: float = 1.0, checksums: dict[str, str] | None = None,
+                 cache: ShardCache | None = None):
         self.max_member_bytes = max_member_bytes  # a member declaring more makes its shard corrupt
         self.classes, self.images = classes, images  # the split's: labels and image ids must lie below
         self.retries, self.backoff_s = retries, backoff_s  # a remote shard's read is tried again this often
         self.checksums = checksums  # {shard: sha256} to verify each shard against before reading it
+        self.cache = cache  # remote shards are read from local copies there (data.cache_dir)
         self.corrupt_shards: set[str] = set()
         self.bad_records = self.unknown_members = self.bad_labels = self.bad_images = self.dropped_records = 0
         self._reported = (0,) * len(FAULTS)
@@ -115,7 +117,8 @@ def _pax(data: bytes) -> dict[str, str]:
     return out
 
 
-def tar_members(path: str, keep: Callable[[str], bool], max_member: int = 256 << 20) -> Iterator[tuple[str, bytes]]:
+def tar_members(path: str, keep: Callable[[str], bool], max_member: int = 256 << 20,
+                cache: ShardCache | None = None) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of the regular files of the POSIX tar at ``path`` that ``keep`` accepts, in order.
 
     ustar headers with pax and GNU long names, as tarfile writes them. webdataset's tar path reads
@@ -128,7 +131,7 @@ def tar_members(path: str, keep: Callable[[str], bool], max_member: int = 256 <<
     extended header that declares more than ``max_member`` bytes (a pax header can declare any size:
     it would be read into memory); the members before the damage have been yielded.
     """
-    f, seekable = open_stream(path)
+    f, seekable = open_stream(path, cache)
     end = os.fstat(f.fileno()).st_size if seekable else None
 
     def skip(n: int) -> None:  # a local file seeks; a stream reads and drops
@@ -243,9 +246,9 @@ def shard_records(shard: str, errors: ReadErrors, skip: int = 0) -> Iterator[dic
             if errors.checksums is not None and shard in errors.checksums and shard not in _VERIFIED:
                 if shard in _FAILED:
                     raise _FAILED[shard]
-                _verify(shard, errors.checksums[shard])
+                _verify(shard, errors.checksums[shard], errors.cache)
             retried = not is_local(shard) and attempt < errors.retries  # a cut read goes on from its last record
-            for key, sample in _samples(tar_members(shard, counter.keep, errors.max_member_bytes), not retried):
+            for key, sample in _samples(tar_members(shard, counter.keep, errors.max_member_bytes, errors.cache), not retried):
                 index = counter.ordinals.pop(key, None)
                 if index is not None:
                     start = index + 1
@@ -278,23 +281,27 @@ class ChecksumError(ShardError):
     pass
 
 
-def _verify(shard: str, expected: str) -> None:
-    """Read ``shard`` whole (streaming) and compare its sha256 with the manifest's."""
+def _verify(shard: str, expected: str, cache: ShardCache | None = None) -> None:
+    """Read ``shard`` whole (streaming, or its local copy in ``cache``) and compare its sha256 with the
+    manifest's; a copy that does not match is removed from the cache."""
     digest = hashlib.sha256()
-    stream, _ = open_stream(shard)
+    stream, _ = open_stream(shard, cache)
     try:
         while chunk := stream.read(1 << 20):
             digest.update(chunk)
     finally:
         close_quietly(stream)
     if digest.hexdigest() != expected:
+        if cache is not None and not is_local(shard):
+            cache.forget(shard)
         _FAILED[shard] = ChecksumError(f"its sha256 {digest.hexdigest()[:16]}… is not the manifest's {expected[:16]}… "
                                        "(modified or damaged since dist-dml prep wrote it)")
         raise _FAILED[shard]
     _VERIFIED.add(shard)
 
 
-def verify_shards(checksums: dict[str, str], sizes: dict[str, int], ctx, what: str, threads: int = 4) -> None:
+def verify_shards(checksums: dict[str, str], sizes: dict[str, int], ctx, what: str, threads: int = 4,
+                  cache: ShardCache | None = None) -> None:
     """Check the sha256 of every shard in ``checksums`` once for the whole job: each of the ctx's ranks reads
     its share (``threads`` at a time) and the verdicts are gathered to every rank, so no worker reads a
     shard whole again (left to itself, every worker process that meets a shard would). A shard that does
@@ -315,7 +322,7 @@ def verify_shards(checksums: dict[str, str], sizes: dict[str, int], ctx, what: s
     start = last = time.monotonic()
     done_mb = 0.0
     with ThreadPoolExecutor(max(1, min(threads, len(mine)))) as pool:
-        futures = {pool.submit(_verify, shard, checksums[shard]): shard for shard in mine}
+        futures = {pool.submit(_verify, shard, checksums[shard], cache): shard for shard in mine}
         for i, future in enumerate(as_completed(futures), 1):
             shard = futures[future]
             try:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dist_dml.data.config import DataConfig
 from dist_dml.data.images import eval_image, new_batch, train_image
 from dist_dml.data.manifest import Manifest
-from dist_dml.data.opener import is_local
+from dist_dml.data.opener import ShardCache, is_local
 from dist_dml.data.shards import (ReadErrors, Segment, read_records, read_segments, record_windows, undrawn_runs,
                                   verify_shards, window_segments)
 from dist_dml.seeding import mix
@@ -39,16 +39,24 @@ from dist_dml.seeding import mix
 
 def read_errors(cfg: DataConfig, checksums: dict[str, str] | None, classes: int | None = None,
                 images: int | None = None) -> ReadErrors:
-    """A worker's fault counter with the config's limits, retries and (data.verify_sha256) checksums."""
+    """A worker's fault counter with the config's limits, retries, (data.verify_sha256) checksums and
+    (data.cache_dir) local copies of remote shards."""
     return ReadErrors(int(cfg.max_member_mb * 2**20), classes, images, retries=cfg.read_retries,
-                      backoff_s=cfg.retry_backoff_s, checksums=checksums)
+                      backoff_s=cfg.retry_backoff_s, checksums=checksums, cache=shard_cache(cfg))
+
+
+def shard_cache(cfg: DataConfig) -> ShardCache | None:
+    """data.cache_dir's cache of remote shards (None for a local root or without one)."""
+    if not cfg.cache_dir or is_local(str(cfg.root)):
+        return None
+    return ShardCache(cfg.cache_dir, int(cfg.cache_gb * 2**30))
 
 
 def verify(stream: "TrainStream | EvalStream", ctx, what: str) -> None:
     """data.verify_sha256: the stream's shards checked once for the job, over ctx's ranks, before a loader
     forks the workers that read them (shards.verify_shards). Call on every rank."""
     if stream.checksums:
-        verify_shards(stream.checksums, stream.sizes, ctx, what)
+        verify_shards(stream.checksums, stream.sizes, ctx, what, cache=shard_cache(stream.cfg))
 
 
 def loader(dataset: IterableDataset, workers: int) -> DataLoader:
@@ -186,11 +194,12 @@ class TrainStream(IterableDataset):
                 f"({self.world_size} ranks x {self.workers} workers): slots share shards, each reading a "
                 f"window of about {per_slot:.0f} records; with at least {self.slots} shards every slot reads "
                 f"whole shards of its own (dist-dml prep --min-shards {self.slots})")
-        if not is_local(self.shards[0]):
+        if not is_local(self.shards[0]) and not self.cfg.cache_dir:
             fetched = self.fetched_records(self.epoch)
             note += (f". These shards are remote: a window that starts inside a shard streams it from its start, "
                      f"so an epoch fetches {fetched} records to draw {self.num_records} "
-                     f"({fetched / self.num_records:.1f}x the dataset over the network)")
+                     f"({fetched / self.num_records:.1f}x the dataset over the network; data.cache_dir fetches "
+                     "each shard once per machine)")
         return note
 
     def fetched_records(self, epoch: int) -> int:
