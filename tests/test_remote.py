@@ -248,3 +248,17 @@ def test_a_cached_shard_that_fails_its_hash_leaves_the_cache(tiny_shards, tmp_pa
     assert sum(b["errors"]["corrupt_shards"] for b in checked) >= 1
     cached = {p.name.split("-", 1)[1] for p in cache.glob("*-train-*.tar")}
     assert victim.name not in cached and len(cached) == len(list(copy.glob("train-*.tar"))) - 1
+
+
+def test_a_cached_fetch_that_keeps_breaking_is_counted_leaves_no_part_and_is_fetched_when_it_heals(server, local,
+                                                                                                    tmp_path):
+    victim = "train-000003.tar"
+    server.breaks[victim] = 100
+    cache = tmp_path / "cache"
+    cfg = config(url(server), cache_dir=str(cache))
+    broken = train_batches(cfg)
+    assert sum(b["errors"]["corrupt_shards"] for b in broken) >= 1
+    assert server.gets[victim] >= 3  # the first fetch and its 2 retries, per window that meets it
+    assert not any(victim in p.name and not p.name.endswith(".lock") for p in cache.iterdir())  # no copy, no part
+    server.breaks[victim] = 0
+    assert same_batches(train_batches(cfg), local[0])

@@ -247,8 +247,9 @@ def shard_records(shard: str, errors: ReadErrors, skip: int = 0) -> Iterator[dic
                 if shard in _FAILED:
                     raise _FAILED[shard]
                 _verify(shard, errors.checksums[shard], errors.cache)
-            retried = not is_local(shard) and attempt < errors.retries  # a cut read goes on from its last record
-            for key, sample in _samples(tar_members(shard, counter.keep, errors.max_member_bytes, errors.cache), not retried):
+            will_retry = not is_local(shard) and attempt < errors.retries  # a cut read goes on from its last record
+            members = tar_members(shard, counter.keep, errors.max_member_bytes, errors.cache)
+            for key, sample in _samples(members, last_on_damage=not will_retry):
                 index = counter.ordinals.pop(key, None)
                 if index is not None:
                     start = index + 1
@@ -264,6 +265,8 @@ def shard_records(shard: str, errors: ReadErrors, skip: int = 0) -> Iterator[dic
         except (ShardError, OSError, ValueError, UnicodeDecodeError) as exc:
             if is_local(shard) or attempt >= errors.retries or isinstance(exc, ChecksumError):
                 errors.corrupt(shard, exc)
+                if errors.cache is not None and not is_local(shard):
+                    errors.cache.forget(shard)  # a damaged copy is fetched anew next time
                 return
             attempt += 1
             delay = errors.backoff_s * 2 ** (attempt - 1)
@@ -317,7 +320,7 @@ def verify_shards(checksums: dict[str, str], sizes: dict[str, int], ctx, what: s
     total_mb = sum(sizes.get(s, 0) for s in todo) / 2**20
     if ctx.is_main:
         print(f"[data] data.verify_sha256: reading the {len(todo)} {what} shards ({total_mb:,.0f} MB) whole once, "
-              f"split over {ctx.world_size} rank(s), before training reads them", flush=True)
+              f"split over {ctx.world_size} rank(s), before they are read", flush=True)
     verdicts: dict[str, str | None] = {}
     start = last = time.monotonic()
     done_mb = 0.0
@@ -330,7 +333,7 @@ def verify_shards(checksums: dict[str, str], sizes: dict[str, int], ctx, what: s
                 verdicts[shard] = None
             except ChecksumError as exc:
                 verdicts[shard] = str(exc)
-            except (OSError, ShardError) as exc:
+            except Exception as exc:  # the network, a command that fails: the reader tries again, with retries
                 log.warning("could not verify shard %s now (%s): its reader will", shard, exc)
             done_mb += sizes.get(shard, 0) / 2**20
             now = time.monotonic()
