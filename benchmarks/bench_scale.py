@@ -11,8 +11,12 @@
 3. eval: `eval-n` seeded embeddings (64-d, 10 per class) sharded over 2 processes, then in 1; each rank
    makes only its own share, so a rank holds what sharded evaluation would leave it;
        eval n=... ranks=2 eval_s=... peak_rss_mb_per_rank=... (ranks=1: eval_s=... peak_rss_mb=...)
-   With `--eval-index ivf` (the default above 100,000 embeddings: an exact search of N x N is hours on
-   2 cores) its recall against exact is printed; with exact, whether 2 ranks equal 1 exactly.
+       eval above_baseline_mb_per_rank=... (ranks=1: above_baseline_mb=...) ratio=...
+   The second line is the same peaks less each process's memory before any embedding existed (its
+   imports: torch alone is about 0.5 GB, which no number of ranks divides). With `--eval-index ivf` (the
+   default above 100,000 embeddings: an exact search of N x N is hours on 2 cores) its recall against
+   exact is printed, with the lists probed to reach eval.ivf_target_recall; with exact, whether 2 ranks
+   equal 1 exactly.
 
 Goals on this machine (issue 12): prep <= 15 min; http within 1.2x of local files; peak memory per rank
 at 2 ranks <= 0.6x that of 1 rank.
