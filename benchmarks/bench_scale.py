@@ -39,7 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run(cmd: list[str], what: str, env: dict | None = None) -> subprocess.CompletedProcess:
     print(f"[bench] {what}: {' '.join(cmd[:6])} ...", flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    # PYTHONFAULTHANDLER: a process killed by a signal (a C++ abort) prints every thread's Python stack.
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})},
+                          capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"[bench] {what} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -17,7 +17,8 @@ def torchrun(nproc: int, module: str, *args: str, timeout: float = HANG_GUARD_S)
     """Run ``python -m module args`` under torchrun with ``nproc`` CPU processes (gloo)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", "-m", module, *args]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
@@ -60,4 +61,4 @@ def tiny_overrides(shards: Path, output: Path, **extra) -> list[str]:
 def cpu_env(**extra) -> dict:
     bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-            "PYTHON": sys.executable, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", **extra}
+            "PYTHONFAULTHANDLER": "1", "PYTHON": sys.executable, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", **extra}
