@@ -139,6 +139,8 @@ class _Exact:
         return np.concatenate([s for s, _ in found]), np.concatenate([i for _, i in found])
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        from dist_dml.search import _order
+
         best_s = np.full((len(queries), 0), -np.inf, np.float32)
         best_i = np.zeros((len(queries), 0), np.int64)
         for g0 in range(0, self.size, self.block):
@@ -147,7 +149,7 @@ class _Exact:
             part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
             cand_s = np.concatenate([best_s, np.take_along_axis(scores, part, 1)], axis=1)
             cand_i = np.concatenate([best_i, part + g0], axis=1)
-            order = np.lexsort((cand_i, -cand_s), axis=1)[:, :k]
+            order = _order(cand_s, cand_i)[:, :k]  # the search's own order: score down, then index up
             best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
         return best_s, best_i
 

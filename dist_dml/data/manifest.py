@@ -67,6 +67,10 @@ class Manifest:
         """Each shard's location: a path under a local root, else a URL or command (opener.join)."""
         return [join(self.root, s["name"]) for s in self.split(split)["shards"]]
 
+    def sizes(self, split: str) -> dict[str, int]:
+        """{shard location: bytes} for the shards of ``split`` (0 where the manifest has no size)."""
+        return {join(self.root, s["name"]): s.get("bytes", 0) for s in self.split(split)["shards"]}
+
     def checksums(self, split: str) -> dict[str, str]:
         """{shard location: sha256} for the shards of ``split`` whose manifest entry has one."""
         return {join(self.root, s["name"]): s["sha256"] for s in self.split(split)["shards"]

@@ -317,7 +317,7 @@ def verify_shards(checksums: dict[str, str], sizes: dict[str, int], ctx, what: s
         return
     _OFFERED.update(todo)
     mine = todo[ctx.rank::ctx.world_size]
-    total_mb = sum(sizes.get(s, 0) for s in todo) / 2**20
+    total_mb, mine_mb = (sum(sizes.get(s, 0) for s in part) / 2**20 for part in (todo, mine))
     if ctx.is_main:
         print(f"[data] data.verify_sha256: reading the {len(todo)} {what} shards ({total_mb:,.0f} MB) whole once, "
               f"split over {ctx.world_size} rank(s), before they are read", flush=True)
@@ -339,7 +339,6 @@ def verify_shards(checksums: dict[str, str], sizes: dict[str, int], ctx, what: s
             now = time.monotonic()
             if ctx.is_main and (now - last > 10 or i == len(mine)):
                 rate = done_mb / max(now - start, 1e-9)
-                mine_mb = sum(sizes.get(s, 0) for s in mine) / 2**20
                 print(f"[data] sha256: {i}/{len(mine)} shards of rank 0 ({done_mb:,.0f}/{mine_mb:,.0f} MB, "
                       f"{rate:,.0f} MB/s, about {(mine_mb - done_mb) / max(rate, 1e-9):,.0f} s left)", flush=True)
                 last = now

@@ -117,7 +117,7 @@ class TrainStream(IterableDataset):
         self.num_classes, self.num_images = split["classes"], split["images"]
         self.records = {path: s["records"] for path, s in zip(self.shards, split["shards"])}
         self.checksums = manifest.checksums(cfg.train_split) if cfg.verify_sha256 else None
-        self.sizes = {path: s.get("bytes", 0) for path, s in zip(self.shards, split["shards"])}
+        self.sizes = manifest.sizes(cfg.train_split)
         self.num_records = sum(self.records.values())
         if not self.shards or not self.num_records:
             raise ValueError(f"{cfg.root}: split {cfg.train_split!r} has no records")
@@ -458,7 +458,7 @@ class EvalStream(IterableDataset):
         self.num_images = manifest.split(split)["images"]
         self.num_classes = manifest.split(split)["classes"]
         self.checksums = manifest.checksums(split) if cfg.verify_sha256 else None
-        self.sizes = {path: s.get("bytes", 0) for path, s in zip(self.shards, manifest.split(split)["shards"])}
+        self.sizes = manifest.sizes(split)
         self.batch_size = batch_size
         self.decode_images = decode_images
         workers = max(cfg.workers, 1)
