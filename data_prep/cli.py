@@ -25,6 +25,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--quality", type=int, default=90)
     parser.add_argument("--workers", type=int, default=0, help="0: one per core")
     parser.add_argument("--max-failed-share", type=float, default=0.01)
+    parser.add_argument("--max-megapixels", type=float, default=64.0,
+                        help="a source image declaring more pixels is not decoded, and reported (a decompression bomb)")
     parser.add_argument("--train-fraction", type=float, default=0.5, help="folder/csv without splits: share of classes that train")
     parser.add_argument("--no-progress", action="store_true")
     syn = parser.add_argument_group("synthetic")
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     config = WriterConfig(out=args.out, max_per_record=args.max_per_record, shard_bytes=int(args.shard_mb * 2**20),
                           reencode=args.reencode, max_side=args.max_side, quality=args.quality,
                           workers=args.workers or os.cpu_count() or 1, max_failed_share=args.max_failed_share,
-                          progress=not args.no_progress, min_shards=args.min_shards, seed=args.seed)
+                          progress=not args.no_progress, min_shards=args.min_shards, seed=args.seed,
+                          max_megapixels=args.max_megapixels)
     start = time.time()
     try:
         if args.source == "synthetic":

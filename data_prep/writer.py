@@ -50,6 +50,7 @@ class WriterConfig:
     max_failed_share: float = 0.01  # fail the run when more source images than this are missing/unreadable
     progress: bool = True
     min_shards: int = 1  # at least this many shards per split (records spread evenly), however small
+    max_megapixels: float = 64.0  # a source image declaring more pixels is not decoded (a decompression bomb)
     seed: int = 0  # the order classes are written in: shuffled, so that every shard samples the catalogue
 
     def validate(self) -> None:
@@ -71,14 +72,18 @@ class TooManyFailures(RuntimeError):
 class _Loaded:
     data: bytes | None
     ext: str
-    error: str | None = None  # "missing" or "unreadable"
+    error: str | None = None  # "missing", "unreadable" or "too_large"
 
 
 _IMAGE_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
-def load_image(spec: tuple, reencode: bool, max_side: int | None, quality: int) -> _Loaded:
-    """Bytes and extension of one source image; runs in a worker process."""
+def load_image(spec: tuple, reencode: bool, max_side: int | None, quality: int,
+               max_megapixels: float = 64.0) -> _Loaded:
+    """Bytes and extension of one source image; runs in a worker process. An image whose header declares
+    more than ``max_megapixels`` is "too_large", never decoded."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     kind = spec[0]
@@ -92,13 +97,24 @@ def load_image(spec: tuple, reencode: bool, max_side: int | None, quality: int) 
     except OSError:
         return _Loaded(None, "", "missing")
     try:
-        with Image.open(io.BytesIO(raw)) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError:
+        return _Loaded(None, "", "too_large")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return _Loaded(None, "", "unreadable")
+    if img.size[0] * img.size[1] > max_megapixels * 1e6:
+        img.close()
+        return _Loaded(None, "", "too_large")
+    try:
+        with img:
             fmt = img.format
             if not reencode and fmt in _IMAGE_EXT:
                 img.verify()  # checks structure without a full decode
                 return _Loaded(raw, _IMAGE_EXT[fmt])
             img.load()
-            rgb = img.convert("RGB")
+            rgb = _rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return _Loaded(None, "", "unreadable")
     if reencode:
@@ -110,6 +126,19 @@ def load_image(spec: tuple, reencode: bool, max_side: int | None, quality: int) 
     buf = io.BytesIO()  # another format kept losslessly as PNG
     rgb.save(buf, format="PNG")
     return _Loaded(buf.getvalue(), "png")
+
+
+def _rgb(img):
+    """An 8-bit RGB copy of a PIL image of any mode: 16-bit greyscale ("I;16", "I") is scaled down first,
+    which PIL's own convert would clip to white."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        import numpy as np
+
+        scale = 257.0 if img.mode.startswith("I;16") else max(float(np.asarray(img).max()) / 255.0, 1.0)
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) / scale, 0, 255).round().astype(np.uint8))
+    return img.convert("RGB")
 
 
 def _load_star(args):
@@ -220,7 +249,7 @@ def write_shards(source: str, images: Iterable[SourceImage], config: WriterConfi
         raise ValueError(f"{source}: no images found")
 
     states: dict[str, _SplitState] = {}
-    report = {"missing": [], "unreadable": [], "too_few_images": {}}
+    report = {"missing": [], "unreadable": [], "too_large": [], "too_few_images": {}}
     loaded = _load_all(ordered, config)
     for split, class_name in classes:
         members = sorted(by_class[(split, class_name)], key=lambda i: i.item)
@@ -241,14 +270,16 @@ def write_shards(source: str, images: Iterable[SourceImage], config: WriterConfi
 
     for state in states.values():
         state.sink.close()
-    failed = len(report["missing"]) + len(report["unreadable"])
+    refused = report["missing"] + report["unreadable"] + report["too_large"]
+    failed = len(refused)
     if failed:
         print(f"[prep] {failed} of {len(ordered)} source images not written: {len(report['missing'])} missing, "
-              f"{len(report['unreadable'])} unreadable (listed in the manifest's report)")
+              f"{len(report['unreadable'])} unreadable, {len(report['too_large'])} above {config.max_megapixels:g} "
+              "megapixels (--max-megapixels; listed in the manifest's report)")
     if failed > config.max_failed_share * len(ordered):
         raise TooManyFailures(
             f"{failed} of {len(ordered)} source images are missing or unreadable (more than max_failed_share="
-            f"{config.max_failed_share}); first: {(report['missing'] + report['unreadable'])[:5]}"
+            f"{config.max_failed_share}); first: {refused[:5]}"
         )
     for split, state in states.items():
         if state.too_few:
@@ -309,7 +340,7 @@ def _write_class(state: _SplitState, source: str, class_name: str, good: list, m
 
 
 def _load_all(ordered: list[SourceImage], config: WriterConfig) -> Iterator[_Loaded]:
-    args = [(img.load, config.reencode, config.max_side, config.quality) for img in ordered]
+    args = [(img.load, config.reencode, config.max_side, config.quality, config.max_megapixels) for img in ordered]
     bar = tqdm(total=len(args), unit="img", desc="[prep] images", disable=not config.progress, mininterval=2)
     if config.workers <= 1:
         for a in args:

@@ -200,12 +200,29 @@ def resume_target(config, report=None) -> Path | None:
                 f"none of the checkpoints in {checkpoints.directory} is whole ("
                 + "; ".join(f"{t}: {verify(checkpoints.directory / t)}" for t in checkpoints.tags())
                 + "). They are kept; checkpoint.resume=none starts afresh, or give another train.name")
-        return checkpoints.directory / tag if tag else None
+        if tag is None:
+            return None
+        _same_run(checkpoints.directory / tag, Path(config.train.output_dir), config.checkpoint.allow_other_run)
+        return checkpoints.directory / tag
     target = Path(resume)
     problem = verify(target) if target.is_dir() else "no such folder"
     if problem:
         raise CheckpointError(f"checkpoint.resume={resume} is not a whole checkpoint: {problem}")
     return target
+
+
+def _same_run(checkpoint: Path, output_dir: Path, allow_other: bool) -> None:
+    """A CheckpointError where ``checkpoint`` was written by another run than the one that owns
+    ``output_dir`` (OUTPUT/run.json): two trainings wrote into one folder, and continuing would mix them."""
+    from dist_dml.run_folder import folder_run_id
+
+    mine, theirs = folder_run_id(output_dir), read_meta(checkpoint).get("run_id")
+    if allow_other or not mine or not theirs or mine == theirs:
+        return
+    raise CheckpointError(f"the newest whole checkpoint, {checkpoint}, was written by run {theirs}, but {output_dir} "
+                          f"belongs to run {mine} (its run.json): another training wrote into this folder. "
+                          "checkpoint.allow_other_run=true continues from it, checkpoint.resume=PATH resumes the "
+                          "checkpoint you choose, checkpoint.resume=none starts afresh")
 
 
 def resume_problem(config, world_size: int) -> str | None:

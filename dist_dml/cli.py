@@ -5,6 +5,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,9 +57,9 @@ def train_command(args: argparse.Namespace) -> int:
         ctx.shutdown()
     if ctx.is_main:
         _train_summary(cfg, results)
-    from dist_dml.evaluation import EvaluationIncomplete, coverage_problem
+    from dist_dml.evaluation import EvaluationIncomplete, evaluation_problem
 
-    problem = coverage_problem(results["trained"], cfg.eval.max_missing_share)
+    problem = evaluation_problem(results["trained"], cfg.eval)
     if problem:  # the model, checkpoints and results are written
         raise EvaluationIncomplete(f"the final evaluation {problem}")
     return 0
@@ -84,6 +85,14 @@ def check_command(args: argparse.Namespace) -> int:
     cfg = _checked_config("train", args.config, args.overrides, args.world_size)
     if cfg is None:
         return 2
+    from dist_dml.run_folder import folder_problem
+
+    from dist_dml.weights import weights_problem
+
+    problem = folder_problem(Path(cfg.train.output_dir)) or weights_problem(cfg.model)
+    if problem:
+        print(f"dist-dml train: error: {problem}", file=sys.stderr)
+        return 2
     if cfg.tracking.enabled:
         from dist_dml.tracking import failure_message, tracking_uri, unreachable
 
@@ -97,6 +106,25 @@ def check_command(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
     print(f"[check] run {cfg.train.name!r}: output {cfg.train.output_dir}, MLflow experiment "
           f"{cfg.tracking.experiment!r}, {args.world_size} processes", flush=True)
+    return 0
+
+
+def fetch_weights_command(args: argparse.Namespace) -> int:
+    """Download a config's backbone weights into the local cache (TORCH_HOME / HF_HOME), on a machine with
+    internet, for compute nodes without it that share the cache."""
+    from dist_dml.config import ConfigError, load_config
+    from dist_dml.weights import fetch_weights
+
+    try:
+        cfg = load_config(args.config, args.overrides, check_data=False)
+    except ConfigError as exc:
+        print(f"dist-dml fetch-weights: error: {exc}", file=sys.stderr)
+        return 2
+    path = fetch_weights(cfg.model)
+    if path is None:
+        print(f"[weights] model.weights=none: {cfg.model.backbone} starts from random weights, nothing to fetch")
+    else:
+        print(f"[weights] ready: {cfg.model.backbone} ({cfg.model.weights}) in {path}", flush=True)
     return 0
 
 
@@ -134,7 +162,7 @@ def _on_checkpoint(args: argparse.Namespace, work) -> int:
 
 def eval_command(args: argparse.Namespace) -> int:
     """Retrieval metrics of a checkpoint on the configured evaluation split(s)."""
-    from dist_dml.evaluation import EvaluationIncomplete, coverage_problem, evaluate
+    from dist_dml.evaluation import EvaluationIncomplete, evaluate, evaluation_problem
 
     def work(model, cfg, ctx) -> int:
         metrics, paths = evaluate(model, cfg.data, cfg.eval, ctx, progress=True, plots_dir=args.plots)
@@ -144,7 +172,7 @@ def eval_command(args: argparse.Namespace) -> int:
                 Path(args.out).write_text(json.dumps(metrics, indent=1))
             for path in paths:
                 print(f"[eval] plot: {path}")
-        problem = coverage_problem(metrics, cfg.eval.max_missing_share)
+        problem = evaluation_problem(metrics, cfg.eval)
         if problem:  # after writing what it has
             raise EvaluationIncomplete(problem)
         return 0
@@ -155,15 +183,22 @@ def eval_command(args: argparse.Namespace) -> int:
 def embed_command(args: argparse.Namespace) -> int:
     """Each rank writes the embeddings of its share of a split as one part, with each item's class and
     source; rank 0 writes which model made them (MODEL_FILE)."""
+    import torch
+
     from dist_dml.data import EvalStream, verify
-    from dist_dml.evaluation import embed_local
+    from dist_dml.evaluation import embed_local, report_nonfinite
     from dist_dml.export import MODEL_FILE, model_fingerprint, write_embeddings
 
     def work(model, cfg, ctx) -> int:
         out = Path(args.out)
         stream = EvalStream(cfg.data, args.split, ctx.rank, ctx.world_size, cfg.eval.batch_size)
         verify(stream, ctx, repr(args.split))
-        paths = write_embeddings(embed_local(model, stream, ctx, progress=True, names=True), out, ctx.rank, args.format)
+        embedded = embed_local(model, stream, ctx, progress=True, names=True)
+        bad = int(ctx.all_reduce_sum(torch.tensor([embedded.faults["nonfinite_embeddings"]], device=ctx.device)))
+        if bad:  # such an item could never be found again: nothing is written
+            line = report_nonfinite([embedded], ctx, bad, "so nothing is written")
+            raise NonFinite(f"{line} (check the checkpoint {args.checkpoint})")
+        paths = write_embeddings(embedded, out, ctx.rank, args.format)
         if ctx.is_main:
             meta = {"checkpoint": str(Path(args.checkpoint).resolve()), "fingerprint": model_fingerprint(model),
                     "split": args.split, "images": stream.num_images, "dim": model.head.out_features}
@@ -178,17 +213,43 @@ def embed_command(args: argparse.Namespace) -> int:
     return _on_checkpoint(args, work)
 
 
+class NonFinite(UserError):
+    """A model gave embeddings that are not finite (raised alike on every rank)."""
+
+    on_every_rank = True
+
+
+def _model_meta(folder: Path) -> dict:
+    """The MODEL_FILE of an export folder ({} if none); a damaged one is a UserError."""
+    from dist_dml.export import MODEL_FILE
+
+    path = folder / MODEL_FILE
+    return _json_object(path, "write the embeddings again with dist-dml embed") if path.is_file() else {}
+
+
+def _json_object(path: Path, remedy: str) -> dict:
+    """A small JSON object file of ours (an index's meta.json, an export's model.json); a damaged one is a
+    UserError that says what to do (``remedy``)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise UserError(f"{path}: damaged ({_one_line(exc)}); {remedy}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: damaged (not a JSON object); {remedy}")
+    return meta
+
+
 def index_command(args: argparse.Namespace) -> int:
     """A faiss index over exported embeddings, with each item's id, label, class and source beside it,
     and the model that made them (taken from the export, or --checkpoint)."""
     import numpy as np
 
-    from dist_dml.export import MODEL_FILE, load_checkpoint, model_fingerprint, read_embeddings
+    from dist_dml.export import load_checkpoint, model_fingerprint, read_embeddings
     from dist_dml.search import build_index, save_index
 
     source = Path(args.embeddings)
     exported = read_embeddings(source)
-    model = json.loads((source / MODEL_FILE).read_text()) if (source / MODEL_FILE).is_file() else {}
+    model = _model_meta(source)
     if args.checkpoint:
         fingerprint = model_fingerprint(load_checkpoint(args.checkpoint)[0])
         if model.get("fingerprint") not in (None, fingerprint):
@@ -198,7 +259,11 @@ def index_command(args: argparse.Namespace) -> int:
         model = {**model, "checkpoint": str(Path(args.checkpoint).resolve()), "fingerprint": fingerprint}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_index(build_index(exported.embeddings, args.type, nlist=args.nlist, m=args.m), out / "index.faiss")
+    try:
+        index = build_index(exported.embeddings, args.type, nlist=args.nlist, m=args.m)
+    except RuntimeError as exc:  # faiss: e.g. too few vectors to train an ivfpq index of these lists
+        raise UserError(f"--type {args.type} over {len(exported.ids)} embeddings: {_one_line(exc)[:200]}") from None
+    save_index(index, out / "index.faiss")
     for name in ("ids", "labels", "classes", "items"):
         np.save(out / f"{name}.npy", getattr(exported, name))
     meta = {"type": args.type, "count": int(len(exported.ids)), "dim": int(exported.embeddings.shape[1]),
@@ -214,13 +279,7 @@ def _index_meta(folder: Path) -> dict:
     path = folder / "meta.json"
     if not path.is_file():
         raise UserError(f"{folder}: not an index folder (no meta.json; build one with dist-dml index)")
-    try:
-        meta = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: damaged ({exc}); build the index again with dist-dml index") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path}: damaged (not a JSON object); build the index again with dist-dml index")
-    return meta
+    return _json_object(path, "build the index again with dist-dml index")
 
 
 def search_command(args: argparse.Namespace) -> int:
@@ -273,6 +332,19 @@ def search_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_command(args: argparse.Namespace) -> int:
+    """A checkpoint as an ONNX graph (uint8 NHWC images in, L2-normalised embeddings out), checked against
+    torch with onnxruntime."""
+    from dist_dml.onnx_export import TOLERANCE, export_onnx
+
+    print(f"[export] exporting {args.checkpoint} to ONNX (seconds for a small model, a minute or two for a ViT)",
+          flush=True)
+    differences = export_onnx(args.checkpoint, args.onnx, opset=args.opset)
+    shown = ", ".join(f"{k.replace('_', ' of ')}: {v:.1e}" for k, v in differences.items())
+    print(f"[export] wrote {Path(args.onnx).resolve()}: onnxruntime equals torch within {TOLERANCE} ({shown})")
+    return 0
+
+
 def demo_command(args: argparse.Namespace) -> int:
     """Synthetic shards, a short training on CPU processes, Recall@1 before and after."""
     from dist_dml.distributed import free_port
@@ -288,7 +360,7 @@ def demo_command(args: argparse.Namespace) -> int:
         if code:
             return code
     config = _config_path("configs/cpu_synthetic.yaml")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+    cmd = [sys.executable, "-m", "dist_dml.launch", f"--nproc_per_node={args.nproc}",
            f"--master_port={free_port()}", "-m", "dist_dml.cli", "train", str(config),
            f"data.root={data}", "train.name=demo", f"train.output_dir={out}", "checkpoint.resume=none",
            *args.overrides]
@@ -325,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-size", type=int, required=True, help="the number of processes the run will have")
     p.set_defaults(func=check_command)
 
+    p = sub.add_parser("fetch-weights", help="download a config's backbone weights into the cache (on a machine "
+                       "with internet, for compute nodes without it)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=fetch_weights_command)
+
     p = sub.add_parser("setup", help="build what this environment needs once (DeepSpeed's CPU op)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=setup_command)
@@ -349,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--format", choices=["npy", "parquet"], default="npy")
     p.set_defaults(func=embed_command)
+
+    p = sub.add_parser("export", help="a checkpoint as an ONNX graph: uint8 NHWC images in, embeddings out")
+    p.add_argument("checkpoint", help="OUTPUT/final_model.pt or OUTPUT/checkpoints/stepN")
+    p.add_argument("--onnx", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=18)
+    p.set_defaults(func=export_command)
 
     p = sub.add_parser("index", help="build a faiss index over exported embeddings")
     p.add_argument("embeddings", help="a folder written by dist-dml embed")
@@ -394,7 +478,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """The error's message on one line. An error raised in a DataLoader worker reaches the main process
+    with the worker's traceback in its message: its own message is that traceback's last line."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = re.sub(r"^[\w.]+: ", "", last.strip())
+    return " ".join(text.split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -41,12 +41,15 @@ class TrainConfig:
     output_dir: str = ""  # "": runs/NAME
     device: str = "auto"  # auto, cpu or cuda
     seed: int = 0  # model initialisation (sampling and data have their own seeds)
+    collapse_spread: float = 0.2  # a log window whose embeddings spread less warns of a collapse (healthy: ~1)
 
     def validate(self) -> None:
         if self.steps < 0 or self.epochs < 1:
             raise ValueError("train.steps must be >= 0 and train.epochs >= 1")
         if self.seed < 0:
             raise ValueError(f"train.seed must be >= 0, got {self.seed}")
+        if not 0 <= self.collapse_spread < 2:
+            raise ValueError(f"train.collapse_spread must be in [0, 2) (0: no check), got {self.collapse_spread}")
         if self.log_every < 1 or self.max_bad_steps < 1:
             raise ValueError("train.log_every and train.max_bad_steps must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -66,6 +69,7 @@ class EvalConfig:
     grid_queries: int = 6  # rows of the retrieval grid plot (0: no grid)
     grid_k: int = 5
     max_missing_share: float = 0.0  # images of the split that may go unread (corrupt) before eval fails
+    max_unanswerable_share: float = 0.1  # queries with no other item of their class, above which eval fails
     query_chunk: int = 4096  # queries searched against every rank's gallery shard at a time
     nmi_max_classes: int = 10000  # above this many classes, NMI runs on a seeded sample of this many
     index: str = "exact"  # exact, or ivf: approximate (faiss IVF per rank's shard), its recall reported
@@ -77,8 +81,9 @@ class EvalConfig:
     def validate(self) -> None:
         if not self.recall_ks or min(self.recall_ks) < 1:
             raise ValueError("eval.recall_ks must be a non-empty list of positive integers")
-        if not 0 <= self.max_missing_share <= 1:
-            raise ValueError(f"eval.max_missing_share must be in [0, 1], got {self.max_missing_share}")
+        if not 0 <= self.max_missing_share <= 1 or not 0 <= self.max_unanswerable_share <= 1:
+            raise ValueError(f"eval.max_missing_share and eval.max_unanswerable_share must be in [0, 1], got "
+                             f"{self.max_missing_share} and {self.max_unanswerable_share}")
         if self.index not in ("exact", "ivf"):
             raise ValueError(f"eval.index must be exact or ivf, got {self.index!r}")
         if self.ivf_nlist < 0 or self.ivf_nprobe < 1 or self.ivf_check_queries < 1:
@@ -103,6 +108,8 @@ class TrackingConfig:
     system_metrics: bool = True
     required: bool = True  # an unreachable server stops the run at start; false: train without tracking
     timeout_s: float = 10.0  # per request to a tracking server (the start-up check, and each log call)
+    log_model: bool = True  # the final model as an MLflow Model (pyfunc: uint8 images in, embeddings out)
+    register_as: str = ""  # and registered in the model registry under this name
 
     def validate(self) -> None:
         if not 0 < self.timeout_s <= 300:
@@ -114,6 +121,7 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end
     keep_last: int = 3
     resume: str = "auto"  # auto: the latest checkpoint under train.output_dir, if any; none; or a path
+    allow_other_run: bool = False  # auto: continue from a checkpoint another run wrote into this folder
 
     def validate(self) -> None:
         if self.keep_last < 1 or self.every_steps < 0:
@@ -144,8 +152,10 @@ class RunConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: Path | None = None) -> RunConfig:
-    """The run config from a YAML file (or the defaults) and `section.key=value` overrides."""
+def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: Path | None = None,
+                check_data: bool = True) -> RunConfig:
+    """The run config from a YAML file (or the defaults) and `section.key=value` overrides; ``check_data``
+    False leaves out the checks that read the data's manifest (fetch-weights runs where the data is not)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -158,7 +168,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     name = Path(path).stem if path is not None else "default"
-    return build_config(apply_overrides(raw, overrides), source=str(path) if path else "defaults", run_name=name)
+    return build_config(apply_overrides(raw, overrides), source=str(path) if path else "defaults", run_name=name,
+                        check_data=check_data)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -181,7 +192,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def build_config(raw: dict, source: str = "config", run_name: str = "default") -> RunConfig:
+def build_config(raw: dict, source: str = "config", run_name: str = "default", check_data: bool = True) -> RunConfig:
     """Typed, validated sections from raw ones. ``run_name`` (the config file's stem) names the run where
     train.name is not set: its output folder runs/NAME and its MLflow experiment."""
     sections = {}
@@ -196,8 +207,29 @@ def build_config(raw: dict, source: str = "config", run_name: str = "default") -
         cls = typing.get_type_hints(RunConfig)[name]
         sections[name] = _build_section(cls, name, values, source)
     config = _named(RunConfig(**sections), run_name)
-    validate(config, source)
+    try:
+        config = _with_backbone_defaults(config, raw)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    validate(config, source, check_data)
     return config
+
+
+def _with_backbone_defaults(config: RunConfig, raw: dict) -> RunConfig:
+    """What the config leaves out, from the backbone's pretrained config: model.mean / model.std, and
+    data.image_size and data.resize (image_size / crop_pct); model.pretrained=true as model.weights. The
+    resolved values are what the run logs and checkpoints."""
+    from dist_dml.models import backbone_spec
+
+    model, data = config.model, config.data
+    spec = backbone_spec(model.backbone)
+    given = raw.get("data") or {}
+    size = data.image_size if "image_size" in given else spec.input_size
+    resize = data.resize if "resize" in given else max(size, int(round(size / spec.crop_pct)))
+    mean, std = model.normalisation()
+    weights = model.weights_source if model.weights == "none" and model.pretrained else model.weights
+    model = dataclasses.replace(model, mean=tuple(mean), std=tuple(std), weights=weights, pretrained=False)
+    return dataclasses.replace(config, model=model, data=dataclasses.replace(data, image_size=size, resize=resize))
 
 
 def _named(config: RunConfig, name: str) -> RunConfig:
@@ -242,25 +274,33 @@ def _coerce(value, hint, key: str, source: str):
     return value
 
 
-def validate(config: RunConfig, source: str = "config") -> None:
-    """Each section's own checks, then the combinations across sections."""
+def validate(config: RunConfig, source: str = "config", check_data: bool = True) -> None:
+    """Each section's own checks, then the combinations across sections (with ``check_data``, against the
+    data's manifest)."""
     for f in dataclasses.fields(config):
         try:
             getattr(config, f.name).validate()
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+    if not check_data:
+        return
     data, loss = config.data, config.loss
     if not data.root:
         raise ConfigError(f"{source}: data.root is required (a folder written by `dist-dml prep`)")
     from dist_dml.data import Manifest
 
     try:
-        manifest = Manifest(data.root)
+        manifest = Manifest(data.root, data.max_manifest_mb)
         split = manifest.split(data.train_split)
         for name in config.eval.split.split(","):
             manifest.split(name)
     except (OSError, KeyError, ValueError) as exc:
         raise ConfigError(f"{source}: data.root: {exc.args[0] if exc.args else exc}") from None
+    from dist_dml.data.streams import single_image_problem
+
+    problem = single_image_problem(manifest, data)
+    if problem:
+        raise ConfigError(f"{source}: data.root: {problem}")
     if loss.beta_per_class and 0 < loss.num_classes < split["classes"]:
         raise ConfigError(f"{source}: loss.num_classes={loss.num_classes} is smaller than the "
                           f"{split['classes']} classes of {data.root} (0 sizes it from the manifest)")

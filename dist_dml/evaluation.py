@@ -10,6 +10,7 @@ retrieval metric; their number is reported as `unanswerable`.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,9 +18,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from dist_dml.data import FAULTS as FAULT_KEYS
+from dist_dml.data import FAULTS
 from dist_dml.distributed import DistContext
 from dist_dml.errors import UserError
+
+# What an evaluation could not use: the reader's faults, and images whose embedding is not finite (left out).
+FAULT_KEYS = (*FAULTS, "nonfinite_embeddings")
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Embedded:
     classes: list[str] | None = None
     items: list[str] | None = None
     faults: dict[str, int] = field(default_factory=dict)
+    nonfinite: list[str] = field(default_factory=list)  # the first items whose embedding was not finite (left out)
 
 
 class EvaluationIncomplete(UserError):
@@ -101,23 +106,31 @@ def format_metrics(metrics: dict[str, float]) -> str:
     """One line: R@K and scores to 4 decimals, counts as integers."""
     shown = []
     for key, value in metrics.items():
-        if key.startswith(("images_", "unanswerable")) or key in FAULT_KEYS:
-            if key != "unanswerable" and (value or key.startswith("images_")):
+        if key.startswith(("images_", "unanswerable", "queries")) or key in FAULT_KEYS:
+            if key not in ("unanswerable", "queries") and (value or key.startswith("images_")):
                 shown.append(f"{key}={int(value)}")
         else:
             shown.append(f"{key.replace('recall_at_', 'R@')}={value:.4f}")
     return " ".join(shown)
 
 
-def coverage_problem(metrics: dict[str, float], max_missing_share: float) -> str | None:
-    """Why an evaluation's coverage fails eval.max_missing_share (None if it does not)."""
+def evaluation_problem(metrics: dict[str, float], eval_cfg) -> str | None:
+    """Why an evaluation's metrics do not measure what they should (None if they do): more images went
+    unread than eval.max_missing_share allows, or more queries have no other item of their class in the
+    gallery (unanswerable, left out of every metric) than eval.max_unanswerable_share."""
     expected, evaluated = metrics.get("images_expected", 0), metrics.get("images_evaluated", 0)
     missing = expected - evaluated
-    if expected and missing / expected > max_missing_share:
+    if expected and missing / expected > eval_cfg.max_missing_share:
         faults = ", ".join(f"{k}={int(metrics[k])}" for k in FAULT_KEYS if metrics.get(k))
         return (f"evaluated {int(evaluated)} of the {int(expected)} images the manifest lists ({missing / expected:.1%} "
-                f"missing{': ' + faults if faults else ''}), above eval.max_missing_share={max_missing_share}; the "
-                "metrics above cover only the images read (see the reader's warnings for which shards)")
+                f"missing{': ' + faults if faults else ''}), above eval.max_missing_share={eval_cfg.max_missing_share}; "
+                "the metrics above cover only the images read (see the reader's warnings for which shards)")
+    queries, unanswerable = metrics.get("queries", 0), metrics.get("unanswerable", 0)
+    if queries and unanswerable / queries > eval_cfg.max_unanswerable_share:
+        return (f"{int(unanswerable)} of its {int(queries)} queries ({unanswerable / queries:.1%}) have no other item of "
+                f"their class in the gallery and cannot be answered, above eval.max_unanswerable_share="
+                f"{eval_cfg.max_unanswerable_share}: the metrics above cover only the others (an evaluation split "
+                "needs 2 or more images per class; the written results say the same)")
     return None
 
 
@@ -133,25 +146,36 @@ def embed_local(model: nn.Module, stream, ctx: DistContext, progress: bool = Fal
     bar = tqdm(total=stream.local_images, unit="img", desc=f"[eval] embed {stream.split}{where}",
                disable=not (progress and ctx.is_main), mininterval=2)
     faults = dict.fromkeys(FAULT_KEYS, 0)
+    nonfinite: list[str] = []
     for batch in stream.loader():
         for key, value in (batch.errors or {}).items():
             faults[key] += value
         if not len(batch.image_ids):
             continue
-        parts.append(model(batch.images.to(ctx.device)).float())
+        out = model(batch.images.to(ctx.device)).float()
+        finite = torch.isfinite(out).all(dim=1)
+        bar.update(len(batch.image_ids))
+        if not bool(finite.all()):  # an item that could never be found again: left out, counted, named
+            bad = torch.nonzero(~finite).flatten().tolist()
+            faults["nonfinite_embeddings"] += len(bad)
+            nonfinite += [f"{batch.items[i]} (id {int(batch.image_ids[i])})" for i in bad[:10 - len(nonfinite)]]
+            keep = finite.cpu()
+            out, batch = out[finite], batch._replace(labels=batch.labels[keep], image_ids=batch.image_ids[keep],
+                                                     classes=[c for c, k in zip(batch.classes, keep) if k],
+                                                     items=[c for c, k in zip(batch.items, keep) if k])
+        parts.append(out)
         labels.append(batch.labels.to(ctx.device))
         ids.append(batch.image_ids.to(ctx.device))
         if names:
             classes += batch.classes
             items += batch.items
-        bar.update(len(batch.image_ids))
     bar.close()
     model.train(was_training)
     dim = model.head.out_features
     return Embedded(torch.cat(parts) if parts else torch.empty(0, dim, device=ctx.device),
                     torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=ctx.device),
                     torch.cat(ids) if ids else torch.empty(0, dtype=torch.long, device=ctx.device), classes, items,
-                    faults)
+                    faults, nonfinite)
 
 
 def embed_split(model: nn.Module, stream, ctx: DistContext, progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -182,6 +206,8 @@ def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: b
         verify(stream, ctx, repr(split))
     parts = [embed_local(model, stream, ctx, progress) for stream in streams]
     coverage = _coverage(parts, streams, ctx)
+    if coverage["nonfinite_embeddings"]:
+        report_nonfinite(parts, ctx, int(coverage["nonfinite_embeddings"]), "left out of the evaluation")
     grid = []
     if plots_dir is not None and eval_cfg.grid_queries:
         grid = np.random.default_rng(0).permutation(streams[0].num_images)[:eval_cfg.grid_queries * 4].tolist()
@@ -199,6 +225,17 @@ def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: b
         chosen = [q for q in grid if q in kept][:eval_cfg.grid_queries]
         paths = _plots(metrics, eval_cfg, data_cfg, splits, chosen, kept, plots_dir, title)
     return metrics, paths
+
+
+def report_nonfinite(parts: list[Embedded], ctx: DistContext, count: int, what: str) -> str:
+    """The line that names items whose embedding is not finite (every rank's first few), printed by rank 0
+    and returned. Call on every rank (a gather)."""
+    named = [name for part in ctx.all_gather_object([n for p in parts for n in p.nonfinite]) for name in part]
+    line = (f"{count} embeddings are not finite (NaN or inf), {what}: {', '.join(named[:10])}"
+            f"{' and more' if count > len(named[:10]) else ''}; the model gives no usable embedding for them")
+    if ctx.is_main:
+        print(f"[eval] warning: {line}", file=sys.stderr, flush=True)
+    return line
 
 
 def _coverage(parts: list[Embedded], streams, ctx: DistContext) -> dict[str, float]:

@@ -39,7 +39,7 @@ def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[Embedd
             raise UserError(f"{path}: not a dist-dml model (expected final_model.pt or a checkpoint folder)")
         state = saved["state_dict"]
         config = build_config(apply_overrides(saved["config"], list(overrides)), source=f"{path} (its config)")
-    model = build_model(config.model)
+    model = build_model(config.model, image_size=config.data.image_size)
     try:
         model.load_state_dict(state)
     except RuntimeError:
@@ -115,37 +115,98 @@ class Exported:
 
 
 def read_embeddings(folder: Path) -> Exported:
-    """All parts of an exported split, ordered by image id."""
+    """All parts of an exported split, ordered by image id. A folder without parts, a part that is not a
+    plain numeric array (an object array is never unpickled), parts that disagree in length, or an
+    embedding that is not finite is a UserError naming the file or the items."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder (give one written by dist-dml embed)")
     parts = sorted(folder.glob("part-*.parquet"))
     if parts:
         import pyarrow.parquet as pq
 
-        tables = [pq.read_table(p) for p in parts]
-        column = lambda name: np.concatenate([t.column(name).to_numpy(zero_copy_only=False) for t in tables])
-        ids, labels, classes, items = column("id"), column("label"), column("class"), column("item")
-        emb = np.concatenate([np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) for t in tables])
+        try:
+            tables = [pq.read_table(p) for p in parts]
+            column = lambda name: np.concatenate([t.column(name).to_numpy(zero_copy_only=False) for t in tables])
+            ids, labels, classes, items = column("id"), column("label"), column("class"), column("item")
+            emb = np.concatenate([np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) for t in tables])
+        except Exception as exc:  # noqa: BLE001 -- pyarrow's errors for a damaged or foreign file are many
+            raise UserError(f"{folder}: a part is not an export of dist-dml embed ({_one_line(exc)})") from None
     else:
         names = sorted(folder.glob("embeddings-*.npy"))
         if not names:
-            raise FileNotFoundError(f"{folder}: no exported embeddings (embeddings-*.npy or part-*.parquet)")
-        column = lambda kind: np.concatenate([np.load(p.with_name(p.name.replace("embeddings", kind))) for p in names])
-        emb, labels, ids, classes, items = (column(k) for k in ("embeddings", "labels", "ids", "classes", "items"))
+            raise UserError(f"{folder}: no exported embeddings (embeddings-*.npy or part-*.parquet; write them "
+                            "with dist-dml embed)")
+        emb, labels, ids, classes, items = (np.concatenate([_load_npy(p.with_name(p.name.replace("embeddings", kind)))
+                                                            for p in names])
+                                            for kind in ("embeddings", "labels", "ids", "classes", "items"))
+    if emb.ndim != 2 or emb.dtype.kind not in "fiu" or not all(len(a) == len(emb) for a in (labels, ids, classes, items)):
+        raise UserError(f"{folder}: the parts do not fit together ({emb.shape[0] if emb.ndim else 0} embeddings of "
+                        f"shape {emb.shape[1:]}, {len(ids)} ids); write them again with dist-dml embed")
+    emb = emb.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+    if len(bad):
+        shown = ", ".join(f"{items[i]} (id {ids[i]})" for i in bad[:5])
+        raise UserError(f"{folder}: {len(bad)} of {len(emb)} embeddings are not finite (NaN or inf), e.g. {shown}: "
+                        "they could never be found; embed them again with a sound model")
     order = np.argsort(ids, kind="stable")
-    return Exported(emb[order].astype(np.float32), labels[order], ids[order], classes[order].astype(str),
-                    items[order].astype(str))
+    return Exported(emb[order], labels[order], ids[order], classes[order].astype(str), items[order].astype(str))
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """One part's column: a plain array, never unpickled."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing (each part has embeddings, labels, ids, classes and items)") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"{path}: not a plain numeric or text array ({_one_line(exc)})") from None
+    if array.dtype.kind not in "fiuU" or array.ndim == 0:
+        raise UserError(f"{path}: holds {array.dtype} {array.shape}, not a column of an export")
+    return array
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def embed_images(model: EmbeddingModel, config: RunConfig, paths: list[Path]) -> torch.Tensor:
     """Embeddings of image files, through the evaluation transform. A file that is not a decodable
     image is a UserError naming it."""
     from dist_dml.data import eval_image, new_batch
+    from dist_dml.data.images import ImageTooLarge
 
     images = new_batch(len(paths), config.data.image_size)
     for path, out in zip(paths, images):
         try:
             eval_image(Path(path).read_bytes(), config.data, out)
+        except ImageTooLarge as exc:
+            raise UserError(f"{path}: refused: {exc}") from None
         except (RuntimeError, ValueError):
             raise UserError(f"{path}: not a readable image (JPEG, PNG, WebP or GIF)") from None
     with torch.no_grad():
         return model(images)
+
+
+def embed_array(model: EmbeddingModel, config: RunConfig, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Embeddings of uint8 (N, H, W, 3) RGB images through the evaluation transform of ``config`` (what the
+    logged MLflow Model serves). A batch with an embedding that is not finite is a ValueError naming rows."""
+    from dist_dml.data.images import eval_transform, new_batch
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 RGB images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            part = images[start:start + batch]
+            crops = new_batch(len(part), config.data.image_size)
+            for image, crop in zip(part, crops):
+                eval_transform(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), config.data, crop)
+            out.append(model(crops).float().cpu().numpy())
+    embeddings = np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if len(bad):
+        raise ValueError(f"the embeddings of {len(bad)} of {len(images)} images are not finite (NaN or inf): rows "
+                         f"{bad[:10].tolist()}")
+    return embeddings

@@ -1,22 +1,31 @@
 """Backbones with an embedding head: images (uint8 or normalised float) to L2-normalised embeddings."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from dist_dml.data import normalize_batch
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+WEIGHTS = ("none", "torchvision", "timm")  # model.weights, besides the path of a local file
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The `model` section of a run's config."""
 
-    backbone: str = "resnet50"  # a key of BACKBONES
+    backbone: str = "resnet50"  # a torchvision name of BACKBONES, or timm:<name> (any model of timm)
     embedding_dim: int = 128
-    pretrained: bool = False  # torchvision's ImageNet weights (downloaded on first use)
+    # none (random init), torchvision (its default weights), timm (the model's pretrained weights), or a
+    # local state dict of the backbone (.pth / .pt / .safetensors). Downloads are cached, once per node.
+    weights: str = "none"
+    pretrained: bool = False  # an alias of weights=torchvision (or timm for a timm: backbone)
+    mean: tuple[float, ...] = ()  # input normalisation (0..1 scale); (): the backbone's pretrained config
+    std: tuple[float, ...] = ()
     channels_last: bool = True  # on CUDA
     # BatchNorm across ranks: sync (statistics of the global batch), frozen (eval mode, running
     # statistics never change) or local (per-rank statistics; rank 0's buffers are broadcast before
@@ -25,42 +34,69 @@ class ModelConfig:
     norm_affine: bool = True  # frozen: BatchNorm's scale and shift still train
 
     def validate(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"model.backbone: unknown backbone {self.backbone!r}; known: {sorted(BACKBONES)}")
+        spec = backbone_spec(self.backbone)  # an unknown name raises here
         if self.norm not in NORMS:
             raise ValueError(f"model.norm must be one of {list(NORMS)}, got {self.norm!r}")
         if self.embedding_dim < 2:
             raise ValueError(f"model.embedding_dim must be >= 2, got {self.embedding_dim}")
+        if len(self.mean) not in (0, 3) or len(self.std) not in (0, 3) or any(v <= 0 for v in self.std):
+            raise ValueError(f"model.mean and model.std must be 3 values each (std > 0) or empty (the backbone's), got "
+                             f"{list(self.mean)} and {list(self.std)}")
+        source = self.weights_source
+        if source in ("torchvision", "timm") and source != spec.library:
+            raise ValueError(f"model.weights={self.weights}: backbone {self.backbone} has "
+                             + (f"{spec.library} weights (model.weights={spec.library})" if spec.library else
+                                "no pretrained weights (none, or a local file)"))
+
+    @property
+    def weights_source(self) -> str:
+        """none, torchvision, timm, or file (model.weights is a path); pretrained=true means the library's."""
+        if self.weights in WEIGHTS:
+            if self.weights == "none" and self.pretrained:
+                library = backbone_spec(self.backbone).library
+                if not library:
+                    raise ValueError(f"model.backbone {self.backbone} has no pretrained weights")
+                return library
+            return self.weights
+        return "file"
+
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) on a 0..1 scale: the config's, else the backbone's pretrained config."""
+        spec = backbone_spec(self.backbone)
+        return self.mean or spec.mean, self.std or spec.std
 
 
-def _resnet(name: str) -> Callable[[bool], tuple[nn.Module, int]]:
-    def build(pretrained: bool):
+@dataclass(frozen=True)
+class Backbone:
+    """A registry entry: how to build a backbone (random init) as a feature extractor, and what its
+    pretrained config says about its input."""
+
+    name: str  # the library's name
+    library: str  # torchvision, timm, or "" (no pretrained weights)
+    build: Callable[[int | None], tuple[nn.Module, int]]  # image size (None: its own) -> (module, feature width)
+    input_size: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    crop_pct: float = 0.875  # evaluation: resize the shorter side to input_size / crop_pct, then crop
+
+
+def _torchvision(name: str, head: str) -> Backbone:
+    def build(image_size: int | None):
         import torchvision
 
-        net = getattr(torchvision.models, name)(weights="DEFAULT" if pretrained else None)
-        features = net.fc.in_features
-        net.fc = nn.Identity()
+        net = getattr(torchvision.models, name)(weights=None, **({"image_size": image_size} if
+                                                               image_size and name.startswith("vit") else {}))
+        *path, last = head.split(".")
+        owner = net.get_submodule(".".join(path)) if path else net
+        features = getattr(owner, last).in_features
+        setattr(owner, last, nn.Identity())
         return net, features
 
-    return build
+    return Backbone(name, "torchvision", build)
 
 
-def _vit(name: str) -> Callable[[bool], tuple[nn.Module, int]]:
-    def build(pretrained: bool):
-        import torchvision
-
-        net = getattr(torchvision.models, name)(weights="DEFAULT" if pretrained else None)
-        features = net.heads.head.in_features
-        net.heads = nn.Identity()
-        return net, features
-
-    return build
-
-
-def _tiny_cnn(pretrained: bool) -> tuple[nn.Module, int]:
+def _tiny_cnn(image_size: int | None) -> tuple[nn.Module, int]:
     """A small CNN for CPU demos and tests (no pretrained weights)."""
-    if pretrained:
-        raise ValueError("model.backbone tiny_cnn has no pretrained weights")
 
     def block(cin, cout):
         return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
@@ -70,12 +106,45 @@ def _tiny_cnn(pretrained: bool) -> tuple[nn.Module, int]:
     return net, 128
 
 
-BACKBONES: dict[str, Callable[[bool], tuple[nn.Module, int]]] = {
-    "resnet18": _resnet("resnet18"),
-    "resnet50": _resnet("resnet50"),
-    "vit_b_16": _vit("vit_b_16"),
-    "tiny_cnn": _tiny_cnn,
+BACKBONES: dict[str, Backbone] = {
+    "resnet18": _torchvision("resnet18", "fc"),
+    "resnet50": _torchvision("resnet50", "fc"),
+    "vit_b_16": _torchvision("vit_b_16", "heads.head"),
+    "tiny_cnn": Backbone("tiny_cnn", "", _tiny_cnn),
 }
+TIMM = "timm:"
+
+
+def backbone_spec(name: str) -> Backbone:
+    """The registry entry of ``name``: a key of BACKBONES, or timm:<name> for any model timm knows (its input
+    size, mean, std and crop from its pretrained config)."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if not name.startswith(TIMM):
+        raise ValueError(f"model.backbone: unknown backbone {name!r}; known: {sorted(BACKBONES)} or timm:<name>")
+    return _timm_spec(name[len(TIMM):])
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_spec(name: str) -> Backbone:
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"model.backbone: timm has no model {name!r} (timm.list_models() lists them)")
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    cfg = cfg.to_dict() if cfg is not None else {}
+
+    def build(image_size: int | None):
+        kwargs = {"num_classes": 0}
+        try:  # a ViT's position embedding is sized for its input; a CNN takes any size and no such argument
+            net = timm.create_model(name, pretrained=False, **kwargs, **({"img_size": image_size} if image_size else {}))
+        except TypeError:
+            net = timm.create_model(name, pretrained=False, **kwargs)
+        return net, net.num_features
+
+    size = cfg.get("input_size") or (3, 224, 224)
+    return Backbone(name, "timm", build, input_size=int(size[-1]), mean=tuple(cfg.get("mean") or IMAGENET_MEAN),
+                    std=tuple(cfg.get("std") or IMAGENET_STD), crop_pct=float(cfg.get("crop_pct") or 0.875))
 
 
 NORMS = ("sync", "frozen", "local")
@@ -96,6 +165,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
         self.load_state_dict(bn.state_dict())
         self.gather = gather
+        # timm's BatchNormAct2d applies dropout and an activation after normalising: kept, in that order.
+        self.drop, self.act = getattr(bn, "drop", nn.Identity()), getattr(bn, "act", nn.Identity())
 
     def forward(self, x: Tensor) -> Tensor:
         shape = [1, -1] + [1] * (x.dim() - 2)
@@ -107,7 +178,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
-        return y.to(x.dtype)
+        return self.act(self.drop(y.to(x.dtype)))
 
     def _batch_statistics(self, xf: Tensor, shape: list[int]) -> tuple[Tensor, Tensor]:
         """(mean, biased variance) per channel over the global batch; updates the running statistics."""
@@ -148,7 +219,9 @@ def with_norm(model: nn.Module, config: "ModelConfig", gather: GatherWithGrad | 
     """
     if gather is not None:
         if config.norm == "sync" and device is not None and device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            from timm.layers import convert_sync_batchnorm  # torch's, and timm's BatchNormAct2d kept whole
+
+            model = convert_sync_batchnorm(model)
         else:
             for name, bn in _batch_norms(model):
                 parent, _, child = name.rpartition(".")
@@ -166,15 +239,20 @@ def with_norm(model: nn.Module, config: "ModelConfig", gather: GatherWithGrad | 
 class EmbeddingModel(nn.Module):
     """A backbone's features through a linear head to L2-normalised float32 embeddings.
 
-    uint8 images (the data streams' output) are normalised here, on the model's device.
+    uint8 images (the data streams' output) are normalised here, on the model's device, with the
+    backbone's mean and std (not part of the state dict: they come from the config), so an exported
+    model takes images as they are.
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, embedding_dim: int, channels_last: bool = False):
+    def __init__(self, backbone: nn.Module, feature_dim: int, embedding_dim: int, channels_last: bool = False,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(feature_dim, embedding_dim)
         self.channels_last = channels_last
         self.frozen_norm = False  # with_norm(..., frozen): BatchNorm layers stay in eval mode
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255, persistent=False)
 
     def train(self, mode: bool = True) -> "EmbeddingModel":
         super().train(mode)
@@ -185,21 +263,31 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.uint8:
-            x = normalize_batch(x)
+            x = (x.float() - self.mean.float()) / self.std.float()
         x = x.to(self.head.weight.dtype)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return nn.functional.normalize(self.head(self.backbone(x)).float(), dim=1)
 
 
-def build_model(config: ModelConfig, device: torch.device | None = None,
-                gather: GatherWithGrad | None = None) -> EmbeddingModel:
-    """The model of ``config``; with ``gather`` (training) its BatchNorm layers as ``config.norm`` says
-    (:func:`with_norm`). Evaluation and export build it without."""
+def build_model(config: ModelConfig, device: torch.device | None = None, gather: GatherWithGrad | None = None,
+                image_size: int | None = None, weights: str | None = None) -> EmbeddingModel:
+    """The model of ``config`` for images of ``image_size`` (None: the backbone's own), its backbone loaded
+    from the local file ``weights`` (dist_dml.weights: a download is fetched into the cache first; its
+    report is ``model.weights_report``); with ``gather`` (training) its BatchNorm layers as ``config.norm``
+    says (:func:`with_norm`). Evaluation and export build it without either and load a checkpoint."""
     config.validate()
-    backbone, features = BACKBONES[config.backbone](config.pretrained)
+    spec = backbone_spec(config.backbone)
+    backbone, features = spec.build(image_size)
+    report = None
+    if weights is not None:
+        from dist_dml.weights import load_backbone_weights
+
+        report = load_backbone_weights(backbone, weights, config)
     channels_last = config.channels_last and device is not None and device.type == "cuda"
-    model = EmbeddingModel(backbone, features, config.embedding_dim, channels_last)
+    mean, std = config.normalisation()
+    model = EmbeddingModel(backbone, features, config.embedding_dim, channels_last, mean, std)
+    model.weights_report = report
     model = with_norm(model, config, gather, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

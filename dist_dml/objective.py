@@ -18,6 +18,15 @@ from dist_dml.sampling import Sampler, Triplets
 class StepResult:
     output: LossOutput
     triplets: Triplets
+    spread: Tensor | None = None  # the global batch's RMS pairwise distance (detached; the same on every rank)
+
+
+def embedding_spread(embeddings: Tensor) -> Tensor:
+    """The root mean square distance over all pairs (i, j) of L2-normalised embeddings, in O(B d): the mean of
+    ||e_i - e_j||^2 over all pairs is 2 - 2 ||mean e||^2. About sqrt(2) for embeddings spread over the sphere,
+    0 where they all collapse onto one point."""
+    mean = embeddings.detach().float().mean(dim=0)
+    return (2.0 - 2.0 * mean.pow(2).sum()).clamp_min(0.0).sqrt()
 
 
 class GlobalBatchObjective:
@@ -38,4 +47,4 @@ class GlobalBatchObjective:
         start = ctx.rank * batch
         triplets = self.sampler(embeddings.detach(), labels, start, start + batch, step)
         output = self.loss(embeddings, labels, image_ids, triplets, ctx.all_reduce_sum)
-        return StepResult(output, triplets)
+        return StepResult(output, triplets, embedding_spread(embeddings))

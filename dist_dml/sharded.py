@@ -77,6 +77,7 @@ def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ct
     metrics["r_precision"] = float(total[len(ks)] / answerable) if answerable else 0.0
     metrics["map_at_r"] = float(total[len(ks) + 1] / answerable) if answerable else 0.0
     metrics["unanswerable"] = float(sum(sizes) - answerable)
+    metrics["queries"] = float(sum(sizes))
     metrics.update(approximate)
     if nmi:
         metrics.update(_nmi(q_emb, q_lab, None if same else (g_emb, g_lab), counts, ctx, nmi_max_classes, use_gpu,

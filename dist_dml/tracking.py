@@ -24,10 +24,29 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from dist_dml.distributed import DistContext
 from dist_dml.errors import UserError
 
 PAUSE_S = 300.0  # after a failed call, tracking rests this long before it tries again
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+def model_requirements(config) -> list[str]:
+    """What the logged model needs to serve (dist_dml itself travels with it as code)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    needed = ["torch", "torchvision", "numpy", "pyyaml", "pillow", "imagesize"]
+    if config.model.backbone.startswith("timm:"):
+        needed.append("timm")
+    pins = []
+    for name in needed:
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
 
 
 class TrackingError(UserError):
@@ -44,6 +63,8 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None: ...
     def record_resume(self, step: int, changes: dict[str, tuple[Any, Any]]) -> None: ...
+    def set_tag(self, key: str, value: str) -> None: ...
+    def log_model(self, checkpoint: Path, config) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -68,6 +89,12 @@ class NullTracker:
         pass
 
     def record_resume(self, step, changes):
+        pass
+
+    def set_tag(self, key, value):
+        pass
+
+    def log_model(self, checkpoint, config):
         pass
 
     def close(self, status="FINISHED"):
@@ -116,7 +143,9 @@ class MlflowTracker:
         uri = tracking_uri(config)
         if uri:
             mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(config.experiment)
+        experiment = mlflow.set_experiment(config.experiment)
+        if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:  # else MLflow's UI opens its GenAI view
+            mlflow.set_experiment_tag(EXPERIMENT_KIND, MODEL_TRAINING)
         if config.system_metrics:
             mlflow.set_system_metrics_node_id(f"node{ctx.node_rank}")
         run = None
@@ -172,6 +201,31 @@ class MlflowTracker:
                 path.write_text(json.dumps({k: {"was": old, "now": new} for k, (old, new) in changes.items()},
                                            indent=1, default=str))
                 self.log_artifact(path, "resume")
+
+    def set_tag(self, key, value):
+        self._call(f"tagging {key}", self.mlflow.set_tag, key, value)
+
+    def log_model(self, checkpoint, config):
+        """The final model as an MLflow Model (pyfunc, from code: dist_dml/mlflow_model.py with the dist_dml
+        package beside it; nothing pickled): uint8 (N, H, W, 3) images in, L2-normalised float32 (N, d)
+        embeddings out, with its signature and an input example; registered as tracking.register_as."""
+        from mlflow.models.signature import ModelSignature
+        from mlflow.types.schema import Schema, TensorSpec
+
+        import dist_dml
+
+        if not config.tracking.log_model:
+            return
+        size, dim = config.data.image_size, config.model.embedding_dim
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]))
+        example = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+        package = Path(dist_dml.__file__).resolve().parent
+        self._call("logging the model", self.mlflow.pyfunc.log_model, name="model",
+                   python_model=str(package / "mlflow_model.py"), artifacts={"checkpoint": str(checkpoint)},
+                   code_paths=[str(package)], signature=signature, input_example=example,
+                   pip_requirements=model_requirements(config),
+                   registered_model_name=config.tracking.register_as or None)
 
     def close(self, status="FINISHED"):
         self._call("ending the run", self.mlflow.end_run, status=status)

@@ -26,12 +26,14 @@ from dist_dml.data import FAULTS, TrainStream, verify
 from dist_dml.distributed import DistContext
 from dist_dml.engine import TrainEngine, to_universal
 from dist_dml.errors import as_write_error
-from dist_dml.evaluation import coverage_problem, evaluate, format_metrics
+from dist_dml.evaluation import evaluate, evaluation_problem, format_metrics
 from dist_dml.losses import build_loss
 from dist_dml.models import TrainModule, build_model
 from dist_dml.objective import GlobalBatchObjective, StepResult
+from dist_dml.run_folder import FolderError, RunFolder
 from dist_dml.sampling import build_sampler
 from dist_dml.tracking import build_tracker
+from dist_dml.weights import local_weights
 
 HIST_BINS = 200  # sampled-negative distances over [0, 2]
 
@@ -56,37 +58,102 @@ class Prepared:
     total_steps: int
     resumed: dict  # the checkpoint's client state ({} for a fresh run)
     changes: dict  # {section.key: (saved, now)}
+    run_id: str  # the run that owns the output folder (OUTPUT/run.json), recorded in every checkpoint
 
 
 def prepare(cfg: RunConfig, ctx: DistContext) -> Prepared:
     """The data stream, the model and its engine, and the resume if any: the checkpoint rank 0 picks
     (converted for this world size where its ZeRO state was partitioned for another)."""
     stream = TrainStream(cfg.data, ctx.rank, ctx.world_size)
-    note = stream.layout_note()
-    if ctx.is_main and note:
-        print(f"[train] warning: {note}", flush=True)
-    ctx.init_process_group(timeout_minutes=cfg.deepspeed.timeout_minutes)  # rank 0 decides the resume for all
+    for note in (stream.single_image_note(), stream.layout_note()):
+        if ctx.is_main and note:
+            print(f"[train] warning: {note}", flush=True)
     verify(stream, ctx, "training")
     target = _pick_checkpoint(cfg, ctx)
+    run_id = _own_run(cfg, ctx, target)
     load_from, universal = _loadable(target, cfg, ctx) if target else (None, False)
     steps = {}
     schedule = _schedule(cfg.optimizer, cfg.train.steps or stream.remaining_steps(cfg.train.epochs), steps)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, ctx.device, gather=ctx.all_gather_with_grad)  # BatchNorm as model.norm says
+    weights = local_weights(cfg.model, ctx)  # fetched once per node where it is a download
+    model = build_model(cfg.model, ctx.device, gather=ctx.all_gather_with_grad,  # BatchNorm as model.norm says
+                        image_size=cfg.data.image_size, weights=weights)
+    if ctx.is_main and model.weights_report:
+        print(model.weights_report, flush=True)
     module = TrainModule(model, build_loss(sized_loss_config(cfg.loss, stream)))
     engine = TrainEngine(module, ctx, cfg.optimizer, cfg.deepspeed, micro_batch=cfg.data.local_batch,
                          lr_lambda=schedule, universal=universal)
     step, resumed, changes = _resume(cfg, engine, stream, ctx, target, load_from)
     # Steps to the end of the last epoch from where the data stream stands (another world size: other steps).
     steps["total"] = cfg.train.steps or step + stream.remaining_steps(cfg.train.epochs)
-    return Prepared(stream, engine, step, steps["total"], resumed, changes)
+    return Prepared(stream, engine, step, steps["total"], resumed, changes, run_id)
+
+
+def _own_run(cfg: RunConfig, ctx: DistContext, target: Path | None) -> str:
+    """The id of the run that owns the output folder, decided by rank 0 (which holds the folder): a fresh
+    start makes a new run; a resume continues the folder's run (or the checkpoint's, in a folder that has
+    none yet). Every checkpoint records it."""
+    run_id = None
+    if ctx.is_main:
+        folder = RunFolder(Path(cfg.train.output_dir))
+        keep = (folder.run_id() or read_meta(target).get("run_id")) if target is not None else None
+        run_id = folder.claim(keep)
+    return ctx.broadcast_object(run_id)
+
+
+def hold_output(cfg: RunConfig, ctx: DistContext) -> RunFolder | None:
+    """Rank 0 holds the run's output folder for the training's life (None elsewhere); every rank stops alike,
+    in one line, where another training holds it or it cannot be written."""
+    folder, problem = None, None
+    if ctx.is_main:
+        folder = RunFolder(Path(cfg.train.output_dir))
+        try:
+            note = folder.acquire()
+            if note:
+                print(note, flush=True)
+        except FolderError as exc:
+            problem = str(exc)
+    problem = ctx.broadcast_object(problem)
+    if problem:
+        raise FolderError(problem)
+    return folder
+
+
+def finished_already(cfg: RunConfig, step: int, total_steps: int) -> dict | None:
+    """The results of this run if it finished at ``step`` already (a restart after its end: torchrun's
+    --max-restarts after a designed exit, a rank killed after the results were written): nothing is
+    trained or evaluated again."""
+    path = Path(cfg.train.output_dir) / "results.json"
+    if step < total_steps or not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) and results.get("steps") == step and "trained" in results else None
 
 
 def train(cfg: RunConfig, ctx: DistContext) -> dict:
+    ctx.init_process_group(timeout_minutes=cfg.deepspeed.timeout_minutes)  # rank 0 decides for all
+    folder = hold_output(cfg, ctx)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _train(cfg: RunConfig, ctx: DistContext) -> dict:
     out = Path(cfg.train.output_dir)
     run = prepare(cfg, ctx)
     stream, engine, step, total_steps, resumed, changes = (run.stream, run.engine, run.step, run.total_steps,
                                                             run.resumed, run.changes)
+    done = finished_already(cfg, step, total_steps)
+    if done is not None:
+        if ctx.is_main:
+            print(f"[train] run {cfg.train.name!r} finished at step {step} already ({out / 'results.json'}): nothing "
+                  "is trained or evaluated again (raise train.steps or train.epochs to train on)", flush=True)
+        return done
     objective = GlobalBatchObjective(build_sampler(cfg.sampler), engine.module.loss, ctx)
     checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.keep_last, ctx)
     tracker = build_tracker(cfg.tracking, ctx, resume_run_id=resumed.get("mlflow_run_id"))
@@ -102,7 +169,7 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict:
     if cfg.eval.at_start and step == 0:
         results["untrained"] = _evaluate(cfg, engine, ctx, tracker, step)
 
-    meter = _Meter(ctx, cfg.train.log_every, total_steps, step)
+    meter = _Meter(ctx, cfg.train.log_every, total_steps, step, cfg.train.collapse_spread)
     meter.load_state_dict(resumed)
     bad_in_row, status = 0, "FAILED"
     try:
@@ -129,10 +196,10 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict:
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
                 _evaluate(cfg, engine, ctx, tracker, step)
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                _save(checkpoints, engine, stream, cfg, step, tracker.run_id, meter)
+                _save(checkpoints, engine, stream, cfg, step, run.run_id, tracker.run_id, meter)
             if step >= total_steps:
                 break
-        _save(checkpoints, engine, stream, cfg, step, tracker.run_id, meter)
+        _save(checkpoints, engine, stream, cfg, step, run.run_id, tracker.run_id, meter)
         results["trained"] = _evaluate(cfg, engine, ctx, tracker, step, final=True)
         results["steps"] = step
         results["skipped_steps"] = meter.skipped
@@ -289,15 +356,16 @@ def share_norm_statistics(model: torch.nn.Module, cfg: RunConfig, ctx: DistConte
             ctx.broadcast_(buffer)
 
 
-def _save(checkpoints: Checkpointer, engine, stream: TrainStream, cfg: RunConfig, step: int,
-          run_id: str | None, meter: "_Meter") -> None:
+def _save(checkpoints: Checkpointer, engine, stream: TrainStream, cfg: RunConfig, step: int, run_id: str,
+          mlflow_run_id: str | None, meter: "_Meter") -> None:
     if checkpoints.saved_already(step):
         return
     share_norm_statistics(engine.module.model, cfg, checkpoints.ctx)
     data = _tensors(stream.state_dict(drawn=_global_draws(stream.local_draws(), checkpoints.ctx)))
     state = {"step": step, "data": data, "torch_rng": torch.get_rng_state(),
-             "config_digest": cfg.digest(), "mlflow_run_id": run_id or "", **meter.state_dict()}
-    meta = {"step": step, "world_size": checkpoints.ctx.world_size, "zero_stage": cfg.deepspeed.zero_stage,
+             "config_digest": cfg.digest(), "mlflow_run_id": mlflow_run_id or "", **meter.state_dict()}
+    meta = {"step": step, "run_id": run_id, "world_size": checkpoints.ctx.world_size,
+            "zero_stage": cfg.deepspeed.zero_stage,
             "data": {k: data[k] for k in ("epoch", "step", "base_step", *TrainStream.GEOMETRY)},
             "config": cfg.to_dict()}
     checkpoints.save(engine, step, state, meta)
@@ -313,7 +381,7 @@ def _evaluate(cfg: RunConfig, engine, ctx: DistContext, tracker, step: int, fina
         for path in plot_paths:
             tracker.log_artifact(path, "plots")
         print(f"[eval] step {step}: {format_metrics(metrics)}", flush=True)
-        problem = coverage_problem(metrics, cfg.eval.max_missing_share)
+        problem = evaluation_problem(metrics, cfg.eval)
         if problem:
             print(f"[eval] {'error' if final else 'warning'}: step {step}: {problem}", file=sys.stderr, flush=True)
     return metrics
@@ -331,7 +399,7 @@ def _finish(cfg, engine, ctx, tracker, meter: "_Meter", results: dict, out: Path
         tmp.unlink(missing_ok=True)
         raise as_write_error(out / "final_model.pt", exc) from None
     os.replace(tmp, out / "final_model.pt")
-    tracker.log_artifact(out / "final_model.pt", "model")
+    tracker.log_model(out / "final_model.pt", cfg)
     if meter.histogram.sum() > 0:
         (out / "plots").mkdir(exist_ok=True)
         plot = plots.negative_distances(meter.histogram.numpy(), cfg.model.embedding_dim, cfg.sampler.cutoff,
@@ -348,11 +416,14 @@ class _Meter:
     checkpoint with the step it starts at)."""
 
     SUMS = ("loss", "steps", "active", "terms", "d_ap_sum", "d_an_sum", "triplets", "beta_sum", "fallback",
-            "anchors", "images", *FAULTS)
-    GLOBAL = ("steps", "active", "terms")  # already global on every rank: not summed over ranks
+            "anchors", "images", "spread", *FAULTS)
+    GLOBAL = ("steps", "active", "terms", "spread")  # already global on every rank: not summed over ranks
+    INACTIVE_WINDOWS = 3  # log windows in a row without an active pair that count as a collapse
 
-    def __init__(self, ctx: DistContext, every: int, total: int, start_step: int):
+    def __init__(self, ctx: DistContext, every: int, total: int, start_step: int, collapse_spread: float = 0.2):
         self.ctx, self.every, self.total = ctx, every, total
+        self.collapse_spread = collapse_spread  # a window's mean embedding spread below this is a collapse
+        self.inactive_windows, self.collapsed = 0, False
         self.start_step, self.start_time, self.last_time = start_step, time.time(), time.time()
         self.skipped = 0
         self.window = dict.fromkeys(self.SUMS, 0.0)
@@ -378,13 +449,14 @@ class _Meter:
     def update(self, result: StepResult, batch: dict, engine, tracker, step: int) -> None:
         out, triplets, stats = result.output, result.triplets, result.output.stats
         # The step's device scalars in one transfer (each float() would be a host sync of its own on a GPU).
-        keys = ("loss", "active", "terms", "d_ap_sum", "d_an_sum", "triplets", "beta_sum", "beta_min", "beta_max")
-        found = {"loss": out.loss.detach(), "active": out.active, "terms": out.terms, **stats}
+        keys = ("loss", "active", "terms", "d_ap_sum", "d_an_sum", "triplets", "beta_sum", "spread", "beta_min",
+                "beta_max")
+        found = {"loss": out.loss.detach(), "active": out.active, "terms": out.terms, "spread": result.spread, **stats}
         values = dict(zip(keys, torch.stack([torch.as_tensor(found.get(k, 0.0), dtype=torch.float32,
                                                              device=out.loss.device).reshape(())
                                              for k in keys]).tolist()))
         w = self.window
-        for key in keys[:7]:
+        for key in keys[:8]:
             w[key] += values[key]
         w["steps"] += 1
         w["fallback"] += triplets.num_fallback
@@ -399,13 +471,39 @@ class _Meter:
         if step % self.every and step != self.total:
             return
         metrics = self._reduce(engine, step, has_beta="beta_sum" in stats)
+        self._watch_collapse(metrics, tracker, step)
         if self.ctx.is_main:
             tracker.log_metrics(metrics, step)
             print(f"[train] step {step}/{self.total} loss={metrics['loss']:.4f} "
                   f"active={metrics['active_fraction']:.3f} d_ap={metrics['d_ap_mean']:.3f} "
-                  f"d_an={metrics['d_an_mean']:.3f} fallback={metrics['fallback_rate']:.3f} "
+                  f"d_an={metrics['d_an_mean']:.3f} spread={metrics['embedding_spread']:.3f} "
+                  f"fallback={metrics['fallback_rate']:.3f} "
                   f"images/s={metrics['images_per_s']:.0f} ETA {_duration(metrics['eta_s'])}"
                   + "".join(f" {k}={v}" for k, v in self.faults.items() if v), flush=True)
+
+    def _watch_collapse(self, metrics: dict[str, float], tracker, step: int) -> None:
+        """Warn (log and MLflow) when the embeddings collapse: the window's spread (RMS distance between the
+        embeddings of a global batch) below collapse_spread, or INACTIVE_WINDOWS windows without an active
+        pair; and say so again when they recover. The same decision on every rank (global figures)."""
+        self.inactive_windows = self.inactive_windows + 1 if metrics["active_fraction"] == 0 else 0
+        spread = metrics["embedding_spread"]
+        problem = None
+        if spread < self.collapse_spread:
+            problem = (f"the embeddings have collapsed: their spread (RMS distance between the embeddings of a batch; "
+                       f"about 1 in a healthy run) is {spread:.4f}, below train.collapse_spread="
+                       f"{self.collapse_spread}")
+        elif self.inactive_windows >= self.INACTIVE_WINDOWS:
+            problem = (f"no active pair in the last {self.inactive_windows} log windows: the loss gives no gradient "
+                       "(a margin too small for these distances, or collapsed embeddings)")
+        metrics["embedding_collapsed"] = float(problem is not None)
+        if problem is not None and not self.collapsed and self.ctx.is_main:
+            print(f"[train] warning: step {step}: {problem}; the learning rate (optimizer.lr) may be too high",
+                  file=sys.stderr, flush=True)
+            tracker.set_tag("warning", f"step {step}: {problem}"[:5000])
+        elif problem is None and self.collapsed and self.ctx.is_main:
+            print(f"[train] step {step}: the embeddings are spread again (spread {spread:.3f})", flush=True)
+            tracker.set_tag("warning", f"collapsed before step {step}, spread again since")
+        self.collapsed = problem is not None
 
     def _reduce_histogram(self) -> torch.Tensor:
         hist = self.ctx.all_reduce_sum(self.window_histogram.to(self.ctx.device)).cpu()
@@ -429,6 +527,7 @@ class _Meter:
             "images_per_s": total["images"] / max(now - self.last_time, 1e-9),
             "eta_s": (self.total - step) * (now - self.start_time) / done,
             "skipped_steps": float(self.skipped),
+            "embedding_spread": total["spread"] / steps,
             **{k: total[k] for k in FAULTS},
             **{f"d_an_q{int(q * 100)}": v for q, v in _quantiles(hist).items()},
             **{f"lr_{name}": lr for name, lr in engine.learning_rates().items()},

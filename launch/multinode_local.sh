@@ -13,7 +13,7 @@ PORT=${MASTER_PORT:-$(free_port)}
 echo "[launch] $NNODES local nodes x $NPROC processes, rendezvous at 127.0.0.1:$PORT"
 pids=()
 for node in $(seq 0 $((NNODES - 1))); do
-    "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NPROC" --rdzv_backend c10d \
+    "$PYTHON" -m dist_dml.launch --nnodes "$NNODES" --nproc_per_node "$NPROC" --rdzv_backend c10d \
         --rdzv_endpoint "127.0.0.1:$PORT" --rdzv_id "local-$$" --local_addr 127.0.0.1 \
         -m dist_dml.cli "$@" &
     pids+=($!)

@@ -9,5 +9,5 @@ NPROC=${1:?usage: launch/torchrun.sh NPROC train CONFIG [section.key=value ...]}
 if [ "${1:-}" = train ]; then preflight "$NPROC" "${@:2}" || exit 2; fi
 PORT=${MASTER_PORT:-$(free_port)}
 echo "[launch] $NPROC processes on this node, rendezvous at 127.0.0.1:$PORT, python $PYTHON"
-exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "$PORT" \
+exec "$PYTHON" -m dist_dml.launch --nproc_per_node "$NPROC" --master_port "$PORT" \
     ${MAX_RESTARTS:+--max_restarts "$MAX_RESTARTS"} -m dist_dml.cli "$@"

@@ -22,20 +22,37 @@ IMAGES = 64
 IN_DIM, FEATURES, EMBED = 16, 32, 8
 LOSS = LossConfig(kind="margin", beta_per_class=True, beta_per_image=True, num_classes=CLASSES + GLOBAL_BATCH, num_images=IMAGES, nu=0.05)
 OPTIMIZER = OptimizerConfig(name="adam", lr=1e-2, beta_lr=5e-2, weight_decay=1e-3)
+# A deep backbone's smallest gradients are float noise: Adam's m / sqrt(v) would turn their sign into a whole
+# step of lr, so the timm backbones are compared under SGD, where a step is as small as its gradient.
+SGD = OptimizerConfig(name="sgd", lr=0.05, beta_lr=5e-2, momentum=0.9, weight_decay=1e-3)
+
+
+def optimizer_for(backbone: str) -> OptimizerConfig:
+    return OPTIMIZER if backbone == "linear" else SGD
 SAMPLER = SamplerConfig(kind="distance_weighted", seed=7)
 
 
-def build_module() -> TrainModule:
-    """A backbone with BatchNorm (plain BatchNorm1d: the single-process reference's)."""
+IMAGE_SIZE = 32  # the inputs of a timm backbone: GLOBAL_BATCH random 3 x 32 x 32 images
+
+
+def build_module(backbone: str = "linear") -> TrainModule:
+    """A backbone with BatchNorm: "linear" (plain BatchNorm1d, the single-process reference's), or
+    timm:NAME through dist_dml's registry (timm:test_resnet has BatchNorm2d layers)."""
     torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Linear(IN_DIM, FEATURES), nn.BatchNorm1d(FEATURES), nn.Tanh())
-    return TrainModule(EmbeddingModel(backbone, FEATURES, EMBED), build_loss(LOSS))
+    if backbone == "linear":
+        net, features = nn.Sequential(nn.Linear(IN_DIM, FEATURES), nn.BatchNorm1d(FEATURES), nn.Tanh()), FEATURES
+    else:
+        from dist_dml.models import backbone_spec
+
+        net, features = backbone_spec(backbone).build(IMAGE_SIZE)
+    return TrainModule(EmbeddingModel(net, features, EMBED), build_loss(LOSS))
 
 
-def global_batch(step: int, scenario: str, world_size: int):
+def global_batch(step: int, scenario: str, world_size: int, backbone: str = "linear"):
     """Inputs, labels and image ids of the global batch of ``step`` (the same on every rank)."""
     g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(GLOBAL_BATCH, IN_DIM, generator=g)
+    shape = (IN_DIM,) if backbone == "linear" else (3, IMAGE_SIZE, IMAGE_SIZE)
+    x = torch.randn(GLOBAL_BATCH, *shape, generator=g)
     labels = torch.arange(CLASSES).repeat_interleave(GLOBAL_BATCH // CLASSES)[torch.randperm(GLOBAL_BATCH, generator=g)]
     if scenario == "lonely":
         # The last rank's items have labels nobody else has: its anchors have no positive at all.
@@ -46,26 +63,27 @@ def global_batch(step: int, scenario: str, world_size: int):
     return x, labels, ids
 
 
-def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync", precision: str = "fp32") -> dict:
+def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync", precision: str = "fp32",
+        backbone: str = "linear", device: str = "cpu") -> dict:
     from dist_dml.distributed import DistContext
     from dist_dml.engine import TrainEngine
     from dist_dml.models import ModelConfig, with_norm
     from dist_dml.objective import GlobalBatchObjective
 
-    ctx = DistContext.from_env(device="cpu")
+    ctx = DistContext.from_env(device=device)
     results = {}
     local = GLOBAL_BATCH // ctx.world_size
     for stage in zero_stages:
-        module = build_module()
-        with_norm(module.model, ModelConfig(backbone="tiny_cnn", norm=norm), ctx.all_gather_with_grad)
-        engine = TrainEngine(module, ctx, OPTIMIZER, DeepSpeedConfig(zero_stage=stage, precision=precision),
+        module = build_module(backbone)
+        with_norm(module.model, ModelConfig(backbone="tiny_cnn", norm=norm), ctx.all_gather_with_grad, ctx.device)
+        engine = TrainEngine(module, ctx, optimizer_for(backbone), DeepSpeedConfig(zero_stage=stage, precision=precision),
                              micro_batch=local)
         objective = GlobalBatchObjective(build_sampler(SAMPLER), engine.module.loss, ctx)
         record = {"loss": [], "grads": [], "beta": []}
         for step in range(steps):
-            x, labels, ids = global_batch(step, scenario, ctx.world_size)
+            x, labels, ids = global_batch(step, scenario, ctx.world_size, backbone)
             part = slice(ctx.rank * local, (ctx.rank + 1) * local)
-            result = objective(engine(x[part]), labels[part], ids[part], step)
+            result = objective(engine(x[part].to(ctx.device)), labels[part], ids[part], step)
             engine.backward(result.output.loss)
             record["grads"].append(engine.full_gradients())
             engine.step()
@@ -123,9 +141,11 @@ def main() -> None:
     parser.add_argument("--scenario", default="normal", choices=["normal", "lonely"])
     parser.add_argument("--norm", default="sync", choices=["sync", "local"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--backbone", default="linear", help="linear, or timm:NAME")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: NCCL (benchmarks/bench_gpu.py)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    results = run(args.zero, args.steps, args.scenario, args.norm, args.precision)
+    results = run(args.zero, args.steps, args.scenario, args.norm, args.precision, args.backbone, args.device)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

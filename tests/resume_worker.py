@@ -20,6 +20,7 @@ from dist_dml.trainer import prepare
 def main(config: str, out: str, *overrides: str) -> None:
     cfg = load_config(config, list(overrides))
     ctx = DistContext.from_env(device="cpu")
+    ctx.init_process_group()
     run = prepare(cfg, ctx)
     engine = run.engine.engine
     found = {}

@@ -16,14 +16,14 @@ from tests import equivalence_worker as problem
 STEPS = 3
 
 
-def single_process_reference(steps: int, scenario: str, world_size: int) -> dict:
+def single_process_reference(steps: int, scenario: str, world_size: int, backbone: str = "linear") -> dict:
     """Plain PyTorch, no DeepSpeed, no process group: the whole global batch in one process."""
-    module = problem.build_module()
-    optimizer = build_optimizer(module, problem.OPTIMIZER)
+    module = problem.build_module(backbone)
+    optimizer = build_optimizer(module, problem.optimizer_for(backbone))
     sampler = build_sampler(problem.SAMPLER)
     record = {"loss": [], "grads": [], "beta": []}
     for step in range(steps):
-        x, labels, ids = problem.global_batch(step, scenario, world_size)
+        x, labels, ids = problem.global_batch(step, scenario, world_size, backbone)
         optimizer.zero_grad()
         embeddings = module(x)
         triplets = sampler(embeddings.detach(), labels, 0, len(labels), step)
@@ -77,6 +77,18 @@ def assert_unused_beta_rows_stay(beta: list[dict], world_size: int) -> None:
         present[ids] = True
         assert (~present).any() and torch.equal(after[~present], before[~present])
         assert (after[present] != before[present]).float().mean() > 0.9
+
+
+def test_a_timm_backbone_on_two_ranks_equals_one_process(tmp_path, run_torchrun):
+    """timm:test_resnet (BatchNorm2d layers, made global-batch BatchNorm by model.norm=sync) on 32-px
+    images, under SGD (see equivalence_worker.SGD): 2 ranks under ZeRO 2 give the single process's loss,
+    gradients, parameters and BatchNorm statistics."""
+    out = tmp_path / "result.pt"
+    run_torchrun(2, "tests.equivalence_worker", "--zero", "2", "--steps", str(STEPS), "--backbone", "timm:test_resnet",
+                 "--out", str(out))
+    reference = single_process_reference(STEPS, "normal", 2, "timm:test_resnet")
+    assert any("running_mean" in name and buffer.abs().max() > 1e-3 for name, buffer in reference["buffers"].items())
+    assert_same_run(torch.load(out, weights_only=True)[2], reference)
 
 
 def test_rank_without_triplets_neither_hangs_nor_crashes(tmp_path, run_torchrun):

@@ -74,7 +74,8 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tiny_shards, tmp_path_factory, mlflow_server):
     out = tmp_path_factory.mktemp("run")
-    proc = torchrun_train(2, tiny_overrides(tiny_shards, out, **{"deepspeed.zero_stage": 2}),
+    proc = torchrun_train(2, tiny_overrides(tiny_shards, out, **{"deepspeed.zero_stage": 2,
+                                                                 "tracking.register_as": "tiny_embedder"}),
                           cpu_env(MLFLOW_TRACKING_URI=mlflow_server))
     log = finish(proc)
     return out, log, json.loads((out / "results.json").read_text())
@@ -140,9 +141,48 @@ def test_mlflow_server_has_params_metrics_artifacts(trained, mlflow_server):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [10, 20, 30, 40, 50, 60]
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in paths
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/final_model.pt"]
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/negative_distances.png", "plots/recall_at_k.png", "plots/retrieval_grid.png"}
+
+
+def test_the_final_model_is_a_registered_mlflow_model_that_embeds_as_dist_dml_embed(trained, mlflow_server, tmp_path):
+    """The run's model, registered as tracking.register_as on the server, loads back with
+    mlflow.pyfunc.load_model and gives, for the test split's images as uint8 arrays, the embeddings that
+    `dist-dml embed` writes for them."""
+    import mlflow
+    import numpy as np
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from dist_dml.cli import main as cli
+    from dist_dml.data import Manifest, ReadErrors, decode, read_records
+    from dist_dml.export import read_embeddings
+
+    out, _, results = trained
+    client = MlflowClient(tracking_uri=mlflow_server)
+    (version,) = client.search_model_versions("name='tiny_embedder'")
+    assert version.run_id == results["run_id"] and version.version == "1"
+    experiment = client.get_experiment(client.get_run(results["run_id"]).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        model = mlflow.pyfunc.load_model("models:/tiny_embedder/1")
+    finally:
+        mlflow.set_tracking_uri(None)  # MLflow exported it to os.environ, for every later subprocess
+    inputs, outputs = model.metadata.signature.inputs.inputs[0], model.metadata.signature.outputs.inputs[0]
+    assert (str(inputs.type), inputs.shape, str(outputs.type), outputs.shape) == ("uint8", (-1, -1, -1, 3), "float32",
+                                                                                   (-1, 32))
+    assert cli(["embed", str(out / "final_model.pt"), "--out", str(tmp_path / "emb")]) == 0
+    exported = read_embeddings(tmp_path / "emb")
+    root = yaml.safe_load((out / "config.yaml").read_text())["data"]["root"]
+    ids, arrays = [], []
+    for record in read_records(Manifest(root).shard_paths("test"), ReadErrors()):
+        for (_, data), image_id in zip(record["images"], record["image_ids"]):
+            ids.append(image_id)
+            arrays.append(decode(data).permute(1, 2, 0).numpy())
+    got = model.predict(np.stack(arrays))
+    want = exported.embeddings[np.searchsorted(exported.ids, ids)]
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_killed_rank_resumes_from_last_checkpoint(tiny_shards, tmp_path):

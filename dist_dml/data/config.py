@@ -25,6 +25,9 @@ class DataConfig:
     retry_backoff_s: float = 1.0  # the first wait before a retry; it doubles with each
     cache_dir: str = ""  # remote shards: each downloaded once per machine to this folder, then read locally
     cache_gb: float = 0.0  # the cache's size limit (0: none); the least recently fetched shards go first
+    max_manifest_mb: float = 256.0  # manifest.json is read with this limit (a million classes: about 40 MB)
+    max_image_megapixels: float = 64.0  # an image declaring more pixels is refused before it is decoded
+    self_pairs: bool = False  # train records of one image as two crops of it (else they are counted and skipped)
     verify_sha256: bool = False  # read every shard whole against the manifest's sha256 once per job, before training
 
     @property
@@ -48,6 +51,9 @@ class DataConfig:
             raise ValueError(f"data.seed must be >= 0, got {self.seed}")
         if self.workers < 0 or self.shuffle_buffer < 1:
             raise ValueError("data.workers must be >= 0 and data.shuffle_buffer >= 1")
+        if not 0 < self.max_manifest_mb < float("inf") or not 0 < self.max_image_megapixels < float("inf"):
+            raise ValueError(f"data.max_manifest_mb and data.max_image_megapixels must be positive and finite, got "
+                             f"{self.max_manifest_mb} and {self.max_image_megapixels}")
         if not 0 < self.max_member_mb < float("inf"):
             raise ValueError(f"data.max_member_mb must be positive and finite, got {self.max_member_mb}")
         if not 0 <= self.cache_gb < float("inf"):

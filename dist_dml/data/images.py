@@ -1,8 +1,11 @@
 """Decoding and augmentation: an image's bytes to its uint8 crop, written into its slot of a batch."""
 from __future__ import annotations
 
+import io
 import math
 import random
+import re
+import warnings
 
 import torch
 from torch.utils.data import get_worker_info
@@ -16,13 +19,65 @@ from dist_dml.data.config import DataConfig
 # runs on channels-last uint8 (torch's vectorised path; decode_image already returns that layout),
 # mirrored with probability 1/2. The batch itself is channels-last and, inside a DataLoader worker,
 # in shared memory, so it reaches the main process without another copy. Normalisation runs once
-# per batch where the model runs (normalize_batch).
+# per batch where the model runs (the embedding model, with its backbone's mean and std).
 
-def decode(data: bytes) -> torch.Tensor:
-    """RGB uint8 (3, H, W) (a channels-last view of the decoder's HWC buffer)."""
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than data.max_image_megapixels (a decompression bomb)."""
+
+
+def pixel_limit(cfg: DataConfig) -> int:
+    return int(cfg.max_image_megapixels * 1e6)
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from an image's header alone: imagesize for the formats the reader decodes (about
+    3x cheaper than PIL's header parse, which costs ~8 % of a 256-px JPEG's decode), PIL for the rest."""
+    import imagesize
+
+    try:
+        width, height = imagesize.get(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 -- a malformed header: PIL decides below
+        width = height = -1
+    if width >= 0 and height >= 0:
+        return width, height
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Image.DecompressionBombError as exc:  # above PIL's own limit (twice MAX_IMAGE_PIXELS)
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        return (int(pixels.group(1)) if pixels else 1 << 62), 1
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise ValueError("not a readable image (JPEG, PNG, WebP or GIF)") from None
+
+
+def check_size(data: bytes, max_pixels: int) -> None:
+    """Refuse, from the header alone, an image of more than ``max_pixels`` pixels: a PNG of a few hundred
+    KB can declare 20000 x 20000 pixels, which would decode to 1.2 GB."""
+    width, height = image_size(data)
+    if width * height > max_pixels:
+        shown = f"{width}x{height} pixels" if height > 1 else f"{width} pixels"
+        raise ImageTooLarge(f"{shown}, more than the {max_pixels / 1e6:g} megapixels an image may have "
+                            "(data.max_image_megapixels)")
+
+
+def decode(data: bytes, max_pixels: int | None = None) -> torch.Tensor:
+    """RGB uint8 (3, H, W) (a channels-last view of the decoder's HWC buffer). Greyscale, palette, CMYK and
+    alpha images are converted to RGB, 16-bit ones scaled to 8 bits. With ``max_pixels``, an image whose
+    header declares more is refused (ImageTooLarge) before it is decoded."""
     from torchvision.io import ImageReadMode, decode_image
 
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if max_pixels is not None:
+        check_size(data, max_pixels)
+    image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if image.dtype != torch.uint8:  # a 16-bit PNG
+        from torchvision.transforms.v2.functional import to_dtype
+
+        image = to_dtype(image, torch.uint8, scale=True)
+    return image
 
 
 def crop_box(height: int, width: int, rng: random.Random, scale: tuple[float, float],
@@ -69,7 +124,7 @@ def train_image(data: bytes, cfg: DataConfig, rng: random.Random, out: torch.Ten
     """Training augmentation: random resized crop (area share min_scale..1, aspect 3/4..4/3) to
     image_size, horizontal flip with probability 1/2 where ``cfg.flip``; all draws from ``rng``."""
     out = new_batch(1, cfg.image_size)[0] if out is None else out
-    image = decode(data)
+    image = decode(data, pixel_limit(cfg))
     top, left, h, w = crop_box(image.shape[1], image.shape[2], rng, (cfg.min_scale, 1.0))
     flip = rng.random() < 0.5 and cfg.flip  # drawn either way: the crops stay the same with or without flips
     return resize_into(image[:, top:top + h, left:left + w], out, flip=flip)
@@ -78,8 +133,12 @@ def train_image(data: bytes, cfg: DataConfig, rng: random.Random, out: torch.Ten
 def eval_image(data: bytes, cfg: DataConfig, out: torch.Tensor | None = None) -> torch.Tensor:
     """Evaluation: the shorter side resized to ``resize``, then the central image_size square
     (torchvision's Resize(resize) + CenterCrop(image_size))."""
+    return eval_transform(decode(data, pixel_limit(cfg)), cfg, out)
+
+
+def eval_transform(image: torch.Tensor, cfg: DataConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`eval_image` of an image already decoded: uint8 (3, H, W)."""
     out = new_batch(1, cfg.image_size)[0] if out is None else out
-    image = decode(data)
     _, height, width = image.shape
     short, long = min(height, width), max(height, width)
     scaled = int(cfg.resize * long / short)
@@ -90,13 +149,9 @@ def eval_image(data: bytes, cfg: DataConfig, out: torch.Tensor | None = None) ->
     return resize_into(image[:, top:top + cfg.image_size, left:left + cfg.image_size], out)
 
 
-_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
-
-
-def normalize_batch(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) to float32 normalised with ImageNet's mean and std.
-
-    The streams yield uint8 (a quarter of the bytes to move); this runs where the model runs.
-    """
-    return images.float().sub_(_MEAN.to(images.device)).div_(_STD.to(images.device))
+def normalize_batch(images: torch.Tensor, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> torch.Tensor:
+    """uint8 (B, 3, H, W) to float32 normalised with ``mean`` and ``std`` (0..1 scale; ImageNet's by default),
+    as the embedding model does it for its backbone (dist_dml.models.EmbeddingModel)."""
+    shift = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
+    scale = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+    return images.float().sub_(shift).div_(scale)

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shlex
 from pathlib import Path
 from typing import BinaryIO
@@ -35,10 +36,22 @@ def is_local(location: str) -> bool:
     return not location.startswith("pipe:") and "://" not in location
 
 
+# A shard name as a manifest may give it: plain relative path parts of letters, digits, '.', '_' and '-',
+# none starting with '.' or '-' (no '..', no option to a command), no shell metacharacter, no space.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
+
+
+def is_plain_name(name) -> bool:
+    """Whether ``name`` is a plain relative file name (PLAIN_NAME, at most 255 characters)."""
+    return isinstance(name, str) and len(name) <= 255 and PLAIN_NAME.fullmatch(name) is not None
+
+
 def join(root: str, name: str) -> str:
-    """The location of ``name`` (a manifest's shard name, or manifest.json) under ``root``."""
+    """The location of ``name`` (a manifest's shard name, or manifest.json) under ``root``. In a ``pipe:``
+    command the name is quoted for the shell: a manifest is data, and must never add to a command."""
     root = str(root)
     if root.startswith("pipe:"):
+        name = shlex.quote(name)
         return root.replace("{shard}", name) if "{shard}" in root else root + name
     if "://" in root:
         return root.rstrip("/") + "/" + name
@@ -126,10 +139,18 @@ def close_quietly(stream) -> None:
         pass
 
 
-def read_bytes(location: str) -> bytes:
-    """All of a small file (manifest.json), local or remote."""
+class TooLarge(ValueError):
+    """A small file (manifest.json) that holds more than it may."""
+
+
+def read_bytes(location: str, limit: int) -> bytes:
+    """All of a small file (manifest.json), local or remote, of at most ``limit`` bytes: never more is
+    read (a manifest that is /dev/zero, or a server that does not stop)."""
     stream, _ = open_stream(location)
     try:
-        return stream.read()
+        data = stream.read(limit + 1)
     finally:
         close_quietly(stream)
+    if len(data) > limit:
+        raise TooLarge(f"holds more than {limit / 2**20:,.0f} MB")
+    return data

@@ -20,7 +20,9 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 log = logging.getLogger("dist_dml.data")
 
 
-FAULTS = ("corrupt_shards", "bad_records", "unknown_members", "bad_labels", "bad_images", "dropped_records")
+FAULTS = ("corrupt_shards", "bad_records", "unknown_members", "bad_labels", "bad_images", "dropped_records",
+          "single_image_records")
+LOGGED_PER_KIND = 5  # faults of one kind logged one by one per worker; the rest only counted
 
 
 class ReadErrors:
@@ -30,7 +32,9 @@ class ReadErrors:
     oversized member); bad_records: records without a readable json or with images missing;
     unknown_members: members that are neither json nor an image (never read); bad_labels: records whose
     label or image ids lie outside the split's (per the manifest); bad_images: images that do not decode
-    (the record keeps its others); dropped_records: records left with fewer than 2 decodable images.
+    (the record keeps its others); dropped_records: records left with fewer than 2 decodable images;
+    single_image_records: training records of fewer than 2 images, skipped (no positive pair) unless
+    data.self_pairs trains them as two crops of one image.
     """
 
     def __init__(self, max_member_bytes: int = 256 << 20, classes: int | None = None, images: int | None = None,
@@ -43,6 +47,8 @@ class ReadErrors:
         self.cache = cache  # remote shards are read from local copies there (data.cache_dir)
         self.corrupt_shards: set[str] = set()
         self.bad_records = self.unknown_members = self.bad_labels = self.bad_images = self.dropped_records = 0
+        self.single_image_records = 0
+        self._logged_per_kind: dict[str, int] = {}
         self._reported = (0,) * len(FAULTS)
         self._logged: set[str] = set()
 
@@ -51,8 +57,17 @@ class ReadErrors:
         read again (its slot's last batch) meets the same faults without counting them twice."""
         if what not in self._logged:
             self._logged.add(what)
-            setattr(self, kind, getattr(self, kind) + 1)
+            self.tally(kind, message, *args)
+
+    def tally(self, kind: str, message: str, *args) -> None:
+        """Count a fault of ``kind``; log it if fewer than LOGGED_PER_KIND of its kind were logged here."""
+        setattr(self, kind, getattr(self, kind) + 1)
+        logged = self._logged_per_kind.get(kind, 0)
+        self._logged_per_kind[kind] = logged + 1
+        if logged < LOGGED_PER_KIND:
             log.warning(message, *args)
+        elif logged == LOGGED_PER_KIND:
+            log.warning("more %s in this worker: counted, not logged one by one", kind)
 
     def check_range(self, record: dict, key: str) -> bool:
         """Whether the record's label and image ids lie in the split's ranges; counted and logged if not."""
@@ -83,7 +98,7 @@ class ReadErrors:
     def delta_pending(self) -> tuple[int, ...]:
         """The counts not yet reported by delta()."""
         now = (len(self.corrupt_shards), self.bad_records, self.unknown_members, self.bad_labels, self.bad_images,
-               self.dropped_records)
+               self.dropped_records, self.single_image_records)
         return tuple(a - b for a, b in zip(now, self._reported))
 
     def delta(self) -> dict[str, int]:

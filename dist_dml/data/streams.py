@@ -28,12 +28,23 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_dml.data.config import DataConfig
-from dist_dml.data.images import eval_image, new_batch, train_image
+from dist_dml.data.images import ImageTooLarge, eval_image, new_batch, train_image
 from dist_dml.data.manifest import Manifest
 from dist_dml.data.opener import ShardCache, is_local
 from dist_dml.data.shards import (ReadErrors, Segment, read_records, read_segments, record_windows, undrawn_runs,
                                   verify_shards, window_segments)
+from dist_dml.errors import UserError
 from dist_dml.seeding import mix
+
+class DataError(UserError):
+    """The data cannot give a batch at all (every record of a slot unreadable, or single-image)."""
+
+
+class SplitError(UserError):
+    """A training split that cannot train, found from its manifest alike on every rank."""
+
+    on_every_rank = True
+
 
 # --- loading ------------------------------------------------------------------------------------
 
@@ -43,6 +54,16 @@ def read_errors(cfg: DataConfig, checksums: dict[str, str] | None, classes: int 
     (data.cache_dir) local copies of remote shards."""
     return ReadErrors(int(cfg.max_member_mb * 2**20), classes, images, retries=cfg.read_retries,
                       backoff_s=cfg.retry_backoff_s, checksums=checksums, cache=shard_cache(cfg))
+
+
+def single_image_problem(manifest: Manifest, cfg: DataConfig) -> str | None:
+    """Why the training split cannot train at all: every record holds a single image (no positive pair) and
+    data.self_pairs is off. None otherwise."""
+    records = manifest.records(cfg.train_split)
+    if cfg.self_pairs or manifest.single_image_records(cfg.train_split) < records:
+        return None
+    return (f"{manifest.path}: every one of the {records} records of split {cfg.train_split!r} holds a single "
+            "image, which gives no positive pair; data.self_pairs=true trains each as two crops of its image")
 
 
 def shard_cache(cfg: DataConfig) -> ShardCache | None:
@@ -111,16 +132,18 @@ class TrainStream(IterableDataset):
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, decode_images: bool = True):
         cfg.validate()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        manifest = Manifest(cfg.root)
+        manifest = Manifest(cfg.root, cfg.max_manifest_mb)
         self.shards = manifest.shard_paths(cfg.train_split)
         split = manifest.split(cfg.train_split)
         self.num_classes, self.num_images = split["classes"], split["images"]
         self.records = {path: s["records"] for path, s in zip(self.shards, split["shards"])}
+        self.least_single_records = manifest.single_image_records(cfg.train_split)
+        problem = single_image_problem(manifest, cfg)
+        if problem:
+            raise SplitError(problem)
         self.checksums = manifest.checksums(cfg.train_split) if cfg.verify_sha256 else None
         self.sizes = manifest.sizes(cfg.train_split)
         self.num_records = sum(self.records.values())
-        if not self.shards or not self.num_records:
-            raise ValueError(f"{cfg.root}: split {cfg.train_split!r} has no records")
         self.decode_images = decode_images
         self.epoch, self.step = 0, 0
         self.epochs = 1  # how many epochs a loader runs through (see loader)
@@ -201,6 +224,18 @@ class TrainStream(IterableDataset):
                      f"({fetched / self.num_records:.1f}x the dataset over the network; data.cache_dir fetches "
                      "each shard once per machine)")
         return note
+
+    def single_image_note(self) -> str | None:
+        """A warning about records of a single image, from the manifest's counts alone (single_image_problem
+        has refused a split of nothing else)."""
+        least = self.least_single_records
+        if not least:
+            return None
+        what = ("trained as two crops of their image (data.self_pairs)" if self.cfg.self_pairs else
+                "skipped and counted as single_image_records (data.self_pairs=true trains them as two crops of "
+                "their image)")
+        return (f"the manifest's counts say at least {least} of the {self.num_records} records of split "
+                f"{self.cfg.train_split!r} hold a single image: {what}")
 
     def fetched_records(self, epoch: int) -> int:
         """Records an epoch reads from streams that cannot seek: each window's part of a shard is read from
@@ -330,10 +365,17 @@ class TrainStream(IterableDataset):
         segments = self.slot_segments(epoch)[self.rank * self.workers + worker]
         offsets = self.offsets(epoch)
         buffer: list[dict] = []
-        passes = 0
+        passes = singles = 0
         while True:
             produced = False
             for record in read_segments(segments, errors):
+                if len(record["images"]) < 2 and not self.cfg.self_pairs:  # no positive pair in it: skipped
+                    singles += 1
+                    if passes == 0:  # counted once, however often the window is read
+                        errors.tally("single_image_records", "skipping record %d of shard %s: it holds a single "
+                                     "image (data.self_pairs=true trains it as two crops of that image)",
+                                     record["index"], record["shard"])
+                    continue
                 produced = True
                 record["position"], record["first"] = offsets[record["shard"]] + record["index"], passes == 0
                 if len(buffer) < self.cfg.shuffle_buffer:
@@ -343,7 +385,13 @@ class TrainStream(IterableDataset):
                 buffer[j], record = record, buffer[j]
                 yield record
             if not produced and not buffer:
-                raise RuntimeError(f"rank {self.rank} worker {worker}: no readable record in {segments}")
+                shards = sorted({shard for shard, _, _ in segments})
+                why = (f"its {singles} records hold a single image each (data.self_pairs=true trains them as two "
+                       "crops of one image)" if singles else "every shard it reads is unreadable or corrupt (see the "
+                       "warnings above)")
+                raise DataError(f"rank {self.rank} worker {worker}: no record of the training split to draw from in "
+                                f"its window ({len(shards)} shards: {', '.join(shards[:3])}"
+                                f"{', ...' if len(shards) > 3 else ''}): {why}")
             # The pass is over: empty the buffer, then draw again from the window, in another order.
             rng.shuffle(buffer)
             yield from buffer
@@ -370,8 +418,8 @@ class TrainStream(IterableDataset):
                     dropped.append(r)
             kept = [r for r in range(len(chosen)) if r not in dropped]
             if not kept:
-                raise RuntimeError(f"rank {self.rank}: no record of a batch has 2 decodable images: "
-                                   f"{sorted({record['shard'] for record, _ in chosen})}")
+                raise DataError(f"rank {self.rank}: no record of a batch has 2 decodable images (shards "
+                                f"{', '.join(sorted({record['shard'] for record, _ in chosen}))}): see the warnings above")
             k = cfg.images_per_class
             for r in dropped:  # its places: a copy of the nearest kept record's images
                 donor = max((d for d in kept if d < r), default=min(kept))
@@ -402,10 +450,10 @@ class TrainStream(IterableDataset):
             try:
                 train_image(record["images"][i][1], self.cfg, rng, out[slot])
                 return True
-            except (RuntimeError, ValueError):
+            except (RuntimeError, ValueError) as exc:
                 bad.add(i)
                 errors.fault("bad_images", f"{record['shard']}#{record['items'][i]}", "skipping image %s of shard "
-                             "%s: it does not decode", record["items"][i], record["shard"])
+                             "%s: %s", record["items"][i], record["shard"], _why(exc))
                 return False
 
         for slot, pick in enumerate(picks):
@@ -433,6 +481,11 @@ class TrainStream(IterableDataset):
         return used
 
 
+def _why(exc: Exception) -> str:
+    """Why an image was not used, for the fault's log line: the size refused, else that it does not decode."""
+    return str(exc) if isinstance(exc, ImageTooLarge) else "it does not decode"
+
+
 # --- evaluation stream --------------------------------------------------------------------------
 
 class EvalBatch(NamedTuple):
@@ -453,7 +506,7 @@ class EvalStream(IterableDataset):
     def __init__(self, cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1, batch_size: int = 128,
                  decode_images: bool = True):
         self.cfg, self.split, self.rank, self.world_size = cfg, split, rank, world_size
-        manifest = Manifest(cfg.root)
+        manifest = Manifest(cfg.root, cfg.max_manifest_mb)
         self.shards = manifest.shard_paths(split)
         self.num_images = manifest.split(split)["images"]
         self.num_classes = manifest.split(split)["classes"]
@@ -495,9 +548,9 @@ class EvalStream(IterableDataset):
                 try:
                     eval_image(entry[0], self.cfg, images[len(good)])
                     good.append(entry)
-                except (RuntimeError, ValueError):
-                    errors.fault("bad_images", f"{entry[5]}#{entry[4]}", "leaving out image %s of shard %s: it does "
-                                 "not decode", entry[4], entry[5])
+                except (RuntimeError, ValueError) as exc:
+                    errors.fault("bad_images", f"{entry[5]}#{entry[4]}", "leaving out image %s of shard %s: %s",
+                                 entry[4], entry[5], _why(exc))
             pending, images = good, images[:len(good)]
         _, labels, ids, classes, items, _ = zip(*pending) if pending else ((),) * 6
         return EvalBatch(images, torch.tensor(labels, dtype=torch.long), torch.tensor(ids, dtype=torch.long),
@@ -507,7 +560,7 @@ class EvalStream(IterableDataset):
 def images_by_id(cfg: DataConfig, split: str, wanted) -> dict[int, torch.Tensor]:
     """The evaluation-transformed uint8 images of the given image ids (for plots), one pass over the split."""
     wanted, found = set(int(i) for i in wanted), {}
-    manifest = Manifest(cfg.root)
+    manifest = Manifest(cfg.root, cfg.max_manifest_mb)
     checksums = manifest.checksums(split) if cfg.verify_sha256 else None
     for record in read_records(manifest.shard_paths(split), read_errors(cfg, checksums)):
         for (_, data), image_id in zip(record["images"], record["image_ids"]):
