@@ -28,6 +28,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() e
 # DeepSpeed JIT-builds ops into TORCH_EXTENSIONS_DIR, by default a per-user cache that every Python
 # environment on the machine shares (under one lock). Keep them in this environment instead.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+# torch builds them with the first `ninja` on PATH, and ninja's versions hash a command line differently (1.11
+# and the 1.13 that DeepSpeed installs here): a process that finds the system's ninja after one that found
+# this environment's rebuilds the op (a minute), and the next one again. This environment's ninja, always.
+_BIN = str(Path(sys.executable).parent)
+if (Path(_BIN) / "ninja").is_file() and os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 if os.environ["DS_ACCELERATOR"] == "cpu":  # "No CUDA runtime is found": true, and beside the point on the CPU
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 # DeepSpeed's ZeRO calls torch's all_gather_into_tensor, deprecated in torch 2.14: one FutureWarning per

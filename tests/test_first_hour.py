@@ -137,6 +137,25 @@ def test_deepspeed_op_build_is_announced_and_lands_in_the_environment(tmp_path):
     assert out.stdout.strip() == str(Path(sys.prefix) / "torch_extensions"), out.stderr
 
 
+def test_the_cpu_op_is_built_once_whatever_is_on_path():
+    """DeepSpeed loads its CPU op through torch, which runs the first `ninja` on PATH; ninja 1.11 (the
+    system's) and 1.13 (this environment's) hash a build command differently, so alternating starts
+    rebuilt the op each time (`./dml demo` then `./dml test`). Every start now uses this environment's."""
+    load = ("import dist_dml.engine; from deepspeed.accelerator import get_accelerator; "
+            "from torch.utils.cpp_extension import _get_build_directory as where; "
+            "get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False); "
+            "print(where('deepspeed_shm_comm', verbose=False))")
+    first = subprocess.run([sys.executable, "-c", load], env=cpu_env(), check=True, capture_output=True, text=True,
+                           timeout=HANG_GUARD_S)
+    built = Path(first.stdout.strip().splitlines()[-1]) / "deepspeed_shm_comm.so"
+    before = built.stat().st_mtime_ns
+    system_first = {**cpu_env(), "PATH": "/usr/bin:/bin"}  # a bare start: the system's ninja first, if any
+    for env in (system_first, cpu_env()):
+        proc = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert built.stat().st_mtime_ns == before
+
+
 def test_each_loss_has_its_own_default_margin(tiny_shards):
     assert LossConfig().alpha == 0.2 and LossConfig(kind="triplet").alpha == 0.2
     assert LossConfig(kind="contrastive").alpha == 1.0 and LossConfig(kind="contrastive", alpha=0.5).alpha == 0.5
