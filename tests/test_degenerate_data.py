@@ -161,3 +161,14 @@ def test_embed_of_a_nan_model_writes_nothing(tiny_shards, tmp_path, capsys):
     assert code == 2 and len(errors) == 1, errors
     assert "embeddings are not finite" in errors[0] and "so nothing is written" in errors[0]
     assert not list((tmp_path / "emb").glob("*"))
+
+
+def test_the_served_model_refuses_a_batch_with_a_nan_embedding(tiny_shards, tmp_path):
+    """What the logged MLflow Model runs (export.embed_array): a batch whose embedding is not finite for
+    some image is refused, naming the rows."""
+    from dist_dml.export import embed_array, load_checkpoint
+
+    model, config = load_checkpoint(model_of(tiny_shards, tmp_path / "run", **{"head.bias": float("nan")}))
+    images = np.random.default_rng(0).integers(0, 256, (3, 40, 50, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"the embeddings of 3 of 3 images are not finite .* rows \[0, 1, 2\]"):
+        embed_array(model, config, images)

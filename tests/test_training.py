@@ -21,7 +21,8 @@ CONFIG = str(ROOT / "configs/cpu_synthetic.yaml")
 
 
 def torchrun_train(nproc, overrides, env, max_restarts=0, timeout=HANG_GUARD_S):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+    """Under torchrun as the launch scripts run it (dist_dml.launch: restarts on a crash, not on exit 2)."""
+    cmd = [sys.executable, "-m", "dist_dml.launch", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            f"--max_restarts={max_restarts}", "-m", "dist_dml.cli", "train", CONFIG, *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
