@@ -13,6 +13,7 @@ artifact per resume), since MLflow refuses to change a logged param.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -137,8 +138,11 @@ class MlflowTracker:
         # Bounded cost per call where a server stops answering mid-run (MLflow's defaults: 120 s x 7 retries).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(config.timeout_s, 1))))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # in the middle of the training's log
         import mlflow
 
+        if not os.environ.get("MLFLOW_LOGGING_LEVEL"):  # MLflow's INFO lines (its database, registrations) are its own
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.mlflow = mlflow
         uri = tracking_uri(config)
         if uri:

@@ -170,6 +170,7 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
         results["untrained"] = _evaluate(cfg, engine, ctx, tracker, step)
 
     meter = _Meter(ctx, cfg.train.log_every, total_steps, step, cfg.train.collapse_spread)
+    epochs = EpochReport(ctx, tracker)
     meter.load_state_dict(resumed)
     bad_in_row, status = 0, "FAILED"
     try:
@@ -191,14 +192,16 @@ def _train(cfg: RunConfig, ctx: DistContext) -> dict:
             stream.consume(batch)
             finished = stream.advance()
             if finished is not None:
-                _report_epoch(batch["epoch"], finished, ctx, tracker, step)
-            meter.update(result, batch, engine, tracker, step)
+                epochs.finished(batch["epoch"], _global_draws(finished, ctx), step)
+            if meter.update(result, batch, engine, tracker, step):
+                epochs.flush()
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
                 _evaluate(cfg, engine, ctx, tracker, step)
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                 _save(checkpoints, engine, stream, cfg, step, run.run_id, tracker.run_id, meter)
             if step >= total_steps:
                 break
+        epochs.flush()
         _save(checkpoints, engine, stream, cfg, step, run.run_id, tracker.run_id, meter)
         results["trained"] = _evaluate(cfg, engine, ctx, tracker, step, final=True)
         results["steps"] = step
@@ -318,18 +321,40 @@ def _global_draws(draws: tuple[np.ndarray, np.ndarray], ctx: DistContext) -> np.
     return before + summed
 
 
-def _report_epoch(epoch: int, finished, ctx: DistContext, tracker, step: int) -> None:
-    """At an epoch's end, on every rank: how many of its records were drawn, and how often."""
-    drawn = _global_draws(finished, ctx)
-    once, never, again = int((drawn == 1).sum()), int((drawn == 0).sum()), int((drawn > 1).sum())
-    if ctx.is_main:
-        tracker.log_metrics({"epoch_records_drawn": float(once + again), "epoch_records_missed": float(never)}, step)
+class EpochReport:
+    """How many of each epoch's records were drawn, and how often (its metrics logged at its end). An epoch
+    that missed a record or drew one again is printed at once; epochs whose every record was drawn once are
+    printed together with the next log line (a short epoch would otherwise fill the log)."""
+
+    def __init__(self, ctx: DistContext, tracker):
+        self.ctx, self.tracker = ctx, tracker
+        self.clean: list[tuple[int, int, int]] = []  # (epoch, its last step, records), not printed yet
+
+    def finished(self, epoch: int, drawn: np.ndarray, step: int) -> None:
+        """``drawn``: the epoch's draws per record over all ranks (the same on every rank)."""
+        once, never, again = int((drawn == 1).sum()), int((drawn == 0).sum()), int((drawn > 1).sum())
+        if not self.ctx.is_main:
+            return
+        self.tracker.log_metrics({"epoch_records_drawn": float(once + again), "epoch_records_missed": float(never)},
+                                 step)
         if never == 0 and again == 0:
-            print(f"[train] epoch {epoch} done at step {step}: each of its {len(drawn)} records drawn once", flush=True)
+            self.clean.append((epoch, step, len(drawn)))
+            return
+        self.flush()
+        print(f"[train] epoch {epoch} done at step {step}: {once} of its {len(drawn)} records drawn once, "
+              f"{never} never (unreadable or skipped: see the reader's warnings), {again} more than once (fewer "
+              f"records than classes_per_batch per slot)", flush=True)
+
+    def flush(self) -> None:
+        if not self.clean or not self.ctx.is_main:
+            return
+        (first, _, records), (last, step, _) = self.clean[0], self.clean[-1]
+        if first == last:
+            print(f"[train] epoch {first} done at step {step}: each of its {records} records drawn once", flush=True)
         else:
-            print(f"[train] epoch {epoch} done at step {step}: {once} of its {len(drawn)} records drawn once, "
-                  f"{never} never (unreadable: see the reader's warnings), {again} more than once (fewer records "
-                  f"than classes_per_batch per slot)", flush=True)
+            print(f"[train] epochs {first}-{last} done by step {step}: in each, each of its {records} records drawn "
+                  "once", flush=True)
+        self.clean.clear()
 
 
 def config_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple]:
@@ -446,7 +471,8 @@ class _Meter:
             self.skipped = int(state.get("skipped_steps", 0))
             self.faults.update({k: int(v) for k, v in state.get("data_faults", {}).items() if k in self.faults})
 
-    def update(self, result: StepResult, batch: dict, engine, tracker, step: int) -> None:
+    def update(self, result: StepResult, batch: dict, engine, tracker, step: int) -> bool:
+        """Add a step to the window; at the end of a log window, reduce, log and print it (returns True)."""
         out, triplets, stats = result.output, result.triplets, result.output.stats
         # The step's device scalars in one transfer (each float() would be a host sync of its own on a GPU).
         keys = ("loss", "active", "terms", "d_ap_sum", "d_an_sum", "triplets", "beta_sum", "spread", "beta_min",
@@ -469,7 +495,7 @@ class _Meter:
         d_an = out.negative_distances.float().cpu()
         self.window_histogram += torch.histc(d_an, bins=HIST_BINS, min=0.0, max=2.0)
         if step % self.every and step != self.total:
-            return
+            return False
         metrics = self._reduce(engine, step, has_beta="beta_sum" in stats)
         self._watch_collapse(metrics, tracker, step)
         if self.ctx.is_main:
@@ -480,6 +506,7 @@ class _Meter:
                   f"fallback={metrics['fallback_rate']:.3f} "
                   f"images/s={metrics['images_per_s']:.0f} ETA {_duration(metrics['eta_s'])}"
                   + "".join(f" {k}={v}" for k, v in self.faults.items() if v), flush=True)
+        return True
 
     def _watch_collapse(self, metrics: dict[str, float], tracker, step: int) -> None:
         """Warn (log and MLflow) when the embeddings collapse: the window's spread (RMS distance between the
