@@ -20,7 +20,9 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
+from typing import Protocol
 
 from dist_dml.distributed import DistContext
 from dist_dml.errors import UserError, as_write_error
@@ -94,13 +96,9 @@ class Checkpointer:
             report(f"[checkpoint] `latest` names {hint or 'nothing'}; the newest whole checkpoint is {chosen}")
         return chosen
 
-    def latest(self) -> str | None:
-        """The newest whole checkpoint (what `resume: auto` continues from)."""
-        return self.newest_whole()
-
     def saved_already(self, step: int) -> bool:
         """Whether the newest whole checkpoint is this step's; decided by rank 0 for every rank."""
-        return bool(self.ctx.broadcast_object(self.latest() == f"step{step:08d}" if self.ctx.is_main else None))
+        return bool(self.ctx.broadcast_object(self.newest_whole() == f"step{step:08d}" if self.ctx.is_main else None))
 
     def save(self, engine, step: int, client_state: dict, meta: dict) -> str:
         """Every rank: ``client_state`` goes into DeepSpeed's files, ``meta`` (JSON) into the index."""
@@ -162,9 +160,6 @@ class Checkpointer:
             base = converted.name.split(".")[0]
             if converted.name.endswith(".tmp") or not (self.directory / base).is_dir() or (whole and whole[0] > base):
                 shutil.rmtree(converted, ignore_errors=True)
-
-    def load(self, engine, tag: str) -> dict:
-        return engine.load(self.directory, tag)
 
 
 def read_meta(checkpoint: Path) -> dict:
@@ -255,3 +250,131 @@ def resume_problem(config, world_size: int) -> str | None:
         return (f"{how}{target}, saved at {world} processes by a dist-dml that did not record the data position in "
                 f"global samples; this run has {world_size}. Resume with {world} processes{fresh}")
     return None
+
+
+class Stateful(Protocol):
+    """A part of a run that a checkpoint keeps: the data position, the meters, the RNG, the tracker's run, a
+    cross-batch memory. ``state_dict`` is called on every rank (it may hold collectives) and returns what
+    torch.save and weights_only loading take (tensors, numbers, strings, lists and dicts of them)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class CheckpointManager:
+    """A training's checkpoints. Built before the engine (whether the checkpoint to load is a universal one
+    decides how the engine is built), it chooses the checkpoint to continue from (rank 0 picks it, every
+    rank gets its pick) and converts one saved at another world size; it is then given the run's stateful
+    parts once (:meth:`register`), restores each from the checkpoint with the engine (model, optimizer,
+    schedule: DeepSpeed's own files), saves them all, and prunes. Adding a part to a run is one
+    register call."""
+
+    def __init__(self, config, ctx: DistContext):
+        self.config, self.ctx = config, ctx
+        self.store = Checkpointer(Path(config.train.output_dir) / "checkpoints", config.checkpoint.keep_last, ctx)
+        self.parts: dict[str, Stateful] = {}
+        self.target = self._choose()
+        self.load_from, self.universal = self._loadable() if self.target is not None else (None, False)
+        self.meta = read_meta(self.target) if self.target is not None else {}
+
+    def register(self, name: str, part: Stateful) -> None:
+        self.parts[name] = part
+
+    def _choose(self) -> Path | None:
+        """The checkpoint to continue from, or None for a fresh run: rank 0 picks it (reporting any it passes
+        over) and every rank gets its pick, or the same CheckpointError."""
+        chosen = None
+        if self.ctx.is_main:
+            try:
+                chosen = ("path", str(resume_target(self.config, report=lambda line: print(line, flush=True)) or ""))
+            except CheckpointError as exc:
+                chosen = ("error", str(exc))
+        kind, value = self.ctx.broadcast_object(chosen)
+        if kind == "error":  # every rank stops alike
+            raise CheckpointError(value)
+        return Path(value) if value else None
+
+    def _loadable(self) -> tuple[Path, bool]:
+        """(folder to load, whether it is a universal checkpoint). ZeRO-1/2 optimizer state saved at another
+        world size is partitioned for that one: rank 0 converts it once to DeepSpeed's universal checkpoint
+        (kept beside it as stepN.universal), which any world size loads."""
+        from dist_dml.engine import to_universal
+
+        target, ctx = self.target, self.ctx
+        stage = int(read_meta(target).get("zero_stage", self.config.deepspeed.zero_stage))
+        world = saved_world_size(target)
+        if stage == 0 or world in (None, ctx.world_size):
+            return target, False
+        dest = target.with_name(target.name + ".universal")
+        outcome = None
+        if ctx.is_main:
+            try:
+                if not dest.is_dir():
+                    print(f"[checkpoint] {target} holds ZeRO-{stage} optimizer state partitioned over {world} "
+                          f"processes; converting it for {ctx.world_size} into a universal checkpoint at {dest} "
+                          "(seconds for a small model, about a minute per GB of checkpoint)", flush=True)
+                    started = time.time()
+                    to_universal(target, dest)
+                    print(f"[checkpoint] converted in {time.time() - started:.0f}s", flush=True)
+            except Exception as exc:  # noqa: BLE001 -- any failure of the converter stops every rank alike
+                outcome = f"cannot convert {target} (saved at {world} processes) for {ctx.world_size}: {exc}"
+        outcome = ctx.broadcast_object(outcome)
+        if outcome:
+            raise CheckpointError(outcome + f"; resume with {world} processes instead")
+        return dest, True
+
+    def restore(self, engine) -> int:
+        """Load the chosen checkpoint into the engine and every registered part; the step it was saved at
+        (0 for a fresh run)."""
+        if self.target is None:
+            return 0
+        state = engine.load(self.load_from.parent, self.load_from.name)
+        saved = state.get("parts") or _flat_parts(state)
+        for name, part in self.parts.items():
+            if name not in saved:
+                continue  # a part the checkpoint's run did not have: it starts afresh
+            try:
+                part.load_state_dict(saved[name])
+            except ValueError as exc:
+                raise CheckpointError(f"cannot continue the {name} of {self.target}: {exc}") from None
+        return int(state["step"])
+
+    def changes(self) -> dict[str, tuple]:
+        """{section.key: (saved, now)}: this run's config against the chosen checkpoint's."""
+        return config_changes(self.meta.get("config", {}), self.config) if self.target is not None else {}
+
+    def save(self, engine, step: int, run_id: str) -> None:
+        """Every rank: the engine and every part at ``step`` (nothing if that step is saved already). The
+        index holds, besides the files, what a launch check reads without unpickling: the step, the run,
+        the world size, the ZeRO stage, the config, and each part's plain values."""
+        if self.store.saved_already(step):
+            return
+        states = {name: part.state_dict() for name, part in self.parts.items()}
+        meta = {"step": step, "run_id": run_id, "world_size": self.ctx.world_size,
+                "zero_stage": self.config.deepspeed.zero_stage, "config": self.config.to_dict(),
+                **{name: {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool))}
+                   for name, state in states.items()}}
+        self.store.save(engine, step, {"step": step, "parts": states}, meta)
+
+
+def _flat_parts(state: dict) -> dict:
+    """The parts of a checkpoint written before they were named (dist-dml of turn 3, flat client state)."""
+    meter = {k: state[k] for k in ("negative_histogram", "histogram_from", "skipped_steps", "data_faults") if k in state}
+    return {"data": state.get("data"), "rng": {"torch": state.get("torch_rng")}, "meter": meter,
+            "tracker": {"mlflow_run_id": state.get("mlflow_run_id", "")}}
+
+
+def config_changes(saved: dict, cfg) -> dict[str, tuple]:
+    """{section.key: (saved value, this run's)} for every key that differs (a key the saved config lacks
+    counts as changed from None)."""
+    now = cfg.to_dict()
+    changes = {}
+    for section, values in now.items():
+        for key, value in values.items():
+            was = saved.get(section, {}).get(key)
+            value = list(value) if isinstance(value, tuple) else value
+            was = list(was) if isinstance(was, tuple) else was
+            if was != value:
+                changes[f"{section}.{key}"] = (was, value)
+    return changes

@@ -222,7 +222,7 @@ def test_killed_rank_resumes_from_last_checkpoint(tiny_shards, tmp_path):
     assert not list(ckpt.glob("*.partial"))
     # The sampled-negative histogram spans the whole run across the resume: one draw per (anchor,
     # positive) pair, 2 ranks x 8 classes x 3 images, 2 positives each, every step from step 1.
-    state = checkpoint_client_state(ckpt / "step00000040")
+    state = checkpoint_client_state(ckpt / "step00000040")["parts"]["meter"]
     assert state["histogram_from"] == 1
     assert float(state["negative_histogram"].sum()) == 40 * (2 * 8 * 3) * 2
 
