@@ -246,7 +246,9 @@ def main() -> int:
              "nothing was run (--smoke runs its code paths on the CPU)")
         return NO_CUDA
     device = "cpu" if args.smoke else "cuda"
-    os.environ["DS_ACCELERATOR"] = "cpu" if args.smoke else os.environ.get("DS_ACCELERATOR", "cuda")
+    from dist_dml.accelerator import configure
+
+    configure(device)
     gpus = torch.cuda.device_count() if not args.smoke else 0
     started = time.time()
     line(f"[bench_gpu] {'smoke test on the CPU' if args.smoke else torch.cuda.get_device_name(0)}, {gpus} GPU(s), "

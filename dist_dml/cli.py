@@ -22,39 +22,44 @@ def _config_path(name: str) -> Path:
     raise FileNotFoundError(f"{name}: not found in {Path.cwd()} or {REPO}")
 
 
-def _checked_config(command: str, config: str, overrides: list[str], world_size: int):
-    """The run's config if it is valid and can resume where it would at ``world_size`` processes;
-    else the reason on stderr and None."""
-    from dist_dml.checkpoint import resume_problem
+def _config(command: str, config: str, overrides: list[str]):
+    """The run's config if it is valid, else the reason on stderr and None."""
     from dist_dml.config import ConfigError, load_config
 
     try:
-        cfg = load_config(config, overrides)
+        return load_config(config, overrides)
     except ConfigError as exc:
         print(f"dist-dml {command}: error: {exc}", file=sys.stderr)
         return None
+
+
+def _resume_refused(cfg, world_size: int) -> bool:
+    """Whether the run cannot resume where it would at ``world_size`` processes (said on stderr)."""
+    from dist_dml.checkpoint import resume_problem
+
     problem = resume_problem(cfg, world_size)
     if problem:
-        print(f"dist-dml {command}: error: cannot resume: {problem}", file=sys.stderr)
-        return None
-    return cfg
+        print(f"dist-dml train: error: cannot resume: {problem}", file=sys.stderr)
+    return problem is not None
 
 
 def train_command(args: argparse.Namespace) -> int:
-    """One process of a run (torchrun, srun or alone): validate the config and the resume, then train."""
-    from dist_dml.distributed import DistContext
+    """One process of a run (torchrun, srun or alone): validate the config and the resume, then train in the
+    process group this command owns."""
+    from dist_dml.accelerator import configure
+    from dist_dml.distributed import DistContext, process_group
 
-    world = DistContext.from_env().world_size
-    cfg = _checked_config("train", args.config, args.overrides, world)
+    cfg = _config("train", args.config, args.overrides)
     if cfg is None:
+        return 2
+    configure(cfg.train.device)
+    ctx = DistContext.from_env(device=cfg.train.device)
+    if _resume_refused(cfg, ctx.world_size):
         return 2
     from dist_dml.trainer import train
 
-    ctx = DistContext.from_env(device=cfg.train.device)
-    try:
+    with process_group(ctx, cfg.deepspeed.timeout_minutes):
         results = train(cfg, ctx)
-    finally:
-        ctx.shutdown()
     if ctx.is_main:
         _train_summary(cfg, results)
     from dist_dml.evaluation import EvaluationIncomplete, evaluation_problem
@@ -82,8 +87,8 @@ def _train_summary(cfg, results: dict) -> None:
 
 def check_command(args: argparse.Namespace) -> int:
     """The launch scripts' check before torchrun starts: config, data, and whether the resume applies."""
-    cfg = _checked_config("train", args.config, args.overrides, args.world_size)
-    if cfg is None:
+    cfg = _config("train", args.config, args.overrides)
+    if cfg is None or _resume_refused(cfg, args.world_size):
         return 2
     from dist_dml.run_folder import folder_problem
 
@@ -130,7 +135,9 @@ def fetch_weights_command(args: argparse.Namespace) -> int:
 
 def setup_command(args: argparse.Namespace) -> int:
     """Prepare this environment once: DeepSpeed's CPU communication op (built here, with a message)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from dist_dml.accelerator import configure
+
+    configure("auto")
     from dist_dml.engine import prepare_comm_op
 
     prepare_comm_op(announce=True)
@@ -142,8 +149,9 @@ def setup_command(args: argparse.Namespace) -> int:
 def _on_checkpoint(args: argparse.Namespace, work) -> int:
     """Run ``work(model, config, context)`` for eval/embed: the checkpoint with its overrides, and a
     process group if launched, shut down afterwards. 2 (with the reason) on a bad checkpoint or config."""
+    from dist_dml.accelerator import configure
     from dist_dml.config import ConfigError
-    from dist_dml.distributed import DistContext
+    from dist_dml.distributed import DistContext, process_group
     from dist_dml.export import load_checkpoint
 
     try:
@@ -151,13 +159,10 @@ def _on_checkpoint(args: argparse.Namespace, work) -> int:
     except (ConfigError, FileNotFoundError, KeyError) as exc:
         print(f"dist-dml {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    configure(cfg.train.device)
     ctx = DistContext.from_env(device=cfg.train.device)
-    if ctx.world_size > 1:
-        ctx.init_process_group(timeout_minutes=cfg.deepspeed.timeout_minutes)
-    try:
+    with process_group(ctx, cfg.deepspeed.timeout_minutes):
         return work(model.to(ctx.device), cfg, ctx)
-    finally:
-        ctx.shutdown()
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -464,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if debug:
             raise
-        rank = int(os.environ.get("RANK", "0") or 0)
+        from dist_dml.distributed import env_rank
+
+        rank = env_rank()
         if rank == 0 or not exc.on_every_rank:
             where = f" (rank {rank})" if rank else ""
             print(f"dist-dml {args.command}: error{where}: {_one_line(exc)}", file=sys.stderr, flush=True)

@@ -16,13 +16,14 @@ model and for every beta part.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -83,8 +84,6 @@ class DistContext:
             MASTER_ADDR=self.master_addr,
             MASTER_PORT=str(self.master_port),
         )
-        if self.device.type == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     def init_process_group(self, timeout_minutes: float = 30.0) -> None:
         """Start the process group (also for one process: DeepSpeed needs one)."""
@@ -180,6 +179,25 @@ class DistContext:
     def barrier(self) -> None:
         if self._active():
             dist.barrier()
+
+
+@contextlib.contextmanager
+def process_group(ctx: DistContext, timeout_minutes: float = 30.0) -> Iterator[DistContext]:
+    """The one owner of a process's process group: ``ctx``'s group (DistContext.from_env) opened with
+    ``timeout_minutes`` for every collective, and closed on the way out however the block ends. Everything
+    inside receives the live context and never starts, stops or re-reads the world."""
+    ctx.init_process_group(timeout_minutes=timeout_minutes)
+    try:
+        yield ctx
+    finally:
+        ctx.shutdown()
+
+
+def env_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's rank per torchrun's or SLURM's environment (0 outside them), without a process group:
+    for a message printed before or after one exists."""
+    env = os.environ if env is None else env
+    return int(env.get("RANK") or env.get("SLURM_PROCID") or 0)
 
 
 def _all_gather_autograd(tensor: Tensor) -> Tensor:

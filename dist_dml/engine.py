@@ -1,4 +1,6 @@
-"""The one module that imports DeepSpeed: engine, parameter groups, precision, ZeRO 0-2.
+"""The one module that imports DeepSpeed: engine, parameter groups, precision, ZeRO 0-2. The process
+must be prepared for it first (dist_dml.accelerator.configure) and its process group live
+(dist_dml.distributed.process_group).
 
 Parameter groups: the backbone, the embedding head, and beta (the loss's parameters), each with its
 own learning rate; beta never gets weight decay. The learning-rate schedule is a torch LambdaLR
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import sys
 import time
@@ -17,41 +18,21 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import deepspeed
 import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+from deepspeed.utils.tensor_fragment import fragment_address
 from torch import Tensor, nn
 
+from dist_dml.accelerator import on_cpu
 from dist_dml.distributed import DistContext
 from dist_dml.engine_config import DeepSpeedConfig, OptimizerConfig
 from dist_dml.errors import as_write_error
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-# DeepSpeed JIT-builds ops into TORCH_EXTENSIONS_DIR, by default a per-user cache that every Python
-# environment on the machine shares (under one lock). Keep them in this environment instead.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-# torch builds them with the first `ninja` on PATH, and ninja's versions hash a command line differently (1.11
-# and the 1.13 that DeepSpeed installs here): a process that finds the system's ninja after one that found
-# this environment's rebuilds the op (a minute), and the next one again. This environment's ninja, always.
-_BIN = str(Path(sys.executable).parent)
-if (Path(_BIN) / "ninja").is_file() and os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
-    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
-if os.environ["DS_ACCELERATOR"] == "cpu":  # "No CUDA runtime is found": true, and beside the point on the CPU
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-# DeepSpeed's ZeRO calls torch's all_gather_into_tensor, deprecated in torch 2.14: one FutureWarning per
-# rank and run that the user can do nothing about.
-warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                        category=FutureWarning)
-import deepspeed  # noqa: E402
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
-from deepspeed.runtime.fp16.loss_scaler import LossScaler  # noqa: E402
-from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
-from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
-# Our optimizer is torch's own with the lazy beta rows (lazy_rows): DeepSpeed calls every client
-# optimizer under ZeRO "untested" at every start; the warning says nothing to act on.
-deepspeed.utils.logger.addFilter(lambda record: "untested optimizer" not in record.getMessage())
-# Loading a universal checkpoint without tensor parallelism (ours): "setting tp size to 1", once per rank.
-deepspeed.utils.logger.addFilter(lambda record: "MPU is not provided" not in record.getMessage())
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -61,13 +42,30 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 
 
 COMM_OP_BUILD = "under a minute on 2 idle cores, a few minutes on a busy machine"
+_QUIET = []  # set once quiet_deepspeed has run in this process
+
+
+def quiet_deepspeed() -> None:
+    """Keep out of the log what says nothing to act on (once per process, when an engine is built)."""
+    if _QUIET:
+        return
+    _QUIET.append(True)
+    # DeepSpeed's ZeRO calls torch's all_gather_into_tensor, deprecated in torch 2.14: one FutureWarning per
+    # rank and run that the user can do nothing about.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+    # Our optimizer is torch's own with the lazy beta rows (lazy_rows): DeepSpeed calls every client
+    # optimizer under ZeRO "untested" at every start.
+    deepspeed.utils.logger.addFilter(lambda record: "untested optimizer" not in record.getMessage())
+    # Loading a universal checkpoint without tensor parallelism (ours): "setting tp size to 1", once per rank.
+    deepspeed.utils.logger.addFilter(lambda record: "MPU is not provided" not in record.getMessage())
 
 
 def prepare_comm_op(announce: bool = True) -> None:
     """Build DeepSpeed's CPU shared-memory communication op now if this environment lacks it, saying so
     first (DeepSpeed would build it silently inside the first training's start-up). CPU only; the
     build lands in TORCH_EXTENSIONS_DIR. Processes that find another one building it wait, and say so."""
-    if os.environ.get("DS_ACCELERATOR") != "cpu":
+    if not on_cpu():
         return
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
@@ -206,7 +204,7 @@ def _load_universal_groups_with_a_share(zero) -> None:
         while keep and empty[keep - 1]:
             keep -= 1
         if any(empty[:keep]):
-            raise RuntimeError(f"param group {empty.index(True)} has no element on rank {dist_rank()}: a universal "
+            raise RuntimeError(f"param group {empty.index(True)} has no element on rank {torch.distributed.get_rank()}: a universal "
                                "checkpoint cannot be loaded at this world size")
         saved = list(groups)
         groups[:] = saved[:keep]
@@ -216,10 +214,6 @@ def _load_universal_groups_with_a_share(zero) -> None:
             groups[:] = saved
 
     zero._load_universal_checkpoint = load
-
-
-def dist_rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def lazy_rows(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
@@ -314,10 +308,13 @@ class TrainEngine:
         optimizer.validate()
         config.validate()
         self.ctx = ctx
-        os.environ["DEEPSPEED_TIMEOUT"] = str(int(config.timeout_minutes))
+        if not torch.distributed.is_initialized():
+            raise RuntimeError("TrainEngine needs a live process group: enter distributed.process_group first")
+        quiet_deepspeed()
         prepare_comm_op(announce=ctx.local_rank == 0)
-        ctx.init_process_group(timeout_minutes=config.timeout_minutes)
-        with _without_lines("built successfully"):  # DeepSpeed's line per rank on loading its CPU op
+        # DeepSpeed's comm layer over the live group (not a group of its own), less its line per rank on
+        # loading its CPU op.
+        with _without_lines("built successfully"):
             deepspeed.init_distributed(dist_backend=ctx.backend, auto_mpi_discovery=False, verbose=False)
         torch_optimizer = build_optimizer(module, optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lr_lambda) if lr_lambda else None

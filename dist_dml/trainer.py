@@ -44,9 +44,8 @@ class TrainingStopped(RuntimeError):
 
 
 def train(cfg: RunConfig, ctx: DistContext) -> dict:
-    """Train ``cfg`` on a live context (its process group opened here if it is not yet): the output folder
-    held for the whole run; a run that finished already is not trained or evaluated again."""
-    ctx.init_process_group(timeout_minutes=cfg.deepspeed.timeout_minutes)  # rank 0 decides for all
+    """Train ``cfg`` on a live context (distributed.process_group): the output folder held for the whole
+    run; a run that finished already is not trained or evaluated again."""
     folder = hold_output(cfg, ctx)
     try:
         trainer = Trainer(cfg, ctx)

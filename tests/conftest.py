@@ -7,7 +7,9 @@ import pytest
 
 from dist_dml.distributed import free_port
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+from dist_dml.accelerator import configure  # noqa: E402
+
+configure("cpu")  # the tests' processes and every subprocess they start: DeepSpeed on the CPU, its ops here
 ROOT = Path(__file__).resolve().parents[1]
 # Wall-clock limits in the tests only catch hangs: far above what a loaded 2-core machine needs.
 HANG_GUARD_S = 1200

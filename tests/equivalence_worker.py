@@ -65,12 +65,16 @@ def global_batch(step: int, scenario: str, world_size: int, backbone: str = "lin
 
 def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync", precision: str = "fp32",
         backbone: str = "linear", device: str = "cpu") -> dict:
+    from dist_dml.accelerator import configure
     from dist_dml.distributed import DistContext
+
+    configure(device)
     from dist_dml.engine import TrainEngine
     from dist_dml.models import ModelConfig, with_norm
     from dist_dml.objective import GlobalBatchObjective
 
     ctx = DistContext.from_env(device=device)
+    ctx.init_process_group()  # this worker owns its process group (main destroys it)
     results = {}
     local = GLOBAL_BATCH // ctx.world_size
     for stage in zero_stages:

@@ -14,10 +14,14 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 from dist_dml.config import load_config
 from dist_dml.distributed import DistContext
-from dist_dml.trainer import Trainer
 
 
 def main(config: str, out: str, *overrides: str) -> None:
+    from dist_dml.accelerator import configure
+
+    configure("cpu")
+    from dist_dml.trainer import Trainer
+
     cfg = load_config(config, list(overrides))
     ctx = DistContext.from_env(device="cpu")
     ctx.init_process_group()

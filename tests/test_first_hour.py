@@ -132,9 +132,27 @@ def test_deepspeed_op_build_is_announced_and_lands_in_the_environment(tmp_path):
     assert str(tmp_path / "ext") in first
     # Without TORCH_EXTENSIONS_DIR the ops go to this environment's folder, not the per-user cache.
     env.pop("TORCH_EXTENSIONS_DIR")
-    out = subprocess.run([sys.executable, "-c", "import os, dist_dml.engine; print(os.environ['TORCH_EXTENSIONS_DIR'])"],
+    out = subprocess.run([sys.executable, "-c", "import os, dist_dml.accelerator as a; a.configure(); "
+                          "print(os.environ['TORCH_EXTENSIONS_DIR'])"],
                          env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.stdout.strip() == str(Path(sys.prefix) / "torch_extensions"), out.stderr
+
+
+def test_importing_dist_dml_changes_no_environment_variable():
+    """The accelerator and DeepSpeed's build environment are set by dist_dml.accelerator.configure, which
+    the entry points call; importing any module of the package (after the libraries it uses, which set
+    variables of their own) changes nothing."""
+    code = ("import os, importlib, pkgutil, torch, deepspeed, mlflow, faiss, timm, webdataset, dist_dml, data_prep; "
+            "before = dict(os.environ); "
+            "names = [m.name for p in (dist_dml, data_prep) for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.') "
+            "if m.name != 'dist_dml.mlflow_model']; "
+            "[importlib.import_module(n) for n in names]; "
+            "print(len(names), sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)))")
+    env = {k: v for k, v in cpu_env().items() if k not in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
+    count, changed = out.stdout.strip().splitlines()[-1].split(" ", 1)  # after DeepSpeed's own lines
+    assert int(count) > 30 and changed == "[]", out.stdout + out.stderr[-2000:]
 
 
 def test_the_cpu_op_is_built_once_whatever_is_on_path():
