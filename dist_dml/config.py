@@ -66,6 +66,7 @@ class EvalConfig:
     recall_ks: tuple[int, ...] = (1, 2, 4, 8)
     batch_size: int = 128
     nmi: bool = True  # faiss k-means with as many clusters as classes
+    plots: bool = True  # the final evaluation of a training draws Recall@K, a retrieval grid and the negatives
     grid_queries: int = 6  # rows of the retrieval grid plot (0: no grid)
     grid_k: int = 5
     max_missing_share: float = 0.0  # images of the split that may go unread (corrupt) before eval fails

@@ -49,8 +49,14 @@ def train(cfg: RunConfig, ctx: DistContext) -> dict:
     folder = hold_output(cfg, ctx)
     try:
         trainer = Trainer(cfg, ctx)
-        done = trainer.finished_already()
-        return done if done is not None else trainer.fit()
+        status = "FAILED"
+        try:
+            done = trainer.finished_already()
+            results = done if done is not None else trainer.fit()
+            status = "FINISHED"
+            return results
+        finally:
+            trainer.tracker.close(status)
     finally:
         if folder is not None:
             folder.release()
@@ -70,11 +76,24 @@ class Trainer:
         verify(self.stream, ctx, "training")
         self.checkpoints = CheckpointManager(cfg, ctx)  # the checkpoint to continue from, converted if need be
         self.run_id = _own_run(cfg, ctx, self.checkpoints.target)
+        # Before the engine: a tracking server that does not answer stops the run in seconds. A resume continues
+        # its MLflow run, which the checkpoint's index names.
+        self.tracker = build_tracker(cfg.tracking, ctx, resume_run_id=self.checkpoints.meta.get("tracker", {}).get(
+            "mlflow_run_id") or None)
+        try:
+            self._set_up()
+        except BaseException:
+            self.tracker.close("FAILED")
+            raise
+
+    def _set_up(self) -> None:
+        """The engine and the stateful parts, restored from the chosen checkpoint."""
+        cfg, ctx = self.cfg, self.ctx
         self.steps = {}  # the LR schedule's length, known once the data position is restored
         self.engine = self._engine()
-        self.position, self.meter, self.tracker_run = DataPosition(self.stream, ctx), Meter(ctx, cfg), TrackerRun()
+        self.position, self.meter = DataPosition(self.stream, ctx), Meter(ctx, cfg)
         for name, part in (("data", self.position), ("meter", self.meter), ("rng", RngState()),
-                           ("tracker", self.tracker_run)):
+                           ("tracker", TrackerRun(self.tracker))):
             self.checkpoints.register(name, part)
         self.step = self.checkpoints.restore(self.engine)
         # Steps to the end of the last epoch from where the data stream stands (another world size: other steps).
@@ -127,49 +146,43 @@ class Trainer:
         return results
 
     def fit(self) -> dict:
-        cfg, ctx, engine, stream, meter = self.cfg, self.ctx, self.engine, self.stream, self.meter
-        tracker = build_tracker(cfg.tracking, ctx, resume_run_id=self.tracker_run.run_id)
-        self.tracker_run.run_id = tracker.run_id
+        cfg, ctx, engine, stream, meter, tracker = self.cfg, self.ctx, self.engine, self.stream, self.meter, self.tracker
         results = self._start(tracker)
         objective = GlobalBatchObjective(build_sampler(cfg.sampler), engine.module.loss, ctx)
-        epochs, bad_in_row, status = EpochReport(ctx, tracker), 0, "FAILED"
-        try:
-            # One DataLoader for the whole run: its workers go on to the next epoch themselves.
-            for batch in stream.loader(epochs=1 << 30) if self.step < self.total_steps else ():
-                assert (batch["epoch"], batch["index"]) == (stream.epoch, stream.step), "data stream out of step"
-                result = _forward(engine, objective, batch, ctx, self.step)
-                if _finite_everywhere(result, ctx):
-                    engine.backward(result.output.loss)
-                    engine.step()
-                    bad_in_row = 0
-                else:
-                    bad_in_row += 1
-                    meter.skipped += 1
-                    if bad_in_row >= cfg.train.max_bad_steps:
-                        raise TrainingStopped(f"{bad_in_row} non-finite losses in a row at step {self.step}; "
-                                              "stopping (train.max_bad_steps)")
-                self.step += 1
-                stream.consume(batch)
-                finished = stream.advance()
-                if finished is not None:
-                    epochs.finished(batch["epoch"], _global_draws(finished, ctx), self.step)
-                if meter.update(result, batch, engine, tracker, self.step):
-                    epochs.flush()
-                if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
-                    self._evaluate(tracker)
-                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                    self._save()
-                if self.step >= self.total_steps:
-                    break
-            epochs.flush()
-            self._save()
-            results.update(trained=self._evaluate(tracker, final=True), steps=self.step, skipped_steps=meter.skipped,
-                           data_faults=dict(meter.faults))
-            self._finish(tracker, results)
-            status = "FINISHED"
-            return results
-        finally:
-            tracker.close(status)
+        epochs, bad_in_row = EpochReport(ctx, tracker), 0
+        # One DataLoader for the whole run: its workers go on to the next epoch themselves.
+        for batch in stream.loader(epochs=1 << 30) if self.step < self.total_steps else ():
+            assert (batch["epoch"], batch["index"]) == (stream.epoch, stream.step), "data stream out of step"
+            result = _forward(engine, objective, batch, ctx, self.step)
+            if _finite_everywhere(result, ctx):
+                engine.backward(result.output.loss)
+                engine.step()
+                bad_in_row = 0
+            else:
+                bad_in_row += 1
+                meter.skipped += 1
+                if bad_in_row >= cfg.train.max_bad_steps:
+                    raise TrainingStopped(f"{bad_in_row} non-finite losses in a row at step {self.step}; "
+                                          "stopping (train.max_bad_steps)")
+            self.step += 1
+            stream.consume(batch)
+            finished = stream.advance()
+            if finished is not None:
+                epochs.finished(batch["epoch"], _global_draws(finished, ctx), self.step)
+            if meter.update(result, batch, engine, tracker, self.step):
+                epochs.flush()
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
+                self._evaluate(tracker)
+            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                self._save()
+            if self.step >= self.total_steps:
+                break
+        epochs.flush()
+        self._save()
+        results.update(trained=self._evaluate(tracker, final=True), steps=self.step, skipped_steps=meter.skipped,
+                       data_faults=dict(meter.faults))
+        self._finish(tracker, results)
+        return results
 
     def _start(self, tracker) -> dict:
         """The run's record in the output folder and the tracker; the untrained model's metrics if asked."""
@@ -194,7 +207,7 @@ class Trainer:
         cfg, ctx, step = self.cfg, self.ctx, self.step
         share_norm_statistics(self.engine.module.model, cfg, ctx)
         metrics, plot_paths = evaluate(self.engine.module.model, cfg.data, cfg.eval, ctx, progress=final,
-                                       plots_dir=self.out / "plots" if final else None,
+                                       plots_dir=self.out / "plots" if final and cfg.eval.plots else None,
                                        title=f"{cfg.train.name}, step {step}")
         if ctx.is_main:
             tracker.log_metrics(metrics, step)
@@ -221,7 +234,7 @@ class Trainer:
             raise as_write_error(out / "final_model.pt", exc) from None
         os.replace(tmp, out / "final_model.pt")
         tracker.log_model(out / "final_model.pt", cfg)
-        if meter.histogram.sum() > 0:
+        if meter.histogram.sum() > 0 and cfg.eval.plots:
             (out / "plots").mkdir(exist_ok=True)
             plot = plots.negative_distances(meter.histogram.numpy(), cfg.model.embedding_dim, cfg.sampler.cutoff,
                                             cfg.sampler.nonzero_loss_cutoff, out / "plots" / "negative_distances.png",
@@ -260,16 +273,17 @@ class RngState:
 
 
 class TrackerRun:
-    """The MLflow run a resumed training continues."""
+    """The MLflow run of a training: saved in every checkpoint (and its index, where a resume reads it to
+    continue that run before the engine is built), so nothing to do on restoring."""
 
-    def __init__(self):
-        self.run_id: str | None = None
+    def __init__(self, tracker):
+        self.tracker = tracker
 
     def state_dict(self) -> dict:
-        return {"mlflow_run_id": self.run_id or ""}
+        return {"mlflow_run_id": self.tracker.run_id or ""}
 
     def load_state_dict(self, state: dict) -> None:
-        self.run_id = state.get("mlflow_run_id") or None
+        pass
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -48,13 +48,13 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 
 def tiny_overrides(shards: Path, output: Path, **extra) -> list[str]:
-    """configs/cpu_synthetic.yaml shrunk to seconds: a few dozen steps on 28-px crops."""
+    """configs/cpu_synthetic.yaml shrunk to seconds: a few dozen steps on 28-px crops, no plots."""
     values = {
         "data.root": str(shards), "data.classes_per_batch": 8, "data.images_per_class": 3, "data.image_size": 28,
         "data.resize": 32, "data.workers": 1, "model.embedding_dim": 32, "train.output_dir": str(output),
         "train.steps": 60, "train.log_every": 10, "eval.every_steps": 0, "eval.at_start": True,
         "eval.recall_ks": "[1,2]", "checkpoint.every_steps": 20, "optimizer.warmup_steps": 0,
-        "optimizer.lr": 0.003, "tracking.system_metrics": False,
+        "optimizer.lr": 0.003, "tracking.system_metrics": False, "eval.plots": False,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

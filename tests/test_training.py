@@ -75,7 +75,7 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tiny_shards, tmp_path_factory, mlflow_server):
     out = tmp_path_factory.mktemp("run")
-    proc = torchrun_train(2, tiny_overrides(tiny_shards, out, **{"deepspeed.zero_stage": 2,
+    proc = torchrun_train(2, tiny_overrides(tiny_shards, out, **{"deepspeed.zero_stage": 2, "eval.plots": True,
                                                                  "tracking.register_as": "tiny_embedder"}),
                           cpu_env(MLFLOW_TRACKING_URI=mlflow_server))
     log = finish(proc)
