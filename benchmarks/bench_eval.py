@@ -22,8 +22,12 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=128)
     args = parser.parse_args()
-    from dist_dml.evaluation import retrieval_metrics
+    import torch
+
+    from dist_dml.config import EvalConfig
+    from dist_dml.distributed import DistContext
     from dist_dml.search import knn
+    from dist_dml.sharded import sharded_metrics
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.n, args.dim), dtype=np.float32)
@@ -32,7 +36,8 @@ def main() -> None:
     ks = (1, 10, 100)
 
     start = time.perf_counter()
-    result = retrieval_metrics(x, labels, ks=ks, nmi=True, use_gpu=False)
+    metrics, _ = sharded_metrics((torch.from_numpy(x), torch.from_numpy(labels), torch.arange(args.n)), None,
+                                 EvalConfig(recall_ks=ks, nmi=True), DistContext())
     eval_s = time.perf_counter() - start
 
     k = max(max(ks), int(np.bincount(labels).max()) - 1)
@@ -48,7 +53,7 @@ def main() -> None:
         sim.topk(k, dim=1)
     torch_s = time.perf_counter() - start
 
-    print(" ".join(f"{name}={value:.4f}" for name, value in result.metrics.items()))
+    print(" ".join(f"{name}={value:.4f}" for name, value in metrics.items()))
     print(f"eval_s={eval_s:.1f} faiss_search_s={search_s:.1f} torch_bruteforce_s={torch_s:.1f} "
           f"ratio={eval_s / search_s:.2f}")
 

@@ -126,8 +126,7 @@ def eval_worker(n: int, index: str, out: str) -> None:
     ctx.barrier()
     start = time.perf_counter()
     metrics, _ = sharded_metrics((torch.from_numpy(emb), torch.from_numpy(labels), torch.from_numpy(ids)), None,
-                                 (1, 10), ctx, nmi=False, index=index, ivf_check_queries=1000,
-                                 ivf_target_recall=EvalConfig().ivf_target_recall)
+                                 EvalConfig(recall_ks=(1, 10), nmi=False, index=index, ivf_check_queries=1000), ctx)
     elapsed = time.perf_counter() - start
     rss = ctx.all_gather_object((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, baseline))
     if ctx.is_main:

@@ -10,7 +10,7 @@ import csv
 from pathlib import Path
 from typing import Callable
 
-from data_prep.writer import SourceImage
+from data_prep.source import SourceImage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 

@@ -12,6 +12,8 @@ import random
 
 from PIL import Image, ImageDraw, ImageEnhance
 
+from data_prep.source import SourceImage
+
 SHAPES = ("box", "bottle", "round", "tall", "diamond")
 PATTERNS = ("plain", "stripes", "band", "dots", "split")
 
@@ -112,8 +114,6 @@ def synthetic_images(classes: int, per_class: str | int, test_classes: int, size
 
     ``per_class``: a count ("4") or an inclusive range ("2:8", drawn per class from the seed).
     """
-    from data_prep.writer import SourceImage
-
     low, high = _count_range(per_class)
     images = []
     for class_id in range(classes + test_classes):
@@ -121,7 +121,7 @@ def synthetic_images(classes: int, per_class: str | int, test_classes: int, size
         count = low if low == high else _rng(seed, class_id, 3).randint(low, high)
         for index in range(count):
             images.append(SourceImage(split, str(class_id), f"synthetic/{class_id}/{index}",
-                                      ("synthetic", class_id, index, size, seed, quality)))
+                                      (render_jpeg, class_id, index, size, seed, quality)))
     return images
 
 

@@ -23,19 +23,10 @@ from typing import Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-FORMAT = "dist-dml/class-shards"
-VERSION = 1
+from data_prep.source import SourceImage
+from dist_dml.data.format import FORMAT, MANIFEST, VERSION, image_member, shard_name
+
 TOOL = "dist-dml data_prep 0.1.0"
-
-
-@dataclass(frozen=True)
-class SourceImage:
-    """One image of a source: where it goes (split, class) and how to get its bytes."""
-
-    split: str
-    class_name: str
-    item: str  # the source's path or id, recorded in the record's json
-    load: tuple  # ("file", path) or ("synthetic", ...): see load_image
 
 
 @dataclass(frozen=True)
@@ -86,11 +77,8 @@ def load_image(spec: tuple, reencode: bool, max_side: int | None, quality: int,
 
     from PIL import Image, UnidentifiedImageError
 
-    kind = spec[0]
-    if kind == "synthetic":
-        from data_prep.synthetic import render_jpeg
-
-        return _Loaded(render_jpeg(*spec[1:]), "jpg")
+    if callable(spec[0]):  # a generated image: (function, *args) returning JPEG bytes
+        return _Loaded(spec[0](*spec[1:]), "jpg")
     path = Path(spec[1])
     try:
         raw = path.read_bytes()
@@ -169,7 +157,7 @@ class _ShardSink:
         self._tmp: Path | None = None
 
     def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):06d}.tar"
+        name = shard_name(self.split, len(self.shards))
         self._tmp = self.out / f".{name}.tmp"
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self.shards.append({"name": name, "records": 0, "images": 0, "bytes": 0, "first_image_id": None})
@@ -179,7 +167,7 @@ class _ShardSink:
             self._open()
         shard = self.shards[-1]
         members = [(f"{key}.json", json.dumps(meta, sort_keys=True).encode())]
-        members += [(f"{key}.{i}.{ext}", data) for i, (ext, data) in enumerate(images)]
+        members += [(image_member(key, i, ext), data) for i, (ext, data) in enumerate(images)]
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -243,7 +231,7 @@ def write_shards(source: str, images: Iterable[SourceImage], config: WriterConfi
             expected[split] += len(record_sizes(len(members), config.max_per_record))
     _check_splits({split for split, _ in classes}, expected, train_splits, source)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # stale until this run completes
+    (out / MANIFEST).unlink(missing_ok=True)  # stale until this run completes
     ordered = [img for sc in classes for img in sorted(by_class[sc], key=lambda i: i.item)]
     if not ordered:
         raise ValueError(f"{source}: no images found")
@@ -270,15 +258,25 @@ def write_shards(source: str, images: Iterable[SourceImage], config: WriterConfi
 
     for state in states.values():
         state.sink.close()
+    _report(report, states, len(ordered), config)
+    manifest = _manifest(source, config, states, report)
+    tmp = out / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def _report(report: dict, states: dict, total: int, config: WriterConfig) -> None:
+    """Say what was not written; too many source images refused is a TooManyFailures."""
     refused = report["missing"] + report["unreadable"] + report["too_large"]
     failed = len(refused)
     if failed:
-        print(f"[prep] {failed} of {len(ordered)} source images not written: {len(report['missing'])} missing, "
+        print(f"[prep] {failed} of {total} source images not written: {len(report['missing'])} missing, "
               f"{len(report['unreadable'])} unreadable, {len(report['too_large'])} above {config.max_megapixels:g} "
               "megapixels (--max-megapixels; listed in the manifest's report)")
-    if failed > config.max_failed_share * len(ordered):
+    if failed > config.max_failed_share * total:
         raise TooManyFailures(
-            f"{failed} of {len(ordered)} source images are missing or unreadable (more than max_failed_share="
+            f"{failed} of {total} source images are missing or unreadable (more than max_failed_share="
             f"{config.max_failed_share}); first: {refused[:5]}"
         )
     for split, state in states.items():
@@ -286,7 +284,10 @@ def write_shards(source: str, images: Iterable[SourceImage], config: WriterConfi
             report["too_few_images"][split] = state.too_few
             print(f"[prep] {split}: {len(state.too_few)} classes with fewer than 2 images not written "
                   f"(first: {state.too_few[:5]})")
-    manifest = {
+
+
+def _manifest(source: str, config: WriterConfig, states: dict, report: dict) -> dict:
+    return {
         "format": FORMAT,
         "version": VERSION,
         "tool": TOOL,
@@ -306,10 +307,6 @@ def write_shards(source: str, images: Iterable[SourceImage], config: WriterConfi
         },
         "report": report,
     }
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "manifest.json")
-    return manifest
 
 
 def _check_splits(splits: set[str], expected: dict, train_splits: Sequence[str], source: str) -> None:

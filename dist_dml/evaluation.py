@@ -1,4 +1,5 @@
-"""Evaluation: every rank embeds its share of a split; retrieval metrics on the gathered embeddings.
+"""Evaluation: every rank embeds its share of a split and keeps it; the retrieval metrics come from the
+sharded search (dist_dml.sharded: one process is the case of one rank).
 
 Metrics (query -> gallery, or each item against all others of one split):
 - Recall@K: a relevant item among the K nearest.
@@ -24,62 +25,6 @@ from dist_dml.errors import UserError
 
 # What an evaluation could not use: the reader's faults, and images whose embedding is not finite (left out).
 FAULT_KEYS = (*FAULTS, "nonfinite_embeddings")
-
-
-@dataclass
-class Retrieval:
-    metrics: dict[str, float]
-    neighbours: np.ndarray  # [queries, k] gallery indices, best first
-    relevant: np.ndarray  # [queries, k] bool
-
-
-def retrieval_metrics(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray | None = None,
-                      gallery_labels: np.ndarray | None = None, ks: tuple[int, ...] = (1,), nmi: bool = True,
-                      use_gpu: bool = True, progress: bool = False, seed: int = 0) -> Retrieval:
-    from dist_dml.search import knn
-
-    query_labels = np.asarray(query_labels)
-    same = gallery is None
-    gallery_labels = query_labels if same else np.asarray(gallery_labels)
-    relevant_count = _relevant_counts(query_labels, gallery_labels, same)
-    k = int(max(max(ks), relevant_count.max(initial=0)))
-    _, neighbours = knn(query, None if same else gallery, k, exclude_self=same, use_gpu=use_gpu, progress=progress)
-    found = neighbours >= 0
-    relevant = found & (gallery_labels[np.where(found, neighbours, 0)] == query_labels[:, None])
-    answerable = relevant_count > 0
-    rel, counts = relevant[answerable], relevant_count[answerable]
-    metrics = {f"recall_at_{kk}": float(rel[:, :kk].any(axis=1).mean()) if len(rel) else 0.0 for kk in ks}
-    within_r = np.arange(rel.shape[1])[None, :] < counts[:, None]
-    hits = rel & within_r
-    metrics["r_precision"] = float((hits.sum(1) / counts).mean()) if len(rel) else 0.0
-    precision_at_i = np.cumsum(hits, axis=1) / np.arange(1, rel.shape[1] + 1)[None, :]
-    metrics["map_at_r"] = float(((precision_at_i * hits).sum(1) / counts).mean()) if len(rel) else 0.0
-    metrics["unanswerable"] = float((~answerable).sum())
-    if nmi:
-        vectors = query if same else np.concatenate([query, gallery])
-        labels = query_labels if same else np.concatenate([query_labels, gallery_labels])
-        metrics["nmi"] = clustering_nmi(vectors, labels, use_gpu=use_gpu, seed=seed)
-    return Retrieval(metrics, neighbours, relevant)
-
-
-def _relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, same: bool) -> np.ndarray:
-    classes, counts = np.unique(gallery_labels, return_counts=True)
-    pos = np.searchsorted(classes, query_labels)
-    pos = np.clip(pos, 0, len(classes) - 1)
-    count = np.where(classes[pos] == query_labels, counts[pos], 0)
-    return count - 1 if same else count
-
-
-def clustering_nmi(vectors: np.ndarray, labels: np.ndarray, use_gpu: bool = True, seed: int = 0) -> float:
-    from sklearn.metrics import normalized_mutual_info_score
-
-    from dist_dml.search import kmeans_assign
-
-    clusters = len(np.unique(labels))
-    if clusters < 2 or len(labels) <= clusters:
-        return 1.0 if clusters == len(labels) else 0.0
-    assignment = kmeans_assign(vectors, clusters, seed=seed, use_gpu=use_gpu)
-    return float(normalized_mutual_info_score(labels, assignment))
 
 
 @dataclass
@@ -178,30 +123,22 @@ def embed_local(model: nn.Module, stream, ctx: DistContext, progress: bool = Fal
                     faults, nonfinite)
 
 
-def embed_split(model: nn.Module, stream, ctx: DistContext, progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Every rank embeds its share of ``stream``; all ranks get the whole split, ordered by image id:
-    (embeddings, labels, image ids) on the CPU. Ranks may hold different counts. (Evaluation keeps
-    each rank's share instead: see evaluate.)"""
-    local = embed_local(model, stream, ctx, progress)
-    emb, lab, idx = (ctx.all_gather_uneven(t) for t in (local.embeddings, local.labels, local.image_ids))
-    order = torch.argsort(idx)
-    return emb[order].cpu(), lab[order].cpu(), idx[order].cpu()
-
-
 def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: bool = False,
-             plots_dir=None, title: str = "") -> tuple[dict[str, float], list]:
+             plots_dir=None, title: str = "", verdicts=None) -> tuple[dict[str, float], list]:
     """Every rank embeds its share of the evaluation split(s) and keeps it; the metrics come from the
     sharded search (dist_dml.sharded): no rank holds the whole split. Every rank gets the metrics, with
     the coverage (images_evaluated of images_expected, and the faults met).
 
     ``eval_cfg.split`` is one split (each item against the others) or "query,gallery". With
     ``plots_dir``, rank 0 also draws Recall@K against K and a retrieval grid; returns their paths.
+    ``verdicts``: the job's sha256 verdicts (data.verify_sha256), so a shard is verified once per job.
     """
     from dist_dml.data import EvalStream, verify
     from dist_dml.sharded import sharded_metrics
 
     splits = eval_cfg.split.split(",")
-    streams = [EvalStream(data_cfg, s, ctx.rank, ctx.world_size, eval_cfg.batch_size) for s in splits]
+    streams = [EvalStream(data_cfg, s, ctx.rank, ctx.world_size, eval_cfg.batch_size, verdicts=verdicts)
+               for s in splits]
     for split, stream in zip(splits, streams):
         verify(stream, ctx, repr(split))
     parts = [embed_local(model, stream, ctx, progress) for stream in streams]
@@ -214,16 +151,12 @@ def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: b
     query, gallery = parts[0], parts[1] if len(parts) == 2 else None
     metrics, kept = sharded_metrics((query.embeddings, query.labels, query.image_ids),
                                     None if gallery is None else (gallery.embeddings, gallery.labels, gallery.image_ids),
-                                    eval_cfg.recall_ks, ctx, nmi=eval_cfg.nmi, nmi_max_classes=eval_cfg.nmi_max_classes,
-                                    chunk=eval_cfg.query_chunk, use_gpu=ctx.device.type == "cuda", keep_ids=grid,
-                                    index=eval_cfg.index, ivf_nlist=eval_cfg.ivf_nlist, ivf_nprobe=eval_cfg.ivf_nprobe,
-                                    ivf_check_queries=eval_cfg.ivf_check_queries,
-                                    ivf_target_recall=eval_cfg.ivf_target_recall)
+                                    eval_cfg, ctx, use_gpu=ctx.device.type == "cuda", keep_ids=grid)
     metrics = {**metrics, **coverage}
     paths = []
     if ctx.is_main and plots_dir is not None:
         chosen = [q for q in grid if q in kept][:eval_cfg.grid_queries]
-        paths = _plots(metrics, eval_cfg, data_cfg, splits, chosen, kept, plots_dir, title)
+        paths = _plots(metrics, eval_cfg, data_cfg, splits, chosen, kept, plots_dir, title, streams[0].verdicts)
     return metrics, paths
 
 
@@ -246,7 +179,8 @@ def _coverage(parts: list[Embedded], streams, ctx: DistContext) -> dict[str, flo
     return {"images_evaluated": total[0], "images_expected": total[1], **dict(zip(FAULT_KEYS, total[2:]))}
 
 
-def _plots(metrics: dict, eval_cfg, data_cfg, splits, chosen: list[int], kept: dict, plots_dir, title: str) -> list:
+def _plots(metrics: dict, eval_cfg, data_cfg, splits, chosen: list[int], kept: dict, plots_dir, title: str,
+           verdicts) -> list:
     """Recall@K against K, and a grid of the ``chosen`` queries' nearest gallery images (``kept``: their
     merged neighbours' gallery image ids and relevance)."""
     from pathlib import Path
@@ -266,9 +200,9 @@ def _plots(metrics: dict, eval_cfg, data_cfg, splits, chosen: list[int], kept: d
         where = {int(n): i for i, n in enumerate(g_ids)}
         neighbours = np.array([[where.get(n, -1) for n in ids] for ids in lists], dtype=np.int64)
         relevant = np.array([kept[q][1][:eval_cfg.grid_k] for q in chosen], dtype=bool)
-        q_images = images_by_id(data_cfg, splits[0], chosen)
+        q_images = images_by_id(data_cfg, splits[0], chosen, verdicts)
         g_images = q_images if len(splits) == 1 else {}
-        g_images = {**g_images, **images_by_id(data_cfg, splits[-1], [int(n) for n in g_ids])}
+        g_images = {**g_images, **images_by_id(data_cfg, splits[-1], [int(n) for n in g_ids], verdicts)}
         paths.append(plots.retrieval_grid(list(range(len(chosen))), neighbours, relevant, np.array(chosen), g_ids,
                                           q_images, g_images, plots_dir / "retrieval_grid.png"))
     return paths

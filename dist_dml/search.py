@@ -100,7 +100,7 @@ def knn(query: np.ndarray, gallery: np.ndarray | Gallery | None, k: int, exclude
             i = np.where(i >= 0, i + g0, -1)
             merged_d = np.concatenate([scores[q0:q0 + query_block], d], axis=1)
             merged_i = np.concatenate([indices[q0:q0 + query_block], i], axis=1)
-            keep = _order(merged_d, merged_i)[:, :fetch]
+            keep = ranked(merged_d, merged_i)[:, :fetch]
             scores[q0:q0 + query_block] = np.take_along_axis(merged_d, keep, 1)
             indices[q0:q0 + query_block] = np.take_along_axis(merged_i, keep, 1)
             bar.update(min(query_block, query.shape[0] - q0))
@@ -113,12 +113,23 @@ def knn(query: np.ndarray, gallery: np.ndarray | Gallery | None, k: int, exclude
     return scores[:, :width], indices[:, :width]
 
 
-def _order(scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
+def ranked(scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """Per row: by score descending, then by index ascending; missing (-1) entries last."""
     missing = indices < 0
     key_index = np.where(missing, np.iinfo(np.int64).max, indices)
     key_score = np.where(missing, np.inf, -scores)
     return np.lexsort((key_index, key_score), axis=1)
+
+
+def clustering_nmi(vectors: np.ndarray, labels: np.ndarray, use_gpu: bool = True, seed: int = 0) -> float:
+    """NMI (scikit-learn's) of faiss k-means with one cluster per class against the labels."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    clusters = len(np.unique(labels))
+    if clusters < 2 or len(labels) <= clusters:
+        return 1.0 if clusters == len(labels) else 0.0
+    assignment = kmeans_assign(vectors, clusters, seed=seed, use_gpu=use_gpu)
+    return float(normalized_mutual_info_score(labels, assignment))
 
 
 def kmeans_assign(vectors: np.ndarray, clusters: int, seed: int = 0, iterations: int = 20,

@@ -21,22 +21,24 @@ import torch
 from dist_dml.distributed import DistContext
 
 
-def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ctx: DistContext, nmi: bool = True,
-                    nmi_max_classes: int = 10000, chunk: int = 4096, use_gpu: bool = False, seed: int = 0,
-                    keep_ids=(), index: str = "exact", ivf_nlist: int = 0, ivf_nprobe: int = 64,
-                    ivf_check_queries: int = 1000, ivf_target_recall: float = 0.0) -> tuple[dict[str, float], dict]:
+def sharded_metrics(query: tuple, gallery: tuple | None, cfg, ctx: DistContext, use_gpu: bool = False,
+                    seed: int = 0, keep_ids=()) -> tuple[dict[str, float], dict]:
     """Recall@K, R-Precision, MAP@R (and NMI) of this rank's ``query`` = (embeddings, labels, image ids)
-    against every rank's ``gallery`` (None: each query against the other items of the same split).
-    Call on every rank; every rank gets the metrics. Also returns, on every rank, the merged neighbours
-    (gallery image ids, relevant flags) of the queries whose image ids are in ``keep_ids`` (for plots).
+    against every rank's ``gallery`` (None: each query against the other items of the same split), as the
+    eval config ``cfg`` says (recall_ks, nmi, nmi_max_classes, query_chunk, index, ivf_*). Call on every
+    rank; every rank gets the metrics. One process is the case of one rank. Also returns, on every rank,
+    the merged neighbours (gallery image ids, relevant flags) of the queries whose image ids are in
+    ``keep_ids`` (for plots).
 
-    ``index="ivf"``: each rank searches its shard through a faiss IVF index (``ivf_nlist`` lists, 0: 4
+    ``cfg.index="ivf"``: each rank searches its shard through a faiss IVF index (``ivf_nlist`` lists, 0: 4
     sqrt(shard); ``ivf_nprobe`` probed) instead of exactly: approximate, and much faster for millions.
     Its recall against the exact search, on up to ``ivf_check_queries`` queries, is reported as
     ``ivf_recall_at_K`` (the share of the exact top K that the IVF top K holds). With ``ivf_target_recall``
     > 0, that check comes first: ``ivf_nprobe`` doubles until the recall reaches the target (or every list
     is probed), and the search runs with the lists found (reported as ``ivf_nprobe``)."""
     from dist_dml.search import Gallery
+
+    ks, chunk = tuple(cfg.recall_ks), cfg.query_chunk
 
     same = gallery is None
     q_emb, q_lab, q_ids = (_numpy(t) for t in query)
@@ -46,22 +48,17 @@ def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ct
         g_emb, g_lab, g_ids = g_emb[order], g_lab[order], g_ids[order]
     dim = q_emb.shape[1] if q_emb.ndim == 2 and q_emb.shape[1] else g_emb.shape[1]
 
-    # Relevant counts per class from the gallery's label histogram over all ranks.
-    classes = int(ctx.all_reduce(torch.tensor([max(int(g_lab.max(initial=-1)), int(q_lab.max(initial=-1))) + 1],
-                                              device=ctx.device), "max"))
-    counts = ctx.all_reduce_sum(torch.from_numpy(np.bincount(g_lab, minlength=classes).astype(np.int64))
-                                .to(ctx.device)).cpu().numpy()
-    relevant_count = counts[q_lab] - (1 if same else 0) if len(q_lab) else np.zeros(0, np.int64)
-    k = int(ctx.all_reduce(torch.tensor([max(max(ks), int(relevant_count.max(initial=0)))], device=ctx.device), "max"))
+    counts, relevant_count, k = _relevant(q_lab, g_lab, same, ks, ctx)
 
     sizes = [int(n) for n in ctx.all_gather_no_grad(torch.tensor([len(q_ids)], device=ctx.device)).cpu()]
     local = (g_lab, g_ids)
     fetch = k + (1 if same else 0)
-    shard = Gallery(g_emb, fetch + 8, use_gpu, kind=index, nlist=ivf_nlist, nprobe=ivf_nprobe) if len(g_ids) else None
+    shard = Gallery(g_emb, fetch + 8, use_gpu, kind=cfg.index, nlist=cfg.ivf_nlist, nprobe=cfg.ivf_nprobe) \
+        if len(g_ids) else None
     approximate = {}
-    if index == "ivf":  # the recall of the IVF search against exact, with nprobe raised to the target first
-        approximate = _ivf_recall(q_emb, q_ids, g_emb, local, shard, sizes, max(ks), same, ivf_check_queries,
-                                  dim, ctx, ivf_nprobe, ivf_target_recall)
+    if cfg.index == "ivf":  # the recall of the IVF search against exact, with nprobe raised to the target first
+        approximate = _ivf_recall(q_emb, q_ids, g_emb, local, shard, sizes, max(ks), same, cfg.ivf_check_queries,
+                                  dim, ctx, cfg.ivf_nprobe, cfg.ivf_target_recall)
     sums = np.zeros(len(ks) + 3)  # recall hits per K, R-precision sum, MAP@R sum, answerable count
     kept: dict[int, tuple[list[int], list[bool]]] = {}
     wanted = set(int(i) for i in keep_ids)
@@ -71,21 +68,37 @@ def sharded_metrics(query: tuple, gallery: tuple | None, ks: tuple[int, ...], ct
         for row in np.flatnonzero(np.isin(q_ids[start:start + rows], list(wanted))) if wanted else ():
             rel = (labels[row] == q_part[row]) & (merged_ids[row] >= 0)
             kept[int(q_ids[start + row])] = (merged_ids[row].tolist(), rel.tolist())
-    total = ctx.all_reduce_sum(torch.from_numpy(sums).to(ctx.device)).cpu().numpy()
-    answerable = total[-1]
-    metrics = {f"recall_at_{kk}": float(total[i] / answerable) if answerable else 0.0 for i, kk in enumerate(ks)}
-    metrics["r_precision"] = float(total[len(ks)] / answerable) if answerable else 0.0
-    metrics["map_at_r"] = float(total[len(ks) + 1] / answerable) if answerable else 0.0
-    metrics["unanswerable"] = float(sum(sizes) - answerable)
-    metrics["queries"] = float(sum(sizes))
-    metrics.update(approximate)
-    if nmi:
-        metrics.update(_nmi(q_emb, q_lab, None if same else (g_emb, g_lab), counts, ctx, nmi_max_classes, use_gpu,
+    metrics = {**_means(ctx.all_reduce_sum(torch.from_numpy(sums).to(ctx.device)).cpu().numpy(), ks, sum(sizes)),
+               **approximate}
+    if cfg.nmi:
+        metrics.update(_nmi(q_emb, q_lab, None if same else (g_emb, g_lab), counts, ctx, cfg.nmi_max_classes, use_gpu,
                             seed))
     merged = {}
     for part in ctx.all_gather_object(kept):
         merged.update(part)
     return metrics, merged
+
+
+def _relevant(q_lab: np.ndarray, g_lab: np.ndarray, same: bool, ks, ctx: DistContext):
+    """(per-class gallery counts over all ranks, relevant items per local query, the k every rank fetches:
+    the largest K or R of any query anywhere)."""
+    classes = int(ctx.all_reduce(torch.tensor([max(int(g_lab.max(initial=-1)), int(q_lab.max(initial=-1))) + 1],
+                                              device=ctx.device), "max"))
+    counts = ctx.all_reduce_sum(torch.from_numpy(np.bincount(g_lab, minlength=classes).astype(np.int64))
+                                .to(ctx.device)).cpu().numpy()
+    relevant_count = counts[q_lab] - (1 if same else 0) if len(q_lab) else np.zeros(0, np.int64)
+    k = int(ctx.all_reduce(torch.tensor([max(max(ks), int(relevant_count.max(initial=0)))], device=ctx.device), "max"))
+    return counts, relevant_count, k
+
+
+def _means(total: np.ndarray, ks, queries: int) -> dict[str, float]:
+    """The metrics from the sums over all queries (_score's, reduced over ranks)."""
+    answerable = total[-1]
+    share = lambda i: float(total[i] / answerable) if answerable else 0.0  # noqa: E731
+    metrics = {f"recall_at_{kk}": share(i) for i, kk in enumerate(ks)}
+    metrics.update(r_precision=share(len(ks)), map_at_r=share(len(ks) + 1), unanswerable=float(queries - answerable),
+                   queries=float(queries))
+    return metrics
 
 
 def _rounds(q_emb, q_ids, sizes, chunk, dim, shard, local, k, same, ctx: DistContext, limit: int | None = None):
@@ -140,7 +153,7 @@ class _Exact:
         return np.concatenate([s for s, _ in found]), np.concatenate([i for _, i in found])
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        from dist_dml.search import _order
+        from dist_dml.search import ranked
 
         best_s = np.full((len(queries), 0), -np.inf, np.float32)
         best_i = np.zeros((len(queries), 0), np.int64)
@@ -150,7 +163,7 @@ class _Exact:
             part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
             cand_s = np.concatenate([best_s, np.take_along_axis(scores, part, 1)], axis=1)
             cand_i = np.concatenate([best_i, part + g0], axis=1)
-            order = _order(cand_s, cand_i)[:, :k]  # the search's own order: score down, then index up
+            order = ranked(cand_s, cand_i)[:, :k]  # the search's own order: score down, then index up
             best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
         return best_s, best_i
 
@@ -193,14 +206,15 @@ def _ivf_recall(q_emb, q_ids, g_emb, local, ivf, sizes, k, same, check, dim, ctx
 def _merge(scores: np.ndarray, found: np.ndarray, own: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
     """([rows, k] gallery ids, their labels): every rank's lists merged by (score descending, id ascending),
     the query's own id dropped (``own``), -1 where fewer than k exist."""
+    from dist_dml.search import ranked
+
     scores = np.concatenate(list(scores), axis=1)
     ids = np.concatenate([f[..., 0] for f in found], axis=1)
     labels = np.concatenate([f[..., 1] for f in found], axis=1)
     if own is not None:
         mine = ids == own[:, None]
         scores, ids = np.where(mine, -np.inf, scores), np.where(mine, -1, ids)
-    missing = ids < 0
-    order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, ids), np.where(missing, np.inf, -scores)), axis=1)
+    order = ranked(scores, ids)  # the single-process search's order: score down, then gallery id up
     ids, labels = np.take_along_axis(ids, order, 1)[:, :k], np.take_along_axis(labels, order, 1)[:, :k]
     if ids.shape[1] < k:
         pad = np.full((ids.shape[0], k - ids.shape[1]), -1, np.int64)
@@ -209,8 +223,7 @@ def _merge(scores: np.ndarray, found: np.ndarray, own: np.ndarray | None, k: int
 
 
 def _score(ids: np.ndarray, labels: np.ndarray, q_lab: np.ndarray, counts: np.ndarray, ks) -> np.ndarray:
-    """Sums over these queries: recall hits per K, R-precision, MAP@R, answerable queries (as
-    evaluation.retrieval_metrics computes them)."""
+    """Sums over these queries: recall hits per K, R-precision, MAP@R, answerable queries."""
     relevant = (ids >= 0) & (labels == q_lab[:, None])
     answerable = counts > 0
     rel, r = relevant[answerable], counts[answerable]
@@ -227,7 +240,7 @@ def _score(ids: np.ndarray, labels: np.ndarray, q_lab: np.ndarray, counts: np.nd
 def _nmi(q_emb, q_lab, gallery, counts, ctx: DistContext, max_classes: int, use_gpu: bool, seed: int) -> dict:
     """NMI of k-means on the embeddings (queries and gallery), gathered to every rank: all of them up to
     ``max_classes`` classes, else those of a seeded sample of ``max_classes`` classes."""
-    from dist_dml.evaluation import clustering_nmi
+    from dist_dml.search import clustering_nmi
 
     emb = q_emb if gallery is None else np.concatenate([q_emb, gallery[0]])
     lab = q_lab if gallery is None else np.concatenate([q_lab, gallery[1]])

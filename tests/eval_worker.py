@@ -5,7 +5,7 @@ import torch
 
 from dist_dml.data import DataConfig, EvalStream
 from dist_dml.distributed import DistContext
-from dist_dml.evaluation import embed_split
+from dist_dml.evaluation import embed_local
 from dist_dml.models import ModelConfig, build_model
 
 
@@ -16,6 +16,15 @@ def model():
 
 def config(root):
     return DataConfig(root=root, workers=1, image_size=28, resize=32)
+
+
+def embed_split(model, stream, ctx):
+    """Every rank embeds its share of ``stream``; all ranks get the whole split ordered by image id:
+    (embeddings, labels, image ids) on the CPU (the evaluation itself keeps each rank's share)."""
+    local = embed_local(model, stream, ctx)
+    emb, lab, idx = (ctx.all_gather_uneven(t) for t in (local.embeddings, local.labels, local.image_ids))
+    order = torch.argsort(idx)
+    return emb[order].cpu(), lab[order].cpu(), idx[order].cpu()
 
 
 def embed_alone(root) -> dict:

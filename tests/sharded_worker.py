@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import torch
 
+from dist_dml.config import EvalConfig
 from dist_dml.distributed import DistContext
 from dist_dml.sharded import sharded_metrics
 
@@ -41,8 +42,8 @@ def main(mode: str, out: str) -> None:
     ctx.init_process_group()
     query, gallery = sets(mode)
     mine = lambda part: tuple(torch.from_numpy(a[owners(part[1], ctx.world_size) == ctx.rank]) for a in part)  # noqa: E731
-    metrics, kept = sharded_metrics(mine(query), None if gallery is None else mine(gallery), KS, ctx, nmi=False,
-                                    chunk=16, keep_ids=KEEP)
+    metrics, kept = sharded_metrics(mine(query), None if gallery is None else mine(gallery),
+                                    EvalConfig(recall_ks=KS, nmi=False, query_chunk=16), ctx, keep_ids=KEEP)
     if ctx.is_main:
         torch.save({"metrics": metrics, "kept": {k: v for k, v in kept.items()}}, out)
     ctx.barrier()

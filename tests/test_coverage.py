@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dist_dml.data import DataConfig, Manifest, ReadErrors, TrainStream, read_records, read_segments
-from dist_dml.data.shards import record_windows
+from dist_dml.data import record_windows
 
 
 def prep(out: Path, classes: int, min_shards: int, per_class: str = "2:3", seed: int = 0) -> Path:

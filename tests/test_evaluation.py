@@ -5,8 +5,18 @@ import pytest
 from .conftest import HANG_GUARD_S
 import torch
 
-from dist_dml.evaluation import clustering_nmi, retrieval_metrics
-from dist_dml.search import build_index, knn, load_index, save_index
+from dist_dml.config import EvalConfig
+from dist_dml.distributed import DistContext
+from dist_dml.search import build_index, clustering_nmi, knn, load_index, save_index
+from dist_dml.sharded import sharded_metrics
+
+
+def metrics_of(query, qlab, gallery=None, glab=None, ks=(1,)) -> dict:
+    """The evaluation's metrics in one process (the sharded search at one rank; image ids = row indices)."""
+    as_set = lambda e, lab: (torch.from_numpy(e), torch.from_numpy(np.asarray(lab)), torch.arange(len(e)))  # noqa: E731
+    metrics, _ = sharded_metrics(as_set(query, qlab), None if gallery is None else as_set(gallery, glab),
+                                 EvalConfig(recall_ks=tuple(ks), nmi=False), DistContext())
+    return metrics
 
 
 def brute_force(query, qlab, gallery, glab, ks):
@@ -30,6 +40,7 @@ def brute_force(query, qlab, gallery, glab, ks):
         out["map_at_r"].append(sum(rel[i] * sum(rel[: i + 1]) / (i + 1) for i in range(r)) / r)
     result = {k: float(np.mean(v)) for k, v in out.items()}
     result["unanswerable"] = float(unanswerable)
+    result["queries"] = float(len(query))
     return result
 
 
@@ -42,7 +53,7 @@ def unit(n, d, seed):
 def test_metrics_match_brute_force_on_random_data(seed):
     x = unit(240, 12, seed)
     labels = np.random.default_rng(seed).integers(0, 25, 240)
-    got = retrieval_metrics(x, labels, ks=(1, 2, 4, 8), nmi=False).metrics
+    got = metrics_of(x, labels, ks=(1, 2, 4, 8))
     want = brute_force(x, labels, None, None, (1, 2, 4, 8))
     assert got == pytest.approx(want, abs=1e-12)
 
@@ -50,7 +61,7 @@ def test_metrics_match_brute_force_on_random_data(seed):
 def test_query_gallery_match_brute_force():
     q, g = unit(60, 8, 3), unit(200, 8, 4)
     ql, gl = np.random.default_rng(5).integers(0, 30, 60), np.random.default_rng(6).integers(0, 30, 200)
-    got = retrieval_metrics(q, ql, g, gl, ks=(1, 5, 10), nmi=False).metrics
+    got = metrics_of(q, ql, g, gl, ks=(1, 5, 10))
     assert got == pytest.approx(brute_force(q, ql, g, gl, (1, 5, 10)), abs=1e-12)
 
 
@@ -60,7 +71,7 @@ def test_ties_go_to_the_lower_index_and_self_is_excluded_by_index():
     labels = np.array([7, 8, 7, 8, 9, 9])
     _, idx = knn(x, None, 3, exclude_self=True)
     assert idx[0].tolist() == [1, 2, 3] and idx[3].tolist() == [0, 1, 2]
-    got = retrieval_metrics(x, labels, ks=(1, 2), nmi=False).metrics
+    got = metrics_of(x, labels, ks=(1, 2))
     assert got["recall_at_1"] == pytest.approx(brute_force(x, labels, None, None, (1,))["recall_at_1"])
     assert got["recall_at_1"] == pytest.approx(3 / 6)  # 0->1 miss, 1->0 miss, 2->0 hit, 3->0 miss, 4->5, 5->4 hit
 
@@ -68,7 +79,7 @@ def test_ties_go_to_the_lower_index_and_self_is_excluded_by_index():
 def test_singleton_classes_are_unanswerable_not_wrong():
     x = unit(30, 6, 9)
     labels = np.array([i // 3 for i in range(27)] + [100, 101, 102])
-    got = retrieval_metrics(x, labels, ks=(1,), nmi=False).metrics
+    got = metrics_of(x, labels, ks=(1,))
     assert got["unanswerable"] == 3
     assert got == pytest.approx(brute_force(x, labels, None, None, (1,)), abs=1e-12)
 
@@ -79,7 +90,7 @@ def test_hand_worked_map_at_r():
     q = np.array([[1.0, 0.0]], dtype=np.float32)
     angles = np.array([0.1, 0.2, 0.3, 0.4])
     g = np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32)
-    got = retrieval_metrics(q, np.array([1]), g, np.array([1, 0, 1, 1]), ks=(1,), nmi=False).metrics
+    got = metrics_of(q, np.array([1]), g, np.array([1, 0, 1, 1]), ks=(1,))
     assert got["r_precision"] == pytest.approx(2 / 3)
     assert got["map_at_r"] == pytest.approx((1 + 2 / 3) / 3)
 
@@ -153,7 +164,7 @@ def test_distributed_extraction_each_image_once(world, tiny_shards, tmp_path, ru
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sharded_evaluation_equals_the_single_process_brute_force(world, mode, tmp_path, run_torchrun):
     """Each rank keeps only its embeddings; the merged neighbours and the metrics equal the whole set's
-    single-process search (Recall@K, R-Precision, MAP@R), also for query/gallery splits and a class
+    brute force in one process (Recall@K, R-Precision, MAP@R), also for query/gallery splits and a class
     present on one rank only."""
     import numpy as np
 
@@ -163,9 +174,9 @@ def test_sharded_evaluation_equals_the_single_process_brute_force(world, mode, t
     run_torchrun(world, "tests.sharded_worker", mode, str(out), timeout=HANG_GUARD_S)
     got = torch.load(out, weights_only=False)
     query, gallery = sets(mode)
-    want = retrieval_metrics(query[0], query[1], None if gallery is None else gallery[0],
-                             None if gallery is None else gallery[1], KS, nmi=False, use_gpu=False)
-    for key, value in want.metrics.items():
+    want = brute_force(query[0], query[1], None if gallery is None else gallery[0],
+                       None if gallery is None else gallery[1], KS)
+    for key, value in want.items():
         assert got["metrics"][key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
     # The kept queries' neighbours, by brute force in float64: the same gallery ids in the same order.
     g_emb, g_lab = (query[0], query[1]) if gallery is None else (gallery[0], gallery[1])
@@ -181,18 +192,16 @@ def test_sharded_evaluation_equals_the_single_process_brute_force(world, mode, t
 def test_ivf_reports_its_recall_against_exact():
     """eval.index=ivf: probing every list is the exact search (recall 1, the same metrics); probing one
     list is approximate, and says by how much."""
-    from dist_dml.distributed import DistContext
-    from dist_dml.sharded import sharded_metrics
     from tests.sharded_worker import KS, dataset
 
     emb, labels, ids = (torch.from_numpy(a) for a in dataset(2000, 50, 4))
-    exact, _ = sharded_metrics((emb, labels, ids), None, KS, DistContext(), nmi=False)
-    full, _ = sharded_metrics((emb, labels, ids), None, KS, DistContext(), nmi=False, index="ivf", ivf_nlist=16,
-                              ivf_nprobe=16, ivf_check_queries=300)
+    ivf = lambda **kw: EvalConfig(recall_ks=KS, nmi=False, index="ivf", ivf_nlist=16, ivf_check_queries=300,  # noqa: E731
+                                  ivf_target_recall=0.0, **kw)
+    exact, _ = sharded_metrics((emb, labels, ids), None, EvalConfig(recall_ks=KS, nmi=False), DistContext())
+    full, _ = sharded_metrics((emb, labels, ids), None, ivf(ivf_nprobe=16), DistContext())
     assert full.pop("ivf_recall_at_8") == 1.0 and full.pop("ivf_nprobe") == 16
     assert full == pytest.approx(exact, rel=1e-12)
-    rough, _ = sharded_metrics((emb, labels, ids), None, KS, DistContext(), nmi=False, index="ivf", ivf_nlist=16,
-                               ivf_nprobe=1, ivf_check_queries=300)
+    rough, _ = sharded_metrics((emb, labels, ids), None, ivf(ivf_nprobe=1), DistContext())
     assert 0.0 < rough["ivf_recall_at_8"] < 1.0
     assert rough["ivf_nprobe"] == 1.0
 
@@ -201,20 +210,19 @@ def test_ivf_target_recall_raises_the_lists_probed_to_the_fewest_that_reach_it()
     """ivf_target_recall: nprobe doubles from ivf_nprobe until the checked recall reaches the target. The
     lists it settles on reach it and half of them do not (measured with fixed nprobe); a target of 1 ends
     in the exact metrics."""
-    from dist_dml.distributed import DistContext
-    from dist_dml.sharded import sharded_metrics
     from tests.sharded_worker import KS, dataset
 
     emb, labels, ids = (torch.from_numpy(a) for a in dataset(2000, 50, 4))
-    run = lambda **kw: sharded_metrics((emb, labels, ids), None, KS, DistContext(), nmi=False, index="ivf",
-                                       ivf_nlist=16, ivf_check_queries=300, **kw)[0]
+    run = lambda **kw: sharded_metrics((emb, labels, ids), None, EvalConfig(  # noqa: E731
+        recall_ks=KS, nmi=False, index="ivf", ivf_nlist=16, ivf_check_queries=300, **{"ivf_target_recall": 0.0, **kw}),
+        DistContext())[0]
     tuned = run(ivf_nprobe=1, ivf_target_recall=0.8)
     chosen = int(tuned["ivf_nprobe"])
     assert chosen in (2, 4, 8, 16) and tuned["ivf_recall_at_8"] >= 0.8
     fixed = run(ivf_nprobe=chosen)
     assert fixed == tuned  # the search ran with the lists chosen
     assert run(ivf_nprobe=chosen // 2)["ivf_recall_at_8"] < 0.8
-    exact, _ = sharded_metrics((emb, labels, ids), None, KS, DistContext(), nmi=False)
+    exact, _ = sharded_metrics((emb, labels, ids), None, EvalConfig(recall_ks=KS, nmi=False), DistContext())
     full = run(ivf_nprobe=1, ivf_target_recall=1.0)
     assert full.pop("ivf_recall_at_8") == 1.0 and full.pop("ivf_nprobe") <= 16
     assert full == pytest.approx(exact, rel=1e-12)

@@ -33,7 +33,7 @@ def test_eval_command_matches_in_memory_brute_force(checkpoint, tmp_path, capsys
     model, cfg = load_checkpoint(checkpoint)
     from dist_dml.data import EvalStream
     from dist_dml.distributed import DistContext
-    from dist_dml.evaluation import embed_split
+    from tests.eval_worker import embed_split
 
     emb, labels, _ = embed_split(model, EvalStream(cfg.data, "test"), DistContext())
     sim = emb @ emb.T

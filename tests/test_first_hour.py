@@ -158,8 +158,10 @@ def test_importing_dist_dml_changes_no_environment_variable():
 def test_the_cpu_op_is_built_once_whatever_is_on_path():
     """DeepSpeed loads its CPU op through torch, which runs the first `ninja` on PATH; ninja 1.11 (the
     system's) and 1.13 (this environment's) hash a build command differently, so alternating starts
-    rebuilt the op each time (`./dml demo` then `./dml test`). Every start now uses this environment's."""
-    load = ("import dist_dml.engine; from deepspeed.accelerator import get_accelerator; "
+    rebuilt the op each time (`./dml demo` then `./dml test`). Every entry point (dist_dml.accelerator.configure)
+    now puts this environment's first."""
+    load = ("import dist_dml.accelerator as a; a.configure('cpu'); "  # as every entry point does first
+            "import dist_dml.engine; from deepspeed.accelerator import get_accelerator; "
             "from torch.utils.cpp_extension import _get_build_directory as where; "
             "get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False); "
             "print(where('deepspeed_shm_comm', verbose=False))")

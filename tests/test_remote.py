@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_dml.data import DataConfig, EvalStream, TrainStream
+from dist_dml.data import DataConfig, EvalStream, TrainStream, Verdicts
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
@@ -76,10 +76,11 @@ def config(root: str, **extra) -> DataConfig:
 
 
 def train_batches(cfg: DataConfig, ranks: int = 3) -> list[dict]:
-    """Epoch 0 of every rank (3 ranks: windows of 16 records start mid-shard)."""
-    out = []
+    """Epoch 0 of every rank (3 ranks: windows of 16 records start mid-shard), read in one process as one job
+    (one set of sha256 verdicts)."""
+    out, verdicts = [], Verdicts()
     for rank in range(ranks):
-        out += list(TrainStream(cfg, rank, ranks).worker_batches(0, 0))
+        out += list(TrainStream(cfg, rank, ranks, verdicts=verdicts).worker_batches(0, 0))
     return out
 
 

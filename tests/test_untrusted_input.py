@@ -174,7 +174,7 @@ def test_queries_of_other_modes_are_converted_and_searched(index, tmp_path, caps
 
 def test_a_decompression_bomb_in_a_shard_is_counted_not_decoded(shards, caplog):
     """The bomb replaces one image of a test record: the evaluation leaves it out and says why."""
-    from dist_dml.data.shards import tar_members
+    from dist_dml.data import tar_members
 
     victim = sorted(shards.glob("test-*.tar"))[0]
     members = list(tar_members(str(victim), lambda name: True))

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from dist_dml.data import DataConfig, TrainStream, verify
-from dist_dml.data import shards
 from dist_dml.distributed import DistContext
 
 
@@ -18,7 +17,8 @@ def main() -> None:
     stream = TrainStream(cfg, ctx.rank, ctx.world_size)
     verify(stream, ctx, "training")
     corrupt = sum(b["errors"]["corrupt_shards"] for b in stream.worker_batches(0, 0))
-    found = ctx.all_gather_object({"failed": sorted(shards._FAILED), "verified": sorted(shards._VERIFIED),
+    verdicts = stream.verdicts
+    found = ctx.all_gather_object({"failed": sorted(verdicts.failed), "verified": sorted(verdicts.verified),
                                    "corrupt": corrupt})
     if ctx.is_main:
         Path(sys.argv[2]).write_text(json.dumps(found))

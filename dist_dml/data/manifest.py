@@ -5,10 +5,9 @@ import json
 import os
 from pathlib import Path
 
-from dist_dml.data.opener import TooLarge, is_local, is_plain_name, join, read_bytes
+from dist_dml.data.format import FORMAT, MANIFEST, VERSION, is_plain_name
+from dist_dml.data.opener import TooLarge, is_local, join, read_bytes
 from dist_dml.errors import UserError
-
-FORMAT, VERSION = "dist-dml/class-shards", 1
 MAX_MANIFEST_MB = 256.0  # data.max_manifest_mb's default: a million classes' class_table is about 40 MB
 MEMBER_BYTES = 1024  # the least a tar member takes: its 512-byte header and one block of data
 POSITION_BYTES = 12  # a training stream's position per record: two int32 draw counts and a flag (and slack)
@@ -36,7 +35,7 @@ class Manifest:
 
     def __init__(self, root: str | Path, max_mb: float = MAX_MANIFEST_MB):
         self.root = str(root)  # a folder or a URL prefix (dist_dml.data.opener)
-        self.path = path = join(self.root, "manifest.json")
+        self.path = path = join(self.root, MANIFEST)
         try:
             self.data = json.loads(read_bytes(path, int(max_mb * 2**20)) or b"null")
         except FileNotFoundError:

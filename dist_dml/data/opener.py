@@ -21,7 +21,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import re
 import shlex
 from pathlib import Path
 from typing import BinaryIO
@@ -34,16 +33,6 @@ BUFFER = 1 << 20
 
 def is_local(location: str) -> bool:
     return not location.startswith("pipe:") and "://" not in location
-
-
-# A shard name as a manifest may give it: plain relative path parts of letters, digits, '.', '_' and '-',
-# none starting with '.' or '-' (no '..', no option to a command), no shell metacharacter, no space.
-PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
-
-
-def is_plain_name(name) -> bool:
-    """Whether ``name`` is a plain relative file name (PLAIN_NAME, at most 255 characters)."""
-    return isinstance(name, str) and len(name) <= 255 and PLAIN_NAME.fullmatch(name) is not None
 
 
 def join(root: str, name: str) -> str:

@@ -31,8 +31,10 @@ from dist_dml.data.config import DataConfig
 from dist_dml.data.images import ImageTooLarge, eval_image, new_batch, train_image
 from dist_dml.data.manifest import Manifest
 from dist_dml.data.opener import ShardCache, is_local
-from dist_dml.data.shards import (ReadErrors, Segment, read_records, read_segments, record_windows, undrawn_runs,
-                                  verify_shards, window_segments)
+from dist_dml.data.faults import ReadErrors
+from dist_dml.data.plan import Segment, record_windows, undrawn_runs, window_segments
+from dist_dml.data.records import read_records, read_segments
+from dist_dml.data.verify import Verdicts, verify_shards
 from dist_dml.errors import UserError
 from dist_dml.seeding import mix
 
@@ -49,11 +51,11 @@ class SplitError(UserError):
 # --- loading ------------------------------------------------------------------------------------
 
 def read_errors(cfg: DataConfig, checksums: dict[str, str] | None, classes: int | None = None,
-                images: int | None = None) -> ReadErrors:
-    """A worker's fault counter with the config's limits, retries, (data.verify_sha256) checksums and
-    (data.cache_dir) local copies of remote shards."""
+                images: int | None = None, verdicts: Verdicts | None = None) -> ReadErrors:
+    """A worker's fault counter with the config's limits, retries, (data.verify_sha256) checksums and the
+    job's verdicts on them, and (data.cache_dir) local copies of remote shards."""
     return ReadErrors(int(cfg.max_member_mb * 2**20), classes, images, retries=cfg.read_retries,
-                      backoff_s=cfg.retry_backoff_s, checksums=checksums, cache=shard_cache(cfg))
+                      backoff_s=cfg.retry_backoff_s, checksums=checksums, cache=shard_cache(cfg), verdicts=verdicts)
 
 
 def single_image_problem(manifest: Manifest, cfg: DataConfig) -> str | None:
@@ -75,9 +77,9 @@ def shard_cache(cfg: DataConfig) -> ShardCache | None:
 
 def verify(stream: "TrainStream | EvalStream", ctx, what: str) -> None:
     """data.verify_sha256: the stream's shards checked once for the job, over ctx's ranks, before a loader
-    forks the workers that read them (shards.verify_shards). Call on every rank."""
+    forks the workers that read them (verify.verify_shards), into the stream's verdicts. Call on every rank."""
     if stream.checksums:
-        verify_shards(stream.checksums, stream.sizes, ctx, what, cache=shard_cache(stream.cfg))
+        verify_shards(stream.checksums, stream.sizes, ctx, what, stream.verdicts, cache=shard_cache(stream.cfg))
 
 
 def loader(dataset: IterableDataset, workers: int) -> DataLoader:
@@ -129,8 +131,11 @@ class TrainStream(IterableDataset):
 
     GEOMETRY = ("world_size", "workers", "classes_per_batch", "shuffle_buffer", "seed", "records")
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, decode_images: bool = True):
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, decode_images: bool = True,
+                 verdicts: Verdicts | None = None):
+        """``verdicts``: the job's sha256 verdicts (data.verify_sha256), shared with its evaluation streams."""
         cfg.validate()
+        self.verdicts = verdicts if verdicts is not None else Verdicts()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         manifest = Manifest(cfg.root, cfg.max_manifest_mb)
         self.shards = manifest.shard_paths(cfg.train_split)
@@ -342,7 +347,7 @@ class TrainStream(IterableDataset):
         base = self._base(epoch)
         salt = (base + 1,) if epoch == self.epoch and self.base_drawn is not None else ()  # a resumed layout
         rng = random.Random(mix(cfg.seed, epoch, self.rank, worker, *salt))
-        errors = read_errors(cfg, self.checksums, self.num_classes, self.num_images)
+        errors = read_errors(cfg, self.checksums, self.num_classes, self.num_images, self.verdicts)
         records = self._record_stream(epoch, worker, errors, rng, salt)
         for index in range(base + worker, self.steps_in_epoch(epoch), self.workers):
             chosen = []
@@ -504,8 +509,9 @@ class EvalStream(IterableDataset):
     """Every image of ``split`` once over all ranks and workers, in :class:`EvalBatch` es."""
 
     def __init__(self, cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1, batch_size: int = 128,
-                 decode_images: bool = True):
+                 decode_images: bool = True, verdicts: Verdicts | None = None):
         self.cfg, self.split, self.rank, self.world_size = cfg, split, rank, world_size
+        self.verdicts = verdicts if verdicts is not None else Verdicts()  # the job's (data.verify_sha256)
         manifest = Manifest(cfg.root, cfg.max_manifest_mb)
         self.shards = manifest.shard_paths(split)
         self.num_images = manifest.split(split)["images"]
@@ -528,7 +534,7 @@ class EvalStream(IterableDataset):
         slots = self.world_size * workers
         mine = self.shards[self.rank * workers + worker::slots]  # exactly once: no resampling here
         pending: list[tuple[bytes, int, int, str, str, str]] = []
-        errors = read_errors(self.cfg, self.checksums, self.num_classes, self.num_images)
+        errors = read_errors(self.cfg, self.checksums, self.num_classes, self.num_images, self.verdicts)
         for record in read_records(mine, errors):
             for (_, image), image_id, item in zip(record["images"], record["image_ids"], record["items"]):
                 pending.append((image, record["label"], image_id, record["class"], item, record["shard"]))
@@ -557,12 +563,12 @@ class EvalStream(IterableDataset):
                          list(classes), list(items), errors.delta())
 
 
-def images_by_id(cfg: DataConfig, split: str, wanted) -> dict[int, torch.Tensor]:
+def images_by_id(cfg: DataConfig, split: str, wanted, verdicts: Verdicts | None = None) -> dict[int, torch.Tensor]:
     """The evaluation-transformed uint8 images of the given image ids (for plots), one pass over the split."""
     wanted, found = set(int(i) for i in wanted), {}
     manifest = Manifest(cfg.root, cfg.max_manifest_mb)
     checksums = manifest.checksums(split) if cfg.verify_sha256 else None
-    for record in read_records(manifest.shard_paths(split), read_errors(cfg, checksums)):
+    for record in read_records(manifest.shard_paths(split), read_errors(cfg, checksums, verdicts=verdicts)):
         for (_, data), image_id in zip(record["images"], record["image_ids"]):
             if image_id in wanted:
                 found[image_id] = eval_image(data, cfg)
