@@ -219,7 +219,9 @@ def faiss_section(ctx, smoke: bool) -> None:
     query = centres[q_labels] + 0.6 * rng.normal(size=(queries, dim)).astype(np.float32)
     query /= np.linalg.norm(query, axis=1, keepdims=True)
     as_tensors = lambda e, lab, first: (torch.from_numpy(e), torch.from_numpy(lab), torch.arange(first, first + len(e)))
-    args = dict(ks=(1, 10, 100), ctx=ctx, nmi=False)
+    from dist_dml.config import EvalConfig
+
+    args = dict(cfg=EvalConfig(recall_ks=(1, 10, 100), nmi=False), ctx=ctx)
     found = {}
     for where in (["cpu"] if gpu_count() == 0 else ["gpu", "cpu"]):
         start = time.perf_counter()

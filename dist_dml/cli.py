@@ -380,7 +380,8 @@ def demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """`dist-dml` and its subcommands (each also takes --debug)."""
     parser = argparse.ArgumentParser(prog="dist-dml", description="Distributed deep metric learning")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of a user error (also DIST_DML_DEBUG=1)")
@@ -418,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value for the training")
     p.set_defaults(func=demo_command)
 
+    _add_after_training(sub)
+    return parser
+
+
+def _add_after_training(sub) -> None:
+    """The commands that take a trained model: eval, embed, export, index, search; and prep."""
     p = sub.add_parser("eval", help="retrieval metrics of a checkpoint (under torchrun: distributed extraction)")
     p.add_argument("checkpoint", help="OUTPUT/final_model.pt or OUTPUT/checkpoints/stepN")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.root=... eval.split=query,gallery")
@@ -456,12 +463,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="search even with a model other than the index's")
     p.set_defaults(func=search_command)
 
+    from dist_dml.grid import add_parser as add_grid
+
+    add_grid(sub)
     from data_prep.cli import build_parser as prep_parser, run as prep_run
 
     p = sub.add_parser("prep", help="convert a dataset (or synthesise one) to class-grouped shards")
     prep_parser(p)
     p.set_defaults(func=prep_run)
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("DIST_DML_DEBUG", "") not in ("", "0")
     try:

@@ -23,6 +23,7 @@ from dist_dml.data import DataConfig
 from dist_dml.engine_config import DeepSpeedConfig, OptimizerConfig
 from dist_dml.errors import UserError
 from dist_dml.losses import LossConfig
+from dist_dml.memory import MemoryConfig
 from dist_dml.models import ModelConfig
 from dist_dml.sampling import SamplerConfig
 
@@ -42,12 +43,15 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu or cuda
     seed: int = 0  # model initialisation (sampling and data have their own seeds)
     collapse_spread: float = 0.2  # a log window whose embeddings spread less warns of a collapse (healthy: ~1)
+    embedding_chunks: int = 1  # embed the local batch in this many chunks (a global batch larger than memory)
 
     def validate(self) -> None:
         if self.steps < 0 or self.epochs < 1:
             raise ValueError("train.steps must be >= 0 and train.epochs >= 1")
         if self.seed < 0:
             raise ValueError(f"train.seed must be >= 0, got {self.seed}")
+        if self.embedding_chunks < 1:
+            raise ValueError(f"train.embedding_chunks must be >= 1, got {self.embedding_chunks}")
         if not 0 <= self.collapse_spread < 2:
             raise ValueError(f"train.collapse_spread must be in [0, 2) (0: no check), got {self.collapse_spread}")
         if self.log_every < 1 or self.max_bad_steps < 1:
@@ -111,6 +115,7 @@ class TrackingConfig:
     timeout_s: float = 10.0  # per request to a tracking server (the start-up check, and each log call)
     log_model: bool = True  # the final model as an MLflow Model (pyfunc: uint8 images in, embeddings out)
     register_as: str = ""  # and registered in the model registry under this name
+    parent_run_id: str = ""  # the run of a grid (dist-dml grid) this training is a cell of: a child run of it
 
     def validate(self) -> None:
         if not 0 < self.timeout_s <= 300:
@@ -141,6 +146,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -283,6 +289,7 @@ def validate(config: RunConfig, source: str = "config", check_data: bool = True)
             getattr(config, f.name).validate()
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+    _check_chunks(config, source)
     if not check_data:
         return
     data, loss = config.data, config.loss
@@ -308,6 +315,23 @@ def validate(config: RunConfig, source: str = "config", check_data: bool = True)
     if loss.beta_per_image and 0 < loss.num_images < split["images"]:
         raise ConfigError(f"{source}: loss.num_images={loss.num_images} is smaller than the "
                           f"{split['images']} images of {data.root} (0 sizes it from the manifest)")
+
+
+def _check_chunks(config: RunConfig, source: str) -> None:
+    """train.embedding_chunks N > 1: the local batch splits into N equal chunks, and no BatchNorm computes
+    statistics of its batch (sync or local: per-chunk statistics would make the gradients inexact)."""
+    chunks, batch = config.train.embedding_chunks, config.data.local_batch
+    if chunks == 1:
+        return
+    if batch % chunks:
+        raise ConfigError(f"{source}: train.embedding_chunks={chunks} does not divide the local batch of {batch} "
+                          f"(data.classes_per_batch x data.images_per_class)")
+    from dist_dml.models import has_batch_norm
+
+    if config.model.norm != "frozen" and has_batch_norm(config.model):
+        raise ConfigError(f"{source}: train.embedding_chunks={chunks} with model.norm={config.model.norm}: "
+                          f"{config.model.backbone}'s BatchNorm would compute statistics of each chunk, not of the "
+                          "batch, and the gradients would not be those of one pass; model.norm=frozen is exact")
 
 
 def dump_yaml(config: RunConfig) -> str:

@@ -277,11 +277,12 @@ def param_groups(module: nn.Module, config: OptimizerConfig) -> list[dict]:
     return [dict(params=params, name=name, **settings[name]) for name, params in groups.items() if params]
 
 
-def deepspeed_config(config: DeepSpeedConfig, micro_batch: int, universal: bool = False) -> dict:
+def deepspeed_config(config: DeepSpeedConfig, micro_batch: int, universal: bool = False,
+                     accumulation: int = 1) -> dict:
     return {
         "checkpoint": {"load_universal": universal},
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accumulation,
         "steps_per_print": 1 << 30,
         "zero_optimization": {"stage": config.zero_stage},
         "zero_allow_untested_optimizer": True,
@@ -303,8 +304,11 @@ class TrainEngine:
         micro_batch: int,
         lr_lambda: Callable[[int], float] | None = None,
         universal: bool = False,
+        accumulation: int = 1,
     ):
-        """``universal``: the checkpoint this engine will load is a universal one (see to_universal)."""
+        """``universal``: the checkpoint this engine will load is a universal one (see to_universal).
+        ``accumulation``: DeepSpeed's gradient-accumulation steps per optimizer step (train.embedding_chunks);
+        ``micro_batch`` is then the size of one of them."""
         optimizer.validate()
         config.validate()
         self.ctx = ctx
@@ -322,7 +326,7 @@ class TrainEngine:
             model=module.to(ctx.device),
             optimizer=torch_optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(config, micro_batch, universal),
+            config=deepspeed_config(config, micro_batch, universal, accumulation),
             dist_init_required=False,
         )
         self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine._config)
@@ -354,13 +358,18 @@ class TrainEngine:
     def __call__(self, x: Tensor) -> Tensor:
         return self.engine(x)
 
-    def backward(self, loss_share: Tensor) -> None:
+    def backward(self, loss_share: Tensor, accumulate: bool = False) -> None:
+        """``accumulate``: one of the gradient-accumulation passes of a step whose parts each carry their own
+        full share (dist_dml.step's chunks): DeepSpeed must not divide it by the accumulation steps."""
         # loss_share sums over ranks to the global loss; DeepSpeed averages gradients over ranks.
-        self.engine.backward(loss_share * self.ctx.world_size)
+        self.engine.backward(loss_share * self.ctx.world_size, scale_wrt_gas=not accumulate)
 
     def step(self) -> None:
+        """DeepSpeed's step: the optimizer's at an accumulation boundary (every call without accumulation)."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        self._share_beta_masters()
+        if boundary:
+            self._share_beta_masters()
 
     def full_gradients(self) -> dict[str, Tensor]:
         """Each parameter's reduced (rank-independent) fp32 gradient, between backward and step."""

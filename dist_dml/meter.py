@@ -23,9 +23,11 @@ class Meter:
     step's. The sampled-negative histogram covers the whole run, across resumes (it travels in the
     checkpoint with the step it starts at)."""
 
+    MEMORY = ("memory_negatives", "memory_positives", "memory_age_sum", "memory_draws", "memory_fill")
     SUMS = ("loss", "steps", "active", "terms", "d_ap_sum", "d_an_sum", "triplets", "beta_sum", "fallback",
-            "anchors", "images", "spread", *FAULTS)
-    GLOBAL = ("steps", "active", "terms", "spread")  # already global on every rank: not summed over ranks
+            "anchors", "images", "spread", *MEMORY, *FAULTS)
+    # Already global on every rank: not summed over ranks (the memory's fill is the same on every rank too).
+    GLOBAL = ("steps", "active", "terms", "spread", "memory_fill")
     INACTIVE_WINDOWS = 3  # log windows in a row without an active pair that count as a collapse
 
     def __init__(self, ctx: DistContext, config):
@@ -79,6 +81,8 @@ class Meter:
         w["fallback"] += triplets.num_fallback
         w["anchors"] += triplets.num_anchors
         w["images"] += batch["labels"].numel()
+        for key, value in result.memory.items():
+            w[key] = value if key == "memory_fill" else w[key] + value
         for key, value in batch["errors"].items():
             w[key] += value
         if "beta_min" in stats:
@@ -96,8 +100,20 @@ class Meter:
                   f"d_an={metrics['d_an_mean']:.3f} spread={metrics['embedding_spread']:.3f} "
                   f"fallback={metrics['fallback_rate']:.3f} "
                   f"images/s={metrics['images_per_s']:.0f} ETA {_duration(metrics['eta_s'])}"
+                  + (f" memory={metrics['memory_fill']:.0f} negatives_from_memory={metrics['memory_negative_share']:.2f}"
+                     f" age={metrics['memory_mean_age']:.1f}" if "memory_fill" in metrics else "")
                   + "".join(f" {k}={v}" for k, v in self.faults.items() if v), flush=True)
         return True
+
+    @staticmethod
+    def _memory_metrics(total: dict, triplets: float) -> dict[str, float]:
+        """The cross-batch memory's fill, the shares of sampled negatives and positives it gave, and the mean
+        age in steps of the items drawn from it (nothing without a memory)."""
+        if not total["memory_fill"]:
+            return {}
+        return {"memory_fill": total["memory_fill"], "memory_negative_share": total["memory_negatives"] / triplets,
+                "memory_positive_share": total["memory_positives"] / triplets,
+                "memory_mean_age": total["memory_age_sum"] / max(total["memory_draws"], 1.0)}
 
     def _watch_collapse(self, metrics: dict[str, float], tracker, step: int) -> None:
         """Warn (log and MLflow) when the embeddings collapse: the window's spread (RMS distance between the
@@ -146,6 +162,7 @@ class Meter:
             "eta_s": (self.total - step) * (now - self.start_time) / done,
             "skipped_steps": float(self.skipped),
             "embedding_spread": total["spread"] / steps,
+            **self._memory_metrics(total, n),
             **{k: total[k] for k in FAULTS},
             **{f"d_an_q{int(q * 100)}": v for q, v in _quantiles(hist).items()},
             **{f"lr_{name}": lr for name, lr in engine.learning_rates().items()},

@@ -147,6 +147,13 @@ def _timm_spec(name: str) -> Backbone:
                     std=tuple(cfg.get("std") or IMAGENET_STD), crop_pct=float(cfg.get("crop_pct") or 0.875))
 
 
+def has_batch_norm(config: ModelConfig) -> bool:
+    """Whether the backbone has BatchNorm layers (built on the meta device: no memory, no weights)."""
+    with torch.device("meta"):
+        backbone, _ = backbone_spec(config.backbone).build(None)
+    return bool(_batch_norms(backbone))
+
+
 NORMS = ("sync", "frozen", "local")
 GatherWithGrad = Callable[[Tensor], Tensor]  # all ranks' tensors concatenated along dim 0, autograd-aware
 

@@ -5,12 +5,14 @@ which are identities in one process.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from dist_dml.distributed import DistContext
 from dist_dml.losses import LossOutput, TripletLossBase
+from dist_dml.memory import CrossBatchMemory
 from dist_dml.sampling import Sampler, Triplets
 
 
@@ -19,6 +21,8 @@ class StepResult:
     output: LossOutput
     triplets: Triplets
     spread: Tensor | None = None  # the global batch's RMS pairwise distance (detached; the same on every rank)
+    batch: tuple[Tensor, Tensor, Tensor] | None = None  # the global batch (embeddings detached, labels, ids)
+    memory: dict[str, float] = field(default_factory=dict)  # this rank's draws from the cross-batch memory
 
 
 def embedding_spread(embeddings: Tensor) -> Tensor:
@@ -30,12 +34,18 @@ def embedding_spread(embeddings: Tensor) -> Tensor:
 
 
 class GlobalBatchObjective:
-    """Local anchors x global candidates: O(B_local x B_global) per rank, never O(B_global^2)."""
+    """Local anchors x global candidates: O(B_local x (B_global + memory)) per rank, never O(B_global^2).
 
-    def __init__(self, sampler: Sampler, loss: TripletLossBase, ctx: DistContext):
+    With a cross-batch memory, the candidates are the global batch followed by the memory's items
+    (detached: only the batch receives gradient); :meth:`remember` adds a step's global batch to it once
+    the step is taken."""
+
+    def __init__(self, sampler: Sampler, loss: TripletLossBase, ctx: DistContext,
+                 memory: CrossBatchMemory | None = None):
         self.sampler = sampler
         self.loss = loss
         self.ctx = ctx
+        self.memory = memory
 
     def __call__(self, local_embeddings: Tensor, labels: Tensor, image_ids: Tensor, step: int) -> StepResult:
         ctx = self.ctx
@@ -45,6 +55,27 @@ class GlobalBatchObjective:
         image_ids = ctx.all_gather_no_grad(image_ids.to(local_embeddings.device))
         batch = local_embeddings.shape[0]  # equal on every rank: the data contract
         start = ctx.rank * batch
-        triplets = self.sampler(embeddings.detach(), labels, start, start + batch, step)
-        output = self.loss(embeddings, labels, image_ids, triplets, ctx.all_reduce_sum)
-        return StepResult(output, triplets, embedding_spread(embeddings))
+        candidates, c_labels, c_ids, limit, steps = embeddings, labels, image_ids, None, None
+        if self.memory is not None and self.memory.active(step):
+            m_emb, m_labels, m_ids, steps = self.memory.contents()
+            candidates = torch.cat([embeddings, m_emb.to(embeddings.device)])
+            c_labels, c_ids = torch.cat([labels, m_labels.to(labels.device)]), torch.cat([image_ids, m_ids.to(labels.device)])
+            limit = None if self.memory.config.positives else len(labels)
+        triplets = self.sampler(candidates.detach(), c_labels, start, start + batch, step, positive_limit=limit)
+        output = self.loss(candidates, c_labels, c_ids, triplets, ctx.all_reduce_sum)
+        drawn = _memory_draws(triplets, len(labels), steps, step, self.memory) if steps is not None else {}
+        return StepResult(output, triplets, embedding_spread(embeddings), (embeddings.detach(), labels, image_ids), drawn)
+
+    def remember(self, result: StepResult, step: int) -> None:
+        """A taken step's global batch into the memory (the same on every rank)."""
+        if self.memory is not None and result.batch is not None:
+            self.memory.enqueue(*result.batch, step)
+
+
+def _memory_draws(triplets: Triplets, batch: int, steps: Tensor, step: int, memory: CrossBatchMemory) -> dict:
+    """This rank's draws from the memory: negatives and positives taken from it, and their summed age in steps."""
+    negatives, positives = triplets.negative >= batch, triplets.positive >= batch
+    drawn = torch.cat([triplets.negative[negatives], triplets.positive[positives]]) - batch
+    age = (step - steps.to(drawn.device)[drawn]).sum() if drawn.numel() else torch.zeros((), dtype=torch.long)
+    return {"memory_negatives": float(negatives.sum()), "memory_positives": float(positives.sum()),
+            "memory_age_sum": float(age), "memory_draws": float(drawn.numel()), "memory_fill": float(memory.fill)}

@@ -98,3 +98,24 @@ def retrieval_grid(queries: list[int], neighbours: np.ndarray, relevant: np.ndar
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def grid_recall(rows: list[dict], path: Path) -> Path:
+    """dist-dml grid: R@1 per cell (mean over its seeds, the standard deviation as an error bar)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(rows) + 2), 4))
+    names = [r["cell"] for r in rows]
+    ax.bar(range(len(rows)), [r["recall_at_1"] for r in rows], yerr=[r["recall_at_1_std"] for r in rows], capsize=4,
+           alpha=0.8)
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['recall_at_1']:.3f}", (i, r["recall_at_1"]), textcoords="offset points", xytext=(0, 8),
+                    ha="center", fontsize=7)
+    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("R@1 (mean ± sd over seeds)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Recall@1 per cell of the grid", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -5,7 +5,10 @@ Pure tensor math (imports torch only), so every sampler can be tested without a 
 Every rank holds the same global batch ``embeddings`` (B_global x d, L2-normalised) and ``labels``
 and samples for its own anchors, the rows ``[anchor_start, anchor_stop)``. Positives of an anchor
 are all other items of the global batch with its label; each (anchor, positive) pair gets one
-negative. The output is a :class:`Triplets` of global indices.
+negative. The output is a :class:`Triplets` of global indices. With a cross-batch memory the
+candidates are the global batch followed by the memory's items (dist_dml.memory): anchors stay in
+the batch, negatives come from both, and positives from the first ``positive_limit`` candidates only
+(the batch) unless the memory gives positives too.
 
 Determinism across world sizes: the uniform numbers that drive the draws form a (B_global x P_max)
 table generated from (seed, step) alone; anchor ``g`` uses row ``g``. So the same global batch gives
@@ -67,8 +70,26 @@ class Triplets:
 
 class Sampler(Protocol):
     def __call__(
-        self, embeddings: Tensor, labels: Tensor, anchor_start: int, anchor_stop: int, step: int
+        self, embeddings: Tensor, labels: Tensor, anchor_start: int, anchor_stop: int, step: int,
+        positive_limit: int | None = None,
     ) -> Triplets: ...
+
+
+def _positives(groups: "_Groups", anchors: Tensor, limit: int | None) -> "_Pairs":
+    """Each anchor's positives (same-label columns, self excluded), among the first ``limit`` candidates
+    only where a limit is given (the global batch, with a cross-batch memory after it)."""
+    pairs = _block_pairs(groups, anchors)
+    if limit is None:
+        return pairs
+    keep = groups.order[pairs.column] < limit
+    return _Pairs(pairs.row[keep], pairs.column[keep], pairs.slot[keep])
+
+
+def _has_positive(groups: "_Groups", labels: Tensor, anchors: Tensor, limit: int | None) -> Tensor:
+    """Whether each anchor has a positive (among the first ``limit`` candidates where a limit is given)."""
+    if limit is None:
+        return groups.count[anchors] > 1
+    return _Groups(labels[:limit]).count[anchors] > 1
 
 
 # Distances are computed from similarities: D = sqrt(2 - 2 s) for unit vectors.
@@ -197,7 +218,8 @@ class DistanceWeightedSampler:
     def __init__(self, config: SamplerConfig):
         self.config = config
 
-    def __call__(self, embeddings: Tensor, labels: Tensor, anchor_start: int, anchor_stop: int, step: int) -> Triplets:
+    def __call__(self, embeddings: Tensor, labels: Tensor, anchor_start: int, anchor_stop: int, step: int,
+                 positive_limit: int | None = None) -> Triplets:
         cfg = self.config
         with torch.no_grad():
             embeddings = embeddings.detach().float()
@@ -209,8 +231,10 @@ class DistanceWeightedSampler:
             for lo, hi in _chunks(anchor_start, anchor_stop, groups.size, cfg.chunk_elements):
                 anchors = torch.arange(lo, hi, device=embeddings.device)
                 weights, valid, fallback = self.row_weights(embeddings[lo:hi], candidates, groups, anchors, workspace)
+                if positive_limit is not None:
+                    valid &= _has_positive(groups, labels, anchors, positive_limit)
                 cumulative = torch.cumsum(weights, dim=1, out=weights)
-                pairs = _block_pairs(groups, anchors)
+                pairs = _positives(groups, anchors, positive_limit)
                 keep = valid[pairs.row]
                 row, column, slot = pairs.row[keep], pairs.column[keep], pairs.slot[keep]
                 u = uniforms[anchors[row].cpu(), slot.cpu()].to(cumulative.device)
@@ -330,11 +354,12 @@ class RandomNegativeSampler:
     def __init__(self, config: SamplerConfig):
         self.config = config
 
-    def __call__(self, embeddings: Tensor, labels: Tensor, anchor_start: int, anchor_stop: int, step: int) -> Triplets:
+    def __call__(self, embeddings: Tensor, labels: Tensor, anchor_start: int, anchor_stop: int, step: int,
+                 positive_limit: int | None = None) -> Triplets:
         groups = _Groups(labels)
         uniforms = draw_uniforms(self.config.seed, step, groups.size, groups.max_positives)
         anchors = torch.arange(anchor_start, anchor_stop, device=labels.device)
-        pairs = _block_pairs(groups, anchors)
+        pairs = _positives(groups, anchors, positive_limit)
         a = anchors[pairs.row]
         num_neg = groups.size - groups.count[a]
         keep = num_neg > 0
@@ -343,7 +368,7 @@ class RandomNegativeSampler:
         k = torch.minimum((u * num_neg.double()).long(), num_neg - 1)
         start = groups.start[a]
         negative = torch.where(k < start, k, k + groups.count[a])
-        valid = (groups.count[anchors] > 1) & (groups.count[anchors] < groups.size)
+        valid = _has_positive(groups, labels, anchors, positive_limit) & (groups.count[anchors] < groups.size)
         return Triplets(a, groups.order[column], groups.order[negative], int(valid.sum()), 0)
 
 
@@ -353,7 +378,8 @@ class _NearestNegativeSampler:
     def __init__(self, config: SamplerConfig):
         self.config = config
 
-    def __call__(self, embeddings: Tensor, labels: Tensor, anchor_start: int, anchor_stop: int, step: int) -> Triplets:
+    def __call__(self, embeddings: Tensor, labels: Tensor, anchor_start: int, anchor_stop: int, step: int,
+                 positive_limit: int | None = None) -> Triplets:
         with torch.no_grad():
             embeddings = embeddings.detach().float()
             groups = _Groups(labels)
@@ -362,13 +388,13 @@ class _NearestNegativeSampler:
             for lo, hi in _chunks(anchor_start, anchor_stop, groups.size, self.config.chunk_elements):
                 anchors = torch.arange(lo, hi, device=embeddings.device)
                 sim = embeddings[lo:hi] @ candidates.T
-                pairs = _block_pairs(groups, anchors)
+                pairs = _positives(groups, anchors, positive_limit)
                 has_negative = groups.count[anchors] < groups.size
                 keep = has_negative[pairs.row]
                 row, column = pairs.row[keep], pairs.column[keep]
                 negative, fallback = self.choose(sim, groups, anchors, row, sim[row, column])
                 parts.append((anchors[row], groups.order[column], groups.order[negative]))
-                valid = has_negative & (groups.count[anchors] > 1)
+                valid = has_negative & _has_positive(groups, labels, anchors, positive_limit)
                 num_anchors += int(valid.sum())
                 num_fallback += int((fallback & valid).sum())
             return _collect(parts, num_anchors, num_fallback, embeddings.device)

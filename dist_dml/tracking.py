@@ -160,6 +160,8 @@ class MlflowTracker:
                 run = None
         self.fresh = run is None
         if run is None:
+            if config.parent_run_id:  # a cell of a grid (dist-dml grid): a child run of the grid's
+                tags = {**tags, "mlflow.parentRunId": config.parent_run_id}
             run = mlflow.start_run(run_name=config.run_name, log_system_metrics=config.system_metrics, tags=tags)
         self.run_id = run.info.run_id
         self.location = f"{mlflow.get_tracking_uri()} (experiment {config.experiment!r}, run {self.run_id})"

@@ -24,17 +24,19 @@ import torch
 from dist_dml import plots
 from dist_dml.checkpoint import CheckpointManager, read_meta
 from dist_dml.config import RunConfig, dump_yaml
-from dist_dml.data import TrainStream, verify
+from dist_dml.data import TrainStream, Verdicts, verify
 from dist_dml.distributed import DistContext
 from dist_dml.engine import TrainEngine
 from dist_dml.errors import as_write_error
 from dist_dml.evaluation import evaluate, evaluation_problem, format_metrics
 from dist_dml.losses import build_loss
+from dist_dml.memory import CrossBatchMemory
 from dist_dml.meter import EpochReport, Meter
 from dist_dml.models import TrainModule, build_model
-from dist_dml.objective import GlobalBatchObjective, StepResult
+from dist_dml.objective import GlobalBatchObjective
 from dist_dml.run_folder import FolderError, RunFolder
 from dist_dml.sampling import build_sampler
+from dist_dml.step import take_step
 from dist_dml.tracking import build_tracker
 from dist_dml.weights import local_weights
 
@@ -69,7 +71,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, ctx: DistContext):
         self.cfg, self.ctx = cfg, ctx
         self.out = Path(cfg.train.output_dir)
-        self.stream = TrainStream(cfg.data, ctx.rank, ctx.world_size)
+        self.verdicts = Verdicts()  # the job's sha256 verdicts: its training and evaluation shards, once each
+        self.stream = TrainStream(cfg.data, ctx.rank, ctx.world_size, verdicts=self.verdicts)
         for note in (self.stream.single_image_note(), self.stream.layout_note()):
             if ctx.is_main and note:
                 print(f"[train] warning: {note}", flush=True)
@@ -95,6 +98,9 @@ class Trainer:
         for name, part in (("data", self.position), ("meter", self.meter), ("rng", RngState()),
                            ("tracker", TrackerRun(self.tracker))):
             self.checkpoints.register(name, part)
+        self.memory = CrossBatchMemory(cfg.memory, cfg.model.embedding_dim, ctx.device) if cfg.memory.enabled else None
+        if self.memory is not None:
+            self.checkpoints.register("memory", self.memory)
         self.step = self.checkpoints.restore(self.engine)
         # Steps to the end of the last epoch from where the data stream stands (another world size: other steps).
         self.total_steps = self.steps["total"] = cfg.train.steps or self.step + self.stream.remaining_steps(
@@ -112,8 +118,9 @@ class Trainer:
         if ctx.is_main and model.weights_report:
             print(model.weights_report, flush=True)
         module = TrainModule(model, build_loss(sized_loss_config(cfg.loss, self.stream)))
-        return TrainEngine(module, ctx, cfg.optimizer, cfg.deepspeed, micro_batch=cfg.data.local_batch,
-                           lr_lambda=schedule, universal=self.checkpoints.universal)
+        chunks = cfg.train.embedding_chunks  # DeepSpeed accumulates one backward pass per chunk (dist_dml.step)
+        return TrainEngine(module, ctx, cfg.optimizer, cfg.deepspeed, micro_batch=cfg.data.local_batch // chunks,
+                           lr_lambda=schedule, universal=self.checkpoints.universal, accumulation=chunks)
 
     def _say_resumed(self) -> None:
         target = self.checkpoints.target
@@ -148,15 +155,15 @@ class Trainer:
     def fit(self) -> dict:
         cfg, ctx, engine, stream, meter, tracker = self.cfg, self.ctx, self.engine, self.stream, self.meter, self.tracker
         results = self._start(tracker)
-        objective = GlobalBatchObjective(build_sampler(cfg.sampler), engine.module.loss, ctx)
+        objective = GlobalBatchObjective(build_sampler(cfg.sampler), engine.module.loss, ctx, self.memory)
         epochs, bad_in_row = EpochReport(ctx, tracker), 0
         # One DataLoader for the whole run: its workers go on to the next epoch themselves.
         for batch in stream.loader(epochs=1 << 30) if self.step < self.total_steps else ():
             assert (batch["epoch"], batch["index"]) == (stream.epoch, stream.step), "data stream out of step"
-            result = _forward(engine, objective, batch, ctx, self.step)
-            if _finite_everywhere(result, ctx):
-                engine.backward(result.output.loss)
-                engine.step()
+            result, taken = take_step(engine, objective, batch["images"], batch["labels"], batch["image_ids"],
+                                      self.step, cfg.train.embedding_chunks)
+            if taken:
+                objective.remember(result, self.step)
                 bad_in_row = 0
             else:
                 bad_in_row += 1
@@ -208,7 +215,7 @@ class Trainer:
         share_norm_statistics(self.engine.module.model, cfg, ctx)
         metrics, plot_paths = evaluate(self.engine.module.model, cfg.data, cfg.eval, ctx, progress=final,
                                        plots_dir=self.out / "plots" if final and cfg.eval.plots else None,
-                                       title=f"{cfg.train.name}, step {step}")
+                                       title=f"{cfg.train.name}, step {step}", verdicts=self.verdicts)
         if ctx.is_main:
             tracker.log_metrics(metrics, step)
             for path in plot_paths:
@@ -322,16 +329,6 @@ def hold_output(cfg: RunConfig, ctx: DistContext) -> RunFolder | None:
     if problem:
         raise FolderError(problem)
     return folder
-
-
-def _forward(engine, objective, batch, ctx, step) -> StepResult:
-    embeddings = engine(batch["images"].to(ctx.device, non_blocking=True))
-    return objective(embeddings, batch["labels"], batch["image_ids"], step)
-
-
-def _finite_everywhere(result: StepResult, ctx: DistContext) -> bool:
-    bad = torch.tensor([0.0 if torch.isfinite(result.output.loss.detach()) else 1.0], device=ctx.device)
-    return float(ctx.all_reduce(bad, "max")) == 0.0
 
 
 def _schedule(optimizer, total: int, holder: dict):

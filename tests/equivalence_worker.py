@@ -7,6 +7,8 @@ Shared with tests/test_equivalence.py, which runs the same problem in one plain-
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 from torch import nn
@@ -64,14 +66,17 @@ def global_batch(step: int, scenario: str, world_size: int, backbone: str = "lin
 
 
 def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync", precision: str = "fp32",
-        backbone: str = "linear", device: str = "cpu") -> dict:
+        backbone: str = "linear", device: str = "cpu", memory: int = 0, chunks: int = 1) -> dict:
+    """Per ZeRO stage, what rank 0 saw (with ``chunks`` > 1, each step through dist_dml.step's chunked path)."""
     from dist_dml.accelerator import configure
     from dist_dml.distributed import DistContext
 
     configure(device)
     from dist_dml.engine import TrainEngine
+    from dist_dml.memory import CrossBatchMemory, MemoryConfig
     from dist_dml.models import ModelConfig, with_norm
     from dist_dml.objective import GlobalBatchObjective
+    from dist_dml.step import take_step
 
     ctx = DistContext.from_env(device=device)
     ctx.init_process_group()  # this worker owns its process group (main destroys it)
@@ -81,16 +86,20 @@ def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync", p
         module = build_module(backbone)
         with_norm(module.model, ModelConfig(backbone="tiny_cnn", norm=norm), ctx.all_gather_with_grad, ctx.device)
         engine = TrainEngine(module, ctx, optimizer_for(backbone), DeepSpeedConfig(zero_stage=stage, precision=precision),
-                             micro_batch=local)
-        objective = GlobalBatchObjective(build_sampler(SAMPLER), engine.module.loss, ctx)
-        record = {"loss": [], "grads": [], "beta": []}
+                             micro_batch=local // chunks, accumulation=chunks)
+        bank = CrossBatchMemory(MemoryConfig(size=memory), EMBED, ctx.device) if memory else None
+        objective = GlobalBatchObjective(build_sampler(SAMPLER), engine.module.loss, ctx, bank)
+        record = {"loss": [], "grads": [], "beta": [], "memory": [], "from_memory": []}
         for step in range(steps):
             x, labels, ids = global_batch(step, scenario, ctx.world_size, backbone)
             part = slice(ctx.rank * local, (ctx.rank + 1) * local)
-            result = objective(engine(x[part].to(ctx.device)), labels[part], ids[part], step)
-            engine.backward(result.output.loss)
-            record["grads"].append(engine.full_gradients())
-            engine.step()
+            result, _ = take_step(engine, objective, x[part], labels[part], ids[part], step, chunks,
+                                  before_step=lambda: record["grads"].append(engine.full_gradients()))
+            objective.remember(result, step)
+            if bank is not None:  # every rank's memory, to compare them
+                mine = torch.cat([t.float().cpu().reshape(len(t), -1) for t in bank.contents()], dim=1)
+                record["memory"].append(ctx.all_gather_object(mine))
+                record["from_memory"].append(result.memory.get("memory_negatives", 0.0))
             record["beta"].append({k: v.detach().float().cpu().clone() for k, v in engine.module.loss.named_parameters()})
             record["loss"].append(float(ctx.all_reduce_sum(result.output.loss.detach())))
         record["params"] = {k: v.detach().float().cpu().clone() for k, v in engine.module.named_parameters()}
@@ -143,13 +152,19 @@ def main() -> None:
     parser.add_argument("--zero", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--scenario", default="normal", choices=["normal", "lonely"])
-    parser.add_argument("--norm", default="sync", choices=["sync", "local"])
+    parser.add_argument("--norm", default="sync", choices=["sync", "local", "frozen"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--backbone", default="linear", help="linear, or timm:NAME")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: NCCL (benchmarks/bench_gpu.py)")
+    parser.add_argument("--memory", type=int, default=0, help="a cross-batch memory of this many embeddings")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[1], help="train.embedding_chunks (one run each)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    results = run(args.zero, args.steps, args.scenario, args.norm, args.precision, args.backbone, args.device)
+    results = {}
+    for chunks in args.chunks:
+        found = run(args.zero, args.steps, args.scenario, args.norm, args.precision, args.backbone, args.device,
+                    args.memory, chunks)
+        results.update(found if args.chunks == [1] else {(stage, chunks): r for stage, r in found.items()})
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -157,6 +172,12 @@ def main() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    # Seen once in a full run (2 ranks, model.norm=local): a rank aborted at interpreter exit with "terminate
+    # called without an active exception" (a C++ thread still joinable in a static destructor) after saving
+    # everything. The results are written and the group is down: leave without running those destructors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -10,25 +10,38 @@ from .conftest import HANG_GUARD_S
 import torch
 
 from dist_dml.engine import build_optimizer
+from dist_dml.memory import CrossBatchMemory, MemoryConfig
 from dist_dml.sampling import build_sampler
 from tests import equivalence_worker as problem
 
 STEPS = 3
 
 
-def single_process_reference(steps: int, scenario: str, world_size: int, backbone: str = "linear") -> dict:
-    """Plain PyTorch, no DeepSpeed, no process group: the whole global batch in one process."""
+def single_process_reference(steps: int, scenario: str, world_size: int, backbone: str = "linear",
+                             memory: int = 0) -> dict:
+    """Plain PyTorch, no DeepSpeed, no process group: the whole global batch in one process; with a memory,
+    the last ``memory`` embeddings of the earlier steps (detached) after it as candidates, kept by hand."""
     module = problem.build_module(backbone)
     optimizer = build_optimizer(module, problem.optimizer_for(backbone))
     sampler = build_sampler(problem.SAMPLER)
-    record = {"loss": [], "grads": [], "beta": []}
+    record = {"loss": [], "grads": [], "beta": [], "memory": []}
+    bank = CrossBatchMemory(MemoryConfig(size=memory), problem.EMBED) if memory else None
     for step in range(steps):
         x, labels, ids = problem.global_batch(step, scenario, world_size, backbone)
         optimizer.zero_grad()
         embeddings = module(x)
-        triplets = sampler(embeddings.detach(), labels, 0, len(labels), step)
-        loss = module.loss(embeddings, labels, ids, triplets).loss
+        candidates, c_labels, c_ids, limit = embeddings, labels, ids, None
+        if bank is not None and bank.fill:
+            m_emb, m_labels, m_ids, _ = bank.contents()
+            candidates, c_labels, c_ids = torch.cat([embeddings, m_emb]), torch.cat([labels, m_labels]), torch.cat(
+                [ids, m_ids])
+            limit = len(labels)
+        triplets = sampler(candidates.detach(), c_labels, 0, len(labels), step, positive_limit=limit)
+        loss = module.loss(candidates, c_labels, c_ids, triplets).loss
         loss.backward()
+        if bank is not None:
+            bank.enqueue(embeddings.detach(), labels, ids, step)
+            record["memory"].append(torch.cat([t.float().reshape(len(t), -1) for t in bank.contents()], dim=1))
         record["loss"].append(float(loss.detach()))
         record["grads"].append({k: p.grad.detach().clone() for k, p in module.named_parameters()})
         optimizer.step()
@@ -89,6 +102,38 @@ def test_a_timm_backbone_on_two_ranks_equals_one_process(tmp_path, run_torchrun)
     reference = single_process_reference(STEPS, "normal", 2, "timm:test_resnet")
     assert any("running_mean" in name and buffer.abs().max() > 1e-3 for name, buffer in reference["buffers"].items())
     assert_same_run(torch.load(out, weights_only=True)[2], reference)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_cross_batch_memory_is_the_same_on_every_rank_and_ranks_equal_one_process(world_size, tmp_path,
+                                                                                    run_torchrun):
+    """memory.size 48 (1.5 global batches) under ZeRO 0 and 2: after every step every rank holds the same
+    memory, the single process's; negatives come from it; loss, gradients and parameters are the single
+    process's with the memory as candidates."""
+    out = tmp_path / "result.pt"
+    run_torchrun(world_size, "tests.equivalence_worker", "--zero", "0", "2", "--steps", "4", "--memory", "48",
+                 "--out", str(out))
+    reference = single_process_reference(4, "normal", world_size, memory=48)
+    for stage, record in torch.load(out, weights_only=True).items():
+        assert sum(record["from_memory"][1:]) > 0, stage  # the memory gives negatives from the second step on
+        for step, (ranks, want) in enumerate(zip(record["memory"], reference["memory"])):
+            assert all(torch.equal(r, ranks[0]) for r in ranks[1:]), (stage, step)  # identical on every rank
+            torch.testing.assert_close(ranks[0], want, rtol=1e-4, atol=1e-6)  # embeddings, labels, ids, steps
+        assert_same_run(record, reference)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_global_batch_in_four_chunks_gives_the_gradients_of_one_pass(world_size, tmp_path, run_torchrun):
+    """train.embedding_chunks 4 against 1 (fp32, ZeRO 0 and 2) on the BatchNorm model with model.norm=frozen
+    (each image's embedding its own): the same loss, gradients (model and beta) and parameters after 3 steps."""
+    out = tmp_path / "result.pt"
+    run_torchrun(world_size, "tests.equivalence_worker", "--zero", "0", "2", "--steps", str(STEPS), "--norm", "frozen",
+                 "--chunks", "1", "4", "--out", str(out))
+    results = torch.load(out, weights_only=True)
+    for stage in (0, 2):
+        one, four = results[(stage, 1)], results[(stage, 4)]
+        assert one["grads"][0]["loss.beta.class_beta"].abs().sum() > 0  # beta's gradient is compared for real
+        assert_same_run(four, one)
 
 
 def test_rank_without_triplets_neither_hangs_nor_crashes(tmp_path, run_torchrun):

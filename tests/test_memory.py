@@ -1,0 +1,152 @@
+"""The cross-batch memory in one process: what the samplers draw from batch and memory against brute-force
+loops, no gradient into the memory, its warm-up, its FIFO, its state through a checkpoint bit for bit."""
+import math
+
+import pytest
+import torch
+
+from dist_dml.distributed import DistContext
+from dist_dml.losses import LossConfig, build_loss
+from dist_dml.memory import CrossBatchMemory, MemoryConfig
+from dist_dml.objective import GlobalBatchObjective
+from dist_dml.sampling import SamplerConfig, build_sampler
+
+from .test_sampling import pk_labels, reference_probabilities, unit
+
+BATCH, MEMORY = 32, 48
+
+
+def batch_and_memory(seed: int = 0):
+    """A global batch of 8 classes x 4 and a memory of 48 items, some of the batch's classes, some not."""
+    x = unit(BATCH + MEMORY, 6, seed)
+    labels = torch.cat([pk_labels(8, 4, seed), torch.arange(MEMORY) % 12])
+    return x, labels
+
+
+def brute_force_nearest(x, labels, kind, batch, positives_from_memory):
+    """Per (anchor, positive): the closest negative (hard) or the closest farther than the positive
+    (semi-hard; else the farthest), over batch and memory; anchors in the batch, positives per the rule."""
+    dist = torch.cdist(x.double(), x.double())
+    out = []
+    for a in range(batch):
+        negatives = (labels != labels[a]).nonzero().squeeze(1)
+        for p in (labels == labels[a]).nonzero().squeeze(1).tolist():
+            if p == a or (p >= batch and not positives_from_memory):
+                continue
+            dn = dist[a, negatives]
+            if kind == "hard":
+                n = negatives[dn.argmin()]
+            else:
+                farther = dn > dist[a, p]
+                n = negatives[dn.masked_fill(~farther, math.inf).argmin()] if farther.any() else negatives[dn.argmax()]
+            out.append((a, p, int(n)))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("positives", [False, True], ids=["negatives", "positives_too"])
+@pytest.mark.parametrize("kind", ["hard", "semi_hard"])
+def test_nearest_samplers_over_batch_and_memory_equal_a_loop(kind, positives):
+    x, labels = batch_and_memory()
+    t = build_sampler(SamplerConfig(kind=kind, chunk_elements=300))(x, labels, 0, BATCH, 0,
+                                                                     positive_limit=None if positives else BATCH)
+    got = sorted(zip(t.anchor.tolist(), t.positive.tolist(), t.negative.tolist()))
+    assert got == brute_force_nearest(x, labels, kind, BATCH, positives)
+    assert any(n >= BATCH for _, _, n in got)  # the memory gives negatives for real
+    assert any(p >= BATCH for _, p, _ in got) == positives
+
+
+def test_distance_weighted_draws_over_batch_and_memory_as_the_float64_weights_say():
+    x, labels = batch_and_memory(3)
+    sampler = build_sampler(SamplerConfig(seed=1))
+    got = sampler.probabilities(x, labels, 0, BATCH)
+    want = reference_probabilities(x, labels)[:BATCH]
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-9)
+    t = sampler(x, labels, 0, BATCH, 5, positive_limit=BATCH)
+    assert bool((got[t.anchor, t.negative] > 0).all())  # every draw has positive probability
+    assert bool((t.positive < BATCH).all()) and bool((t.negative >= BATCH).any())
+    pairs = sorted(zip(t.anchor.tolist(), t.positive.tolist()))
+    assert pairs == sorted((a, p) for a in range(BATCH) for p in range(BATCH) if a != p and labels[a] == labels[p])
+
+
+def test_memory_items_receive_no_gradient_and_the_batch_gets_the_loss_with_memory_as_constants():
+    torch.manual_seed(0)
+    memory = CrossBatchMemory(MemoryConfig(size=MEMORY), 6)
+    x, labels = batch_and_memory(4)
+    memory.enqueue(x[BATCH:], labels[BATCH:], torch.arange(MEMORY) + 1000, step=0)
+    loss = build_loss(LossConfig(kind="triplet"))
+    objective = GlobalBatchObjective(build_sampler(SamplerConfig(kind="hard")), loss, DistContext(), memory)
+    local = x[:BATCH].clone().requires_grad_()
+    result = objective(local, labels[:BATCH], torch.arange(BATCH), step=1)
+    result.output.loss.backward()
+    assert not memory.embeddings.requires_grad and memory.embeddings.grad is None
+    # The reference: the same triplets' loss over the batch with the memory as a constant tensor.
+    leaf = x[:BATCH].clone().requires_grad_()
+    candidates = torch.cat([leaf, memory.contents()[0]])
+    ref_labels = torch.cat([labels[:BATCH], memory.contents()[1]])
+    ref = loss(candidates, ref_labels, torch.cat([torch.arange(BATCH), memory.contents()[2]]), result.triplets)
+    ref.loss.backward()
+    assert float(result.output.loss) == pytest.approx(float(ref.loss), rel=1e-6)
+    torch.testing.assert_close(local.grad, leaf.grad)
+    assert result.memory["memory_negatives"] > 0 and result.memory["memory_fill"] == MEMORY
+    assert result.memory["memory_age_sum"] == result.memory["memory_draws"]  # every item is 1 step old
+
+
+def test_the_memory_is_sampled_from_its_start_step_on():
+    memory = CrossBatchMemory(MemoryConfig(size=MEMORY, start_step=3), 6)
+    x, labels = batch_and_memory(5)
+    memory.enqueue(x[BATCH:], labels[BATCH:], torch.arange(MEMORY), step=0)
+    objective = GlobalBatchObjective(build_sampler(SamplerConfig(kind="hard")), build_loss(LossConfig()), DistContext(),
+                                     memory)
+    for step, from_memory in ((2, False), (3, True)):
+        t = objective(x[:BATCH], labels[:BATCH], torch.arange(BATCH), step).triplets
+        assert bool((t.negative >= BATCH).any()) == from_memory
+
+
+def test_the_fifo_keeps_the_newest_items_and_its_state_round_trips_bit_for_bit():
+    memory = CrossBatchMemory(MemoryConfig(size=10, dtype="bf16"), 3)
+    for step in range(4):  # 4 batches of 4: the last 10 items stay
+        memory.enqueue(unit(4, 3, step), torch.arange(4) + 10 * step, torch.arange(4) + 100 * step, step)
+    emb, labels, ids, steps = memory.contents()
+    assert memory.fill == 10 and sorted(ids.tolist()) == [102, 103, 200, 201, 202, 203, 300, 301, 302, 303]
+    assert sorted(steps.tolist()) == [1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+    assert emb.dtype == torch.float32 and memory.embeddings.dtype == torch.bfloat16
+    again = CrossBatchMemory(MemoryConfig(size=10, dtype="bf16"), 3)
+    again.load_state_dict(memory.state_dict())
+    for a, b in zip(memory.contents(), again.contents()):
+        assert torch.equal(a, b)
+    assert (again.fill, again.head) == (memory.fill, memory.head)
+    with pytest.raises(ValueError, match="memory.size or model.embedding_dim changed"):
+        CrossBatchMemory(MemoryConfig(size=20), 3).load_state_dict(memory.state_dict())
+
+
+def test_a_resumed_run_continues_with_the_same_memory_bit_for_bit(tiny_shards, tmp_path):
+    """Two trainings with a memory: one straight to step 8, one stopped at step 4 and resumed from its
+    checkpoint there (the memory travels in it); at step 8 both hold the same memory, bit for bit."""
+    import shutil
+    import subprocess
+    import sys
+
+    from .conftest import HANG_GUARD_S, ROOT, cpu_env, tiny_overrides
+    from .test_training import checkpoint_client_state
+
+    def train(out, steps):
+        overrides = tiny_overrides(tiny_shards, out, **{"train.steps": steps, "checkpoint.every_steps": 4,
+                                                        "checkpoint.keep_last": 3, "eval.at_start": False,
+                                                        "tracking.enabled": False, "memory.size": 40})
+        proc = subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", str(ROOT / "configs/cpu_synthetic.yaml"),
+                               *overrides], cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(straight, 8)
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step00000008")
+    (resumed / "results.json").unlink()
+    log = train(resumed, 8)
+    assert "step00000004 at step 4" in log and "memory=40" in log, log[-2000:]
+    want = checkpoint_client_state(straight / "checkpoints" / "step00000008")["parts"]["memory"]
+    got = checkpoint_client_state(resumed / "checkpoints" / "step00000008")["parts"]["memory"]
+    assert want["fill"] == got["fill"] == 40 and want["head"] == got["head"]
+    for key in ("embeddings", "labels", "image_ids", "steps"):
+        assert torch.equal(got[key], want[key]), key
