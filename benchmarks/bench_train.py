@@ -12,6 +12,9 @@ Prints
         lazy optimizer every step, against the global beta alone; runs alternated, medians)
 
     python benchmarks/bench_train.py --only beta     # just the last line
+    python benchmarks/bench_train.py --only chunks   # train.embedding_chunks 1, 2, 4 at one global batch:
+        chunks=N step_ms=... peak_rss_mb=... time_ratio=... memory_ratio=...
+        (1 process, tiny CNN with frozen BatchNorm at 112 px, a local batch of 256; ratios against N=1)
 """
 from __future__ import annotations
 
@@ -87,10 +90,34 @@ def beta_overhead(data: Path, tmp: Path, steps: int, classes: int = 1_000_000, r
             f"overhead={table / alone - 1:.3f}")
 
 
+def chunk_costs(data: Path, tmp: Path, steps: int) -> list[str]:
+    """Step time and peak RSS of one process at train.embedding_chunks 1, 2 and 4 for the same batch."""
+    found = {}
+    for chunks in (1, 2, 4):
+        train = [sys.executable, "-m", "dist_dml.cli", "train", str(CONFIG), f"data.root={data}",
+                 f"train.output_dir={tmp / f'chunks{chunks}'}", f"train.steps={steps}", "train.log_every=10",
+                 "eval.at_start=false", "eval.every_steps=0", "checkpoint.every_steps=0", "checkpoint.resume=none",
+                 "tracking.enabled=false", "data.classes_per_batch=64", "data.images_per_class=4",
+                 "data.image_size=112", "data.resize=128", "data.workers=1", "model.norm=frozen",
+                 f"train.embedding_chunks={chunks}"]
+        # The training's peak RSS: a wrapper process that runs it and reads its children's maximum.
+        wrapper = ("import resource, subprocess, sys; out = subprocess.run(sys.argv[1:], capture_output=True, text=True, "
+                   "check=True).stdout; print(out); print('peak_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
+        log = subprocess.run([sys.executable, "-c", wrapper, *train], env=env, capture_output=True, text=True,
+                             check=True).stdout
+        rates = [float(x) for x in re.findall(r"images/s=([0-9.]+)", log)]
+        peak_mb = int(re.findall(r"peak_kb (\d+)", log)[-1]) / 1024
+        found[chunks] = (1e3 * 256 / statistics.median(rates[1:] or rates), peak_mb)
+    base_ms, base_mb = found[1]
+    return [f"chunks={n} step_ms={ms:.0f} peak_rss_mb={mb:.0f} time_ratio={ms / base_ms:.2f} "
+            f"memory_ratio={mb / base_mb:.2f}" for n, (ms, mb) in found.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--only", choices=["beta"], help="run one measurement only")
+    parser.add_argument("--only", choices=["beta", "chunks"], help="run one measurement only")
     args = parser.parse_args()
     from data_prep.cli import main as prep
 
@@ -99,6 +126,9 @@ def main() -> None:
         data = Path(tmp) / "data"
         prep(["synthetic", "--classes", "500", "--test-classes", "10", "--per-class", "4:8", "--size", "64",
               "--out", str(data), "--no-progress"])
+        if args.only == "chunks":
+            print("\n".join(chunk_costs(data, Path(tmp), 40)), flush=True)
+            return
         if args.only != "beta":
             rates = {n: throughput(n, data, Path(tmp) / f"run{n}", args.steps) for n in (1, 2)}
             print(f"nproc=1 images_s={rates[1]:.0f}")

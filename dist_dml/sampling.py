@@ -37,7 +37,7 @@ class SamplerConfig:
     cutoff: float = 0.5  # distance weights are clamped at this distance (the paper's lambda)
     nonzero_loss_cutoff: float = 1.4  # farther negatives give zero margin loss: never drawn
     seed: int = 0
-    chunk_elements: int = 1 << 21  # anchors per chunk = chunk_elements // B_global
+    chunk_elements: int = 1 << 22  # anchors per chunk = chunk_elements // candidates (16 MB a buffer)
 
     def validate(self) -> None:
         if self.kind not in SAMPLERS:

@@ -1,7 +1,5 @@
 """The cross-batch memory in one process: what the samplers draw from batch and memory against brute-force
 loops, no gradient into the memory, its warm-up, its FIFO, its state through a checkpoint bit for bit."""
-import math
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from dist_dml.memory import CrossBatchMemory, MemoryConfig
 from dist_dml.objective import GlobalBatchObjective
 from dist_dml.sampling import SamplerConfig, build_sampler
 
-from .test_sampling import pk_labels, reference_probabilities, unit
+from .test_sampling import brute_force_nearest, pk_labels, reference_probabilities, unit
 
 BATCH, MEMORY = 32, 48
 
@@ -23,26 +21,6 @@ def batch_and_memory(seed: int = 0):
     return x, labels
 
 
-def brute_force_nearest(x, labels, kind, batch, positives_from_memory):
-    """Per (anchor, positive): the closest negative (hard) or the closest farther than the positive
-    (semi-hard; else the farthest), over batch and memory; anchors in the batch, positives per the rule."""
-    dist = torch.cdist(x.double(), x.double())
-    out = []
-    for a in range(batch):
-        negatives = (labels != labels[a]).nonzero().squeeze(1)
-        for p in (labels == labels[a]).nonzero().squeeze(1).tolist():
-            if p == a or (p >= batch and not positives_from_memory):
-                continue
-            dn = dist[a, negatives]
-            if kind == "hard":
-                n = negatives[dn.argmin()]
-            else:
-                farther = dn > dist[a, p]
-                n = negatives[dn.masked_fill(~farther, math.inf).argmin()] if farther.any() else negatives[dn.argmax()]
-            out.append((a, p, int(n)))
-    return sorted(out)
-
-
 @pytest.mark.parametrize("positives", [False, True], ids=["negatives", "positives_too"])
 @pytest.mark.parametrize("kind", ["hard", "semi_hard"])
 def test_nearest_samplers_over_batch_and_memory_equal_a_loop(kind, positives):
@@ -50,7 +28,7 @@ def test_nearest_samplers_over_batch_and_memory_equal_a_loop(kind, positives):
     t = build_sampler(SamplerConfig(kind=kind, chunk_elements=300))(x, labels, 0, BATCH, 0,
                                                                      positive_limit=None if positives else BATCH)
     got = sorted(zip(t.anchor.tolist(), t.positive.tolist(), t.negative.tolist()))
-    assert got == brute_force_nearest(x, labels, kind, BATCH, positives)
+    assert got == brute_force_nearest(x, labels, kind, anchors=BATCH, positives_below=None if positives else BATCH)
     assert any(n >= BATCH for _, _, n in got)  # the memory gives negatives for real
     assert any(p >= BATCH for _, p, _ in got) == positives
 

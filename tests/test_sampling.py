@@ -129,14 +129,17 @@ def test_fallback_is_uniform_over_negatives_and_counted():
     assert t.num_anchors == 2 and t.num_fallback == 2  # anchors 2 and 3 have no positive
 
 
-def brute_force_nearest(x, labels, kind):
+def brute_force_nearest(x, labels, kind, anchors=None, positives_below=None):
+    """Per (anchor, positive): the closest negative (hard), or the closest farther than the positive (semi-hard;
+    else the farthest). Anchors are the first ``anchors`` items (all by default) and positives the items below
+    ``positives_below`` (all by default: a cross-batch memory after the batch can be left out of them)."""
     x = x.double()
     dist = torch.cdist(x, x)
     out = []
-    for a in range(len(labels)):
+    for a in range(len(labels) if anchors is None else anchors):
         negatives = (labels != labels[a]).nonzero().squeeze(1)
         for p in (labels == labels[a]).nonzero().squeeze(1).tolist():
-            if p == a or len(negatives) == 0:
+            if p == a or len(negatives) == 0 or (positives_below is not None and p >= positives_below):
                 continue
             dn = dist[a, negatives]
             if kind == "hard":
