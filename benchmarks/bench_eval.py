@@ -22,7 +22,6 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=128)
     args = parser.parse_args()
-    import torch
 
     from dist_dml.config import EvalConfig
     from dist_dml.distributed import DistContext

@@ -8,8 +8,6 @@ group starts.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 import types
 import typing
@@ -155,8 +153,6 @@ class RunConfig:
         """{'section.key': value}: MLflow params."""
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: Path | None = None,

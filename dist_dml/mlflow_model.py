@@ -12,7 +12,6 @@ some image is refused, naming the rows.
 from __future__ import annotations
 
 import mlflow.pyfunc
-import numpy as np
 
 
 class Embedder(mlflow.pyfunc.PythonModel):

@@ -1,6 +1,5 @@
 """The users' own recipe (issue 18): backbones of torchvision and timm, their weights from a local file or a
 cache on a node without internet, their normalisation inside the model, and a model that deploys (ONNX)."""
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -128,3 +128,21 @@ def test_a_resumed_run_continues_with_the_same_memory_bit_for_bit(tiny_shards, t
     assert want["fill"] == got["fill"] == 40 and want["head"] == got["head"]
     for key in ("embeddings", "labels", "image_ids", "steps"):
         assert torch.equal(got[key], want[key]), key
+
+
+def test_chunks_with_batch_statistic_batchnorm_are_refused_before_training(tiny_shards):
+    """train.embedding_chunks > 1 is exact only where no BatchNorm computes statistics of its batch: sync and
+    local are refused at the config check; frozen BatchNorm and a backbone without BatchNorm are accepted."""
+    from dist_dml.config import ConfigError, load_config
+
+    from .conftest import ROOT
+
+    config = str(ROOT / "configs/cpu_synthetic.yaml")
+    base = [f"data.root={tiny_shards}", "train.embedding_chunks=4"]
+    for norm in ("sync", "local"):
+        with pytest.raises(ConfigError, match=f"model.norm={norm}: tiny_cnn's BatchNorm would compute statistics"):
+            load_config(config, [*base, f"model.norm={norm}"])
+    assert load_config(config, [*base, "model.norm=frozen"]).train.embedding_chunks == 4
+    assert load_config(config, [*base, "model.backbone=timm:test_vit", "model.norm=sync"]).train.embedding_chunks == 4
+    with pytest.raises(ConfigError, match="does not divide the local batch of 64"):
+        load_config(config, [*base[:1], "train.embedding_chunks=3", "model.norm=frozen"])
