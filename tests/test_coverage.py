@@ -231,3 +231,30 @@ def test_an_exact_resume_matches_the_uninterrupted_epoch(datasets):
     assert state["base_step"] == 0 and state["base_drawn"] is None
     _, rest, _ = run_ranks(root, 2, 2, state, None)
     assert ((first + rest) == whole).all()
+
+
+@pytest.mark.parametrize("ranks, workers, shards", [(8, 8, 4), (3, 2, 7), (1, 1, 1)])
+def test_the_epoch_plan_cuts_every_record_into_one_window_without_reading_a_byte(ranks, workers, shards):
+    """EpochPlan is arithmetic over the manifest's counts: shards that do not exist are planned alike. Every
+    record of an epoch falls in one slot's window exactly once, every rank takes the same steps, and a
+    resumed layout over the records left covers exactly those."""
+    import numpy as np
+
+    from dist_dml.data.plan import EpochPlan
+
+    records = {f"nowhere/train-{i:06d}.tar": 97 + 13 * i for i in range(shards)}
+    plan = EpochPlan(records, ranks, workers, classes_per_batch=5, seed=3)
+    offsets = plan.offsets(2)
+    seen = np.zeros(sum(records.values()), np.int64)
+    for segments in plan.segments(2):
+        for shard, skip, take in segments:
+            seen[offsets[shard] + skip:offsets[shard] + skip + take] += 1
+    assert (seen == 1).all()  # at least 5 (P) records per slot here: no window is widened
+    assert plan.shard_order(2) == EpochPlan(records, ranks, workers, 5, seed=3).shard_order(2)  # every rank alike
+    drawn = np.random.default_rng(0).random(seen.size) < 0.6
+    left = np.zeros(seen.size, np.int64)
+    for segments in plan.segments(2, drawn):
+        for shard, skip, take in segments:
+            left[offsets[shard] + skip:offsets[shard] + skip + take] += 1
+    assert (left[~drawn] >= 1).all() and not left[drawn].any()
+    assert plan.steps(2, base=40, drawn=drawn) > 40 and plan.steps(2) % workers == 0

@@ -4,8 +4,12 @@ counts: nothing here reads a byte."""
 from __future__ import annotations
 
 import bisect
+import math
+import random
 
 import numpy as np
+
+from dist_dml.seeding import mix
 
 Segment = tuple[str, int, int]  # (shard, records to skip, records to take)
 
@@ -59,3 +63,60 @@ def undrawn_runs(order: list[str], counts: list[int], drawn: np.ndarray) -> tupl
                 lengths.append(int(b - a))
         start += n
     return shards, lengths, firsts
+
+
+class EpochPlan:
+    """The layout of a training split's epochs over (rank, worker) slots, from the manifest's counts alone
+    (testable without reading a byte): each epoch's shard order (shuffled by (seed, epoch), the same on
+    every rank), each slot's window of the epoch's records and the segments that hold it, and the steps
+    every rank takes. A *resumed layout* of one epoch (a resume at another world size) cuts the records
+    its ``drawn`` mask leaves over the slots, from its ``base`` step on."""
+
+    def __init__(self, records: dict[str, int], world_size: int, workers: int, classes_per_batch: int, seed: int):
+        self.records = records  # {shard: records}, in the manifest's order
+        self.shards = list(records)
+        self.world_size, self.workers, self.per_batch, self.seed = world_size, workers, classes_per_batch, seed
+        self._windows: dict[tuple, list[list[Segment]]] = {}
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * self.workers
+
+    def shard_order(self, epoch: int) -> list[str]:
+        order = list(self.shards)
+        random.Random(mix(self.seed, epoch)).shuffle(order)  # identical on every rank
+        return order
+
+    def offsets(self, epoch: int) -> dict[str, int]:
+        """Each shard's first position in the epoch's numbering of records."""
+        out, start = {}, 0
+        for shard in self.shard_order(epoch):
+            out[shard] = start
+            start += self.records[shard]
+        return out
+
+    def segments(self, epoch: int, drawn: np.ndarray | None = None) -> list[list[Segment]]:
+        """Per (rank, worker) slot, the (shard, skip, take) parts of its window of the epoch's records; with
+        ``drawn`` (a resumed layout), of the records it marks False."""
+        key = (epoch, drawn is not None)
+        if key not in self._windows:
+            order = self.shard_order(epoch)
+            counts = [self.records[s] for s in order]
+            firsts = None
+            if drawn is not None:
+                order, counts, firsts = undrawn_runs(order, counts, drawn)
+            windows = record_windows(counts, self.slots, self.per_batch)
+            self._windows = {key: [window_segments(order, counts, w, firsts) for w in windows]}  # keep one
+        return self._windows[key]
+
+    def steps(self, epoch: int, base: int = 0, drawn: np.ndarray | None = None) -> int:
+        """The epoch's steps, the same on every rank: each logical worker yields enough batches for the longest
+        window (windows differ by one record at most), after a resumed layout's ``base`` step; a multiple of
+        the workers from that base."""
+        longest = max(sum(take for _, _, take in segments) for segments in self.segments(epoch, drawn))
+        return base + self.workers * math.ceil(longest / self.per_batch)
+
+    def fetched_records(self, epoch: int, drawn: np.ndarray | None = None) -> int:
+        """Records an epoch reads from streams that cannot seek: each window's part of a shard is read from
+        the shard's first record."""
+        return sum(skip + take for segments in self.segments(epoch, drawn) for _, skip, take in segments)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import math
 import os
 import random
 import signal
@@ -32,7 +31,7 @@ from dist_dml.data.images import ImageTooLarge, eval_image, new_batch, train_ima
 from dist_dml.data.manifest import Manifest
 from dist_dml.data.opener import ShardCache, is_local
 from dist_dml.data.faults import ReadErrors
-from dist_dml.data.plan import Segment, record_windows, undrawn_runs, window_segments
+from dist_dml.data.plan import EpochPlan, Segment
 from dist_dml.data.records import read_records, read_segments
 from dist_dml.data.verify import Verdicts, verify_shards
 from dist_dml.errors import UserError
@@ -156,7 +155,7 @@ class TrainStream(IterableDataset):
         self.base_step, self.base_drawn = 0, None
         self.drawn_before = np.zeros(self.num_records, np.int32)  # this epoch's draws, all ranks, as loaded
         self.drawn_here = np.zeros(self.num_records, np.int32)  # this rank's draws since (see consume)
-        self._windows: dict[tuple, list[list[Segment]]] = {}
+        self.plan = EpochPlan(self.records, world_size, self.workers, cfg.classes_per_batch, cfg.seed)
 
     @property
     def workers(self) -> int:
@@ -165,46 +164,30 @@ class TrainStream(IterableDataset):
 
     @property
     def slots(self) -> int:
-        return self.world_size * self.workers
+        return self.plan.slots
 
     def shard_order(self, epoch: int) -> list[str]:
-        order = list(self.shards)
-        random.Random(mix(self.cfg.seed, epoch)).shuffle(order)  # identical on every rank
-        return order
-
-    def _base(self, epoch: int) -> int:
-        """The step a (resumed) layout of ``epoch`` starts at: 0 for a whole epoch."""
-        return self.base_step if epoch == self.epoch and self.base_drawn is not None else 0
+        return self.plan.shard_order(epoch)
 
     def offsets(self, epoch: int) -> dict[str, int]:
-        """Each shard's first position in the epoch's numbering of records."""
-        out, start = {}, 0
-        for shard in self.shard_order(epoch):
-            out[shard] = start
-            start += self.records[shard]
-        return out
+        return self.plan.offsets(epoch)
+
+    def _resumed(self, epoch: int) -> tuple[int, np.ndarray | None]:
+        """(base step, drawn mask) of a resumed layout of ``epoch``; (0, None) for a whole epoch."""
+        return (self.base_step, self.base_drawn) if epoch == self.epoch and self.base_drawn is not None else (0, None)
+
+    def _base(self, epoch: int) -> int:
+        return self._resumed(epoch)[0]
 
     def slot_segments(self, epoch: int) -> list[list[Segment]]:
-        """Per (rank, worker) slot, the (shard, skip, take) parts of its window of the epoch's records (of
-        the records not yet drawn, in a resumed layout)."""
-        resumed = epoch == self.epoch and self.base_drawn is not None
-        key = (epoch, resumed)
-        if key not in self._windows:
-            order = self.shard_order(epoch)
-            counts = [self.records[s] for s in order]
-            firsts = None
-            if resumed:
-                order, counts, firsts = undrawn_runs(order, counts, self.base_drawn)
-            windows = record_windows(counts, self.slots, self.cfg.classes_per_batch)
-            self._windows = {key: [window_segments(order, counts, w, firsts) for w in windows]}  # keep one
-        return self._windows[key]
+        """Per (rank, worker) slot, its window's segments of ``epoch`` (of the records not yet drawn, in a
+        resumed layout): the plan's."""
+        return self.plan.segments(epoch, self._resumed(epoch)[1])
 
     def steps_in_epoch(self, epoch: int) -> int:
-        """The same on every rank: each logical worker yields enough batches for the longest window
-        (windows differ by one record at most), after the resumed layout's base step if any; a multiple of
-        the workers from that base."""
-        longest = max(sum(take for _, _, take in segments) for segments in self.slot_segments(epoch))
-        return self._base(epoch) + self.workers * math.ceil(longest / self.cfg.classes_per_batch)
+        """The same on every rank (the plan's), from the resumed layout's base step if any."""
+        base, drawn = self._resumed(epoch)
+        return self.plan.steps(epoch, base, drawn)
 
     def remaining_steps(self, epochs: int) -> int:
         """Steps from the current position to the end of epoch ``epochs - 1``."""
@@ -243,9 +226,8 @@ class TrainStream(IterableDataset):
                 f"{self.cfg.train_split!r} hold a single image: {what}")
 
     def fetched_records(self, epoch: int) -> int:
-        """Records an epoch reads from streams that cannot seek: each window's part of a shard is read from
-        the shard's first record."""
-        return sum(skip + take for segments in self.slot_segments(epoch) for _, skip, take in segments)
+        """Records an epoch reads from streams that cannot seek (the plan's)."""
+        return self.plan.fetched_records(epoch, self._resumed(epoch)[1])
 
     @property
     def steps_per_epoch(self) -> int:
