@@ -234,7 +234,14 @@ class MlflowTracker:
                    registered_model_name=config.tracking.register_as or None)
 
     def close(self, status="FINISHED"):
-        self._call("ending the run", self.mlflow.end_run, status=status)
+        """The last call, tried even while logging rests after a failure: otherwise the run shows as running in
+        MLflow for ever, and this process keeps it active (a next run here could not start)."""
+        try:
+            self.mlflow.end_run(status=status)
+        except Exception as exc:  # noqa: BLE001 -- the training's result is written already
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            print(f"[tracking] warning: ending the MLflow run failed ({first}); it may show as running there",
+                  file=sys.stderr, flush=True)
 
 
 def build_tracker(config, ctx: DistContext, resume_run_id: str | None = None) -> Tracker:

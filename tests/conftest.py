@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,71 @@ def tiny_overrides(shards: Path, output: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+@dataclass
+class Ran:
+    """What a command did: as subprocess.CompletedProcess, for a command run in this process."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def dist_dml_here(*args: str, env: dict | None = None, cwd: Path = ROOT) -> Ran:
+    """``dist-dml ARGS`` (one process: a training, a check, an eval) run in this process, as its own launch
+    would run it: its exit code and what it printed. A training here skips a new interpreter's imports and
+    DeepSpeed's first start (about 10 s of each launched run on this machine); what a launch itself does (a
+    killed rank, torchrun, several processes, an exit code reaching the shell) is tested by launching.
+    The environment (``env`` added to it, and what the run exports: rank, world, ports), the folder and
+    torch's thread count (1, as launched tests get) are put back afterwards."""
+    import contextlib
+    import io
+    import traceback
+
+    import torch
+
+    from dist_dml.cli import main as cli
+
+    saved_env, saved_cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.update({"OMP_NUM_THREADS": "1", **(env or {})})
+        os.chdir(cwd)
+        torch.set_num_threads(1)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli(list(args))
+            except SystemExit as exc:  # argparse
+                code = exc.code if isinstance(exc.code, int) else 1
+            except Exception:  # as an interpreter would end: the traceback, exit 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        torch.set_num_threads(threads)
+        if "mlflow" in sys.modules:  # its module-global URI (set from the run's) would be the next run's default
+            sys.modules["mlflow"].set_tracking_uri(None)
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
 def cpu_env(**extra) -> dict:
     bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
             "PYTHONFAULTHANDLER": "1", "PYTHON": sys.executable, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", **extra}
+
+
+# Launch-heavy files first: pytest-xdist hands whole files (--dist loadfile) to its workers in this order, and
+# one of these started last would run alone at the end.
+HEAVY_FIRST = ("test_training.py", "test_faults.py", "test_equivalence.py", "test_grid.py", "test_first_hour.py",
+               "test_evaluation.py", "test_run_folder.py", "test_backbones.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's order kept
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most 4 (each worker's tests start 1 to 4 processes of ~1 GB)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+

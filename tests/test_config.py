@@ -1,7 +1,6 @@
 """Configs: the shipped YAML files load; every bad config stops with a message naming the key."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

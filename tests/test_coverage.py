@@ -177,7 +177,6 @@ def run_ranks(root: Path, ranks: int, workers: int, state: dict | None, steps: i
     steps (None: to the end of the epoch), batches taken as the trainer takes them. Returns the state a
     checkpoint would keep (draws summed over ranks, as the trainer's all-reduce does), the draws per record
     of this stretch, and the steps taken."""
-    import numpy as np
 
     cfg = DataConfig(root=str(root), classes_per_batch=p, images_per_class=2, workers=workers, shuffle_buffer=50,
                      image_size=8, resize=12, seed=5)

@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,17 @@ import torch
 
 from dist_dml.checkpoint import verify
 
-from .conftest import HANG_GUARD_S, ROOT, cpu_env, tiny_overrides
+from .conftest import ROOT, Ran, dist_dml_here, tiny_overrides
 
 CONFIG = str(ROOT / "configs/cpu_synthetic.yaml")
 
 
-def train(output: Path, shards: Path, steps: int) -> subprocess.CompletedProcess:
+def train(output: Path, shards: Path, steps: int) -> Ran:
     """One process (ZeRO-2, as the CPU config), checkpoints every 4 steps, the last 3 kept."""
     overrides = tiny_overrides(shards, output, **{"train.steps": steps, "checkpoint.every_steps": 4,
                                                   "checkpoint.keep_last": 3, "eval.at_start": False,
                                                   "tracking.enabled": False, "train.log_every": 4})
-    return subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", CONFIG, *overrides], cwd=ROOT,
-                          env=cpu_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
+    return dist_dml_here("train", CONFIG, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +224,7 @@ def test_a_training_run_over_damaged_data_finishes_counts_and_fails_its_incomple
     out = tmp_path / "run"
     overrides = tiny_overrides(shards_copy, out, **{"train.steps": 8, "eval.at_start": False, "train.log_every": 4,
                                                     "tracking.enabled": False, "checkpoint.every_steps": 0})
-    proc = subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", CONFIG, *overrides], cwd=ROOT,
-                          env=cpu_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
+    proc = dist_dml_here("train", CONFIG, *overrides)
     assert proc.returncode == 2, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert (out / "final_model.pt").is_file() and results["steps"] == 8
@@ -279,24 +276,19 @@ def dead_uri() -> str:
 def test_a_dead_tracking_server_stops_the_run_at_start_in_one_line(tiny_shards, tmp_path):
     uri = dead_uri()
     overrides = tiny_overrides(tiny_shards, tmp_path / "run", **{"train.steps": 4, "eval.at_start": False})
-    proc = subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", CONFIG, *overrides], cwd=ROOT,
-                          env=cpu_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=HANG_GUARD_S)
+    proc = dist_dml_here("train", CONFIG, *overrides, env={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("dist-dml")]
     assert len(lines) == 1 and uri in lines[0] and "tracking.required=false" in lines[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
-    check = subprocess.run([sys.executable, "-m", "dist_dml.cli", "check", CONFIG, *overrides, "--world-size", "2"],
-                           cwd=ROOT, env=cpu_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
-                           timeout=HANG_GUARD_S)
+    check = dist_dml_here("check", CONFIG, *overrides, "--world-size", "2", env={"MLFLOW_TRACKING_URI": uri})
     assert check.returncode == 2 and uri in check.stderr  # what the launch scripts run before torchrun
 
 
 def test_tracking_not_required_trains_without_the_server(tiny_shards, tmp_path):
     overrides = tiny_overrides(tiny_shards, tmp_path / "run", **{"train.steps": 4, "eval.at_start": False,
                                                                  "tracking.required": False})
-    proc = subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", CONFIG, *overrides], cwd=ROOT,
-                          env=cpu_env(MLFLOW_TRACKING_URI=dead_uri()), capture_output=True, text=True,
-                          timeout=HANG_GUARD_S)
+    proc = dist_dml_here("train", CONFIG, *overrides, env={"MLFLOW_TRACKING_URI": dead_uri()})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training without tracking" in proc.stderr
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 4
@@ -325,6 +317,11 @@ def test_a_tracking_failure_during_training_warns_and_never_raises(tmp_path, cap
         tracker.mlflow.set_tracking_uri(None)  # MLflow exported it to os.environ, for every later subprocess
     err = capsys.readouterr().err
     assert err.count("the server went away") == 1 and "training goes on" in err
+    # Ending the run is tried while logging rests: the run is not left running, in MLflow or in this process.
+    from mlflow.tracking import MlflowClient
+
+    assert tracker.mlflow.active_run() is None
+    assert MlflowClient(tracking_uri=config.uri).get_run(tracker.run_id).info.status == "FINISHED"
 
 
 def test_a_resume_with_changed_overrides_keeps_its_mlflow_run_and_records_the_change(tiny_shards, tmp_path):
@@ -332,12 +329,10 @@ def test_a_resume_with_changed_overrides_keeps_its_mlflow_run_and_records_the_ch
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
 
-    def run(steps: int, *extra: str) -> subprocess.CompletedProcess:
+    def run(steps: int, *extra: str) -> Ran:
         overrides = tiny_overrides(tiny_shards, tmp_path / "run", **{"train.steps": steps, "eval.at_start": False,
                                                                      "checkpoint.every_steps": 4})
-        return subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", CONFIG, *overrides, *extra], cwd=ROOT,
-                              env=cpu_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
-                              timeout=HANG_GUARD_S)
+        return dist_dml_here("train", CONFIG, *overrides, *extra, env={"MLFLOW_TRACKING_URI": uri})
 
     first = run(4)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -527,8 +522,7 @@ def test_resume_at_another_world_size_carries_model_beta_optimizer_and_data_posi
     assert json.loads((step4 / "dist_dml.json").read_text())["world_size"] == 2
     assert_same_state(loaded_state(out, tiny_shards, 1, tmp_path / "at1.pt"), saved_state(step4))
 
-    one = subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", CONFIG, *overrides(10)], cwd=ROOT,
-                         env=cpu_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
+    one = dist_dml_here("train", CONFIG, *overrides(10))
     assert one.returncode == 0, one.stderr[-4000:]
     assert "saved at 2 processes, now 1" in one.stdout  # converted already, by loaded_state
     assert "epoch 1 done at step 8: each of its 48 records drawn once" in one.stdout, one.stdout[-3000:]

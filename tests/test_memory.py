@@ -101,18 +101,15 @@ def test_a_resumed_run_continues_with_the_same_memory_bit_for_bit(tiny_shards, t
     """Two trainings with a memory: one straight to step 8, one stopped at step 4 and resumed from its
     checkpoint there (the memory travels in it); at step 8 both hold the same memory, bit for bit."""
     import shutil
-    import subprocess
-    import sys
 
-    from .conftest import HANG_GUARD_S, ROOT, cpu_env, tiny_overrides
+    from .conftest import ROOT, dist_dml_here, tiny_overrides
     from .test_training import checkpoint_client_state
 
     def train(out, steps):
         overrides = tiny_overrides(tiny_shards, out, **{"train.steps": steps, "checkpoint.every_steps": 4,
                                                         "checkpoint.keep_last": 3, "eval.at_start": False,
                                                         "tracking.enabled": False, "memory.size": 40})
-        proc = subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", str(ROOT / "configs/cpu_synthetic.yaml"),
-                               *overrides], cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
+        proc = dist_dml_here("train", str(ROOT / "configs/cpu_synthetic.yaml"), *overrides)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 

@@ -15,7 +15,7 @@ from dist_dml.cli import main as cli
 from dist_dml.config import load_config
 from dist_dml.run_folder import LOCK, FolderError, RunFolder, folder_problem
 
-from .conftest import HANG_GUARD_S, ROOT, cpu_env, tiny_overrides
+from .conftest import HANG_GUARD_S, ROOT, cpu_env, dist_dml_here, tiny_overrides
 
 CONFIG = str(ROOT / "configs/cpu_synthetic.yaml")
 
@@ -26,7 +26,11 @@ def overrides(shards: Path, output: Path, **extra) -> list[str]:
 
 
 def train(shards: Path, output: Path, *, launcher: list[str] = (), wait: bool = True, **extra):
-    cmd = [sys.executable, *(launcher or ["-m", "dist_dml.cli"]), "train", CONFIG, *overrides(shards, output, **extra)]
+    """A one-process training: in this process, or launched (under ``launcher``, or in the background)."""
+    args = ["train", CONFIG, *overrides(shards, output, **extra)]
+    if wait and not launcher:
+        return dist_dml_here(*args)
+    cmd = [sys.executable, *(launcher or ["-m", "dist_dml.cli"]), *args]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)

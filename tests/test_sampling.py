@@ -1,7 +1,6 @@
 """Samplers against float64 brute force, the paper's uniformity claim, and world-size invariance."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from scipy import stats

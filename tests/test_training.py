@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import HANG_GUARD_S, ROOT, cpu_env, free_port, tiny_overrides
+from .conftest import HANG_GUARD_S, ROOT, cpu_env, dist_dml_here, free_port, tiny_overrides
 
 CONFIG = str(ROOT / "configs/cpu_synthetic.yaml")
 
@@ -276,8 +276,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_shards, tmp_path):
     overrides = tiny_overrides(tiny_shards, out, **{"optimizer.lr": 1e30, "optimizer.beta_lr": 1e30,
                                                     "train.max_bad_steps": 3, "eval.at_start": False,
                                                     "tracking.enabled": False, "checkpoint.every_steps": 0})
-    proc = subprocess.run([sys.executable, "-m", "dist_dml.cli", "train", CONFIG, *overrides], cwd=ROOT,
-                          env=cpu_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
+    proc = dist_dml_here("train", CONFIG, *overrides)
     assert proc.returncode != 0
     assert "3 non-finite losses in a row at step" in proc.stderr
     assert not (out / "final_model.pt").exists()
