@@ -29,6 +29,45 @@ from pathlib import Path
 import torch
 
 
+def best_rate(repeats: int, loop) -> float:
+    """``loop`` returns (count, seconds) or count (then timed here); the best of ``repeats`` passes."""
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        count = loop()
+        count, seconds = count if isinstance(count, tuple) else (count, time.perf_counter() - start)
+        rates.append(count / seconds)
+    return max(rates)
+
+
+def reader_rates(out: Path, size: int, args, decode_rate: float, decode_aug_rate: float) -> None:
+    """The training reader's rate with 1 and 2 workers, against one plain decode loop."""
+    from dist_dml.data import DataConfig, TrainStream
+
+    for workers in (1, 2):
+        cfg = DataConfig(root=str(out), classes_per_batch=16, images_per_class=4, workers=workers,
+                         image_size=size, resize=args.size, shuffle_buffer=200)
+        stream = TrainStream(cfg)
+
+        def epoch() -> tuple[int, float]:
+            """Steady state: from the first batch (the workers have started) to the last."""
+            stream.set_epoch(stream.epoch + 1)
+            seen, start = 0, None
+            for batch in stream.loader():
+                if start is None:
+                    start = time.perf_counter()
+                else:
+                    seen += batch["images"].shape[0]
+            return seen, time.perf_counter() - start
+
+        epoch()  # the first epoch pays the workers' start-up
+        rate = best_rate(args.repeats, epoch)
+        ratio = rate / decode_rate
+        print(f"workers={workers} reader_img_s={rate:.0f} decode_img_s={decode_rate:.0f} ratio={ratio:.2f} "
+              f"per_worker={ratio / workers:.2f} vs_decode_aug_per_worker={rate / decode_aug_rate / workers:.2f}",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--classes", type=int, default=1000)
@@ -41,7 +80,7 @@ def main() -> None:
     from data_prep.cli import main as prep
     from webdataset.tariterators import tarfile_samples
 
-    from dist_dml.data import DataConfig, TrainStream, _samples, decode, new_batch, tar_members, train_image
+    from dist_dml.data import DataConfig, _samples, decode, new_batch, tar_members, train_image
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "shards"
@@ -67,46 +106,14 @@ def main() -> None:
         cfg = DataConfig(image_size=size, resize=args.size)
         slots, rng = new_batch(64, size), random.Random(0)
 
-        def best_rate(loop) -> float:
-            """``loop`` returns (count, seconds) or count (then timed here)."""
-            rates = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                count = loop()
-                count, seconds = count if isinstance(count, tuple) else (count, time.perf_counter() - start)
-                rates.append(count / seconds)
-            return max(rates)
-
         decode(jpegs[0])  # first call loads the codec
-        decode_rate = best_rate(lambda: sum(1 for data in jpegs if decode(data) is not None))
-        decode_aug_rate = best_rate(lambda: sum(1 for i, data in enumerate(jpegs)
+        decode_rate = best_rate(args.repeats, lambda: sum(1 for data in jpegs if decode(data) is not None))
+        decode_aug_rate = best_rate(args.repeats, lambda: sum(1 for i, data in enumerate(jpegs)
                                                 if train_image(data, cfg, rng, slots[i % 64]) is not None))
         print(f"decode_img_s={decode_rate:.0f} decode_aug_img_s={decode_aug_rate:.0f} "
               f"ceiling={decode_aug_rate / decode_rate:.2f} (one plain loop each)", flush=True)
 
-        for workers in (1, 2):
-            cfg = DataConfig(root=str(out), classes_per_batch=16, images_per_class=4, workers=workers,
-                             image_size=size, resize=args.size, shuffle_buffer=200)
-            stream = TrainStream(cfg)
-
-            def epoch() -> tuple[int, float]:
-                """Steady state: from the first batch (the workers have started) to the last."""
-                stream.set_epoch(stream.epoch + 1)
-                seen, start = 0, None
-                for batch in stream.loader():
-                    if start is None:
-                        start = time.perf_counter()
-                    else:
-                        seen += batch["images"].shape[0]
-                return seen, time.perf_counter() - start
-
-            epoch()  # the first epoch pays the workers' start-up
-            rate = best_rate(epoch)
-            ratio = rate / decode_rate
-            print(f"workers={workers} reader_img_s={rate:.0f} decode_img_s={decode_rate:.0f} ratio={ratio:.2f} "
-                  f"per_worker={ratio / workers:.2f} vs_decode_aug_per_worker={rate / decode_aug_rate / workers:.2f}",
-                  flush=True)
-
+        reader_rates(out, size, args, decode_rate, decode_aug_rate)
 
 if __name__ == "__main__":
     main()
