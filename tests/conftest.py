@@ -114,23 +114,28 @@ def cpu_env(**extra) -> dict:
             "PYTHONFAULTHANDLER": "1", "PYTHON": sys.executable, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", **extra}
 
 
-# pytest-xdist (--dist loadgroup) hands out each group whole and every other test on its own. The files whose
-# tests launch trainings are spread test by test, launch-heavy files first (one of them started last would run
-# alone at the end), except the tests of one shared trained run; every other file stays together, with its
-# module-scoped fixtures built once.
+# pytest-xdist hands a worker one scope at a time. The files whose tests launch trainings are spread test by
+# test, launch-heavy files first (one of them started last would run alone at the end); every other file is
+# one scope, its module-scoped fixtures built once (test_trained_run.py: one shared training).
+# (xdist's own --dist loadgroup ignores its marks under pytest 9, whose node ids it can no longer rename.)
 SPREAD = ("test_training.py", "test_faults.py", "test_equivalence.py", "test_grid.py", "test_first_hour.py",
           "test_evaluation.py", "test_run_folder.py", "test_backbones.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SPREAD)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's order kept
-    for item in items:
-        if item.path.name not in rank:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
-        elif "trained" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("trained"))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SpreadLaunches(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return nodeid if Path(path).name in SPREAD else path
+
+    return SpreadLaunches(config, log)
 
 
 def pytest_xdist_auto_num_workers(config):
