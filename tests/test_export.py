@@ -50,7 +50,7 @@ def test_embed_two_ranks_then_index_and_search(checkpoint, tmp_path, run_torchru
     parts = {p.name for p in emb_dir.iterdir()} - {"model.json"}
     assert len(parts) == (2 if fmt == "parquet" else 10)  # one part per rank
     exported = read_embeddings(emb_dir)
-    emb, labels, ids = exported.embeddings, exported.labels, exported.ids
+    emb, ids = exported.embeddings, exported.ids
     assert ids.tolist() == list(range(len(ids)))
 
     # Every exported item carries its class and source item, as the shards' json records say.
