@@ -1,6 +1,8 @@
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,35 +71,19 @@ class Ran:
     stderr: str
 
 
-def dist_dml_here(*args: str, env: dict | None = None, cwd: Path = ROOT) -> Ran:
-    """``dist-dml ARGS`` (one process: a training, a check, an eval) run in this process, as its own launch
-    would run it: its exit code and what it printed. A training here skips a new interpreter's imports and
-    DeepSpeed's first start (about 10 s of each launched run on this machine); what a launch itself does (a
-    killed rank, torchrun, several processes, an exit code reaching the shell) is tested by launching.
-    The environment (``env`` added to it, and what the run exports: rank, world, ports), the folder and
-    torch's thread count (1, as launched tests get) are put back afterwards."""
-    import contextlib
-    import io
-    import traceback
-
+@contextlib.contextmanager
+def as_own_process(env: dict | None = None, cwd: Path = ROOT) -> Iterator[None]:
+    """Run a block as a one-process launch would run it, in this process: ``env`` added to the environment,
+    in ``cwd``, at 1 torch thread (as launched tests get). The environment (and what a run exports: rank,
+    world, ports), the folder, the thread count and MLflow's module-global URI are put back afterwards."""
     import torch
 
-    from dist_dml.cli import main as cli
-
     saved_env, saved_cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
-    out, err = io.StringIO(), io.StringIO()
     try:
         os.environ.update({"OMP_NUM_THREADS": "1", **(env or {})})
         os.chdir(cwd)
         torch.set_num_threads(1)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = cli(list(args))
-            except SystemExit as exc:  # argparse
-                code = exc.code if isinstance(exc.code, int) else 1
-            except Exception:  # as an interpreter would end: the traceback, exit 1
-                traceback.print_exc()
-                code = 1
+        yield
     finally:
         torch.set_num_threads(threads)
         if "mlflow" in sys.modules:  # its module-global URI (set from the run's) would be the next run's default
@@ -105,6 +91,27 @@ def dist_dml_here(*args: str, env: dict | None = None, cwd: Path = ROOT) -> Ran:
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
+
+
+def dist_dml_here(*args: str, env: dict | None = None, cwd: Path = ROOT) -> Ran:
+    """``dist-dml ARGS`` (one process: a training, a check, an eval) run in this process (as_own_process): its
+    exit code and what it printed. A training here skips a new interpreter's imports and DeepSpeed's first
+    start (about 10 s of each launched run on this machine); what a launch itself does (a killed rank,
+    torchrun, several processes, an exit code reaching the shell) is tested by launching."""
+    import io
+    import traceback
+
+    from dist_dml.cli import main as cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with as_own_process(env, cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli(list(args))
+        except SystemExit as exc:  # argparse
+            code = exc.code if isinstance(exc.code, int) else 1
+        except Exception:  # as an interpreter would end: the traceback, exit 1
+            traceback.print_exc()
+            code = 1
     return Ran(code, out.getvalue(), err.getvalue())
 
 

@@ -493,9 +493,16 @@ def saved_state(checkpoint: Path) -> dict:
 
 def loaded_state(output: Path, shards: Path, nproc: int, dump: Path) -> dict:
     overrides = tiny_overrides(shards, output, **{"train.steps": 0, "eval.at_start": False, "tracking.enabled": False})
-    from .conftest import torchrun
+    if nproc == 1:  # as torchrun would run it, without the launch
+        from . import resume_worker
+        from .conftest import as_own_process
 
-    torchrun(nproc, "tests.resume_worker", CONFIG, str(dump), *overrides)
+        with as_own_process():
+            resume_worker.main(CONFIG, str(dump), *overrides)
+    else:
+        from .conftest import torchrun
+
+        torchrun(nproc, "tests.resume_worker", CONFIG, str(dump), *overrides)
     return torch.load(dump, weights_only=True)
 
 
