@@ -102,6 +102,12 @@ class NullTracker:
         pass
 
 
+def first_line(exc: BaseException) -> str:
+    """What MLflow or the server said, in one line of at most 300 characters (its type if it said nothing)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 def tracking_uri(config) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or config.uri or ""
 
@@ -176,7 +182,7 @@ class MlflowTracker:
             fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 -- whatever the server or the store says, training goes on
             self.paused_until = time.time() + PAUSE_S
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             print(f"[tracking] warning: {what} failed ({first}); training goes on, tracking retries in "
                   f"{PAUSE_S / 60:.0f} min", file=sys.stderr, flush=True)
 
@@ -239,7 +245,7 @@ class MlflowTracker:
         try:
             self.mlflow.end_run(status=status)
         except Exception as exc:  # noqa: BLE001 -- the training's result is written already
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             print(f"[tracking] warning: ending the MLflow run failed ({first}); it may show as running there",
                   file=sys.stderr, flush=True)
 
@@ -257,7 +263,7 @@ def build_tracker(config, ctx: DistContext, resume_run_id: str | None = None) ->
             try:
                 tracker = MlflowTracker(config, ctx, tags, resume_run_id)
             except Exception as exc:  # noqa: BLE001 -- reported in one line below
-                problem = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                problem = first_line(exc)
         if problem is not None:
             message = failure_message(uri, problem)
             if config.required:
