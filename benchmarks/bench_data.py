@@ -51,7 +51,7 @@ def reader_rates(out: Path, size: int, args, decode_rate: float, decode_aug_rate
 
         def epoch() -> tuple[int, float]:
             """Steady state: from the first batch (the workers have started) to the last."""
-            stream.set_epoch(stream.epoch + 1)
+            stream.position.set_epoch(stream.position.epoch + 1)
             seen, start = 0, None
             for batch in stream.loader():
                 if start is None:

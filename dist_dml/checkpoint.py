@@ -220,12 +220,12 @@ def _same_run(checkpoint: Path, output_dir: Path, allow_other: bool) -> None:
                           "checkpoint you choose, checkpoint.resume=none starts afresh")
 
 
-def resume_problem(config, world_size: int) -> str | None:
-    """Why a run with this config at ``world_size`` processes cannot resume where it would; None if it can.
+def resume_problem(config) -> str | None:
+    """Why a run with this config cannot resume where it would; None if it can.
 
-    Read from the checkpoint's index (no unpickling): no whole checkpoint where one is expected, a model
-    or beta table of another shape, or a checkpoint of another world size saved before the data position
-    was kept in global samples. (ZeRO-1/2 state of another world size is converted by the trainer.)
+    Read from the checkpoint's index (no unpickling): no whole checkpoint where one is expected, or a model,
+    loss or beta table of another shape. (Another world size resumes: ZeRO-1/2 state is converted by the
+    CheckpointManager, the data position cut over the new slots.)
     """
     try:
         target = resume_target(config)
@@ -245,10 +245,6 @@ def resume_problem(config, world_size: int) -> str | None:
             was, now = saved[section][key], getattr(getattr(config, section), key)
             if was != now:
                 return f"{how}{target}, saved with {section}.{key}={was}, but this run has {now}{fresh}"
-    world = saved_world_size(target)
-    if world not in (None, world_size) and "data" not in meta:
-        return (f"{how}{target}, saved at {world} processes by a dist-dml that did not record the data position in "
-                f"global samples; this run has {world_size}. Resume with {world} processes{fresh}")
     return None
 
 
@@ -330,7 +326,10 @@ class CheckpointManager:
         if self.target is None:
             return 0
         state = engine.load(self.load_from.parent, self.load_from.name)
-        saved = state.get("parts") or _flat_parts(state)
+        saved = state.get("parts")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{self.target} holds no named parts (data position, meters, RNG): not a "
+                                  "checkpoint of this dist-dml; checkpoint.resume=none starts afresh")
         for name, part in self.parts.items():
             if name not in saved:
                 continue  # a part the checkpoint's run did not have: it starts afresh
@@ -356,13 +355,6 @@ class CheckpointManager:
                 **{name: {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool))}
                    for name, state in states.items()}}
         self.store.save(engine, step, {"step": step, "parts": states}, meta)
-
-
-def _flat_parts(state: dict) -> dict:
-    """The parts of a checkpoint written before they were named (dist-dml of turn 3, flat client state)."""
-    meter = {k: state[k] for k in ("negative_histogram", "histogram_from", "skipped_steps", "data_faults") if k in state}
-    return {"data": state.get("data"), "rng": {"torch": state.get("torch_rng")}, "meter": meter,
-            "tracker": {"mlflow_run_id": state.get("mlflow_run_id", "")}}
 
 
 def config_changes(saved: dict, cfg) -> dict[str, tuple]:

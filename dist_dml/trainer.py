@@ -24,7 +24,7 @@ import torch
 from dist_dml import plots
 from dist_dml.checkpoint import CheckpointManager, read_meta
 from dist_dml.config import RunConfig, dump_yaml
-from dist_dml.data import TrainStream, Verdicts, verify
+from dist_dml.data import StreamPosition, TrainStream, Verdicts, verify
 from dist_dml.distributed import DistContext
 from dist_dml.engine import TrainEngine
 from dist_dml.errors import as_write_error
@@ -94,8 +94,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         self.steps = {}  # the LR schedule's length, known once the data position is restored
         self.engine = self._engine()
-        self.position, self.meter = DataPosition(self.stream, ctx), Meter(ctx, cfg)
-        for name, part in (("data", self.position), ("meter", self.meter), ("rng", RngState()),
+        self.data, self.meter = DataPosition(self.stream.position, ctx), Meter(ctx, cfg)
+        for name, part in (("data", self.data), ("meter", self.meter), ("rng", RngState()),
                            ("tracker", TrackerRun(self.tracker))):
             self.checkpoints.register(name, part)
         self.memory = CrossBatchMemory(cfg.memory, cfg.model.embedding_dim, ctx.device) if cfg.memory.enabled else None
@@ -132,7 +132,7 @@ class Trainer:
             print(f"[train] note: resuming {target} under a changed config: {shown}", flush=True)
         saved = self.checkpoints.meta.get("world_size")
         where = f", saved at {saved} processes, now {self.ctx.world_size}" if saved not in (None, self.ctx.world_size) else ""
-        print(f"[train] resumed from {target} at step {self.step}{where}; the data continues {self.position.how}",
+        print(f"[train] resumed from {target} at step {self.step}{where}; the data continues {self.data.how}",
               flush=True)
 
     def finished_already(self) -> dict | None:
@@ -154,12 +154,13 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, ctx, engine, stream, meter, tracker = self.cfg, self.ctx, self.engine, self.stream, self.meter, self.tracker
+        position = stream.position
         results = self._start(tracker)
         objective = GlobalBatchObjective(build_sampler(cfg.sampler), engine.module.loss, ctx, self.memory)
         epochs, bad_in_row = EpochReport(ctx, tracker), 0
         # One DataLoader for the whole run: its workers go on to the next epoch themselves.
         for batch in stream.loader(epochs=1 << 30) if self.step < self.total_steps else ():
-            assert (batch["epoch"], batch["index"]) == (stream.epoch, stream.step), "data stream out of step"
+            assert (batch["epoch"], batch["index"]) == (position.epoch, position.step), "data stream out of step"
             result, taken = take_step(engine, objective, batch["images"], batch["labels"], batch["image_ids"],
                                       self.step, cfg.train.embedding_chunks)
             if taken:
@@ -172,8 +173,8 @@ class Trainer:
                     raise TrainingStopped(f"{bad_in_row} non-finite losses in a row at step {self.step}; "
                                           "stopping (train.max_bad_steps)")
             self.step += 1
-            stream.consume(batch)
-            finished = stream.advance()
+            position.consume(batch)
+            finished = position.advance()
             if finished is not None:
                 epochs.finished(batch["epoch"], _global_draws(finished, ctx), self.step)
             if meter.update(result, batch, engine, tracker, self.step):
@@ -257,15 +258,15 @@ class DataPosition:
     per record over all ranks (gathered when saved: a collective). ``how`` says how a restored stream goes
     on (exactly, or over the records left, cut over another world size's slots)."""
 
-    def __init__(self, stream: TrainStream, ctx: DistContext):
-        self.stream, self.ctx, self.how = stream, ctx, ""
+    def __init__(self, position: StreamPosition, ctx: DistContext):
+        self.position, self.ctx, self.how = position, ctx, ""
 
     def state_dict(self) -> dict:
-        state = self.stream.state_dict(drawn=_global_draws(self.stream.local_draws(), self.ctx))
+        state = self.position.state_dict(drawn=_global_draws(self.position.local_draws(), self.ctx))
         return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.how = self.stream.load_state_dict({k: v.numpy() if torch.is_tensor(v) else v for k, v in state.items()})
+        self.how = self.position.load_state_dict({k: v.numpy() if torch.is_tensor(v) else v for k, v in state.items()})
 
 
 class RngState:
@@ -344,7 +345,7 @@ def _schedule(optimizer, total: int, holder: dict):
 
 
 def _global_draws(draws: tuple[np.ndarray, np.ndarray], ctx: DistContext) -> np.ndarray:
-    """The epoch's draws per record over all ranks, from TrainStream.local_draws (a collective)."""
+    """The epoch's draws per record over all ranks, from StreamPosition.local_draws (a collective)."""
     before, here = draws
     summed = ctx.all_reduce_sum(torch.from_numpy(here).to(ctx.device)).cpu().numpy()
     return before + summed

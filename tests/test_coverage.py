@@ -149,25 +149,31 @@ def test_fewer_remote_shards_than_slots_say_what_an_epoch_fetches(datasets):
     assert "network" not in cached.layout_note()
 
 
+def at(stream, epoch: int, step: int) -> None:
+    """The stream's position set to (epoch, step), as a resume of the same geometry leaves it."""
+    stream.position.set_epoch(epoch)
+    stream.position.step = step
+
+
 def test_one_loader_runs_through_epochs_as_separate_ones_would(datasets):
     """Tiny epochs (2 steps per worker) in one DataLoader with 2 worker processes, from a resume in the
     middle of an epoch: the same batches as one loader per epoch."""
     cfg = DataConfig(root=str(datasets[3]), classes_per_batch=4, images_per_class=2, workers=2,
                      image_size=8, resize=12, shuffle_buffer=50)
     first = TrainStream(cfg, 1, 2, decode_images=False)
-    first.load_state_dict({"epoch": 2, "step": 3})
-    steps = first.steps_per_epoch
+    at(first, 2, 3)
+    steps = first.steps_in_epoch(2)
     through = [(b["epoch"], b["index"], b["image_ids"].tolist()) for b in first.loader(epochs=3)]
     separate = []
     for epoch, start in ((2, 3), (3, 0), (4, 0)):
         stream = TrainStream(cfg, 1, 2, decode_images=False)
-        stream.load_state_dict({"epoch": epoch, "step": start})
+        at(stream, epoch, start)
         separate += [(b["epoch"], b["index"], b["image_ids"].tolist()) for b in stream.loader()]
     assert through == separate and len(through) == 3 * steps - 3
     # The trainer's bookkeeping follows the batches.
     for epoch, index, _ in through:
-        assert (first.epoch, first.step) == (epoch, index)
-        first.advance()
+        assert (first.position.epoch, first.position.step) == (epoch, index)
+        first.position.advance()
 
 
 # --- the position in global samples: resuming at another world size ------------------------------
@@ -183,9 +189,9 @@ def run_ranks(root: Path, ranks: int, workers: int, state: dict | None, steps: i
     streams = [TrainStream(cfg, rank, ranks, decode_images=False) for rank in range(ranks)]
     for stream in streams:
         if state is not None:
-            stream.load_state_dict(state)
-    first = streams[0]
-    epoch, start, base = first.epoch, first.step, first._base(first.epoch)
+            stream.position.load_state_dict(state)
+    first = streams[0].position
+    epoch, start, base = first.epoch, first.step, first.start.resumed(first.epoch)[0]
     total = first.steps_in_epoch(epoch)
     assert all(s.steps_in_epoch(epoch) == total for s in streams)  # the same on every rank
     stop = total if steps is None else min(total, start + steps)
@@ -195,9 +201,9 @@ def run_ranks(root: Path, ranks: int, workers: int, state: dict | None, steps: i
         for step in range(start, stop):
             batch = next(batches[(step - base) % workers])
             assert (batch["epoch"], batch["index"]) == (epoch, step)
-            stream.consume(batch)
-            finished = stream.advance()
-        draws.append(finished or stream.local_draws())
+            stream.position.consume(batch)
+            finished = stream.position.advance()
+        draws.append(finished or stream.position.local_draws())
     before, here = draws[0][0], sum(d[1] for d in draws)
     if stop == total:
         return None, here, stop - start

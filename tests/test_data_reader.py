@@ -25,11 +25,11 @@ def config(root, **kw):
     return DataConfig(**{**base, **kw})
 
 
-def epoch_batches(cfg, rank=0, world=1, epoch=0, decode=False, state=None):
+def epoch_batches(cfg, rank=0, world=1, epoch=0, decode=False, step=0):
+    """The batches of ``epoch`` from ``step`` on, and the stream."""
     stream = TrainStream(cfg, rank, world, decode_images=decode)
-    stream.set_epoch(epoch)
-    if state:
-        stream.load_state_dict(state)
+    stream.position.set_epoch(epoch)
+    stream.position.step = step
     return list(stream.loader()), stream
 
 
@@ -72,7 +72,7 @@ def test_resume_yields_the_remaining_batches_exactly(shards):
     cfg = config(shards, workers=2)
     full, stream = epoch_batches(cfg, epoch=2, decode=True)
     for consumed in (1, 2, 5):
-        rest, _ = epoch_batches(cfg, epoch=2, decode=True, state={"epoch": 2, "step": consumed})
+        rest, _ = epoch_batches(cfg, epoch=2, decode=True, step=consumed)
         assert len(rest) == len(full) - consumed
         for x, y in zip(rest, full[consumed:]):
             assert torch.equal(x["image_ids"], y["image_ids"])

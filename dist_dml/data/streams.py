@@ -22,7 +22,6 @@ import signal
 import sys
 from typing import Iterator, NamedTuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -32,6 +31,7 @@ from dist_dml.data.manifest import Manifest
 from dist_dml.data.opener import ShardCache, is_local
 from dist_dml.data.faults import ReadErrors
 from dist_dml.data.plan import EpochPlan, Segment
+from dist_dml.data.position import Start, StreamPosition
 from dist_dml.data.records import read_records, read_segments
 from dist_dml.data.verify import Verdicts, verify_shards
 from dist_dml.errors import UserError
@@ -102,65 +102,59 @@ def _die_with_parent(parent: int, worker_id: int) -> None:
 
 # --- training stream ----------------------------------------------------------------------------
 
-class TrainStream(IterableDataset):
-    """P x K batches for one rank; ``steps_in_epoch(epoch)`` of them per epoch, the same on every rank.
+class TrainSplit(NamedTuple):
+    """The training split as its manifest states it: what the stream's reader needs, read once."""
+
+    shards: list[str]
+    records: dict[str, int]  # {shard: records}, in the manifest's order
+    num_classes: int
+    num_images: int
+    checksums: dict[str, str] | None  # data.verify_sha256
+    sizes: dict[str, int]
+    least_single_records: int
+
+    @classmethod
+    def read(cls, cfg: DataConfig) -> "TrainSplit":
+        manifest = Manifest(cfg.root, cfg.max_manifest_mb)
+        problem = single_image_problem(manifest, cfg)
+        if problem:
+            raise SplitError(problem)
+        shards, split = manifest.shard_paths(cfg.train_split), manifest.split(cfg.train_split)
+        return cls(shards, {path: s["records"] for path, s in zip(shards, split["shards"])}, split["classes"],
+                   split["images"], manifest.checksums(cfg.train_split) if cfg.verify_sha256 else None,
+                   manifest.sizes(cfg.train_split), manifest.single_image_records(cfg.train_split))
+
+
+class TrainStream:
+    """P x K batches for one rank; ``steps_in_epoch(epoch)`` of them per epoch, the same on every rank. Three
+    parts: the epoch's layout (:class:`~dist_dml.data.plan.EpochPlan`: shard order, windows, steps), the
+    rank's checkpointed position (:class:`~dist_dml.data.position.StreamPosition`), and the read-only
+    dataset a loader's workers read from (:class:`TrainReader`), given the position a loader starts at.
 
     Coverage. An epoch's records, numbered over the split's shard list shuffled by (seed, epoch), are
-    cut into one contiguous window per (rank, worker) slot (:func:`record_windows`), whatever the
-    number of shards against slots: every record is drawn in every epoch, by one slot only. Each slot
-    reads its window through a seeded shuffle buffer; a window that starts mid-shard passes over the
-    shard's first records without reading them. Each logical worker yields ceil(window / P) batches,
-    so the last batch of a slot is filled with records drawn again from its own window (fewer than P
-    draws per slot and epoch); a slot that runs short (a corrupt shard) draws again from its window
-    the same way, so no collective ever waits on a rank that ran dry.
-
-    Batch i of an epoch always comes from logical worker i % workers (epochs hold a multiple of the
-    workers, so one DataLoader serves any number of epochs with the same worker processes) and is a
-    function of (seed, epoch, rank, i) alone, which makes resuming exact: a resumed epoch skips the
-    batches already consumed (reading their records, not decoding them).
-
-    Position in global samples. Every batch names the epoch positions of its records' first draws
-    (``positions``; -1 for a record drawn again to fill a batch); the trainer hands each consumed batch
-    to :meth:`consume`, so the stream knows which of the epoch's records this rank has drawn. A
-    checkpoint keeps the epoch's draws over all ranks. Resumed with the same ranks, workers and batch
-    geometry, the epoch continues exactly; resumed otherwise (another world size), the records not yet
-    drawn in the epoch are cut into windows over the new slots from the resume step on (a *resumed
-    layout*), so the epoch ends without replaying or skipping a record.
-    """
-
-    GEOMETRY = ("world_size", "workers", "classes_per_batch", "shuffle_buffer", "seed", "records")
+    cut into one contiguous window per (rank, worker) slot, whatever the number of shards against slots:
+    every record is drawn in every epoch, by one slot only. Each logical worker yields the epoch's steps
+    divided by the workers, so the last batch of a slot is filled with records drawn again from its own
+    window; a slot that runs short (a corrupt shard) draws again from its window the same way, so no
+    collective ever waits on a rank that ran dry. Batch i of an epoch is a function of (seed, epoch, rank,
+    i) alone, which makes resuming exact (see TrainReader)."""
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, decode_images: bool = True,
                  verdicts: Verdicts | None = None):
         """``verdicts``: the job's sha256 verdicts (data.verify_sha256), shared with its evaluation streams."""
         cfg.validate()
         self.verdicts = verdicts if verdicts is not None else Verdicts()
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        manifest = Manifest(cfg.root, cfg.max_manifest_mb)
-        self.shards = manifest.shard_paths(cfg.train_split)
-        split = manifest.split(cfg.train_split)
-        self.num_classes, self.num_images = split["classes"], split["images"]
-        self.records = {path: s["records"] for path, s in zip(self.shards, split["shards"])}
-        self.least_single_records = manifest.single_image_records(cfg.train_split)
-        problem = single_image_problem(manifest, cfg)
-        if problem:
-            raise SplitError(problem)
-        self.checksums = manifest.checksums(cfg.train_split) if cfg.verify_sha256 else None
-        self.sizes = manifest.sizes(cfg.train_split)
+        self.cfg, self.rank, self.world_size, self.decode_images = cfg, rank, world_size, decode_images
+        self.split = TrainSplit.read(cfg)
+        self.shards, self.records, self.checksums, self.sizes = (self.split.shards, self.split.records,
+                                                                 self.split.checksums, self.split.sizes)
+        self.num_classes, self.num_images = self.split.num_classes, self.split.num_images
         self.num_records = sum(self.records.values())
-        self.decode_images = decode_images
-        self.epoch, self.step = 0, 0
-        self.epochs = 1  # how many epochs a loader runs through (see loader)
-        # A resumed layout of epoch `epoch`: from base_step on, the records base_drawn marks False.
-        self.base_step, self.base_drawn = 0, None
-        self.drawn_before = np.zeros(self.num_records, np.int32)  # this epoch's draws, all ranks, as loaded
-        self.drawn_here = np.zeros(self.num_records, np.int32)  # this rank's draws since (see consume)
-        self.plan = EpochPlan(self.records, world_size, self.workers, cfg.classes_per_batch, cfg.seed)
-
-    @property
-    def workers(self) -> int:
-        """Logical workers per rank (a DataLoader without worker processes is one)."""
-        return max(self.cfg.workers, 1)
+        workers = max(cfg.workers, 1)  # logical workers per rank (a DataLoader without worker processes is one)
+        self.plan = EpochPlan(self.records, world_size, workers, cfg.classes_per_batch, cfg.seed)
+        self.position = StreamPosition(self.plan, {
+            "world_size": world_size, "workers": workers, "classes_per_batch": cfg.classes_per_batch,
+            "shuffle_buffer": cfg.shuffle_buffer, "seed": cfg.seed, "records": self.num_records})
 
     @property
     def slots(self) -> int:
@@ -169,30 +163,20 @@ class TrainStream(IterableDataset):
     def shard_order(self, epoch: int) -> list[str]:
         return self.plan.shard_order(epoch)
 
-    def offsets(self, epoch: int) -> dict[str, int]:
-        return self.plan.offsets(epoch)
-
-    def _resumed(self, epoch: int) -> tuple[int, np.ndarray | None]:
-        """(base step, drawn mask) of a resumed layout of ``epoch``; (0, None) for a whole epoch."""
-        return (self.base_step, self.base_drawn) if epoch == self.epoch and self.base_drawn is not None else (0, None)
-
-    def _base(self, epoch: int) -> int:
-        return self._resumed(epoch)[0]
-
     def slot_segments(self, epoch: int) -> list[list[Segment]]:
         """Per (rank, worker) slot, its window's segments of ``epoch`` (of the records not yet drawn, in a
         resumed layout): the plan's."""
-        return self.plan.segments(epoch, self._resumed(epoch)[1])
+        return self.plan.segments(epoch, self.position.start.resumed(epoch)[1])
 
     def steps_in_epoch(self, epoch: int) -> int:
-        """The same on every rank (the plan's), from the resumed layout's base step if any."""
-        base, drawn = self._resumed(epoch)
-        return self.plan.steps(epoch, base, drawn)
+        return self.position.steps_in_epoch(epoch)
 
     def remaining_steps(self, epochs: int) -> int:
-        """Steps from the current position to the end of epoch ``epochs - 1``."""
-        return (self.steps_in_epoch(self.epoch) - self.step
-                + sum(self.steps_in_epoch(e) for e in range(self.epoch + 1, epochs)))
+        return self.position.remaining_steps(epochs)
+
+    def fetched_records(self, epoch: int) -> int:
+        """Records an epoch reads from streams that cannot seek (the plan's)."""
+        return self.plan.fetched_records(epoch, self.position.start.resumed(epoch)[1])
 
     def layout_note(self) -> str | None:
         """A warning where there are fewer shards than (rank x worker) slots, with the numbers; for shards
@@ -202,11 +186,11 @@ class TrainStream(IterableDataset):
             return None
         per_slot = self.num_records / self.slots
         note = (f"{len(self.shards)} training shards for {self.slots} (rank x worker) slots "
-                f"({self.world_size} ranks x {self.workers} workers): slots share shards, each reading a "
+                f"({self.world_size} ranks x {self.plan.workers} workers): slots share shards, each reading a "
                 f"window of about {per_slot:.0f} records; with at least {self.slots} shards every slot reads "
                 f"whole shards of its own (dist-dml prep --min-shards {self.slots})")
         if not is_local(self.shards[0]) and not self.cfg.cache_dir:
-            fetched = self.fetched_records(self.epoch)
+            fetched = self.fetched_records(self.position.epoch)
             note += (f". These shards are remote: a window that starts inside a shard streams it from its start, "
                      f"so an epoch fetches {fetched} records to draw {self.num_records} "
                      f"({fetched / self.num_records:.1f}x the dataset over the network; data.cache_dir fetches "
@@ -216,7 +200,7 @@ class TrainStream(IterableDataset):
     def single_image_note(self) -> str | None:
         """A warning about records of a single image, from the manifest's counts alone (single_image_problem
         has refused a split of nothing else)."""
-        least = self.least_single_records
+        least = self.split.least_single_records
         if not least:
             return None
         what = ("trained as two crops of their image (data.self_pairs)" if self.cfg.self_pairs else
@@ -225,88 +209,45 @@ class TrainStream(IterableDataset):
         return (f"the manifest's counts say at least {least} of the {self.num_records} records of split "
                 f"{self.cfg.train_split!r} hold a single image: {what}")
 
-    def fetched_records(self, epoch: int) -> int:
-        """Records an epoch reads from streams that cannot seek (the plan's)."""
-        return self.plan.fetched_records(epoch, self._resumed(epoch)[1])
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.steps_in_epoch(self.epoch)
-
-    def _geometry(self) -> dict:
-        return {"world_size": self.world_size, "workers": self.workers, "classes_per_batch": self.cfg.classes_per_batch,
-                "shuffle_buffer": self.cfg.shuffle_buffer, "seed": self.cfg.seed, "records": self.num_records}
-
-    def state_dict(self, drawn: np.ndarray | None = None) -> dict:
-        """The position: (epoch, step), the geometry it was reached with, the resumed layout if any, and
-        ``drawn`` (this epoch's draws per record over all ranks; see :meth:`local_draws`)."""
-        return {"epoch": self.epoch, "step": self.step, **self._geometry(), "base_step": self._base(self.epoch),
-                "base_drawn": None if self.base_drawn is None else self.base_drawn.copy(),
-                "drawn": None if drawn is None else np.asarray(drawn, np.int32)}
-
-    def load_state_dict(self, state: dict) -> str:
-        """Continue from ``state``: exactly where its geometry is this stream's, else (another world size,
-        other workers or batches) with a resumed layout over the records its ``drawn`` leaves. Returns how,
-        in a few words. A state without draws (written before they were kept) resumes only exactly."""
-        self.set_epoch(int(state["epoch"]))
-        self.step = int(state["step"])
-        drawn = state.get("drawn")
-        same = all(state.get(k, v) == v for k, v in self._geometry().items())
-        if drawn is not None:
-            if len(drawn) != self.num_records:
-                raise ValueError(f"the saved data position covers {len(drawn)} records, the split has "
-                                 f"{self.num_records}: another data.root or train_split")
-            self.drawn_before = np.asarray(drawn, np.int32).copy()
-        if same:
-            base = state.get("base_drawn")
-            self.base_step, self.base_drawn = (int(state.get("base_step", 0)), np.asarray(base, bool)) \
-                if base is not None else (0, None)
-            return "exactly where it was"
-        if drawn is None:
-            raise ValueError("the checkpoint's data position was saved without its draws (an older dist-dml): "
-                             f"resume it with its own geometry ({ {k: state.get(k) for k in self.GEOMETRY} })")
-        if self.step == 0:
-            return "at the start of an epoch"
-        self.base_step, self.base_drawn = self.step, self.drawn_before > 0
-        left = int((~self.base_drawn).sum())
-        return (f"epoch {self.epoch} from step {self.step} with the {left} of its {self.num_records} records not yet "
-                f"drawn, cut over {self.slots} slots")
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.step = epoch, 0
-        self.base_step, self.base_drawn = 0, None
-        self.drawn_before = np.zeros(self.num_records, np.int32)
-        self.drawn_here = np.zeros(self.num_records, np.int32)
-
-    def consume(self, batch: dict) -> None:
-        """A batch the trainer used: its records' first draws count as drawn (by this rank)."""
-        positions = batch["positions"].numpy()
-        np.add.at(self.drawn_here, positions[positions >= 0], 1)
-
-    def local_draws(self) -> tuple[np.ndarray, np.ndarray]:
-        """(draws of this epoch over all ranks as loaded, this rank's since): the epoch's draws per record
-        are the first plus the sum of the second over ranks."""
-        return self.drawn_before, self.drawn_here
-
-    def advance(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """One batch consumed: the next step, or the next epoch's first. At an epoch's end, returns its
-        :meth:`local_draws` (for the trainer's report on the epoch)."""
-        self.step += 1
-        if self.step < self.steps_per_epoch:
-            return None
-        finished = self.local_draws()
-        self.set_epoch(self.epoch + 1)
-        return finished
+    def reader(self, epochs: int = 1) -> "TrainReader":
+        """The read-only dataset of the batches from the position on, through the end of epoch
+        ``epoch + epochs - 1``."""
+        return TrainReader(self.cfg, self.split, self.plan, self.position.start, epochs, rank=self.rank,
+                           decode_images=self.decode_images, verdicts=self.verdicts)
 
     def loader(self, epochs: int = 1) -> DataLoader:
-        """A DataLoader from (epoch, step) through the end of epoch ``epoch + epochs - 1``, whose worker
+        """A DataLoader from the position through the end of epoch ``epoch + epochs - 1``, whose worker
         processes move from one epoch to the next themselves (training passes a large ``epochs`` and
         stops when it has its steps). Every batch names its ``epoch`` and ``index``."""
-        self.epochs = epochs
-        return loader(self, self.cfg.workers)
+        return loader(self.reader(epochs), self.cfg.workers)
+
+    def worker_batches(self, epoch: int, worker: int, start: int = 0) -> Iterator[dict]:
+        """Logical worker ``worker``'s batches of ``epoch`` from index ``start`` on (see TrainReader)."""
+        return self.reader().worker_batches(epoch, worker, start)
+
+
+class TrainReader(IterableDataset):
+    """The batches from a fixed :class:`~dist_dml.data.position.Start` on: what a DataLoader's workers get
+    (pickled into each), read-only. Each logical worker reads its slot's window through a seeded shuffle
+    buffer (a window that starts mid-shard passes over the shard's first records without reading them),
+    takes K images per record and P records per batch.
+
+    Batch i of an epoch always comes from logical worker i % workers (epochs hold a multiple of the workers,
+    so one DataLoader serves any number of epochs with the same worker processes) and is a function of (seed,
+    epoch, rank, i) alone: a resumed epoch skips the batches already consumed (reading their records, not
+    decoding them)."""
+
+    def __init__(self, cfg: DataConfig, split: TrainSplit, plan: EpochPlan, start: Start, epochs: int = 1, *,
+                 rank: int = 0, decode_images: bool = True, verdicts: Verdicts | None = None):
+        self.cfg, self.split, self.plan, self.start, self.epochs = cfg, split, plan, start, epochs
+        self.rank, self.decode_images, self.verdicts = rank, decode_images, verdicts
+        self.workers = plan.workers
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return self.plan.steps(epoch, *self.start.resumed(epoch))
 
     def __len__(self) -> int:
-        return self.steps_per_epoch - self.step
+        return self.steps_in_epoch(self.start.epoch) - self.start.step
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -316,20 +257,20 @@ class TrainStream(IterableDataset):
         # batch must come from logical worker (s - base) % workers, and since every epoch (a resumed
         # layout: from its base) holds a multiple of the workers, each physical worker keeps its logical
         # worker in the epochs after.
-        worker = (physical + self.step - self._base(self.epoch)) % workers
-        for epoch in range(self.epoch, self.epoch + self.epochs):
-            start = self.step if epoch == self.epoch else 0
-            yield from self.worker_batches(epoch, worker, start)
+        first = self.start.epoch
+        worker = (physical + self.start.step - self.start.resumed(first)[0]) % workers
+        for epoch in range(first, first + self.epochs):
+            yield from self.worker_batches(epoch, worker, self.start.step if epoch == first else 0)
 
     def worker_batches(self, epoch: int, worker: int, start: int = 0) -> Iterator[dict]:
         """Logical worker ``worker``'s batches of ``epoch`` (indices base + worker, base + worker + workers,
         ...) from index ``start`` on; the ones before are drawn (records read, images not decoded) but not
         yielded."""
         cfg = self.cfg
-        base = self._base(epoch)
-        salt = (base + 1,) if epoch == self.epoch and self.base_drawn is not None else ()  # a resumed layout
+        base, drawn = self.start.resumed(epoch)
+        salt = (base + 1,) if drawn is not None else ()  # a resumed layout
         rng = random.Random(mix(cfg.seed, epoch, self.rank, worker, *salt))
-        errors = read_errors(cfg, self.checksums, self.num_classes, self.num_images, self.verdicts)
+        errors = read_errors(cfg, self.split.checksums, self.split.num_classes, self.split.num_images, self.verdicts)
         records = self._record_stream(epoch, worker, errors, rng, salt)
         for index in range(base + worker, self.steps_in_epoch(epoch), self.workers):
             chosen = []
@@ -349,8 +290,8 @@ class TrainStream(IterableDataset):
         """The slot's window through the shuffle buffer, then the same window again (reshuffled) for as
         long as records are asked for. Records carry their epoch ``position`` and whether this is their
         ``first`` draw."""
-        segments = self.slot_segments(epoch)[self.rank * self.workers + worker]
-        offsets = self.offsets(epoch)
+        segments = self.plan.segments(epoch, self.start.resumed(epoch)[1])[self.rank * self.workers + worker]
+        offsets = self.plan.offsets(epoch)
         buffer: list[dict] = []
         passes = singles = 0
         while True:
