@@ -121,17 +121,19 @@ def cpu_env(**extra) -> dict:
             "PYTHONFAULTHANDLER": "1", "PYTHON": sys.executable, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", **extra}
 
 
-# pytest-xdist hands a worker one scope at a time. The files whose tests launch trainings are spread test by
-# test, launch-heavy files first (one of them started last would run alone at the end); every other file is
-# one scope, its module-scoped fixtures built once (test_trained_run.py: one shared training).
+# pytest-xdist hands a worker one scope at a time. Every file is one scope, its module-scoped fixtures built
+# once (test_trained_run.py: one shared training; test_equivalence.py: one launch per world size), except the
+# files whose tests each launch their own trainings: those are spread test by test. Launch-heavy scopes go
+# first (one of them started last would run alone at the end).
 # (xdist's own --dist loadgroup ignores its marks under pytest 9.2, whose node ids it can no longer rename:
 # pytest-dev/pytest-xdist#1386, open; the fix #1388 is not released.)
-SPREAD = ("test_training.py", "test_faults.py", "test_equivalence.py", "test_grid.py", "test_first_hour.py",
-          "test_evaluation.py", "test_run_folder.py", "test_backbones.py")
+SHARED = ("test_trained_run.py", "test_equivalence.py")
+SPREAD = ("test_training.py", "test_faults.py", "test_grid.py", "test_first_hour.py", "test_evaluation.py",
+          "test_run_folder.py", "test_backbones.py")
 
 
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(SPREAD)}
+    rank = {name: i for i, name in enumerate(SHARED + SPREAD)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's order kept
 
 

@@ -1,12 +1,14 @@
 """Runs a few DeepSpeed steps on a tiny problem under torchrun; rank 0 saves what it saw.
 
     torchrun --nproc_per_node W -m tests.equivalence_worker --zero 0 2 --steps 3 --out result.pt
+    torchrun --nproc_per_node W -m tests.equivalence_worker --jobs '{"plain": {"zero": [0, 2]}, ...}' --out result.pt
 
 Shared with tests/test_equivalence.py, which runs the same problem in one plain-PyTorch process.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -147,6 +149,16 @@ def beta_against_masters(engine, labels, ids) -> dict:
             "param_dtype": str(beta.class_beta.dtype)}
 
 
+def run_job(zero: list[int], steps: int = 3, scenario: str = "normal", norm: str = "sync", precision: str = "fp32",
+            backbone: str = "linear", device: str = "cpu", memory: int = 0, chunks: list[int] = (1,)) -> dict:
+    """run() per chunks value: keyed by stage, or by (stage, chunks) where several chunks are compared."""
+    results = {}
+    for n in chunks:
+        found = run(zero, steps, scenario, norm, precision, backbone, device, memory, n)
+        results.update(found if list(chunks) == [1] else {(stage, n): r for stage, r in found.items()})
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--zero", type=int, nargs="+", default=[0])
@@ -158,13 +170,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: NCCL (benchmarks/bench_gpu.py)")
     parser.add_argument("--memory", type=int, default=0, help="a cross-batch memory of this many embeddings")
     parser.add_argument("--chunks", type=int, nargs="+", default=[1], help="train.embedding_chunks (one run each)")
+    parser.add_argument("--jobs", help="JSON {name: {run_job's arguments}}: several problems in one launch, "
+                                       "saved as {name: results} (the other options are then ignored)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    results = {}
-    for chunks in args.chunks:
-        found = run(args.zero, args.steps, args.scenario, args.norm, args.precision, args.backbone, args.device,
-                    args.memory, chunks)
-        results.update(found if args.chunks == [1] else {(stage, chunks): r for stage, r in found.items()})
+    if args.jobs:
+        results = {name: run_job(**job) for name, job in json.loads(args.jobs).items()}
+    else:
+        results = run_job(args.zero, args.steps, args.scenario, args.norm, args.precision, args.backbone, args.device,
+                          args.memory, args.chunks)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

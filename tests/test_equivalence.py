@@ -6,7 +6,7 @@ BatchNorm in the model (model.norm=sync), the same BatchNorm running statistics 
 """
 import pytest
 
-from .conftest import HANG_GUARD_S
+from .conftest import HANG_GUARD_S, torchrun
 import torch
 
 from dist_dml.engine import build_optimizer
@@ -15,6 +15,39 @@ from dist_dml.sampling import build_sampler
 from tests import equivalence_worker as problem
 
 STEPS = 3
+
+# Every distributed problem of this file, per world size: one torchrun launch runs all of a world size's jobs
+# (each its own engines, one after another), instead of a launch per test (~15 s of start-up each here).
+JOBS = {
+    1: {"chunks": {"zero": [0, 2], "steps": STEPS, "norm": "frozen", "chunks": [1, 4]}},
+    2: {"plain": {"zero": [0, 2], "steps": STEPS},
+        "timm": {"zero": [2], "steps": STEPS, "backbone": "timm:test_resnet"},
+        "memory": {"zero": [0, 2], "steps": 4, "memory": 48},
+        "chunks": {"zero": [0, 2], "steps": STEPS, "norm": "frozen", "chunks": [1, 4]},
+        "lonely": {"zero": [0, 2], "steps": 2, "scenario": "lonely"},
+        "local_norm": {"zero": [0], "steps": 3, "norm": "local"},
+        "bf16": {"zero": [1, 2], "steps": 3, "precision": "bf16"}},
+    4: {"plain": {"zero": [0, 2], "steps": STEPS},
+        "memory": {"zero": [0, 2], "steps": 4, "memory": 48}},
+}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """launched(world_size, job): what rank 0 of that world size's launch saw for the job (launched once)."""
+    import json
+
+    done = {}
+
+    def results(world_size: int, job: str) -> dict:
+        if world_size not in done:
+            out = tmp_path_factory.mktemp(f"equivalence{world_size}") / "result.pt"
+            torchrun(world_size, "tests.equivalence_worker", "--jobs", json.dumps(JOBS[world_size]), "--out", str(out),
+                     timeout=HANG_GUARD_S)
+            done[world_size] = torch.load(out, weights_only=True)
+        return done[world_size][job]
+
+    return results
 
 
 def single_process_reference(steps: int, scenario: str, world_size: int, backbone: str = "linear",
@@ -65,10 +98,8 @@ def assert_same_run(distributed: dict, reference: dict) -> None:
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_deepspeed_ranks_equal_single_process(world_size, tmp_path, run_torchrun):
-    out = tmp_path / "result.pt"
-    run_torchrun(world_size, "tests.equivalence_worker", "--zero", "0", "2", "--steps", str(STEPS), "--out", str(out))
-    results = torch.load(out, weights_only=True)
+def test_deepspeed_ranks_equal_single_process(world_size, launched):
+    results = launched(world_size, "plain")
     reference = single_process_reference(STEPS, "normal", world_size)
     # The beta parts really receive gradients: the comparison is not between zeros.
     for part in ("global_beta", "class_beta", "image_beta"):
@@ -92,29 +123,22 @@ def assert_unused_beta_rows_stay(beta: list[dict], world_size: int) -> None:
         assert (after[present] != before[present]).float().mean() > 0.9
 
 
-def test_a_timm_backbone_on_two_ranks_equals_one_process(tmp_path, run_torchrun):
+def test_a_timm_backbone_on_two_ranks_equals_one_process(launched):
     """timm:test_resnet (BatchNorm2d layers, made global-batch BatchNorm by model.norm=sync) on 32-px
     images, under SGD (see equivalence_worker.SGD): 2 ranks under ZeRO 2 give the single process's loss,
     gradients, parameters and BatchNorm statistics."""
-    out = tmp_path / "result.pt"
-    run_torchrun(2, "tests.equivalence_worker", "--zero", "2", "--steps", str(STEPS), "--backbone", "timm:test_resnet",
-                 "--out", str(out))
     reference = single_process_reference(STEPS, "normal", 2, "timm:test_resnet")
     assert any("running_mean" in name and buffer.abs().max() > 1e-3 for name, buffer in reference["buffers"].items())
-    assert_same_run(torch.load(out, weights_only=True)[2], reference)
+    assert_same_run(launched(2, "timm")[2], reference)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_a_cross_batch_memory_is_the_same_on_every_rank_and_ranks_equal_one_process(world_size, tmp_path,
-                                                                                    run_torchrun):
+def test_a_cross_batch_memory_is_the_same_on_every_rank_and_ranks_equal_one_process(world_size, launched):
     """memory.size 48 (1.5 global batches) under ZeRO 0 and 2: after every step every rank holds the same
     memory, the single process's; negatives come from it; loss, gradients and parameters are the single
     process's with the memory as candidates."""
-    out = tmp_path / "result.pt"
-    run_torchrun(world_size, "tests.equivalence_worker", "--zero", "0", "2", "--steps", "4", "--memory", "48",
-                 "--out", str(out))
     reference = single_process_reference(4, "normal", world_size, memory=48)
-    for stage, record in torch.load(out, weights_only=True).items():
+    for stage, record in launched(world_size, "memory").items():
         assert sum(record["from_memory"][1:]) > 0, stage  # the memory gives negatives from the second step on
         for step, (ranks, want) in enumerate(zip(record["memory"], reference["memory"])):
             assert all(torch.equal(r, ranks[0]) for r in ranks[1:]), (stage, step)  # identical on every rank
@@ -123,49 +147,38 @@ def test_a_cross_batch_memory_is_the_same_on_every_rank_and_ranks_equal_one_proc
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_a_global_batch_in_four_chunks_gives_the_gradients_of_one_pass(world_size, tmp_path, run_torchrun):
+def test_a_global_batch_in_four_chunks_gives_the_gradients_of_one_pass(world_size, launched):
     """train.embedding_chunks 4 against 1 (fp32, ZeRO 0 and 2) on the BatchNorm model with model.norm=frozen
     (each image's embedding its own): the same loss, gradients (model and beta) and parameters after 3 steps."""
-    out = tmp_path / "result.pt"
-    run_torchrun(world_size, "tests.equivalence_worker", "--zero", "0", "2", "--steps", str(STEPS), "--norm", "frozen",
-                 "--chunks", "1", "4", "--out", str(out))
-    results = torch.load(out, weights_only=True)
+    results = launched(world_size, "chunks")
     for stage in (0, 2):
         one, four = results[(stage, 1)], results[(stage, 4)]
         assert one["grads"][0]["loss.beta.class_beta"].abs().sum() > 0  # beta's gradient is compared for real
         assert_same_run(four, one)
 
 
-def test_rank_without_triplets_neither_hangs_nor_crashes(tmp_path, run_torchrun):
+def test_rank_without_triplets_neither_hangs_nor_crashes(launched):
     """The last rank's anchors have no positive, so no triplet and no active term (ZeRO 0 and 2)."""
-    out = tmp_path / "result.pt"
-    run_torchrun(2, "tests.equivalence_worker", "--zero", "0", "2", "--steps", "2", "--scenario", "lonely",
-                 "--out", str(out), timeout=HANG_GUARD_S)
-    results = torch.load(out, weights_only=True)
+    results = launched(2, "lonely")  # the launch's hang guard: HANG_GUARD_S
     reference = single_process_reference(2, "lonely", 2)
     for stage in (0, 2):
         assert_same_run(results[stage], reference)
 
 
-def test_local_batchnorm_ranks_embed_alike_after_the_broadcast(tmp_path, run_torchrun):
+def test_local_batchnorm_ranks_embed_alike_after_the_broadcast(launched):
     """model.norm=local: per-rank statistics drift apart in training; the broadcast the trainer runs
     before every evaluation and checkpoint makes both ranks embed the same images identically."""
-    out = tmp_path / "result.pt"
-    run_torchrun(2, "tests.equivalence_worker", "--zero", "0", "--steps", "3", "--norm", "local", "--out", str(out))
-    record = torch.load(out, weights_only=True)[0]
+    record = launched(2, "local_norm")[0]
     before, after = record["before"], record["after"]
     assert not torch.equal(before[0], before[1])  # the premise: local statistics differ per rank
     assert torch.equal(after[0], after[1])
 
 
-def test_bf16_beta_in_the_loss_is_the_fp32_master(tmp_path, run_torchrun):
+def test_bf16_beta_in_the_loss_is_the_fp32_master(launched):
     """Under bf16 the beta tables are bf16 parameters; the loss uses the optimizer's fp32 masters (ZeRO 1
     and 2; ZeRO-0 with bf16 is refused: DeepSpeed keeps no fp32 master there), not their values rounded
     to 2^-7."""
-    out = tmp_path / "result.pt"
-    run_torchrun(2, "tests.equivalence_worker", "--zero", "1", "2", "--steps", "3", "--precision", "bf16",
-                 "--out", str(out))
-    for stage, record in torch.load(out, weights_only=True).items():
+    for stage, record in launched(2, "bf16").items():
         assert record["param_dtype"] == "torch.bfloat16", stage
         assert torch.equal(record["used"], record["from_masters"]), stage
         assert not torch.equal(record["used"], record["from_params"]), stage  # rounding would show

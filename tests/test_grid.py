@@ -4,7 +4,7 @@ import csv
 import subprocess
 import sys
 
-from .conftest import HANG_GUARD_S, ROOT, cpu_env, tiny_overrides
+from .conftest import HANG_GUARD_S, ROOT, cpu_env, dist_dml_here, tiny_overrides
 
 
 def test_a_grid_of_four_cells_is_four_child_runs_a_table_and_a_rerun_skips_them(tiny_shards, tmp_path):
@@ -14,11 +14,11 @@ def test_a_grid_of_four_cells_is_four_child_runs_a_table_and_a_rerun_skips_them(
     overrides = tiny_overrides(tiny_shards, tmp_path / "unused", **{
         "train.steps": 6, "train.log_every": 6, "eval.at_start": False, "checkpoint.every_steps": 0,
         "tracking.experiment": "grid-test", "tracking.log_model": False})
-    cmd = [sys.executable, "-m", "dist_dml.cli", "grid", str(ROOT / "configs/cpu_synthetic.yaml"), *overrides,
-           "--losses", "margin,triplet", "--samplers", "distance_weighted,random", "--seeds", "0",
-           "--output", str(tmp_path / "grid")]
+    cmd = ["grid", str(ROOT / "configs/cpu_synthetic.yaml"), *overrides, "--losses", "margin,triplet", "--samplers",
+           "distance_weighted,random", "--seeds", "0", "--output", str(tmp_path / "grid")]
     env = cpu_env(MLFLOW_TRACKING_URI=uri)
-    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    first = subprocess.run([sys.executable, "-m", "dist_dml.cli", *cmd], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=HANG_GUARD_S)  # its cells: trainings it launches, under a hang guard
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     with open(tmp_path / "grid" / "table.csv") as f:
         rows = list(csv.DictReader(f))
@@ -38,7 +38,7 @@ def test_a_grid_of_four_cells_is_four_child_runs_a_table_and_a_rerun_skips_them(
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "grid")} == {
         "grid/table.csv", "grid/table.md", "grid/r_at_1.png"}
 
-    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    again = dist_dml_here(*cmd, cwd=tmp_path, env=env)  # trains nothing: run in this process
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished before, skipped") == 4 and "training (" not in again.stdout
     runs = client.search_runs([experiment.experiment_id])
