@@ -18,19 +18,21 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-import deepspeed
 import torch
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
-from deepspeed.utils.tensor_fragment import fragment_address
 from torch import Tensor, nn
 
-from dist_dml.accelerator import on_cpu
+from dist_dml.accelerator import deepspeed_import, on_cpu
 from dist_dml.distributed import DistContext
 from dist_dml.engine_config import DeepSpeedConfig, OptimizerConfig
 from dist_dml.errors import as_write_error
+
+with deepspeed_import():  # without MLflow, which DeepSpeed's autotuner would import on every rank
+    import deepspeed
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+    from deepspeed.utils.tensor_fragment import fragment_address
 
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 
 import torch
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from dist_dml.config import load_config
 from dist_dml.distributed import DistContext
@@ -20,7 +19,9 @@ def main(config: str, out: str, *overrides: str) -> None:
     from dist_dml.accelerator import configure
 
     configure("cpu")
-    from dist_dml.trainer import Trainer
+    from dist_dml.trainer import Trainer  # first: it imports DeepSpeed (dist_dml.accelerator.deepspeed_import)
+
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     cfg = load_config(config, list(overrides))
     ctx = DistContext.from_env(device="cpu")

@@ -154,6 +154,18 @@ def test_importing_dist_dml_changes_no_environment_variable():
     assert int(count) > 30 and changed == "[]", out.stdout + out.stderr[-2000:]
 
 
+def test_deepspeed_is_imported_without_mlflow_which_imports_after():
+    """DeepSpeed's autotuner imports MLflow whenever it can (3 s of each rank's start here): dist_dml.engine
+    hides it during DeepSpeed's import, so a rank that does not track never loads it, and the rank that
+    tracks imports it as usual afterwards."""
+    code = ("import sys, dist_dml.accelerator as a; a.configure('cpu'); import dist_dml.engine; "
+            "import deepspeed.autotuning.autotuner as tuner; hidden = 'mlflow' not in sys.modules; "
+            "import mlflow.pyfunc; print(hidden, tuner.has_mlflow, mlflow.pyfunc.PythonModel.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], env=cpu_env(), capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
+    assert out.stdout.strip().splitlines()[-1] == "True False PythonModel", out.stdout + out.stderr[-2000:]
+
+
 def test_the_cpu_op_is_built_once_whatever_is_on_path():
     """DeepSpeed loads its CPU op through torch, which runs the first `ninja` on PATH; ninja 1.11 (the
     system's) and 1.13 (this environment's) hash a build command differently, so alternating starts
