@@ -25,6 +25,16 @@ class ImageTooLarge(ValueError):
     """An image whose header declares more pixels than data.max_image_megapixels (a decompression bomb)."""
 
 
+def import_decoders() -> None:
+    """Import what decoding uses (torchvision's decoder, PIL, imagesize: ~2.5 s here) in this process, before
+    a DataLoader forks its workers from it: each worker then starts with them imported, instead of importing
+    them at its first image (every worker of every loader, the training's and each evaluation's)."""
+    import imagesize  # noqa: F401
+    from PIL import Image  # noqa: F401
+    from torchvision.io import decode_image  # noqa: F401
+    from torchvision.transforms.v2.functional import to_dtype  # noqa: F401
+
+
 def pixel_limit(cfg: DataConfig) -> int:
     return int(cfg.max_image_megapixels * 1e6)
 

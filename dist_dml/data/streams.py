@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_dml.data.config import DataConfig
-from dist_dml.data.images import ImageTooLarge, eval_image, new_batch, train_image
+from dist_dml.data.images import ImageTooLarge, eval_image, import_decoders, new_batch, train_image
 from dist_dml.data.manifest import Manifest
 from dist_dml.data.opener import ShardCache, is_local
 from dist_dml.data.faults import ReadErrors
@@ -82,7 +82,10 @@ def verify(stream: "TrainStream | EvalStream", ctx, what: str) -> None:
 
 
 def loader(dataset: IterableDataset, workers: int) -> DataLoader:
-    """A DataLoader over a stream that yields whole batches; its workers die with this process."""
+    """A DataLoader over a stream that yields whole batches; its workers die with this process and start with
+    the decoders imported (import_decoders)."""
+    if workers and getattr(dataset, "decode_images", True):
+        import_decoders()
     return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                       prefetch_factor=4 if workers else None,
                       worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers else None)
