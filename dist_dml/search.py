@@ -122,14 +122,37 @@ def ranked(scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
 
 
 def clustering_nmi(vectors: np.ndarray, labels: np.ndarray, use_gpu: bool = True, seed: int = 0) -> float:
-    """NMI (scikit-learn's) of faiss k-means with one cluster per class against the labels."""
-    from sklearn.metrics import normalized_mutual_info_score
-
+    """NMI of faiss k-means with one cluster per class against the labels."""
     clusters = len(np.unique(labels))
     if clusters < 2 or len(labels) <= clusters:
         return 1.0 if clusters == len(labels) else 0.0
     assignment = kmeans_assign(vectors, clusters, seed=seed, use_gpu=use_gpu)
-    return float(normalized_mutual_info_score(labels, assignment))
+    return normalized_mutual_info(labels, assignment)
+
+
+def normalized_mutual_info(labels: np.ndarray, assignment: np.ndarray) -> float:
+    """scikit-learn's normalized_mutual_info_score (the mutual information over the arithmetic mean of the two
+    entropies, natural logs; 1 where both are one group, 0 where the mutual information is 0), from the
+    sparse contingency counts. Written out (and tested against scikit-learn) because importing scikit-learn
+    takes 1.6 s of every evaluating process's start here, for these few lines."""
+    _, a = np.unique(np.asarray(labels), return_inverse=True)
+    _, b = np.unique(np.asarray(assignment), return_inverse=True)
+    a, b = a.ravel().astype(np.int64), b.ravel().astype(np.int64)
+    rows, cols = int(a.max(initial=-1)) + 1, int(b.max(initial=-1)) + 1
+    if rows == cols and rows <= 1:
+        return 1.0
+    if rows == 1 or cols == 1:
+        return 0.0
+    n = len(a)
+    pairs, counts = np.unique(a * cols + b, return_counts=True)
+    row_sums, col_sums = np.bincount(a).astype(np.float64), np.bincount(b).astype(np.float64)
+    p = counts / n
+    terms = p * (np.log(counts) + np.log(n) - np.log(row_sums[pairs // cols]) - np.log(col_sums[pairs % cols]))
+    mutual = max(float(np.where(np.abs(terms) < np.finfo(np.float64).eps, 0.0, terms).sum()), 0.0)
+    if mutual == 0.0:
+        return 0.0
+    entropy = lambda sums: float(-np.sum(sums / n * np.log(sums / n)))  # noqa: E731
+    return mutual / ((entropy(row_sums) + entropy(col_sums)) / 2)
 
 
 def kmeans_assign(vectors: np.ndarray, clusters: int, seed: int = 0, iterations: int = 20,

@@ -109,6 +109,29 @@ def test_nmi_against_scikit_learn_kmeans():
     assert clustering_nmi(noise, labels) < 0.3
 
 
+def test_nmi_is_scikit_learns():
+    """dist_dml's NMI against scikit-learn's on random labelings (few and many groups, unequal sizes,
+    non-contiguous ids) and the edge cases: identical, one group each, one group against many, independent."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from dist_dml.search import normalized_mutual_info
+
+    rng = np.random.default_rng(3)
+    for n, k, c in ((50, 2, 3), (500, 20, 20), (2000, 300, 250), (40, 40, 5)):
+        labels, assignment = rng.integers(0, k, n) * 7 + 100, rng.integers(0, c, n)
+        assert normalized_mutual_info(labels, assignment) == pytest.approx(
+            normalized_mutual_info_score(labels, assignment), rel=1e-12, abs=1e-12)
+        mixed = np.where(rng.random(n) < 0.7, labels, assignment)  # partly agreeing
+        assert normalized_mutual_info(labels, mixed) == pytest.approx(
+            normalized_mutual_info_score(labels, mixed), rel=1e-12, abs=1e-12)
+    same = rng.integers(0, 9, 100)
+    cases = [(same, same), (np.zeros(10), np.ones(10)), (np.zeros(10), np.arange(10)),
+             (np.arange(10), np.zeros(10)), (np.repeat([0, 1], 10), np.tile([0, 1], 10))]
+    for labels, assignment in cases:
+        assert normalized_mutual_info(labels, assignment) == pytest.approx(
+            normalized_mutual_info_score(labels, assignment), abs=1e-12), (labels, assignment)
+
+
 def test_two_level_kmeans_recovers_many_separated_clusters():
     from sklearn.metrics import normalized_mutual_info_score
 
