@@ -36,11 +36,9 @@ def main(config: str, out: str, *overrides: str) -> None:
         found[name] = {k: v.detach().float().cpu().clone() for k, v in full.items()}
     optimizer = run.engine.optimizer.optimizer if hasattr(run.engine.optimizer, "optimizer") else run.engine.optimizer
     steps = {float(state["step"]) for state in optimizer.state.values() if "step" in state}
-    data = run.data.state_dict()  # the position a checkpoint would keep (a collective: every rank)
     if ctx.is_main:
         torch.save({"params": found, "step": run.step, "optimizer_steps": sorted(steps),
-                    "lr": run.engine.learning_rates(), "data": {k: v for k, v in data.items()
-                                                              if not hasattr(v, "shape")}}, out)
+                    "lr": run.engine.learning_rates()}, out)
     ctx.barrier()
     ctx.shutdown()
 
