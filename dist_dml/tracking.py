@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -133,6 +134,20 @@ def unreachable(uri: str, timeout_s: float, tries: int = 2) -> str | None:
     return problem
 
 
+def request_limits(timeout_s: float) -> None:
+    """Each MLflow request of this process bounded by ``tracking.timeout_s`` (MLflow's defaults: 120 s x 7
+    retries, where a server stops answering mid-run). MLflow reads its timeout from its environment variable at
+    every request and takes no other: the config's value is written there, replacing whatever an earlier run in
+    this process, the grid that started this cell, or the shell had put there (said when it differs)."""
+    wanted = str(math.ceil(timeout_s))  # MLflow's variable is whole seconds; 0.5 s must not become 0 (no limit)
+    before = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")
+    if before not in (None, wanted):
+        print(f"[tracking] note: MLFLOW_HTTP_REQUEST_TIMEOUT={before} in the environment is replaced by "
+              f"tracking.timeout_s ({wanted} s per request)", file=sys.stderr, flush=True)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = wanted
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+
+
 def failure_message(uri: str, problem: str) -> str:
     """The line a run that cannot reach its tracking server prints (at start, and in the launch check)."""
     return (f"MLflow tracking at {uri or 'the default store'} failed: {problem} (start the server, fix "
@@ -141,9 +156,7 @@ def failure_message(uri: str, problem: str) -> str:
 
 class MlflowTracker:
     def __init__(self, config, ctx: DistContext, tags: dict[str, str], resume_run_id: str | None = None):
-        # Bounded cost per call where a server stops answering mid-run (MLflow's defaults: 120 s x 7 retries).
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(config.timeout_s, 1))))
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        request_limits(config.timeout_s)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # in the middle of the training's log
         import mlflow
 

@@ -324,6 +324,27 @@ def test_a_tracking_failure_during_training_warns_and_never_raises(tmp_path, cap
     assert MlflowClient(tracking_uri=config.uri).get_run(tracker.run_id).info.status == "FINISHED"
 
 
+def test_tracking_timeout_s_is_what_mlflow_waits_whatever_the_environment_held(tmp_path, monkeypatch, capsys):
+    """MLflow reads its request timeout from MLFLOW_HTTP_REQUEST_TIMEOUT only: a value an earlier run, a grid's
+    parent or the shell left there must not win over the config's (it did: setdefault kept 300 s)."""
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    from dist_dml.config import TrackingConfig
+    from dist_dml.distributed import DistContext
+    from dist_dml.tracking import build_tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+    config = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="timeout", system_metrics=False,
+                            timeout_s=2.5)
+    tracker = build_tracker(config, DistContext())
+    try:
+        assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 3  # whole seconds, rounded up: 2.5 s never becomes "no limit"
+    finally:
+        tracker.close()
+        tracker.mlflow.set_tracking_uri(None)
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT=300 in the environment is replaced" in capsys.readouterr().err
+
+
 def test_a_resume_with_changed_overrides_keeps_its_mlflow_run_and_records_the_change(tiny_shards, tmp_path):
     from mlflow.tracking import MlflowClient
 
