@@ -270,14 +270,21 @@ class DataPosition:
 
 
 class RngState:
-    """torch's global generator (the model's initialisation has its own seed; the data and the sampler draw
-    from seeds of their own)."""
+    """torch's generators, whatever exist in this process: the CPU's and each local CUDA device's (dropout and
+    drop-path draw from the device's generator on a GPU: a resume that restored only the CPU's would diverge).
+    The model's initialisation has its own seed; the data and the sampler draw from seeds of their own. A
+    checkpoint saved with other devices restores the generators both have."""
 
     def state_dict(self) -> dict:
-        return {"torch": torch.get_rng_state()}
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"torch": torch.get_rng_state(), "cuda": list(cuda)}
 
     def load_state_dict(self, state: dict) -> None:
         torch.set_rng_state(state["torch"])
+        saved = state.get("cuda") or []
+        if saved and torch.cuda.is_available():
+            count = min(len(saved), torch.cuda.device_count())
+            torch.cuda.set_rng_state_all(saved[:count])
 
 
 class TrackerRun:

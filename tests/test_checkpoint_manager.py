@@ -156,3 +156,23 @@ def test_a_part_that_cannot_take_its_state_stops_the_resume_in_one_line(saved, t
     checkpoints.register("data", Picky())
     with pytest.raises(CheckpointError, match="cannot continue the data of .*step00000012: the saved data position"):
         checkpoints.restore(FakeEngine())
+
+
+def test_the_rng_part_saves_and_restores_every_generator_that_exists(tmp_path, monkeypatch):
+    """On a GPU, dropout and drop-path draw from each device's generator: the RNG part keeps the CPU's and every
+    local device's. Here two devices are stood in for (the CPU machine has none), as torch.cuda exposes them."""
+    from dist_dml.trainer import RngState
+
+    devices = [torch.arange(8, dtype=torch.uint8), torch.arange(8, 16, dtype=torch.uint8)]
+    restored_devices = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [d.clone() for d in devices])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored_devices.extend(states))
+    torch.manual_seed(3)
+    torch.save(RngState().state_dict(), tmp_path / "rng.pt")
+    expected = torch.rand(4)
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)  # as a checkpoint is read
+    RngState().load_state_dict(state)
+    assert torch.equal(torch.rand(4), expected)
+    assert [d.tolist() for d in restored_devices] == [d.tolist() for d in devices]
