@@ -373,6 +373,15 @@ class TrainEngine:
         if boundary:
             self._share_beta_masters()
 
+    def skip_step(self) -> None:
+        """A step skipped on every rank (a non-finite loss): no update, but the learning-rate schedule moves on
+        with the trainer's step, as DeepSpeed's step would have moved it: the rate at step s is the schedule's
+        at s however many steps before it were skipped, and a run of train.steps ends where its schedule does."""
+        if self.scheduler is not None:
+            with warnings.catch_warnings():  # torch's "scheduler.step() before optimizer.step()": meant, here
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+
     def full_gradients(self) -> dict[str, Tensor]:
         """Each parameter's reduced (rank-independent) fp32 gradient, between backward and step."""
         grads = {}

@@ -26,12 +26,13 @@ from dist_dml.objective import GlobalBatchObjective, StepResult
 def take_step(engine, objective: GlobalBatchObjective, images: Tensor, labels: Tensor, image_ids: Tensor, step: int,
               chunks: int = 1, before_step: Callable[[], None] | None = None) -> tuple[StepResult, bool]:
     """(the step's result, whether it was taken). A step whose loss is not finite on some rank is skipped on
-    every rank (no backward, no optimizer step). ``before_step`` runs between the last backward and the
+    every rank (no backward, no optimizer step; the learning-rate schedule still moves on). ``before_step`` runs between the last backward and the
     optimizer step (for tests that read the reduced gradients)."""
     device = engine.ctx.device
     if chunks == 1:
         result = objective(engine(images.to(device, non_blocking=True)), labels, image_ids, step)
         if not finite_everywhere(result, engine.ctx):
+            engine.skip_step()
             return result, False
         engine.backward(result.output.loss)
         if before_step is not None:
@@ -47,6 +48,7 @@ def take_step(engine, objective: GlobalBatchObjective, images: Tensor, labels: T
     local = torch.cat(embedded).requires_grad_()
     result = objective(local, labels, image_ids, step)
     if not finite_everywhere(result, engine.ctx):
+        engine.skip_step()
         return result, False
     betas = [p for p in engine.module.loss.parameters() if p.requires_grad]
     grads = torch.autograd.grad(result.output.loss, [local, *betas], allow_unused=True)
