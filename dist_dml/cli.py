@@ -33,11 +33,11 @@ def _config(command: str, config: str, overrides: list[str]):
         return None
 
 
-def _resume_refused(cfg) -> bool:
-    """Whether the run cannot resume where it would (said on stderr)."""
+def _resume_refused(cfg, world_size: int) -> bool:
+    """Whether the run cannot resume where it would at ``world_size`` processes (said on stderr)."""
     from dist_dml.checkpoint import resume_problem
 
-    problem = resume_problem(cfg)
+    problem = resume_problem(cfg, world_size)
     if problem:
         print(f"dist-dml train: error: cannot resume: {problem}", file=sys.stderr)
     return problem is not None
@@ -54,7 +54,7 @@ def train_command(args: argparse.Namespace) -> int:
         return 2
     configure(cfg.train.device)
     ctx = DistContext.from_env(device=cfg.train.device)
-    if _resume_refused(cfg):
+    if _resume_refused(cfg, ctx.world_size):
         return 2
     from dist_dml.trainer import train
 
@@ -88,7 +88,10 @@ def _train_summary(cfg, results: dict) -> None:
 def check_command(args: argparse.Namespace) -> int:
     """The launch scripts' check before torchrun starts: config, data, and whether the resume applies."""
     cfg = _config("train", args.config, args.overrides)
-    if cfg is None or _resume_refused(cfg):
+    if args.world_size < 1:
+        print(f"dist-dml check: error: --world-size must be >= 1, got {args.world_size}", file=sys.stderr)
+        return 2
+    if cfg is None or _resume_refused(cfg, args.world_size):
         return 2
     from dist_dml.run_folder import folder_problem
 

@@ -323,6 +323,9 @@ class TrainEngine:
         with _without_lines("built successfully"):
             deepspeed.init_distributed(dist_backend=ctx.backend, auto_mpi_discovery=False, verbose=False)
         torch_optimizer = build_optimizer(module, optimizer)
+        # Each param group's elements, in the optimizer's order: what ZeRO partitions over the ranks (a checkpoint's
+        # index keeps them, for the launch check of a resume at another world size).
+        self.group_sizes = {group["name"]: sum(p.numel() for p in group["params"]) for group in torch_optimizer.param_groups}
         scheduler = torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lr_lambda) if lr_lambda else None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module.to(ctx.device),

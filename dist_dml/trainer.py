@@ -96,7 +96,7 @@ class Trainer:
         self.engine = self._engine()
         self.data, self.meter = DataPosition(self.stream.position, ctx), Meter(ctx, cfg)
         for name, part in (("data", self.data), ("meter", self.meter), ("rng", RngState()),
-                           ("tracker", TrackerRun(self.tracker))):
+                           ("tracker", TrackerRun(self.tracker)), ("shapes", EngineShapes(self.engine))):
             self.checkpoints.register(name, part)
         self.memory = CrossBatchMemory(cfg.memory, cfg.model.embedding_dim, ctx.device) if cfg.memory.enabled else None
         if self.memory is not None:
@@ -296,6 +296,24 @@ class TrackerRun:
 
     def state_dict(self) -> dict:
         return {"mlflow_run_id": self.tracker.run_id or ""}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class EngineShapes:
+    """What a launch check reads of the engine without unpickling it (the checkpoint's index keeps a part's plain
+    values): each param group's elements, in order (ZeRO partitions them over the ranks), and the beta tables'
+    sizes (resolved from the split where loss.num_classes / num_images are 0). Nothing to restore."""
+
+    def __init__(self, engine: TrainEngine):
+        self.engine = engine
+
+    def state_dict(self) -> dict:
+        beta = getattr(self.engine.module.loss, "beta", None)
+        tables = {"beta_classes": getattr(beta, "class_beta", None), "beta_images": getattr(beta, "image_beta", None)}
+        return {**{f"group_{name}": n for name, n in self.engine.group_sizes.items()},
+                **{name: int(table.shape[0]) for name, table in tables.items() if table is not None}}
 
     def load_state_dict(self, state: dict) -> None:
         pass

@@ -14,11 +14,11 @@ import torch
 
 from dist_dml.checkpoint import META, resume_problem
 from dist_dml.config import load_config
-from dist_dml.data import DataConfig, train_image
+from dist_dml.data import DataConfig, Manifest, train_image
 from dist_dml.losses import LossConfig, build_loss
 from dist_dml.sampling import Triplets
 
-from .conftest import HANG_GUARD_S, ROOT, cpu_env, tiny_overrides
+from .conftest import HANG_GUARD_S, ROOT, cpu_env, dist_dml_here, tiny_overrides
 
 CONFIG = ROOT / "configs/cpu_synthetic.yaml"
 
@@ -82,8 +82,9 @@ def test_runs_are_named_after_their_config(tiny_shards):
     assert (explicit.train.output_dir, explicit.tracking.experiment) == ("/tmp/x", "shared")
 
 
-def fake_checkpoint(output: Path, world_size: int, **config_changes) -> Path:
-    """A checkpoint folder as the trainer writes it, with the META the resume check reads."""
+def fake_checkpoint(output: Path, world_size: int, parts: dict | None = None, **config_changes) -> Path:
+    """A checkpoint folder as the trainer writes it, with the META the resume check reads (``parts``: the plain
+    values of its parts, as the trainer's index holds them)."""
     folder = output / "checkpoints" / "step00000010"
     folder.mkdir(parents=True)
     (folder / "mp_rank_00_model_states.pt").write_bytes(b"not read by the check")
@@ -93,7 +94,8 @@ def fake_checkpoint(output: Path, world_size: int, **config_changes) -> Path:
         section, name = key.split(".")
         saved[section][name] = value
     files = {"mp_rank_00_model_states.pt": (folder / "mp_rank_00_model_states.pt").stat().st_size}
-    (folder / META).write_text(json.dumps({"step": 10, "world_size": world_size, "config": saved, "files": files}))
+    (folder / META).write_text(json.dumps({"step": 10, "world_size": world_size, "zero_stage": 2, "config": saved,
+                                           "files": files, **(parts or {})}))
     return folder
 
 
@@ -115,6 +117,38 @@ def test_resume_that_cannot_apply_is_refused_before_any_process_starts(tiny_shar
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "cannot resume" in proc.stderr and "model.embedding_dim=64, but this run has 32" in proc.stderr
     assert "[launch]" not in proc.stdout  # torchrun never started
+
+
+def test_a_resume_of_another_table_size_or_world_size_is_refused_at_check(tiny_shards, tmp_path):
+    """The memory's size, the beta tables' sizes and the data split's records are read from the checkpoint's index
+    and compared before any process starts (they failed after the engine was built); `check --world-size W`
+    refuses a W at which DeepSpeed cannot load the ZeRO-2 state: a 2,080-element head before a per-image beta
+    table of 10^6 leaves ranks 62 and 63 of 64 with none of the head and some of beta (worked by hand: groups are
+    padded to a multiple of 2W and cut in W equal slices; at 62 ranks every rank holds some of each)."""
+    out = tmp_path / "run"
+    shapes = {"group_backbone": 100000, "group_head": 2080, "group_beta": 1000001, "beta_images": 1000000}
+    fake_checkpoint(out, world_size=2, parts={"memory": {"size": 4096, "dim": 64}, "shapes": shapes,
+                                              "data": {"records": 10 ** 6}})
+    base = [f"data.root={tiny_shards}", f"train.output_dir={out}", "memory.size=4096"]
+    records = resume_problem(load_config(CONFIG, base))
+    assert "a data position over a 'train' split (data.root, data.train_split) whose record count is 1000000" in records
+    records_now = Manifest(tiny_shards).split("train")["shards"]
+    fake_checkpoint(tmp_path / "fits", world_size=2, parts={"memory": {"size": 4096, "dim": 64}, "shapes": shapes,
+                                                            "data": {"records": sum(s["records"] for s in records_now)}})
+    base = [f"data.root={tiny_shards}", f"train.output_dir={tmp_path / 'fits'}"]
+    assert resume_problem(load_config(CONFIG, base + ["memory.size=4096"])) is None
+    assert resume_problem(load_config(CONFIG, base)) is None  # a run without the memory leaves it
+    assert "memory.size of 4096, but this run's is 8192" in resume_problem(load_config(CONFIG, base + ["memory.size=8192"]))
+    beta = resume_problem(load_config(CONFIG, base + ["loss.beta_per_image=true", "loss.num_images=2000000"]))
+    assert "a per-image beta table of size 1000000, but this run's is 2000000" in beta
+
+    for world, refused in ((2, False), (4, False), (62, False), (64, True)):
+        check = dist_dml_here("check", str(CONFIG), *base, "--world-size", str(world))
+        assert (check.returncode == 2) == refused, check.stderr
+    assert "the head param group (2080 elements) leaves ranks 62 to 63 without an element" in check.stderr
+    assert "resume with at most 62 processes, or with 2" in check.stderr
+    assert "at most 1 processes" not in check.stderr
+    assert dist_dml_here("check", str(CONFIG), *base, "--world-size", "0").returncode == 2
 
 
 def test_deepspeed_op_build_is_announced_and_lands_in_the_environment(tmp_path):
