@@ -7,9 +7,15 @@ without memory — as a grid of trainings.
 Each cell is a training of the config with its loss, sampler, seed (train.seed, data.seed and sampler.seed)
 and --set values, run one after another under the usual launcher (python -m dist_dml.launch with --nproc
 processes; a one-process cell runs as itself), into OUTPUT/cells/NAME, as an MLflow child run of the grid's run. A cell already finished is
-skipped when the grid runs again; a failed cell is reported and the grid goes on. The grid ends with a
-table over seeds (mean ± standard deviation of R@K, MAP@R, R-Precision per cell), printed, logged to the
-grid's run and written as OUTPUT/table.csv and table.md, with a plot of R@1 per cell (OUTPUT/r_at_1.png).
+skipped when the grid runs again; a failed cell is reported, the grid goes on and exits 2 at its end. The grid
+ends with a table over seeds (the cell's margin alpha and beta, mean ± standard deviation of R@K, MAP@R,
+R-Precision per cell), printed, logged to the grid's run and written as OUTPUT/table.csv and table.md, with a
+plot of R@1 per cell (OUTPUT/r_at_1.png).
+
+A loss axis compares each loss at its own margin: a loss other than the config's takes its own default alpha
+(margin and triplet 0.2, contrastive 1.0), not the alpha the config chose for its loss, unless the overrides
+or a --set axis name loss.alpha; a loss without beta (triplet, contrastive) trains with the config's beta
+settings off, and the table says so.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import argparse
 import csv
 import itertools
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -27,6 +34,7 @@ from pathlib import Path
 from dist_dml.errors import UserError
 
 METRICS = ("recall_at_1", "map_at_r", "r_precision")
+LABELS = ("cell", "alpha", "beta", "seeds")  # the table's columns besides the metrics
 
 
 @dataclass(frozen=True)
@@ -45,11 +53,24 @@ class Cell:
     @property
     def name(self) -> str:
         extra = "".join(f"-{key.split('.')[-1]}{value}" for key, value in self.settings)
-        return f"{self.loss}-{self.sampler}{extra}-seed{self.seed}".replace("_", "-")
+        # A plain name (a folder, train.name): a value that is a path or holds odd characters is kept readable.
+        return re.sub(r"[^A-Za-z0-9.-]+", "-", f"{self.loss}-{self.sampler}{extra}-seed{self.seed}").strip("-.")
 
-    def overrides(self) -> list[str]:
-        return [f"loss.kind={self.loss}", f"sampler.kind={self.sampler}", f"train.seed={self.seed}",
-                f"data.seed={self.seed}", f"sampler.seed={self.seed}", *(f"{k}={v}" for k, v in self.settings)]
+    def overrides(self, base_loss=None, alpha_named: bool = False) -> list[str]:
+        """The cell's overrides of the grid's config. With ``base_loss`` (the config's loss section): a loss other
+        than the config's own takes its own default margin (DEFAULT_MARGINS), not the margin the config chose for
+        its loss, unless the grid's overrides or a --set axis name loss.alpha (``alpha_named``); and a loss
+        without beta leaves the config's beta settings off (they apply to the margin loss only)."""
+        from dist_dml.losses import DEFAULT_MARGINS
+
+        own = [f"loss.kind={self.loss}", f"sampler.kind={self.sampler}", f"train.seed={self.seed}",
+               f"data.seed={self.seed}", f"sampler.seed={self.seed}"]
+        if base_loss is not None and self.loss != base_loss.kind:
+            if not alpha_named and self.loss in DEFAULT_MARGINS:
+                own.append(f"loss.alpha={DEFAULT_MARGINS[self.loss]}")
+            if self.loss != "margin":
+                own += ["loss.beta_per_class=false", "loss.beta_per_image=false", "loss.nu=0.0"]
+        return own + [f"{k}={v}" for k, v in self.settings]  # last: an axis wins (beta on a triplet cell is refused)
 
 
 def cells(losses: list[str], samplers: list[str], seeds: list[int], settings: dict[str, list[str]]) -> list[Cell]:
@@ -73,26 +94,30 @@ def run_grid(args: argparse.Namespace) -> int:
     from dist_dml.config import ConfigError, load_config
 
     settings = parse_settings(args.set or [])
-    grid = cells(_names(args.losses), _names(args.samplers), [int(s) for s in _names(args.seeds)], settings)
+    losses, samplers, seeds = _axes(args)
+    grid = cells(losses, samplers, seeds, settings)
     try:  # every cell's config, checked before the first training starts
         base = load_config(args.config, args.overrides)
-        for cell in grid:
-            load_config(args.config, [*args.overrides, *cell.overrides()])
+        alpha_named = "loss.alpha" in settings or any(o.startswith("loss.alpha=") for o in args.overrides)
+        own = {cell: cell.overrides(base.loss, alpha_named) for cell in grid}
+        configs = {cell: load_config(args.config, [*args.overrides, *own[cell]]) for cell in grid}
     except ConfigError as exc:
         raise UserError(f"grid: {exc}") from None
     out = Path(args.output or f"runs/{base.train.name}-grid")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"grid: --output {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     tracker = _parent_run(base, out)
-    print(f"[grid] {len(grid)} cells ({len(_names(args.losses))} losses x {len(_names(args.samplers))} samplers"
-          + "".join(f" x {len(v)} {k}" for k, v in settings.items()) + f" x {len(_names(args.seeds))} seeds), one after "
+    print(f"[grid] {len(grid)} cells ({len(losses)} losses x {len(samplers)} samplers"
+          + "".join(f" x {len(v)} {k}" for k, v in settings.items()) + f" x {len(seeds)} seeds), one after "
           f"another on {args.nproc} process(es), into {out / 'cells'}; each takes as long as its training", flush=True)
     results, failed, status = {}, [], "FAILED"
     try:
         for i, cell in enumerate(grid, 1):
-            results[cell], problem = _run_cell(args, base, cell, out, tracker.run_id, i, len(grid))
+            results[cell], problem = _run_cell(args, base, cell, own[cell], out, tracker.run_id, i, len(grid))
             if problem:
                 failed.append((cell, problem))
-        for path in _write(table(results, base.eval.recall_ks), out):
+        for path in _write(table(results, base.eval.recall_ks, configs), out):
             tracker.log_artifact(path, "grid")
         status = "FINISHED"
     finally:
@@ -107,18 +132,33 @@ def _names(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
 
-def _run_cell(args, base, cell: Cell, out: Path, parent: str | None, i: int, n: int) -> tuple[dict | None, str | None]:
-    """(the cell's final metrics, why it failed): from its results.json if it finished before."""
+def _axes(args: argparse.Namespace) -> tuple[list[str], list[str], list[int]]:
+    """(losses, samplers, seeds) of the command line, each non-empty; and --nproc checked."""
+    losses, samplers, seeds = _names(args.losses), _names(args.samplers), _names(args.seeds)
+    for flag, values in (("--losses", losses), ("--samplers", samplers), ("--seeds", seeds)):
+        if not values:
+            raise UserError(f"grid: {flag} names no value: give a comma-separated list")
+    if not all(s.isdigit() for s in seeds):
+        raise UserError(f"grid: --seeds {args.seeds!r}: expected comma-separated whole numbers, e.g. 0,1,2")
+    if args.nproc < 1:
+        raise UserError(f"grid: --nproc must be >= 1 (processes per training), got {args.nproc}")
+    return losses, samplers, [int(s) for s in seeds]
+
+
+def _run_cell(args, base, cell: Cell, own: list[str], out: Path, parent: str | None, i: int,
+              n: int) -> tuple[dict | None, str | None]:
+    """(the cell's final metrics, why it failed): from its results.json if it finished before. ``own``: the
+    cell's overrides (Cell.overrides)."""
     folder = out / "cells" / cell.name
     done = _finished(folder)
     if done is not None:
         print(f"[grid] {i}/{n} {cell.name}: finished before, skipped", flush=True)
         return done, None
-    overrides = [*args.overrides, *cell.overrides(), f"train.output_dir={folder}", f"train.name={cell.name}",
+    overrides = [*args.overrides, *own, f"train.output_dir={folder}", f"train.name={cell.name}",
                  f"tracking.experiment={base.tracking.experiment}", f"tracking.run_name={cell.name}",
                  *([f"tracking.parent_run_id={parent}"] if parent else [])]
     cmd = [sys.executable, *cell_launcher(args.nproc), "train", args.config, *overrides]
-    print(f"[grid] {i}/{n} {cell.name}: training ({' '.join(cell.overrides())})", flush=True)
+    print(f"[grid] {i}/{n} {cell.name}: training ({' '.join(own)})", flush=True)
     started = time.time()
     code = subprocess.call(cmd)
     done = _finished(folder)
@@ -160,18 +200,20 @@ def _parent_run(base, out: Path):
     return tracker
 
 
-def table(results: dict, ks) -> list[dict]:
-    """One row per cell without its seed: each metric's mean and standard deviation over the seeds that
-    finished, and how many did."""
+def table(results: dict, ks, configs: dict) -> list[dict]:
+    """One row per cell without its seed: the margin alpha and the beta it trained with (``configs``: each
+    cell's config), each metric's mean and standard deviation over the seeds that finished, and how many did."""
     names = [f"recall_at_{k}" for k in ks] + [m for m in METRICS if m != "recall_at_1"]
     groups: dict[str, list[dict]] = {}
+    losses = {}
     for cell, metrics in results.items():
         groups.setdefault(cell.group, [])
+        losses[cell.group] = configs[cell].loss
         if metrics:
             groups[cell.group].append(metrics)
     rows = []
     for group, runs in groups.items():
-        row = {"cell": group, "seeds": len(runs)}
+        row = {"cell": group, "alpha": losses[group].alpha, "beta": _beta(losses[group]), "seeds": len(runs)}
         for name in names:
             values = [r[name] for r in runs if name in r]
             row[name] = statistics.fmean(values) if values else float("nan")
@@ -180,19 +222,28 @@ def table(results: dict, ks) -> list[dict]:
     return rows
 
 
+def _beta(loss) -> str:
+    """The beta a cell's loss learns: its parts (global, class, image), or none (a loss without beta)."""
+    if loss.kind != "margin":
+        return "none"
+    parts = [name for name, on in (("global", loss.beta_global), ("class", loss.beta_per_class),
+                                   ("image", loss.beta_per_image)) if on]
+    return "+".join(parts) or f"fixed {loss.beta_init}"
+
+
 def _write(rows: list[dict], out: Path) -> list[Path]:
     """The table as CSV and markdown (printed too) and the R@1 plot; their paths."""
     from dist_dml import plots
 
-    names = [k for k in rows[0] if k not in ("cell", "seeds") and not k.endswith("_std")] if rows else []
+    names = [k for k in rows[0] if k not in LABELS and not k.endswith("_std")] if rows else []
     with open(out / "table.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["cell"])
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| cell | seeds | " + " | ".join(n.replace("recall_at_", "R@") for n in names) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
-    lines += [f"| {r['cell']} | {r['seeds']} | " + " | ".join(f"{r[n]:.4f} ± {r[n + '_std']:.4f}" for n in names)
-              + " |" for r in rows]
+    lines = ["| cell | α | β | seeds | " + " | ".join(n.replace("recall_at_", "R@") for n in names) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
+    lines += [f"| {r['cell']} | {r['alpha']:g} | {r['beta']} | {r['seeds']} | "
+              + " | ".join(f"{r[n]:.4f} ± {r[n + '_std']:.4f}" for n in names) + " |" for r in rows]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     plot = plots.grid_recall(rows, out / "r_at_1.png")

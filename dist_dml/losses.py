@@ -61,6 +61,9 @@ class LossConfig:
         for key in ("alpha", "beta_init", "nu"):  # a margin, a distance and a penalty weight
             if getattr(self, key) < 0:
                 raise ValueError(f"loss.{key} must be >= 0, got {getattr(self, key)}")
+        if self.kind != "margin" and (self.beta_per_class or self.beta_per_image or self.nu):
+            raise ValueError(f"loss.beta_per_class, loss.beta_per_image and loss.nu apply to the margin loss only: "
+                             f"loss.kind={self.kind} learns no beta (set them false / 0, or use loss.kind=margin)")
         if self.num_classes < 0 or self.num_images < 0:
             raise ValueError("loss.num_classes and loss.num_images must be >= 0 (0: sized from the data's manifest)")
 

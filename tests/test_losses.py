@@ -50,7 +50,8 @@ def problem():
 def test_loss_value_and_gradient_match_loop(problem, kind, beta_parts):
     x, labels, ids, rows = problem
     cfg = LossConfig(kind=kind, alpha=0.3, beta_init=1.1, nu=0.05 if kind == "margin" else 0.0,
-                     beta_per_class=beta_parts in ("class", "all"), beta_per_image=beta_parts in ("image", "all"),
+                     beta_per_class=kind == "margin" and beta_parts in ("class", "all"),  # the margin loss's alone
+                     beta_per_image=kind == "margin" and beta_parts in ("image", "all"),
                      num_classes=3, num_images=8)
     loss_fn = build_loss(cfg).double()
     class_beta = [0.1, -0.2, 0.05] if cfg.beta_per_class else None
@@ -106,8 +107,8 @@ def test_zero_active_terms_give_connected_zero(kind):
     x = torch.tensor([[1.0, 0.0], [0.995, 0.0998], [-1.0, 0.0], [-0.995, -0.0998]], dtype=torch.float64)
     labels, ids = torch.tensor([0, 0, 1, 1]), torch.arange(4)
     rows = [(0, 1, 2), (1, 0, 3), (2, 3, 0), (3, 2, 1)]
-    cfg = LossConfig(kind=kind, alpha=0.2, beta_init=0.5, nu=0.1, beta_per_class=True, beta_per_image=True,
-                     num_classes=2, num_images=4)
+    betas = dict(nu=0.1, beta_per_class=True, beta_per_image=True) if kind == "margin" else {}  # margin's alone
+    cfg = LossConfig(kind=kind, alpha=0.2, beta_init=0.5, num_classes=2, num_images=4, **betas)
     loss_fn = build_loss(cfg).double()
     emb = x.clone().requires_grad_()
     if kind == "contrastive":
@@ -119,6 +120,14 @@ def test_zero_active_terms_give_connected_zero(kind):
     assert emb.grad is not None and torch.all(emb.grad == 0)
     for name, p in loss_fn.named_parameters():
         assert p.grad is not None and torch.all(p.grad == 0), name
+
+
+def test_beta_settings_of_a_loss_without_beta_are_refused_not_dropped():
+    """triplet and contrastive learn no beta: a per-class table asked of them was silently ignored."""
+    for kind in ("triplet", "contrastive"):
+        for setting in (dict(beta_per_class=True), dict(beta_per_image=True), dict(nu=0.1)):
+            with pytest.raises(ValueError, match="apply to the margin loss only"):
+                build_loss(LossConfig(kind=kind, **setting))
 
 
 def test_no_triplets_at_all_is_connected_zero():
