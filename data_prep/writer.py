@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from data_prep.source import SourceImage
 from dist_dml.data.format import FORMAT, MANIFEST, VERSION, image_member, shard_name
+from dist_dml.files import write_atomically
 
 TOOL = "dist-dml data_prep 0.1.0"
 
@@ -260,9 +261,7 @@ def write_shards(source: str, images: Iterable[SourceImage], config: WriterConfi
         state.sink.close()
     _report(report, states, len(ordered), config)
     manifest = _manifest(source, config, states, report)
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+    write_atomically(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -26,6 +26,7 @@ from typing import Protocol
 
 from dist_dml.distributed import DistContext
 from dist_dml.errors import UserError, as_write_error
+from dist_dml.files import write_atomically
 
 META = "dist_dml.json"
 _TAG = re.compile(r"step(\d{8})")
@@ -129,9 +130,7 @@ class Checkpointer:
         if self.ctx.is_main:
             shutil.rmtree(self.directory / tag, ignore_errors=True)
             os.replace(partial, self.directory / tag)
-            tmp = self.directory / ".latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.directory / "latest")
+            write_atomically(self.directory / "latest", tag)
             self._prune()
         self.ctx.barrier()
         return tag
@@ -139,9 +138,7 @@ class Checkpointer:
     @staticmethod
     def _index(partial: Path, meta: dict) -> None:
         files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
-        tmp = partial / f".{META}.tmp"
-        tmp.write_text(json.dumps({**meta, "files": files}, indent=1))
-        os.replace(tmp, partial / META)  # last: the index makes the folder a checkpoint
+        write_atomically(partial / META, json.dumps({**meta, "files": files}, indent=1))  # last: it makes the checkpoint
 
     def _prune(self) -> None:
         """Remove checkpoints older than the ``keep_last`` newest whole ones, damaged ones older than the

@@ -5,12 +5,12 @@ import argparse
 import errno
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
-from dist_dml.errors import UserError
+from dist_dml.errors import UserError, one_line
+from dist_dml.files import write_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,7 +177,7 @@ def eval_command(args: argparse.Namespace) -> int:
         if ctx.is_main:
             print(json.dumps(metrics, indent=1))
             if args.out:
-                Path(args.out).write_text(json.dumps(metrics, indent=1))
+                write_atomically(args.out, json.dumps(metrics, indent=1))
             for path in paths:
                 print(f"[eval] plot: {path}")
         problem = evaluation_problem(metrics, cfg.eval)
@@ -210,7 +210,7 @@ def embed_command(args: argparse.Namespace) -> int:
         if ctx.is_main:
             meta = {"checkpoint": str(Path(args.checkpoint).resolve()), "fingerprint": model_fingerprint(model),
                     "split": args.split, "images": stream.num_images, "dim": model.head.out_features}
-            (out / MODEL_FILE).write_text(json.dumps(meta, indent=1))
+            write_atomically(out / MODEL_FILE, json.dumps(meta, indent=1))
         ctx.barrier()
         print(f"[embed] rank {ctx.rank}: {', '.join(str(p) for p in paths)}")
         if ctx.is_main:
@@ -241,7 +241,7 @@ def _json_object(path: Path, remedy: str) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise UserError(f"{path}: damaged ({_one_line(exc)}); {remedy}") from None
+        raise UserError(f"{path}: damaged ({one_line(exc, 2000)}); {remedy}") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path}: damaged (not a JSON object); {remedy}")
     return meta
@@ -270,13 +270,13 @@ def index_command(args: argparse.Namespace) -> int:
     try:
         index = build_index(exported.embeddings, args.type, nlist=args.nlist, m=args.m)
     except RuntimeError as exc:  # faiss: e.g. too few vectors to train an ivfpq index of these lists
-        raise UserError(f"--type {args.type} over {len(exported.ids)} embeddings: {_one_line(exc)[:200]}") from None
+        raise UserError(f"--type {args.type} over {len(exported.ids)} embeddings: {one_line(exc, 200)}") from None
     save_index(index, out / "index.faiss")
     for name in ("ids", "labels", "classes", "items"):
         np.save(out / f"{name}.npy", getattr(exported, name))
     meta = {"type": args.type, "count": int(len(exported.ids)), "dim": int(exported.embeddings.shape[1]),
             "checkpoint": model.get("checkpoint"), "fingerprint": model.get("fingerprint")}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    write_atomically(out / "meta.json", json.dumps(meta, indent=1))
     print(f"[index] done: {args.type} index of {len(exported.ids)} embeddings in {out.resolve()}"
           f" (model {meta['fingerprint'] or 'unknown'})")
     return 0
@@ -324,7 +324,7 @@ def search_command(args: argparse.Namespace) -> int:
         columns = {name: np.load(folder / f"{name}.npy", allow_pickle=False)
                    for name in ("ids", "labels", "classes", "items") if (folder / f"{name}.npy").is_file()}
     except (RuntimeError, ValueError, OSError) as exc:
-        raise UserError(f"{folder}: the index is damaged ({' '.join(str(exc).split())[:200]}); build it again "
+        raise UserError(f"{folder}: the index is damaged ({one_line(exc, 200)}); build it again "
                         "with dist-dml index") from None
     if index.ntotal != len(columns.get("ids", ())):
         raise UserError(f"{folder}: the index holds {index.ntotal} vectors but ids.npy {len(columns.get('ids', ()))}"
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         rank = env_rank()
         if rank == 0 or not exc.on_every_rank:
             where = f" (rank {rank})" if rank else ""
-            print(f"dist-dml {args.command}: error{where}: {_one_line(exc)}", file=sys.stderr, flush=True)
+            print(f"dist-dml {args.command}: error{where}: {one_line(exc, 2000)}", file=sys.stderr, flush=True)
         return 2
     except OSError as exc:
         if debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -498,16 +498,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dist-dml {args.command}: error: no space left on the device of {exc.filename or 'the output'}: "
               f"free some space (or give another train.output_dir) and run again", file=sys.stderr, flush=True)
         return 2
-
-
-def _one_line(exc: BaseException) -> str:
-    """The error's message on one line. An error raised in a DataLoader worker reaches the main process
-    with the worker's traceback in its message: its own message is that traceback's last line."""
-    text = str(exc)
-    if "Original Traceback" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        text = re.sub(r"^[\w.]+: ", "", last.strip())
-    return " ".join(text.split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 
 class UserError(Exception):
@@ -30,4 +31,20 @@ def as_write_error(path, exc: BaseException) -> OSError:
         full = False
     if full:
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    return OSError(errno.EIO, " ".join(str(exc).split()) or type(exc).__name__, str(path))
+    return OSError(errno.EIO, one_line(exc, limit=1000), str(path))
+
+
+def one_line(exc: BaseException | str, limit: int = 300, first_line: bool = False) -> str:
+    """What an error says, on one line of at most ``limit`` characters (its type where it says nothing): the
+    one formatter of the messages we pass on from libraries. ``first_line``: only its first line (MLflow's and
+    the servers' errors put their summary there and a stack or a page below). An error raised in a DataLoader
+    worker reaches the main process with the worker's traceback in its message: its own message is that
+    traceback's last line."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = re.sub(r"^[\w.]+: ", "", last.strip())
+    elif first_line and text:
+        text = text.splitlines()[0]
+    text = " ".join(text.split())[:limit]
+    return text or (type(exc).__name__ if isinstance(exc, BaseException) else "")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dist_dml.config import RunConfig, apply_overrides, build_config, load_config
-from dist_dml.errors import UserError
+from dist_dml.errors import UserError, one_line
 from dist_dml.models import EmbeddingModel, build_model
 
 
@@ -55,7 +55,7 @@ def _read(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- weights_only unpickling of garbage raises anything: all mean "unreadable"
-        raise UserError(f"{path}: not a readable checkpoint ({' '.join(str(exc).split())[:200]})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({one_line(exc, 200)})") from None
 
 
 def _shape_difference(model: torch.nn.Module, state: dict) -> str:
@@ -131,7 +131,7 @@ def read_embeddings(folder: Path) -> Exported:
             ids, labels, classes, items = column("id"), column("label"), column("class"), column("item")
             emb = np.concatenate([np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) for t in tables])
         except Exception as exc:  # noqa: BLE001 -- pyarrow's errors for a damaged or foreign file are many
-            raise UserError(f"{folder}: a part is not an export of dist-dml embed ({_one_line(exc)})") from None
+            raise UserError(f"{folder}: a part is not an export of dist-dml embed ({one_line(exc, 200)})") from None
     else:
         names = sorted(folder.glob("embeddings-*.npy"))
         if not names:
@@ -160,14 +160,10 @@ def _load_npy(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise UserError(f"{path}: missing (each part has embeddings, labels, ids, classes and items)") from None
     except (ValueError, OSError, EOFError) as exc:
-        raise UserError(f"{path}: not a plain numeric or text array ({_one_line(exc)})") from None
+        raise UserError(f"{path}: not a plain numeric or text array ({one_line(exc, 200)})") from None
     if array.dtype.kind not in "fiuU" or array.ndim == 0:
         raise UserError(f"{path}: holds {array.dtype} {array.shape}, not a column of an export")
     return array
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def embed_images(model: EmbeddingModel, config: RunConfig, paths: list[Path]) -> torch.Tensor:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_dml.errors import UserError
+from dist_dml.files import write_atomically
 
 METRICS = ("recall_at_1", "map_at_r", "r_precision")
 LABELS = ("cell", "alpha", "beta", "seeds")  # the table's columns besides the metrics
@@ -196,7 +197,7 @@ def _parent_run(base, out: Path):
     tracker = build_tracker(base.tracking, DistContext(), resume_run_id=previous)
     tracker.set_tag("dist_dml.grid", str(out))
     if tracker.run_id:
-        saved.write_text(json.dumps({"run_id": tracker.run_id}))
+        write_atomically(saved, json.dumps({"run_id": tracker.run_id}))
     return tracker
 
 
@@ -244,7 +245,7 @@ def _write(rows: list[dict], out: Path) -> list[Path]:
              "| --- | --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
     lines += [f"| {r['cell']} | {r['alpha']:g} | {r['beta']} | {r['seeds']} | "
               + " | ".join(f"{r[n]:.4f} ± {r[n + '_std']:.4f}" for n in names) + " |" for r in rows]
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    write_atomically(out / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     plot = plots.grid_recall(rows, out / "r_at_1.png")
     print(f"[grid] table: {out / 'table.md'} and {out / 'table.csv'}; R@1 per cell: {plot}", flush=True)

@@ -11,14 +11,14 @@ batch of 1 and one of 7) before it is kept.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from dist_dml.errors import UserError
+from dist_dml.errors import UserError, one_line
+from dist_dml.files import replacing
 
 TOLERANCE = 1e-4  # the largest difference from torch an exported embedding may have
 
@@ -45,23 +45,17 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> dic
     example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     batch = torch.export.Dim("batch", min=1)
-    try:
-        program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"],
-                                    output_names=["embeddings"], dynamic_shapes={"images": {0: batch}},
-                                    opset_version=opset, verbose=False)
-        program.save(str(tmp))
-    except Exception as exc:  # noqa: BLE001 -- torch.export and onnxscript raise many kinds for what they cannot take
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"{checkpoint}: its model ({config.model.backbone}) cannot be exported to ONNX: "
-                        f"{' '.join(str(exc).split())[:300]}") from None
-    try:
+    with replacing(out) as tmp:  # checked before it replaces anything
+        try:
+            program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"],
+                                        output_names=["embeddings"], dynamic_shapes={"images": {0: batch}},
+                                        opset_version=opset, verbose=False)
+            program.save(str(tmp))
+        except Exception as exc:  # noqa: BLE001 -- torch.export and onnxscript raise many kinds for what they cannot take
+            raise UserError(f"{checkpoint}: its model ({config.model.backbone}) cannot be exported to ONNX: "
+                            f"{one_line(exc)}") from None
         differences = check_onnx(tmp, module, size)
-    except Exception:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out)
     return differences
 
 

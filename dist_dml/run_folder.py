@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 from dist_dml.errors import UserError
+from dist_dml.files import write_atomically
 
 LOCK = ".dist-dml.lock"
 RUN = "run.json"
@@ -145,9 +146,7 @@ class RunFolder:
     def claim(self, run_id: str | None = None) -> str:
         """Make ``run_id`` (a new id if None) the folder's run (written atomically); returns it."""
         run_id = run_id or uuid.uuid4().hex[:16]
-        tmp = self.path / f".{RUN}.tmp"
-        tmp.write_text(json.dumps({"run_id": run_id, "since": time.time()}))
-        os.replace(tmp, self.path / RUN)
+        write_atomically(self.path / RUN, json.dumps({"run_id": run_id, "since": time.time()}))
         return run_id
 
 

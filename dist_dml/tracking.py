@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from dist_dml.distributed import DistContext
-from dist_dml.errors import UserError
+from dist_dml.errors import UserError, one_line
 
 PAUSE_S = 300.0  # after a failed call, tracking rests this long before it tries again
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -101,12 +101,6 @@ class NullTracker:
 
     def close(self, status="FINISHED"):
         pass
-
-
-def first_line(exc: BaseException) -> str:
-    """What MLflow or the server said, in one line of at most 300 characters (its type if it said nothing)."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def tracking_uri(config) -> str:
@@ -195,7 +189,7 @@ class MlflowTracker:
             fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 -- whatever the server or the store says, training goes on
             self.paused_until = time.time() + PAUSE_S
-            first = first_line(exc)
+            first = one_line(exc, first_line=True)
             print(f"[tracking] warning: {what} failed ({first}); training goes on, tracking retries in "
                   f"{PAUSE_S / 60:.0f} min", file=sys.stderr, flush=True)
 
@@ -258,7 +252,7 @@ class MlflowTracker:
         try:
             self.mlflow.end_run(status=status)
         except Exception as exc:  # noqa: BLE001 -- the training's result is written already
-            first = first_line(exc)
+            first = one_line(exc, first_line=True)
             print(f"[tracking] warning: ending the MLflow run failed ({first}); it may show as running there",
                   file=sys.stderr, flush=True)
 
@@ -276,7 +270,7 @@ def build_tracker(config, ctx: DistContext, resume_run_id: str | None = None) ->
             try:
                 tracker = MlflowTracker(config, ctx, tags, resume_run_id)
             except Exception as exc:  # noqa: BLE001 -- reported in one line below
-                problem = first_line(exc)
+                problem = one_line(exc, first_line=True)
         if problem is not None:
             message = failure_message(uri, problem)
             if config.required:

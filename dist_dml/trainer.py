@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from dist_dml.sampling import build_sampler
 from dist_dml.step import take_step
 from dist_dml.tracking import build_tracker
 from dist_dml.weights import local_weights
+from dist_dml.files import replacing, write_atomically
 
 
 class TrainingStopped(RuntimeError):
@@ -234,13 +234,11 @@ class Trainer:
             return
         cfg, out, meter = self.cfg, self.out, self.meter
         state = {k: v.detach().float().cpu() for k, v in self.engine.module.model.state_dict().items()}
-        tmp = out / ".final_model.pt.tmp"
         try:
-            torch.save({"state_dict": state, "config": cfg.to_dict()}, tmp)
+            with replacing(out / "final_model.pt") as tmp:
+                torch.save({"state_dict": state, "config": cfg.to_dict()}, tmp)
         except (OSError, RuntimeError) as exc:
-            tmp.unlink(missing_ok=True)
             raise as_write_error(out / "final_model.pt", exc) from None
-        os.replace(tmp, out / "final_model.pt")
         tracker.log_model(out / "final_model.pt", cfg)
         if meter.histogram.sum() > 0 and cfg.eval.plots:
             (out / "plots").mkdir(exist_ok=True)
@@ -248,7 +246,7 @@ class Trainer:
                                             cfg.sampler.nonzero_loss_cutoff, out / "plots" / "negative_distances.png",
                                             steps=(meter.histogram_from, results["steps"]))
             tracker.log_artifact(plot, "plots")
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        write_atomically(out / "results.json", json.dumps(results, indent=1))  # last: it marks the run finished
 
 
 # --- the stateful parts of a run besides the engine and the meter -----------------------------------

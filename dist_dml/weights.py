@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dist_dml.errors import UserError
+from dist_dml.errors import UserError, one_line
 
 PROBE_TIMEOUT_S = 5.0
 
@@ -113,7 +113,7 @@ def offline_reason(url: str) -> str | None:
     except urllib.error.HTTPError:
         return None  # the server answered: a download can be tried
     except (urllib.error.URLError, OSError) as exc:
-        return " ".join(str(getattr(exc, "reason", exc)).split())[:200]
+        return one_line(getattr(exc, "reason", exc), 200)
 
 
 def prefetch_hint(download: Download, reason: str) -> str:
@@ -173,7 +173,7 @@ def _fetch_once(download: Download) -> str | None:
     try:
         download.fetch()
     except Exception as exc:  # noqa: BLE001 -- urllib, the hub client and the file system all raise their own
-        return prefetch_hint(download, " ".join(str(exc).split())[:200] or type(exc).__name__)
+        return prefetch_hint(download, one_line(exc, 200))
     return None
 
 
@@ -200,7 +200,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- a damaged or foreign file raises anything
-        raise WeightsError(f"model.weights: {path} is not a readable state dict ({' '.join(str(exc).split())[:200]})") \
+        raise WeightsError(f"model.weights: {path} is not a readable state dict ({one_line(exc, 200)})") \
             from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

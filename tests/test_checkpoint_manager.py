@@ -176,3 +176,16 @@ def test_the_rng_part_saves_and_restores_every_generator_that_exists(tmp_path, m
     RngState().load_state_dict(state)
     assert torch.equal(torch.rand(4), expected)
     assert [d.tolist() for d in restored_devices] == [d.tolist() for d in devices]
+
+
+def test_a_file_written_atomically_is_the_old_or_the_new_never_a_part(tmp_path):
+    from dist_dml.files import replacing, write_atomically
+
+    target = write_atomically(tmp_path / "results.json", '{"old": 1}')
+    with pytest.raises(RuntimeError, match="cut short"):
+        with replacing(target) as tmp:
+            tmp.write_text('{"ne')
+            raise RuntimeError("cut short")
+    assert target.read_text() == '{"old": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    write_atomically(target, b'{"new": 2}')
+    assert json.loads(target.read_text()) == {"new": 2}

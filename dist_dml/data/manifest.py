@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dist_dml.data.format import FORMAT, MANIFEST, VERSION, is_plain_name
 from dist_dml.data.opener import TooLarge, is_local, join, read_bytes
-from dist_dml.errors import UserError
+from dist_dml.errors import UserError, one_line
 MAX_MANIFEST_MB = 256.0  # data.max_manifest_mb's default: a million classes' class_table is about 40 MB
 MEMBER_BYTES = 1024  # the least a tar member takes: its 512-byte header and one block of data
 POSITION_BYTES = 12  # a training stream's position per record: two int32 draw counts and a flag (and slack)
@@ -45,7 +45,7 @@ class Manifest:
         except TooLarge as exc:
             raise ManifestError(f"{path}: {exc}, more than a manifest may (data.max_manifest_mb)") from None
         except OSError as exc:  # a remote root: the command or the server failed
-            raise ManifestError(f"{path}: cannot be read ({' '.join(str(exc).split())[:300]})") from None
+            raise ManifestError(f"{path}: cannot be read ({one_line(exc)})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ManifestError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(self.data, dict) or self.data.get("format") != FORMAT or self.data.get("version") != VERSION:

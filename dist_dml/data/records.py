@@ -14,6 +14,7 @@ from dist_dml.data.opener import is_local
 from dist_dml.data.plan import Segment
 from dist_dml.data.tar import ShardError, _key_suffix, _samples, tar_members
 from dist_dml.data.verify import ChecksumError
+from dist_dml.errors import one_line
 
 log = logging.getLogger("dist_dml.data")
 
@@ -68,7 +69,7 @@ def shard_records(shard: str, errors: ReadErrors, skip: int = 0) -> Iterator[dic
             attempt += 1
             delay = errors.backoff_s * 2 ** (attempt - 1)
             log.warning("reading shard %s failed (%s); retry %d of %d from record %d in %.0f s", shard,
-                        " ".join(str(exc).split())[:200], attempt, errors.retries, start, delay)
+                        one_line(exc, 200), attempt, errors.retries, start, delay)
             time.sleep(delay)
 
 

@@ -1,0 +1,49 @@
+"""Files written whole or not at all: a reader (a resume, a search, a rank of another node, a person) sees the
+old file or the new one, never a part. The one way this package writes a file that others read."""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write in the block (torch.save, an exporter); when the block ends
+    without error it is flushed to the disk and renamed over ``path`` (the folder flushed too, so the rename
+    survives a crash of the machine); when it raises, the temporary file is removed and ``path`` is as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_folder(path.parent)
+
+
+def write_atomically(path: str | Path, data: str | bytes) -> Path:
+    """``data`` (text as UTF-8) written into ``path`` whole or not at all (see :func:`replacing`); ``path``."""
+    with replacing(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+    return Path(path)
+
+
+def _sync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # a folder that cannot be opened for reading (some network file systems): the rename stands
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
