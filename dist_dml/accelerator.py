@@ -16,29 +16,21 @@ DeepSpeed's import triggers) is kept out of the log. :func:`deepspeed_import` is
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
 
 
-@contextlib.contextmanager
 def deepspeed_import():
     """Around the import of DeepSpeed (dist_dml.engine's): MLflow hidden from it. DeepSpeed's autotuner, which
     dist-dml does not use, imports MLflow whenever it is installed: 3 of the 7 s `import dist_dml.trainer`
     takes here, in every rank of every launch. Where this process has not imported MLflow yet, the import
     of ``mlflow`` fails inside the block (the autotuner catches it and records has_mlflow=False) and works
     again after it: the tracker imports MLflow on the rank that tracks a run, only there."""
-    if "mlflow" in sys.modules or "deepspeed" in sys.modules:
-        yield
-        return
-    sys.modules["mlflow"] = None  # type: ignore[assignment] -- an import of it raises ImportError
-    try:
-        yield
-    finally:
-        if "mlflow" in sys.modules and sys.modules["mlflow"] is None:
-            del sys.modules["mlflow"]
+    from dist_dml.patches import hidden_module
+
+    return hidden_module("mlflow")
 
 
 def configure(device: str = "auto") -> str:

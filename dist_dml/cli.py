@@ -392,8 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of a user error (also DIST_DML_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_parser = sub.add_parser
-    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)
+    from dist_dml.patches import subcommands_with_parents
+
+    subcommands_with_parents(sub, [common])
 
     p = sub.add_parser("train", help="train (run under torchrun, srun, or alone)")
     p.add_argument("config", help="a YAML file under configs/")

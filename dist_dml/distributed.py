@@ -22,13 +22,14 @@ import os
 import re
 import socket
 import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from dist_dml.patches import forget_deepspeed_groups
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class DistContext:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-        _forget_deepspeed_groups()
+        forget_deepspeed_groups()  # DeepSpeed's cached copies of the group, dead now
 
     # Collectives. With one process (or no process group) they are identities.
 
@@ -193,23 +194,6 @@ def process_group(ctx: DistContext, timeout_minutes: float = 30.0) -> Iterator[D
         yield ctx
     finally:
         ctx.shutdown()
-
-
-def _forget_deepspeed_groups() -> None:
-    """DeepSpeed caches a clone of the world group (and the groups made from it) in module globals; after the
-    group is destroyed they name a dead group, and the next engine in this process (a grid cell, a test, a
-    notebook) fails in ``get_global_rank``. Forget them with the group."""
-    groups = sys.modules.get("deepspeed.utils.groups")
-    if groups is None:
-        return
-    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
-                 "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
-        if hasattr(groups, name):
-            setattr(groups, name, None)
-    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
-                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
-        if isinstance(getattr(groups, name, None), dict):
-            getattr(groups, name).clear()
 
 
 def env_rank(env: Mapping[str, str] | None = None) -> int:

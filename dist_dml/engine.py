@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from dist_dml import patches
 from dist_dml.accelerator import deepspeed_import, on_cpu
 from dist_dml.distributed import DistContext
 from dist_dml.engine_config import DeepSpeedConfig, OptimizerConfig
@@ -70,12 +71,11 @@ def prepare_comm_op(announce: bool = True) -> None:
     if not on_cpu():
         return
     from deepspeed.accelerator import get_accelerator
-    from torch.utils.cpp_extension import _get_build_directory
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return
-    folder = Path(_get_build_directory(builder.NAME, verbose=False))
+    folder = patches.extension_build_dir(builder.NAME)
     busy = _locked(folder / "lock")
     if (folder / f"{builder.NAME}.so").is_file() and not busy:
         return
@@ -151,23 +151,11 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
             return torch.load(path, map_location=map_location, weights_only=True)
 
 
-@contextlib.contextmanager
 def weights_only_loads():
     """Every torch.load in the block with ``weights_only=True`` (and the three DeepSpeed classes ZeRO
     checkpoints hold). DeepSpeed's universal-checkpoint converter and loader unpickle freely; a checkpoint
     copied from elsewhere must never run code."""
-    real = torch.load
-
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(WeightsOnlyCheckpointEngine.SAFE_GLOBALS):
-            return real(*args, **kwargs)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = real
+    return patches.weights_only_torch_load(WeightsOnlyCheckpointEngine.SAFE_GLOBALS)
 
 
 def to_universal(source: Path, dest: Path) -> None:
@@ -186,36 +174,6 @@ def to_universal(source: Path, dest: Path) -> None:
     with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         ds_to_universal.main(args)  # its own model-agnostic state (injected) is all our checkpoints lack
     os.replace(tmp, dest)
-
-
-def _load_universal_groups_with_a_share(zero) -> None:
-    """Work around DeepSpeed 0.19's universal loading of ZeRO-1/2 state, which fails (IndexError in
-    load_hp_checkpoint_state_from_checkpoint_dir) on a rank that holds no element of a param group: the
-    global beta (one number) at 2 or more processes, whose partition on every rank but the first is
-    padding alone. Such groups, last in our order, are left out of that load on that rank: nothing of
-    them is there to load (the padding's optimizer state starts afresh)."""
-    lp_groups = getattr(zero, "bit16_groups", None) or getattr(zero, "bf16_groups", None)
-    original = getattr(zero, "_load_universal_checkpoint", None)
-    if lp_groups is None or original is None:
-        return
-
-    def load(*args, **kwargs):
-        groups = zero.optimizer.param_groups
-        empty = [not any(getattr(p, "_hp_mapping", None) is not None for p in group) for group in lp_groups]
-        keep = len(groups)
-        while keep and empty[keep - 1]:
-            keep -= 1
-        if any(empty[:keep]):
-            raise RuntimeError(f"param group {empty.index(True)} has no element on rank {torch.distributed.get_rank()}: a universal "
-                               "checkpoint cannot be loaded at this world size")
-        saved = list(groups)
-        groups[:] = saved[:keep]
-        try:
-            return original(*args, **kwargs)
-        finally:
-            groups[:] = saved
-
-    zero._load_universal_checkpoint = load
 
 
 def lazy_rows(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
@@ -334,13 +292,11 @@ class TrainEngine:
             config=deepspeed_config(config, micro_batch, universal, accumulation),
             dist_init_required=False,
         )
-        self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine._config)
-        copy_script = self.engine._copy_recovery_script  # rank 0 copies DeepSpeed's zero_to_fp32.py in as well
-        self.engine._copy_recovery_script = lambda path: self.engine.checkpoint_engine.guarded(path, copy_script, path)
+        patches.use_checkpoint_engine(self.engine, WeightsOnlyCheckpointEngine(self.engine._config))
         self.low_precision = config.precision != "fp32"
         self.universal = universal
         if universal:
-            _load_universal_groups_with_a_share(self.engine.optimizer)
+            patches.universal_load_past_trailing_empty_groups(self.engine.optimizer)
         self._share_beta_masters()
 
     def _share_beta_masters(self) -> None:

@@ -15,33 +15,14 @@ import sys
 USER_ERROR = 2  # dist-dml's exit code for a mistake or a run that cannot go on (dist_dml.errors)
 
 
-def _no_restart_on_user_errors() -> None:
-    """torchrun's local agent, told that a worker group in which a rank exited USER_ERROR has no restarts
-    left (so it stops instead of starting the same mistake again)."""
-    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
-
-    monitor = LocalElasticAgent._monitor_workers
-    if getattr(monitor, "dist_dml", False):
-        return
-
-    def monitor_workers(self, worker_group):
-        result = monitor(self, worker_group)
-        if result.is_failed() and self._remaining_restarts > 0 and \
-                any(f.exitcode == USER_ERROR for f in result.failures.values()):
-            print(f"[launch] a rank exited with code {USER_ERROR} (its reason is above): not restarting, the same "
-                  "would happen again", file=sys.stderr, flush=True)
-            self._remaining_restarts = 0
-        return result
-
-    monitor_workers.dist_dml = True
-    LocalElasticAgent._monitor_workers = monitor_workers
-
-
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    _no_restart_on_user_errors()
+    from dist_dml.patches import torchrun_stops_restarting_on
+
+    torchrun_stops_restarting_on(USER_ERROR, f"[launch] a rank exited with code {USER_ERROR} (its reason is above): "
+                                             "not restarting, the same would happen again")
     try:
         run(parse_args(argv))
     except ChildFailedError as exc:

@@ -1,0 +1,32 @@
+"""The internals of other libraries that dist_dml.patches relies on, checked on the installed versions: an
+upgrade of torch, DeepSpeed or Python that moves one fails here, not in a user's run."""
+import sys
+
+import pytest
+
+from dist_dml import patches
+
+
+def test_every_internal_a_patch_relies_on_is_still_there():
+    assert patches.internals_changed() == []
+
+
+def test_the_check_fails_loudly_when_an_internal_moves(monkeypatch):
+    """The check itself can fail: DeepSpeed's recovery-script copy renamed, and torchrun's monitor given another
+    signature, are both reported."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    monkeypatch.setattr(DeepSpeedEngine, "_copy_recovery_script", lambda self, path, extra: None)
+    monkeypatch.setattr(LocalElasticAgent, "_monitor_workers", lambda self, group, timeout: None)
+    changed = patches.internals_changed()
+    assert any("_copy_recovery_script" in line for line in changed)
+    assert any("_monitor_workers" in line for line in changed)
+
+
+def test_a_hidden_module_cannot_be_imported_inside_the_block_only():
+    name = "dist_dml_never_imported_module"
+    with patches.hidden_module(name):
+        with pytest.raises(ImportError):
+            __import__(name)
+    assert name not in sys.modules
