@@ -26,7 +26,7 @@ def main() -> None:
     from dist_dml.config import EvalConfig
     from dist_dml.distributed import DistContext
     from dist_dml.search import knn
-    from dist_dml.sharded import sharded_metrics
+    from dist_dml.sharded import Embedded, sharded_metrics
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.n, args.dim), dtype=np.float32)
@@ -35,7 +35,7 @@ def main() -> None:
     ks = (1, 10, 100)
 
     start = time.perf_counter()
-    metrics, _ = sharded_metrics((torch.from_numpy(x), torch.from_numpy(labels), torch.arange(args.n)), None,
+    metrics, _ = sharded_metrics(Embedded(torch.from_numpy(x), torch.from_numpy(labels), torch.arange(args.n)), None,
                                  EvalConfig(recall_ks=ks, nmi=True), DistContext())
     eval_s = time.perf_counter() - start
 

@@ -206,7 +206,7 @@ def syncbn_section(ctx, gpus: int, smoke: bool) -> None:
 
 def faiss_section(ctx, smoke: bool) -> None:
     from dist_dml.search import gpu_count
-    from dist_dml.sharded import sharded_metrics
+    from dist_dml.sharded import Embedded, sharded_metrics
 
     n, queries, dim = (20_000, 500, 32) if smoke else (1_000_000, 10_000, 128)
     rng = np.random.default_rng(0)
@@ -218,7 +218,7 @@ def faiss_section(ctx, smoke: bool) -> None:
     q_labels = rng.integers(0, classes, queries)
     query = centres[q_labels] + 0.6 * rng.normal(size=(queries, dim)).astype(np.float32)
     query /= np.linalg.norm(query, axis=1, keepdims=True)
-    as_tensors = lambda e, lab, first: (torch.from_numpy(e), torch.from_numpy(lab), torch.arange(first, first + len(e)))
+    as_tensors = lambda e, lab, first: Embedded(torch.from_numpy(e), torch.from_numpy(lab), torch.arange(first, first + len(e)))  # noqa: E731
     from dist_dml.config import EvalConfig
 
     args = dict(cfg=EvalConfig(recall_ks=(1, 10, 100), nmi=False), ctx=ctx)

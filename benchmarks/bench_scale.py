@@ -109,7 +109,7 @@ def eval_worker(n: int, index: str, out: str) -> None:
 
     from dist_dml.config import EvalConfig
     from dist_dml.distributed import DistContext
-    from dist_dml.sharded import sharded_metrics
+    from dist_dml.sharded import Embedded, sharded_metrics
 
     ctx = DistContext.from_env(device="cpu")
     ctx.init_process_group()
@@ -125,7 +125,7 @@ def eval_worker(n: int, index: str, out: str) -> None:
         emb[start:start + len(part)] = v / np.linalg.norm(v, axis=1, keepdims=True)
     ctx.barrier()
     start = time.perf_counter()
-    metrics, _ = sharded_metrics((torch.from_numpy(emb), torch.from_numpy(labels), torch.from_numpy(ids)), None,
+    metrics, _ = sharded_metrics(Embedded(torch.from_numpy(emb), torch.from_numpy(labels), torch.from_numpy(ids)), None,
                                  EvalConfig(recall_ks=(1, 10), nmi=False, index=index, ivf_check_queries=1000), ctx)
     elapsed = time.perf_counter() - start
     rss = ctx.all_gather_object((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, baseline))

@@ -176,16 +176,17 @@ def saved_world_size(checkpoint: Path) -> int | None:
     return len(parts) or None
 
 
-def resume_target(config, report=None) -> Path | None:
-    """The checkpoint folder a run with this config would resume from, or None for a fresh start.
+def resume_target(section, output_dir: str | Path, report=None) -> Path | None:
+    """The checkpoint folder a run with this checkpoint section and output folder would resume from, or None
+    for a fresh start.
 
     Raises CheckpointError where checkpoints exist but none is whole (the run would otherwise start
     afresh over them without a word), or where checkpoint.resume names one that is not whole."""
-    resume = config.checkpoint.resume
+    resume = section.resume
     if resume == "none":
         return None
     if resume == "auto":
-        checkpoints = Checkpointer(Path(config.train.output_dir) / "checkpoints", 1, DistContext())
+        checkpoints = Checkpointer(Path(output_dir) / "checkpoints", 1, DistContext())
         tag = checkpoints.newest_whole(report)
         if tag is None and checkpoints.tags():
             raise CheckpointError(
@@ -194,7 +195,7 @@ def resume_target(config, report=None) -> Path | None:
                 + "). They are kept; checkpoint.resume=none starts afresh, or give another train.name")
         if tag is None:
             return None
-        _same_run(checkpoints.directory / tag, Path(config.train.output_dir), config.checkpoint.allow_other_run)
+        _same_run(checkpoints.directory / tag, Path(output_dir), section.allow_other_run)
         return checkpoints.directory / tag
     target = Path(resume)
     problem = verify(target) if target.is_dir() else "no such folder"
@@ -227,7 +228,7 @@ def resume_problem(config, world_size: int | None = None) -> str | None:
     is converted by the CheckpointManager, the data position cut over the new slots.)
     """
     try:
-        target = resume_target(config)
+        target = resume_target(config.checkpoint, config.train.output_dir)
     except CheckpointError as exc:
         return str(exc)
     if target is None:
@@ -339,9 +340,12 @@ class CheckpointManager:
     schedule: DeepSpeed's own files), saves them all, and prunes. Adding a part to a run is one
     register call."""
 
-    def __init__(self, config, ctx: DistContext):
-        self.config, self.ctx = config, ctx
-        self.store = Checkpointer(Path(config.train.output_dir) / "checkpoints", config.checkpoint.keep_last, ctx)
+    def __init__(self, section, output_dir: str | Path, ctx: DistContext, record: dict):
+        """``section``: the checkpoint section; ``record``: the run's whole config as a dict (RunConfig.to_dict),
+        which every checkpoint's index keeps and a resume compares with the saved one."""
+        self.section, self.output_dir, self.ctx, self.record = section, Path(output_dir), ctx, record
+        self.zero_stage = int(record["deepspeed"]["zero_stage"])
+        self.store = Checkpointer(self.output_dir / "checkpoints", section.keep_last, ctx)
         self.parts: dict[str, Stateful] = {}
         self.target = self._choose()
         self.load_from, self.universal = self._loadable() if self.target is not None else (None, False)
@@ -356,7 +360,8 @@ class CheckpointManager:
         chosen = None
         if self.ctx.is_main:
             try:
-                chosen = ("path", str(resume_target(self.config, report=lambda line: print(line, flush=True)) or ""))
+                chosen = ("path", str(resume_target(self.section, self.output_dir, report=lambda line: print(line, flush=True))
+                                      or ""))
             except CheckpointError as exc:
                 chosen = ("error", str(exc))
         kind, value = self.ctx.broadcast_object(chosen)
@@ -371,7 +376,7 @@ class CheckpointManager:
         from dist_dml.engine import to_universal
 
         target, ctx = self.target, self.ctx
-        stage = int(read_meta(target).get("zero_stage", self.config.deepspeed.zero_stage))
+        stage = int(read_meta(target).get("zero_stage", self.zero_stage))
         world = saved_world_size(target)
         if stage == 0 or world in (None, ctx.world_size):
             return target, False
@@ -414,7 +419,7 @@ class CheckpointManager:
 
     def changes(self) -> dict[str, tuple]:
         """{section.key: (saved, now)}: this run's config against the chosen checkpoint's."""
-        return config_changes(self.meta.get("config", {}), self.config) if self.target is not None else {}
+        return config_changes(self.meta.get("config", {}), self.record) if self.target is not None else {}
 
     def save(self, engine, step: int, run_id: str) -> None:
         """Every rank: the engine and every part at ``step`` (nothing if that step is saved already). The
@@ -424,16 +429,15 @@ class CheckpointManager:
             return
         states = {name: part.state_dict() for name, part in self.parts.items()}
         meta = {"step": step, "run_id": run_id, "world_size": self.ctx.world_size,
-                "zero_stage": self.config.deepspeed.zero_stage, "config": self.config.to_dict(),
+                "zero_stage": self.zero_stage, "config": self.record,
                 **{name: {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool))}
                    for name, state in states.items()}}
         self.store.save(engine, step, {"step": step, "parts": states}, meta)
 
 
-def config_changes(saved: dict, cfg) -> dict[str, tuple]:
-    """{section.key: (saved value, this run's)} for every key that differs (a key the saved config lacks
-    counts as changed from None)."""
-    now = cfg.to_dict()
+def config_changes(saved: dict, now: dict) -> dict[str, tuple]:
+    """{section.key: (saved value, this run's)} for every key that differs, between two configs as dicts
+    (RunConfig.to_dict; a key the saved config lacks counts as changed from None)."""
     changes = {}
     for section, values in now.items():
         for key, value in values.items():

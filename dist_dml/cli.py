@@ -433,7 +433,7 @@ def _add_after_training(sub) -> None:
     p.add_argument("checkpoint", help="OUTPUT/final_model.pt or OUTPUT/checkpoints/stepN")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.root=... eval.split=query,gallery")
     p.add_argument("--out", help="also write the metrics to this JSON file")
-    p.add_argument("--plots", help="draw Recall@K and a retrieval grid into this folder")
+    p.add_argument("--plots", help="draw Recall@K and a few queries' nearest neighbours into this folder")
     p.set_defaults(func=eval_command)
 
     p = sub.add_parser("embed", help="export the embeddings of a split (one part per rank)")

@@ -30,6 +30,10 @@ class ConfigError(UserError, ValueError):
     pass
 
 
+# Keys that were renamed: the old name is refused with the new one.
+RENAMED = {"eval.grid_queries": "eval.example_queries", "eval.grid_k": "eval.example_k"}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 0  # total optimizer steps; 0: epochs x steps per epoch
@@ -68,9 +72,9 @@ class EvalConfig:
     recall_ks: tuple[int, ...] = (1, 2, 4, 8)
     batch_size: int = 128
     nmi: bool = True  # faiss k-means with as many clusters as classes
-    plots: bool = True  # the final evaluation of a training draws Recall@K, a retrieval grid and the negatives
-    grid_queries: int = 6  # rows of the retrieval grid plot (0: no grid)
-    grid_k: int = 5
+    plots: bool = True  # the final evaluation of a training draws Recall@K, nearest neighbours and the negatives
+    example_queries: int = 6  # queries whose nearest neighbours are drawn (nearest_neighbours.png; 0: none)
+    example_k: int = 5  # neighbours drawn per query
     max_missing_share: float = 0.0  # images of the split that may go unread (corrupt) before eval fails
     max_unanswerable_share: float = 0.1  # queries with no other item of their class, above which eval fails
     query_chunk: int = 4096  # queries searched against every rank's gallery shard at a time
@@ -96,8 +100,9 @@ class EvalConfig:
         if self.query_chunk < 1 or self.nmi_max_classes < 2:
             raise ValueError(f"eval.query_chunk must be >= 1 and eval.nmi_max_classes >= 2, got {self.query_chunk} "
                              f"and {self.nmi_max_classes}")
-        if self.batch_size < 1 or self.every_steps < 0 or self.grid_queries < 0 or self.grid_k < 1:
-            raise ValueError("eval.batch_size and eval.grid_k must be >= 1, eval.every_steps and eval.grid_queries >= 0")
+        if self.batch_size < 1 or self.every_steps < 0 or self.example_queries < 0 or self.example_k < 1:
+            raise ValueError("eval.batch_size and eval.example_k must be >= 1, eval.every_steps and eval.example_queries "
+                             ">= 0")
         if len(self.split.split(",")) not in (1, 2):
             raise ValueError(f"eval.split must be a split or 'query,gallery', got {self.split!r}")
 
@@ -222,7 +227,7 @@ def _with_backbone_defaults(config: RunConfig, raw: dict) -> RunConfig:
     """What the config leaves out, from the backbone's pretrained config: model.mean / model.std, and
     data.image_size and data.resize (image_size / crop_pct); model.pretrained=true as model.weights. The
     resolved values are what the run logs and checkpoints."""
-    from dist_dml.models import backbone_spec
+    from dist_dml.backbones import backbone_spec
 
     model, data = config.model, config.data
     spec = backbone_spec(model.backbone)
@@ -250,6 +255,9 @@ def _build_section(cls, section: str, values: dict, source: str):
     kwargs = {}
     for key, value in values.items():
         if key not in names:
+            renamed = RENAMED.get(f"{section}.{key}")
+            if renamed:
+                raise ConfigError(f"{source}: {section}.{key} is now {renamed} (\"grid\" names `dist-dml grid` alone)")
             raise ConfigError(f"{source}: unknown key {section}.{key}; known: {sorted(names)}")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", source)
     return cls(**kwargs)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -39,18 +38,31 @@ class OptimizerConfig:
         if self.warmup_steps < 0 or self.step_size < 1 or not 0 < self.gamma <= 1:
             raise ValueError("optimizer.warmup_steps >= 0, optimizer.step_size >= 1 and 0 < optimizer.gamma <= 1")
 
-    def lr_lambda(self, total_steps: int) -> Callable[[int], float]:
-        """The multiplier of every group's own rate at a step (so beta keeps its own rate)."""
+    def lr_lambda(self, total_steps: int) -> "LrSchedule":
+        """The multiplier of every group's own rate at a step (so beta keeps its own rate), over ``total_steps``."""
+        return LrSchedule(self.schedule, self.warmup_steps, self.step_size, self.gamma, total_steps)
 
-        def factor(step: int) -> float:
-            warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-            if self.schedule == "step":
-                return warm * self.gamma ** (step // self.step_size)
-            if self.schedule == "cosine":
-                return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
-            return warm
 
-        return factor
+class LrSchedule:
+    """The learning-rate multiplier at a step: warm-up, then constant, step or cosine decay over ``total_steps``.
+
+    The schedule's length is its own state, set again where a resume learns the steps left (at another world
+    size an epoch has other steps): ``schedule.total_steps = n``. Its state is plain values on purpose: LambdaLR
+    saves a callable object's ``__dict__`` into the checkpoint (and restores it on loading), and weights-only
+    loading takes numbers and strings, not a config object."""
+
+    def __init__(self, kind: str, warmup_steps: int, step_size: int, gamma: float, total_steps: int):
+        self.kind, self.warmup_steps, self.step_size, self.gamma = kind, int(warmup_steps), int(step_size), float(gamma)
+        self.total_steps = int(total_steps)
+
+    def __call__(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.kind == "step":
+            return warm * self.gamma ** (step // self.step_size)
+        if self.kind == "cosine":
+            total = self.total_steps
+            return warm * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+        return warm
 
 
 @dataclass(frozen=True)

@@ -12,33 +12,19 @@ retrieval metric; their number is reported as `unanswerable`.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 from dist_dml.data import FAULTS
 from dist_dml.distributed import DistContext
 from dist_dml.errors import UserError
+from dist_dml.sharded import Embedded
 
 # What an evaluation could not use: the reader's faults, and images whose embedding is not finite (left out).
 FAULT_KEYS = (*FAULTS, "nonfinite_embeddings")
-
-
-@dataclass
-class Embedded:
-    """Embeddings of images with their labels and image ids (tensors), and with ``names``, each image's
-    class and item (its source path or id); ``faults``: what could not be read (data.FAULTS)."""
-
-    embeddings: Tensor
-    labels: Tensor
-    image_ids: Tensor
-    classes: list[str] | None = None
-    items: list[str] | None = None
-    faults: dict[str, int] = field(default_factory=dict)
-    nonfinite: list[str] = field(default_factory=list)  # the first items whose embedding was not finite (left out)
 
 
 class EvaluationIncomplete(UserError):
@@ -130,7 +116,7 @@ def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: b
     the coverage (images_evaluated of images_expected, and the faults met).
 
     ``eval_cfg.split`` is one split (each item against the others) or "query,gallery". With
-    ``plots_dir``, rank 0 also draws Recall@K against K and a retrieval grid; returns their paths.
+    ``plots_dir``, rank 0 also draws Recall@K against K and the nearest neighbours of a few queries; returns their paths.
     ``verdicts``: the job's sha256 verdicts (data.verify_sha256), so a shard is verified once per job.
     """
     from dist_dml.data import EvalStream, verify
@@ -145,17 +131,15 @@ def evaluate(model: nn.Module, data_cfg, eval_cfg, ctx: DistContext, progress: b
     coverage = _coverage(parts, streams, ctx)
     if coverage["nonfinite_embeddings"]:
         report_nonfinite(parts, ctx, int(coverage["nonfinite_embeddings"]), "left out of the evaluation")
-    grid = []
-    if plots_dir is not None and eval_cfg.grid_queries:
-        grid = np.random.default_rng(0).permutation(streams[0].num_images)[:eval_cfg.grid_queries * 4].tolist()
+    examples = []
+    if plots_dir is not None and eval_cfg.example_queries:
+        examples = np.random.default_rng(0).permutation(streams[0].num_images)[:eval_cfg.example_queries * 4].tolist()
     query, gallery = parts[0], parts[1] if len(parts) == 2 else None
-    metrics, kept = sharded_metrics((query.embeddings, query.labels, query.image_ids),
-                                    None if gallery is None else (gallery.embeddings, gallery.labels, gallery.image_ids),
-                                    eval_cfg, ctx, use_gpu=ctx.device.type == "cuda", keep_ids=grid)
+    metrics, kept = sharded_metrics(query, gallery, eval_cfg, ctx, use_gpu=ctx.device.type == "cuda", keep_ids=examples)
     metrics = {**metrics, **coverage}
     paths = []
     if ctx.is_main and plots_dir is not None:
-        chosen = [q for q in grid if q in kept][:eval_cfg.grid_queries]
+        chosen = [q for q in examples if q in kept][:eval_cfg.example_queries]
         paths = _plots(metrics, eval_cfg, data_cfg, splits, chosen, kept, plots_dir, title, streams[0].verdicts)
     return metrics, paths
 
@@ -181,7 +165,7 @@ def _coverage(parts: list[Embedded], streams, ctx: DistContext) -> dict[str, flo
 
 def _plots(metrics: dict, eval_cfg, data_cfg, splits, chosen: list[int], kept: dict, plots_dir, title: str,
            verdicts) -> list:
-    """Recall@K against K, and a grid of the ``chosen`` queries' nearest gallery images (``kept``: their
+    """Recall@K against K, and the ``chosen`` queries' nearest gallery images (``kept``: their
     merged neighbours' gallery image ids and relevance)."""
     from pathlib import Path
 
@@ -195,14 +179,14 @@ def _plots(metrics: dict, eval_cfg, data_cfg, splits, chosen: list[int], kept: d
     paths = [plots.recall_curve(metrics, eval_cfg.recall_ks, plots_dir / "recall_at_k.png",
                                 f"{what}{', ' + title if title else ''}")]
     if chosen:
-        lists = [kept[q][0][:eval_cfg.grid_k] for q in chosen]
+        lists = [kept[q][0][:eval_cfg.example_k] for q in chosen]
         g_ids = np.array(sorted({n for ids in lists for n in ids if n >= 0}), dtype=np.int64)
         where = {int(n): i for i, n in enumerate(g_ids)}
         neighbours = np.array([[where.get(n, -1) for n in ids] for ids in lists], dtype=np.int64)
-        relevant = np.array([kept[q][1][:eval_cfg.grid_k] for q in chosen], dtype=bool)
+        relevant = np.array([kept[q][1][:eval_cfg.example_k] for q in chosen], dtype=bool)
         q_images = images_by_id(data_cfg, splits[0], chosen, verdicts)
         g_images = q_images if len(splits) == 1 else {}
         g_images = {**g_images, **images_by_id(data_cfg, splits[-1], [int(n) for n in g_ids], verdicts)}
-        paths.append(plots.retrieval_grid(list(range(len(chosen))), neighbours, relevant, np.array(chosen), g_ids,
-                                          q_images, g_images, plots_dir / "retrieval_grid.png"))
+        paths.append(plots.nearest_neighbours(list(range(len(chosen))), neighbours, relevant, np.array(chosen), g_ids,
+                                              q_images, g_images, plots_dir / "nearest_neighbours.png"))
     return paths

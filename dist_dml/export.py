@@ -80,7 +80,7 @@ MODEL_FILE = "model.json"  # beside exported embeddings and in an index folder: 
 
 
 def write_embeddings(embedded, out: Path, part: int, fmt: str = "npy") -> list[Path]:
-    """One part of an exported split (an evaluation.Embedded with names): npy files, or one parquet
+    """One part of an exported split (an sharded.Embedded with names): npy files, or one parquet
     file (id, label, class, item, embedding)."""
     out.mkdir(parents=True, exist_ok=True)
     emb_np = embedded.embeddings.float().cpu().numpy()

@@ -31,9 +31,9 @@ class Meter:
     INACTIVE_WINDOWS = 3  # log windows in a row without an active pair that count as a collapse
 
     def __init__(self, ctx: DistContext, config):
-        """``config``: the run's config (train.log_every, train.collapse_spread)."""
-        self.ctx, self.every, self.total = ctx, config.train.log_every, 0
-        self.collapse_spread = config.train.collapse_spread  # a window's mean embedding spread below: a collapse
+        """``config``: the train section (log_every, collapse_spread)."""
+        self.ctx, self.every, self.total = ctx, config.log_every, 0
+        self.collapse_spread = config.collapse_spread  # a window's mean embedding spread below: a collapse
         self.inactive_windows, self.collapsed = 0, False
         self.start_step, self.start_time, self.last_time = 0, time.time(), time.time()
         self.skipped = 0

@@ -1,4 +1,5 @@
-"""Plots for MLflow: sampled-negative distances against q(d), Recall@K against K, a retrieval grid."""
+"""Plots for MLflow: sampled-negative distances against q(d), Recall@K against K, a few queries' nearest neighbours,
+R@1 per cell of `dist-dml grid`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -69,7 +70,7 @@ def recall_curve(metrics: dict[str, float], ks, path: Path, title: str = "Recall
     return path
 
 
-def retrieval_grid(queries: list[int], neighbours: np.ndarray, relevant: np.ndarray, query_ids: np.ndarray,
+def nearest_neighbours(queries: list[int], neighbours: np.ndarray, relevant: np.ndarray, query_ids: np.ndarray,
                    gallery_ids: np.ndarray, query_images: dict, gallery_images: dict, path: Path) -> Path:
     """One row per query: the query, then its nearest gallery images framed green (right) or red (wrong).
 

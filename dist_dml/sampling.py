@@ -164,7 +164,7 @@ def _block_pairs(groups: _Groups, anchors: Tensor, include_self: bool = False) -
 def _rowwise_searchsorted(sorted_rows: Tensor, row: Tensor, values: Tensor, right: bool) -> Tensor:
     """searchsorted of each ``values[i]`` in ``sorted_rows[row[i]]``, without copying a row per value.
 
-    The values are laid out as a (rows x max per row) grid padded with +inf, so one batched
+    The values are laid out as a (rows x max per row) table padded with +inf, so one batched
     searchsorted runs over the matrix in place.
     """
     if row.numel() == 0:
@@ -174,9 +174,9 @@ def _rowwise_searchsorted(sorted_rows: Tensor, row: Tensor, values: Tensor, righ
     first = torch.cumsum(counts, 0) - counts
     position = torch.empty_like(order)
     position[order] = torch.arange(order.numel(), device=row.device) - first[row[order]]
-    grid = torch.full((sorted_rows.shape[0], int(counts.max())), math.inf, dtype=sorted_rows.dtype, device=row.device)
-    grid[row, position] = values.to(sorted_rows.dtype)
-    found = torch.searchsorted(sorted_rows, grid, right=right)
+    padded = torch.full((sorted_rows.shape[0], int(counts.max())), math.inf, dtype=sorted_rows.dtype, device=row.device)
+    padded[row, position] = values.to(sorted_rows.dtype)
+    found = torch.searchsorted(sorted_rows, padded, right=right)
     return found[row, position]
 
 

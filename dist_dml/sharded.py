@@ -15,20 +15,74 @@ says so in its name), so it never gathers the whole split.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
+from torch import Tensor
 
 from dist_dml.distributed import DistContext
 
 
-def sharded_metrics(query: tuple, gallery: tuple | None, cfg, ctx: DistContext, use_gpu: bool = False,
+@dataclass
+class Embedded:
+    """Embeddings of images with their labels and image ids (tensors), and with ``names``, each image's
+    class and item (its source path or id); ``faults``: what could not be read (data.FAULTS)."""
+
+    embeddings: Tensor
+    labels: Tensor
+    image_ids: Tensor
+    classes: list[str] | None = None
+    items: list[str] | None = None
+    faults: dict[str, int] = field(default_factory=dict)
+    nonfinite: list[str] = field(default_factory=list)  # the first items whose embedding was not finite (left out)
+
+
+@dataclass(frozen=True)
+class _Arrays:
+    """A rank's share of a split as numpy arrays: embeddings (n x d), labels and image ids."""
+
+    emb: np.ndarray
+    lab: np.ndarray
+    ids: np.ndarray
+
+    @classmethod
+    def of(cls, part: Embedded) -> _Arrays:
+        return cls(_numpy(part.embeddings), _numpy(part.labels), _numpy(part.image_ids))
+
+    def by_id(self) -> _Arrays:
+        """In image-id order (faiss breaks ties by index, so index ties are id ties): no copy if sorted already."""
+        if len(self.ids) < 2 or bool(np.all(self.ids[1:] > self.ids[:-1])):
+            return self
+        order = np.argsort(self.ids, kind="stable")
+        return _Arrays(self.emb[order], self.lab[order], self.ids[order])
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every round of a sharded search shares: each rank's query count, the queries sent at a time, the
+    embedding width, the neighbours kept per query, whether queries and gallery are one split, the context."""
+
+    sizes: list[int]
+    chunk: int
+    dim: int
+    k: int
+    same: bool
+    ctx: DistContext
+
+    @property
+    def fetch(self) -> int:
+        return self.k + (1 if self.same else 0)  # the query itself, found in its own split, is dropped
+
+
+def sharded_metrics(query: Embedded, gallery: Embedded | None, cfg, ctx: DistContext, use_gpu: bool = False,
                     seed: int = 0, keep_ids=()) -> tuple[dict[str, float], dict]:
-    """Recall@K, R-Precision, MAP@R (and NMI) of this rank's ``query`` = (embeddings, labels, image ids)
-    against every rank's ``gallery`` (None: each query against the other items of the same split), as the
-    eval config ``cfg`` says (recall_ks, nmi, nmi_max_classes, query_chunk, index, ivf_*). Call on every
-    rank; every rank gets the metrics. One process is the case of one rank. Also returns, on every rank,
-    the merged neighbours (gallery image ids, relevant flags) of the queries whose image ids are in
-    ``keep_ids`` (for plots).
+    """Recall@K, R-Precision, MAP@R (and NMI) of this rank's ``query`` items against every rank's ``gallery``
+    (None: each query against the other items of the same split), as the eval config ``cfg`` says (recall_ks,
+    nmi, nmi_max_classes, query_chunk, index, ivf_*). Call on every rank; every rank gets the metrics. One
+    process is the case of one rank. Also returns, on every rank, the merged neighbours (gallery image ids,
+    relevant flags) of the queries whose image ids are in ``keep_ids`` (for plots).
 
     ``cfg.index="ivf"``: each rank searches its shard through a faiss IVF index (``ivf_nlist`` lists, 0: 4
     sqrt(shard); ``ivf_nprobe`` probed) instead of exactly: approximate, and much faster for millions.
@@ -38,41 +92,34 @@ def sharded_metrics(query: tuple, gallery: tuple | None, cfg, ctx: DistContext, 
     is probed), and the search runs with the lists found (reported as ``ivf_nprobe``)."""
     from dist_dml.search import Gallery
 
-    ks, chunk = tuple(cfg.recall_ks), cfg.query_chunk
-
+    ks = tuple(cfg.recall_ks)
     same = gallery is None
-    q_emb, q_lab, q_ids = (_numpy(t) for t in query)
-    g_emb, g_lab, g_ids = (q_emb, q_lab, q_ids) if same else (_numpy(t) for t in gallery)
-    if len(g_ids) > 1 and not bool(np.all(g_ids[1:] > g_ids[:-1])):  # sorted already: no copy of the shard
-        order = np.argsort(g_ids, kind="stable")  # local gallery in image-id order: faiss's index ties = id ties
-        g_emb, g_lab, g_ids = g_emb[order], g_lab[order], g_ids[order]
-    dim = q_emb.shape[1] if q_emb.ndim == 2 and q_emb.shape[1] else g_emb.shape[1]
-
-    counts, relevant_count, k = _relevant(q_lab, g_lab, same, ks, ctx)
-
-    sizes = [int(n) for n in ctx.all_gather_no_grad(torch.tensor([len(q_ids)], device=ctx.device)).cpu()]
-    local = (g_lab, g_ids)
-    fetch = k + (1 if same else 0)
-    shard = Gallery(g_emb, fetch + 8, use_gpu, kind=cfg.index, nlist=cfg.ivf_nlist, nprobe=cfg.ivf_nprobe) \
-        if len(g_ids) else None
+    queries = _Arrays.of(query)
+    shard = (queries if same else _Arrays.of(gallery)).by_id()
+    dim = queries.emb.shape[1] if queries.emb.ndim == 2 and queries.emb.shape[1] else shard.emb.shape[1]
+    counts, relevant_count, k = _relevant(queries.lab, shard.lab, same, ks, ctx)
+    sizes = [int(n) for n in ctx.all_gather_no_grad(torch.tensor([len(queries.ids)], device=ctx.device)).cpu()]
+    plan = _Plan(sizes, cfg.query_chunk, dim, k, same, ctx)
+    index = Gallery(shard.emb, plan.fetch + 8, use_gpu, kind=cfg.index, nlist=cfg.ivf_nlist, nprobe=cfg.ivf_nprobe) \
+        if len(shard.ids) else None
     approximate = {}
     if cfg.index == "ivf":  # the recall of the IVF search against exact, with nprobe raised to the target first
-        approximate = _ivf_recall(q_emb, q_ids, g_emb, local, shard, sizes, max(ks), same, cfg.ivf_check_queries,
-                                  dim, ctx, cfg.ivf_nprobe, cfg.ivf_target_recall)
+        approximate = _ivf_recall(dataclasses.replace(plan, chunk=4096, k=max(ks)), queries, shard, index,
+                                  cfg.ivf_check_queries, cfg.ivf_nprobe, cfg.ivf_target_recall)
     sums = np.zeros(len(ks) + 3)  # recall hits per K, R-precision sum, MAP@R sum, answerable count
     kept: dict[int, tuple[list[int], list[bool]]] = {}
     wanted = set(int(i) for i in keep_ids)
-    for owner, start, rows, merged_ids, labels in _rounds(q_emb, q_ids, sizes, chunk, dim, shard, local, k, same, ctx):
-        q_part = q_lab[start:start + rows]
+    for start, rows, merged_ids, labels in _rounds(plan, queries, shard, index):
+        q_part = queries.lab[start:start + rows]
         sums += _score(merged_ids, labels, q_part, relevant_count[start:start + rows], ks)
-        for row in np.flatnonzero(np.isin(q_ids[start:start + rows], list(wanted))) if wanted else ():
+        for row in np.flatnonzero(np.isin(queries.ids[start:start + rows], list(wanted))) if wanted else ():
             rel = (labels[row] == q_part[row]) & (merged_ids[row] >= 0)
-            kept[int(q_ids[start + row])] = (merged_ids[row].tolist(), rel.tolist())
+            kept[int(queries.ids[start + row])] = (merged_ids[row].tolist(), rel.tolist())
     metrics = {**_means(ctx.all_reduce_sum(torch.from_numpy(sums).to(ctx.device)).cpu().numpy(), ks, sum(sizes)),
                **approximate}
     if cfg.nmi:
-        metrics.update(_nmi(q_emb, q_lab, None if same else (g_emb, g_lab), counts, ctx, cfg.nmi_max_classes, use_gpu,
-                            seed))
+        metrics.update(_nmi(queries.emb, queries.lab, None if same else (shard.emb, shard.lab), counts, ctx,
+                            cfg.nmi_max_classes, use_gpu, seed))
     merged = {}
     for part in ctx.all_gather_object(kept):
         merged.update(part)
@@ -101,39 +148,39 @@ def _means(total: np.ndarray, ks, queries: int) -> dict[str, float]:
     return metrics
 
 
-def _rounds(q_emb, q_ids, sizes, chunk, dim, shard, local, k, same, ctx: DistContext, limit: int | None = None):
-    """Every rank's queries in turn, in chunks, searched against every rank's shard: yields, on the
-    chunk's owner only, (owner, start, rows, merged gallery ids [rows, k], their labels). ``limit``: at
-    most that many queries of each rank."""
+def _rounds(plan: _Plan, queries: _Arrays, shard: _Arrays, index, limit: int | None = None):
+    """Every rank's queries in turn, in chunks, searched against every rank's shard (through ``index``: a faiss
+    Gallery or an _Exact search; None where the shard is empty): yields, on the chunk's owner only, (start, rows,
+    merged gallery ids [rows, k], their labels). ``limit``: at most that many queries of each rank."""
     from dist_dml.search import knn
 
-    g_lab, g_ids = local
-    fetch = k + (1 if same else 0)
-    for owner, n in enumerate(sizes):
+    ctx, fetch = plan.ctx, plan.fetch
+    for owner, n in enumerate(plan.sizes):
         n = min(n, limit) if limit is not None else n
-        for start in range(0, n, chunk):
-            rows = min(chunk, n - start)
-            block = torch.zeros(rows, dim, dtype=torch.float32, device=ctx.device)
+        for start in range(0, n, plan.chunk):
+            rows = min(plan.chunk, n - start)
+            block = torch.zeros(rows, plan.dim, dtype=torch.float32, device=ctx.device)
             block_ids = torch.zeros(rows, dtype=torch.int64, device=ctx.device)
             if ctx.rank == owner:
-                block.copy_(torch.from_numpy(q_emb[start:start + rows]))
-                block_ids.copy_(torch.from_numpy(q_ids[start:start + rows]))
+                block.copy_(torch.from_numpy(queries.emb[start:start + rows]))
+                block_ids.copy_(torch.from_numpy(queries.ids[start:start + rows]))
             ctx.broadcast_(block, src=owner)
             ctx.broadcast_(block_ids, src=owner)
             found = np.full((rows, fetch, 2), -1, np.int64)  # (gallery image id, its label)
             found_scores = np.full((rows, fetch), -np.inf, np.float32)
-            if shard is not None:
-                queries = block.cpu().numpy()
-                scores, index = shard.search(queries, fetch) if isinstance(shard, _Exact) else knn(queries, shard, fetch)
-                width, hit = index.shape[1], index >= 0
+            if index is not None:
+                block_np = block.cpu().numpy()
+                scores, hits = index.search(block_np, fetch) if isinstance(index, _Exact) else knn(block_np, index, fetch)
+                width, hit = hits.shape[1], hits >= 0
                 found_scores[:, :width] = np.where(hit, scores, -np.inf)
-                found[:, :width, 0] = np.where(hit, g_ids[np.maximum(index, 0)], -1)
-                found[:, :width, 1] = np.where(hit, g_lab[np.maximum(index, 0)], -1)
+                found[:, :width, 0] = np.where(hit, shard.ids[np.maximum(hits, 0)], -1)
+                found[:, :width, 1] = np.where(hit, shard.lab[np.maximum(hits, 0)], -1)
             all_scores = ctx.all_gather_no_grad(torch.from_numpy(found_scores).to(ctx.device)[None]).cpu().numpy()
             all_found = ctx.all_gather_no_grad(torch.from_numpy(found).to(ctx.device)[None]).cpu().numpy()
             if ctx.rank == owner:
-                merged_ids, labels = _merge(all_scores, all_found, q_ids[start:start + rows] if same else None, k)
-                yield owner, start, rows, merged_ids, labels
+                own = queries.ids[start:start + rows] if plan.same else None
+                merged_ids, labels = _merge(all_scores, all_found, own, plan.k)
+                yield start, rows, merged_ids, labels
 
 
 class _Exact:
@@ -168,21 +215,21 @@ class _Exact:
         return best_s, best_i
 
 
-def _ivf_recall(q_emb, q_ids, g_emb, local, ivf, sizes, k, same, check, dim, ctx, nprobe: int,
+def _ivf_recall(plan: _Plan, queries: _Arrays, shard: _Arrays, ivf, check: int, nprobe: int,
                 target: float) -> dict[str, float]:
-    """The share of the exact top k that the IVF top k holds, on up to ``check`` queries (spread over the
-    ranks): what the approximate metrics are worth. With ``target`` > 0, ``nprobe`` doubles until the
+    """The share of the exact top ``plan.k`` that the IVF top k holds, on up to ``check`` queries (spread over
+    the ranks): what the approximate metrics are worth. With ``target`` > 0, ``nprobe`` doubles until the
     share reaches it or every list of every rank is probed; ``ivf`` is left searching with that many.
     Returns ivf_recall_at_k and ivf_nprobe, the same on every rank."""
+    ctx, k, sizes = plan.ctx, plan.k, plan.sizes
     limit = max(1, check // max(len(sizes), 1))
-    exact = [ids for *_, ids, _ in _rounds(q_emb, q_ids, sizes, 4096, dim, _Exact(g_emb) if ivf is not None else None,
-                                           local, k, same, ctx, limit)]
+    exact = [ids for *_, ids, _ in _rounds(plan, queries, shard, _Exact(shard.emb) if ivf is not None else None, limit)]
     most = int(ctx.all_reduce(torch.tensor([ivf.nlist if ivf is not None else 0], device=ctx.device), "max"))
     tried = []
     while True:
         if ivf is not None:
             ivf.set_nprobe(nprobe)
-        found = [ids for *_, ids, _ in _rounds(q_emb, q_ids, sizes, 4096, dim, ivf, local, k, same, ctx, limit)]
+        found = [ids for *_, ids, _ in _rounds(plan, queries, shard, ivf, limit)]
         hits = total = 0
         for a, b in zip(exact, found):
             for row_a, row_b in zip(a, b):

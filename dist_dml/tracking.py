@@ -35,12 +35,12 @@ PAUSE_S = 300.0  # after a failed call, tracking rests this long before it tries
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
-def model_requirements(config) -> list[str]:
+def model_requirements(model) -> list[str]:
     """What the logged model needs to serve (dist_dml itself travels with it as code)."""
     from importlib.metadata import PackageNotFoundError, version
 
     needed = ["torch", "torchvision", "numpy", "pyyaml", "pillow", "imagesize"]
-    if config.model.backbone.startswith("timm:"):
+    if model.backbone.startswith("timm:"):
         needed.append("timm")
     pins = []
     for name in needed:
@@ -66,7 +66,7 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None: ...
     def record_resume(self, step: int, changes: dict[str, tuple[Any, Any]]) -> None: ...
     def set_tag(self, key: str, value: str) -> None: ...
-    def log_model(self, checkpoint: Path, config) -> None: ...
+    def log_model(self, checkpoint: Path, model, image_size: int) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -96,7 +96,7 @@ class NullTracker:
     def set_tag(self, key, value):
         pass
 
-    def log_model(self, checkpoint, config):
+    def log_model(self, checkpoint, model, image_size):
         pass
 
     def close(self, status="FINISHED"):
@@ -150,6 +150,7 @@ def failure_message(uri: str, problem: str) -> str:
 
 class MlflowTracker:
     def __init__(self, config, ctx: DistContext, tags: dict[str, str], resume_run_id: str | None = None):
+        self.config = config  # the tracking section
         request_limits(config.timeout_s)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # in the middle of the training's log
         import mlflow
@@ -224,18 +225,19 @@ class MlflowTracker:
     def set_tag(self, key, value):
         self._call(f"tagging {key}", self.mlflow.set_tag, key, value)
 
-    def log_model(self, checkpoint, config):
+    def log_model(self, checkpoint, model, image_size):
         """The final model as an MLflow Model (pyfunc, from code: dist_dml/mlflow_model.py with the dist_dml
         package beside it; nothing pickled): uint8 (N, H, W, 3) images in, L2-normalised float32 (N, d)
-        embeddings out, with its signature and an input example; registered as tracking.register_as."""
+        embeddings out, with its signature and an input example; registered as tracking.register_as. ``model``: the
+        model section (its backbone and embedding width), ``image_size``: the example's."""
         from mlflow.models.signature import ModelSignature
         from mlflow.types.schema import Schema, TensorSpec
 
         import dist_dml
 
-        if not config.tracking.log_model:
+        if not self.config.log_model:
             return
-        size, dim = config.data.image_size, config.model.embedding_dim
+        size, dim = image_size, model.embedding_dim
         signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
                                    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]))
         example = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
@@ -243,8 +245,8 @@ class MlflowTracker:
         self._call("logging the model", self.mlflow.pyfunc.log_model, name="model",
                    python_model=str(package / "mlflow_model.py"), artifacts={"checkpoint": str(checkpoint)},
                    code_paths=[str(package)], signature=signature, input_example=example,
-                   pip_requirements=model_requirements(config),
-                   registered_model_name=config.tracking.register_as or None)
+                   pip_requirements=model_requirements(model),
+                   registered_model_name=self.config.register_as or None)
 
     def close(self, status="FINISHED"):
         """The last call, tried even while logging rests after a failure: otherwise the run shows as running in

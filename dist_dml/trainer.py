@@ -77,7 +77,8 @@ class Trainer:
             if ctx.is_main and note:
                 print(f"[train] warning: {note}", flush=True)
         verify(self.stream, ctx, "training")
-        self.checkpoints = CheckpointManager(cfg, ctx)  # the checkpoint to continue from, converted if need be
+        # The checkpoint to continue from, converted if need be.
+        self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.train.output_dir, ctx, cfg.to_dict())
         self.run_id = _own_run(cfg, ctx, self.checkpoints.target)
         # Before the engine: a tracking server that does not answer stops the run in seconds. A resume continues
         # its MLflow run, which the checkpoint's index names.
@@ -92,9 +93,11 @@ class Trainer:
     def _set_up(self) -> None:
         """The engine and the stateful parts, restored from the chosen checkpoint."""
         cfg, ctx = self.cfg, self.ctx
-        self.steps = {}  # the LR schedule's length, known once the data position is restored
+        # The LR schedule, over the steps a fresh run would take; its length is set again once the data position
+        # is restored (DeepSpeed needs the scheduler before the checkpoint loads, which tells the steps left).
+        self.schedule = cfg.optimizer.lr_lambda(cfg.train.steps or self.stream.remaining_steps(cfg.train.epochs))
         self.engine = self._engine()
-        self.data, self.meter = DataPosition(self.stream.position, ctx), Meter(ctx, cfg)
+        self.data, self.meter = DataPosition(self.stream.position, ctx), Meter(ctx, cfg.train)
         for name, part in (("data", self.data), ("meter", self.meter), ("rng", RngState()),
                            ("tracker", TrackerRun(self.tracker)), ("shapes", EngineShapes(self.engine))):
             self.checkpoints.register(name, part)
@@ -103,14 +106,13 @@ class Trainer:
             self.checkpoints.register("memory", self.memory)
         self.step = self.checkpoints.restore(self.engine)
         # Steps to the end of the last epoch from where the data stream stands (another world size: other steps).
-        self.total_steps = self.steps["total"] = cfg.train.steps or self.step + self.stream.remaining_steps(
-            cfg.train.epochs)
+        self.total_steps = cfg.train.steps or self.step + self.stream.remaining_steps(cfg.train.epochs)
+        self.schedule.total_steps = self.total_steps
         self.meter.begin(self.step, self.total_steps)
         self._say_resumed()
 
     def _engine(self) -> TrainEngine:
         cfg, ctx = self.cfg, self.ctx
-        schedule = _schedule(cfg.optimizer, cfg.train.steps or self.stream.remaining_steps(cfg.train.epochs), self.steps)
         torch.manual_seed(cfg.train.seed)
         weights = local_weights(cfg.model, ctx)  # fetched once per node where it is a download
         model = build_model(cfg.model, ctx.device, gather=ctx.all_gather_with_grad,  # BatchNorm as model.norm says
@@ -120,7 +122,7 @@ class Trainer:
         module = TrainModule(model, build_loss(sized_loss_config(cfg.loss, self.stream)))
         chunks = cfg.train.embedding_chunks  # DeepSpeed accumulates one backward pass per chunk (dist_dml.step)
         return TrainEngine(module, ctx, cfg.optimizer, cfg.deepspeed, micro_batch=cfg.data.local_batch // chunks,
-                           lr_lambda=schedule, universal=self.checkpoints.universal, accumulation=chunks)
+                           lr_lambda=self.schedule, universal=self.checkpoints.universal, accumulation=chunks)
 
     def _say_resumed(self) -> None:
         target = self.checkpoints.target
@@ -208,12 +210,12 @@ class Trainer:
         return results
 
     def _save(self) -> None:
-        share_norm_statistics(self.engine.module.model, self.cfg, self.ctx)
+        share_norm_statistics(self.engine.module.model, self.cfg.model.norm, self.ctx)
         self.checkpoints.save(self.engine, self.step, self.run_id)
 
     def _evaluate(self, tracker, final: bool = False) -> dict[str, float]:
         cfg, ctx, step = self.cfg, self.ctx, self.step
-        share_norm_statistics(self.engine.module.model, cfg, ctx)
+        share_norm_statistics(self.engine.module.model, cfg.model.norm, ctx)
         metrics, plot_paths = evaluate(self.engine.module.model, cfg.data, cfg.eval, ctx, progress=final,
                                        plots_dir=self.out / "plots" if final and cfg.eval.plots else None,
                                        title=f"{cfg.train.name}, step {step}", verdicts=self.verdicts)
@@ -239,7 +241,7 @@ class Trainer:
                 torch.save({"state_dict": state, "config": cfg.to_dict()}, tmp)
         except (OSError, RuntimeError) as exc:
             raise as_write_error(out / "final_model.pt", exc) from None
-        tracker.log_model(out / "final_model.pt", cfg)
+        tracker.log_model(out / "final_model.pt", cfg.model, cfg.data.image_size)
         if meter.histogram.sum() > 0 and cfg.eval.plots:
             (out / "plots").mkdir(exist_ok=True)
             plot = plots.negative_distances(meter.histogram.numpy(), cfg.model.embedding_dim, cfg.sampler.cutoff,
@@ -355,18 +357,6 @@ def hold_output(cfg: RunConfig, ctx: DistContext) -> RunFolder | None:
     return folder
 
 
-def _schedule(optimizer, total: int, holder: dict):
-    """The learning-rate multiplier at a step, over ``holder["total"]`` steps (set again once a resume tells
-    the steps left: at another world size an epoch has other steps). A function, not a callable object:
-    LambdaLR pickles callable objects into its state, which weights_only loading refuses."""
-    holder["total"] = total
-
-    def factor(step: int) -> float:
-        return optimizer.lr_lambda(holder["total"])(step)
-
-    return factor
-
-
 def _global_draws(draws: tuple[np.ndarray, np.ndarray], ctx: DistContext) -> np.ndarray:
     """The epoch's draws per record over all ranks, from StreamPosition.local_draws (a collective)."""
     before, here = draws
@@ -374,10 +364,10 @@ def _global_draws(draws: tuple[np.ndarray, np.ndarray], ctx: DistContext) -> np.
     return before + summed
 
 
-def share_norm_statistics(model: torch.nn.Module, cfg: RunConfig, ctx: DistContext) -> None:
-    """model.norm=local: rank 0's BatchNorm buffers on every rank, so that all ranks embed alike and a
+def share_norm_statistics(model: torch.nn.Module, norm: str, ctx: DistContext) -> None:
+    """``norm`` (model.norm) local: rank 0's BatchNorm buffers on every rank, so that all ranks embed alike and a
     checkpoint holds the statistics every rank evaluates with (sync computes them alike on every rank;
     frozen never changes them)."""
-    if cfg.model.norm == "local":
+    if norm == "local":
         for buffer in model.buffers():
             ctx.broadcast_(buffer)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dist_dml.backbones import backbone_spec
 from dist_dml.errors import UserError, one_line
 
 PROBE_TIMEOUT_S = 5.0
@@ -69,8 +70,6 @@ class Download:
 
 def download_of(config) -> Download | None:
     """The download behind ``config`` (a ModelConfig): None for none or a local file."""
-    from dist_dml.models import backbone_spec
-
     source = config.weights_source
     spec = backbone_spec(config.backbone)
     if source == "torchvision":
@@ -213,8 +212,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_backbone_weights(backbone: nn.Module, path: Path, config) -> str:
     """Load ``path`` into ``backbone``; a line saying what was loaded and what was left out. A key the
     backbone has and the file lacks, or a tensor of another shape, is a WeightsError naming it."""
-    from dist_dml.models import backbone_spec
-
     state = read_state_dict(path)
     spec = backbone_spec(config.backbone)
     if spec.library == "timm":  # timm's own adaptation of its checkpoints (e.g. a ViT's position embedding)

@@ -46,7 +46,7 @@ def build_module(backbone: str = "linear") -> TrainModule:
     if backbone == "linear":
         net, features = nn.Sequential(nn.Linear(IN_DIM, FEATURES), nn.BatchNorm1d(FEATURES), nn.Tanh()), FEATURES
     else:
-        from dist_dml.models import backbone_spec
+        from dist_dml.backbones import backbone_spec
 
         net, features = backbone_spec(backbone).build(IMAGE_SIZE)
     return TrainModule(EmbeddingModel(net, features, EMBED), build_loss(LOSS))
@@ -117,8 +117,6 @@ def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync", p
 def embed_on_every_rank(engine, ctx) -> dict:
     """Each rank embeds the same images in eval mode, before and after the trainer's broadcast of rank
     0's BatchNorm statistics: {"before": [per-rank embeddings], "after": [...]}."""
-    from dist_dml.config import RunConfig
-    from dist_dml.models import ModelConfig
     from dist_dml.trainer import share_norm_statistics
 
     x = torch.randn(6, IN_DIM, generator=torch.Generator().manual_seed(99))
@@ -126,7 +124,7 @@ def embed_on_every_rank(engine, ctx) -> dict:
     out = {}
     for when in ("before", "after"):
         if when == "after":
-            share_norm_statistics(model, RunConfig(model=ModelConfig(norm="local")), ctx)
+            share_norm_statistics(model, "local", ctx)
         model.eval()
         with torch.no_grad():
             out[when] = list(ctx.all_gather_no_grad(model(x).unsqueeze(0)).cpu())

@@ -10,7 +10,7 @@ import torch
 
 from dist_dml.config import EvalConfig
 from dist_dml.distributed import DistContext
-from dist_dml.sharded import sharded_metrics
+from dist_dml.sharded import Embedded, sharded_metrics
 
 KS = (1, 2, 4, 8)
 KEEP = (3, 17, 42)
@@ -41,7 +41,7 @@ def main(mode: str, out: str) -> None:
     ctx = DistContext.from_env(device="cpu")
     ctx.init_process_group()
     query, gallery = sets(mode)
-    mine = lambda part: tuple(torch.from_numpy(a[owners(part[1], ctx.world_size) == ctx.rank]) for a in part)  # noqa: E731
+    mine = lambda part: Embedded(*(torch.from_numpy(a[owners(part[1], ctx.world_size) == ctx.rank]) for a in part))  # noqa: E731
     metrics, kept = sharded_metrics(mine(query), None if gallery is None else mine(gallery),
                                     EvalConfig(recall_ks=KS, nmi=False, query_chunk=16), ctx, keep_ids=KEEP)
     if ctx.is_main:

@@ -45,7 +45,7 @@ class Counter:
 
 def manager(shards: Path, out: Path, **extra) -> tuple[CheckpointManager, dict[str, Counter]]:
     cfg = load_config(CONFIG, tiny_overrides(shards, out, **{"checkpoint.keep_last": 3, **extra}))
-    checkpoints = CheckpointManager(cfg, DistContext())
+    checkpoints = CheckpointManager(cfg.checkpoint, cfg.train.output_dir, DistContext(), cfg.to_dict())
     parts = {"data": Counter(), "meter": Counter()}
     for name, part in parts.items():
         checkpoints.register(name, part)

@@ -8,12 +8,12 @@ import torch
 from dist_dml.config import EvalConfig
 from dist_dml.distributed import DistContext
 from dist_dml.search import build_index, clustering_nmi, knn, load_index, save_index
-from dist_dml.sharded import sharded_metrics
+from dist_dml.sharded import Embedded, sharded_metrics
 
 
 def metrics_of(query, qlab, gallery=None, glab=None, ks=(1,)) -> dict:
     """The evaluation's metrics in one process (the sharded search at one rank; image ids = row indices)."""
-    as_set = lambda e, lab: (torch.from_numpy(e), torch.from_numpy(np.asarray(lab)), torch.arange(len(e)))  # noqa: E731
+    as_set = lambda e, lab: Embedded(torch.from_numpy(e), torch.from_numpy(np.asarray(lab)), torch.arange(len(e)))  # noqa: E731
     metrics, _ = sharded_metrics(as_set(query, qlab), None if gallery is None else as_set(gallery, glab),
                                  EvalConfig(recall_ks=tuple(ks), nmi=False), DistContext())
     return metrics
@@ -220,11 +220,11 @@ def test_ivf_reports_its_recall_against_exact():
     emb, labels, ids = (torch.from_numpy(a) for a in dataset(2000, 50, 4))
     ivf = lambda **kw: EvalConfig(recall_ks=KS, nmi=False, index="ivf", ivf_nlist=16, ivf_check_queries=300,  # noqa: E731
                                   ivf_target_recall=0.0, **kw)
-    exact, _ = sharded_metrics((emb, labels, ids), None, EvalConfig(recall_ks=KS, nmi=False), DistContext())
-    full, _ = sharded_metrics((emb, labels, ids), None, ivf(ivf_nprobe=16), DistContext())
+    exact, _ = sharded_metrics(Embedded(emb, labels, ids), None, EvalConfig(recall_ks=KS, nmi=False), DistContext())
+    full, _ = sharded_metrics(Embedded(emb, labels, ids), None, ivf(ivf_nprobe=16), DistContext())
     assert full.pop("ivf_recall_at_8") == 1.0 and full.pop("ivf_nprobe") == 16
     assert full == pytest.approx(exact, rel=1e-12)
-    rough, _ = sharded_metrics((emb, labels, ids), None, ivf(ivf_nprobe=1), DistContext())
+    rough, _ = sharded_metrics(Embedded(emb, labels, ids), None, ivf(ivf_nprobe=1), DistContext())
     assert 0.0 < rough["ivf_recall_at_8"] < 1.0
     assert rough["ivf_nprobe"] == 1.0
 
@@ -236,7 +236,7 @@ def test_ivf_target_recall_raises_the_lists_probed_to_the_fewest_that_reach_it()
     from tests.sharded_worker import KS, dataset
 
     emb, labels, ids = (torch.from_numpy(a) for a in dataset(2000, 50, 4))
-    run = lambda **kw: sharded_metrics((emb, labels, ids), None, EvalConfig(  # noqa: E731
+    run = lambda **kw: sharded_metrics(Embedded(emb, labels, ids), None, EvalConfig(  # noqa: E731
         recall_ks=KS, nmi=False, index="ivf", ivf_nlist=16, ivf_check_queries=300, **{"ivf_target_recall": 0.0, **kw}),
         DistContext())[0]
     tuned = run(ivf_nprobe=1, ivf_target_recall=0.8)
@@ -245,7 +245,7 @@ def test_ivf_target_recall_raises_the_lists_probed_to_the_fewest_that_reach_it()
     fixed = run(ivf_nprobe=chosen)
     assert fixed == tuned  # the search ran with the lists chosen
     assert run(ivf_nprobe=chosen // 2)["ivf_recall_at_8"] < 0.8
-    exact, _ = sharded_metrics((emb, labels, ids), None, EvalConfig(recall_ks=KS, nmi=False), DistContext())
+    exact, _ = sharded_metrics(Embedded(emb, labels, ids), None, EvalConfig(recall_ks=KS, nmi=False), DistContext())
     full = run(ivf_nprobe=1, ivf_target_recall=1.0)
     assert full.pop("ivf_recall_at_8") == 1.0 and full.pop("ivf_nprobe") <= 16
     assert full == pytest.approx(exact, rel=1e-12)

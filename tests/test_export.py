@@ -40,7 +40,7 @@ def test_eval_command_matches_in_memory_brute_force(checkpoint, tmp_path, capsys
     sim.fill_diagonal_(-float("inf"))
     top = torch.sort(-sim, dim=1, stable=True).indices[:, 0]
     assert metrics["recall_at_1"] == pytest.approx(float((labels[top] == labels).float().mean()))
-    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"recall_at_k.png", "retrieval_grid.png"}
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"recall_at_k.png", "nearest_neighbours.png"}
 
 
 @pytest.mark.parametrize("fmt", ["npy", "parquet"])

@@ -122,15 +122,15 @@ def test_a_resume_refuses_another_runs_checkpoint_unless_told(tiny_shards, tmp_p
     RunFolder(out).claim("aaaa")
     cfg = load_config(CONFIG, overrides(tiny_shards, out))
     with pytest.raises(CheckpointError, match="written by run bbbb, but .* belongs to run aaaa"):
-        resume_target(cfg)
+        resume_target(cfg.checkpoint, cfg.train.output_dir)
     told = load_config(CONFIG, overrides(tiny_shards, out, **{"checkpoint.allow_other_run": True}))
-    assert resume_target(told) == other
+    assert resume_target(told.checkpoint, told.train.output_dir) == other
     chosen = load_config(CONFIG, overrides(tiny_shards, out, **{"checkpoint.resume": str(out / "checkpoints/step00000075")}))
-    assert resume_target(chosen).name == "step00000075"
+    assert resume_target(chosen.checkpoint, chosen.train.output_dir).name == "step00000075"
     shutil.rmtree(other)
-    assert resume_target(cfg).name == "step00000075"
+    assert resume_target(cfg.checkpoint, cfg.train.output_dir).name == "step00000075"
     fake_checkpoint(out, 90, None)  # written before checkpoints named their run: taken as the folder's
-    assert resume_target(cfg).name == "step00000090"
+    assert resume_target(cfg.checkpoint, cfg.train.output_dir).name == "step00000090"
 
 
 # --- mistakes about the folder are one line ----------------------------------------------------------

@@ -119,7 +119,7 @@ def test_mlflow_server_has_params_metrics_artifacts(trained, mlflow_server):
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in paths
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert plots == {"plots/negative_distances.png", "plots/recall_at_k.png", "plots/retrieval_grid.png"}
+    assert plots == {"plots/negative_distances.png", "plots/recall_at_k.png", "plots/nearest_neighbours.png"}
 
 
 def test_the_final_model_is_a_registered_mlflow_model_that_embeds_as_dist_dml_embed(trained, mlflow_server, tmp_path):
