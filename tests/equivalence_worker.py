@@ -36,6 +36,11 @@ def optimizer_for(backbone: str) -> OptimizerConfig:
 SAMPLER = SamplerConfig(kind="distance_weighted", seed=7)
 
 
+def sampler_config(kind: str = "distance_weighted") -> SamplerConfig:
+    """The problems' sampler: distance-weighted, or another kind with the same seed."""
+    return SamplerConfig(kind=kind, seed=SAMPLER.seed)
+
+
 IMAGE_SIZE = 32  # the inputs of a timm backbone: GLOBAL_BATCH random 3 x 32 x 32 images
 
 
@@ -68,7 +73,8 @@ def global_batch(step: int, scenario: str, world_size: int, backbone: str = "lin
 
 
 def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync", precision: str = "fp32",
-        backbone: str = "linear", device: str = "cpu", memory: int = 0, chunks: int = 1) -> dict:
+        backbone: str = "linear", device: str = "cpu", memory: int = 0, chunks: int = 1,
+        sampler: str = "distance_weighted") -> dict:
     """Per ZeRO stage, what rank 0 saw (with ``chunks`` > 1, each step through dist_dml.step's chunked path)."""
     from dist_dml.accelerator import configure
     from dist_dml.distributed import DistContext
@@ -90,7 +96,7 @@ def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync", p
         engine = TrainEngine(module, ctx, optimizer_for(backbone), DeepSpeedConfig(zero_stage=stage, precision=precision),
                              micro_batch=local // chunks, accumulation=chunks)
         bank = CrossBatchMemory(MemoryConfig(size=memory), EMBED, ctx.device) if memory else None
-        objective = GlobalBatchObjective(build_sampler(SAMPLER), engine.module.loss, ctx, bank)
+        objective = GlobalBatchObjective(build_sampler(sampler_config(sampler)), engine.module.loss, ctx, bank)
         record = {"loss": [], "grads": [], "beta": [], "memory": [], "from_memory": []}
         for step in range(steps):
             x, labels, ids = global_batch(step, scenario, ctx.world_size, backbone)
@@ -148,11 +154,12 @@ def beta_against_masters(engine, labels, ids) -> dict:
 
 
 def run_job(zero: list[int], steps: int = 3, scenario: str = "normal", norm: str = "sync", precision: str = "fp32",
-            backbone: str = "linear", device: str = "cpu", memory: int = 0, chunks: list[int] = (1,)) -> dict:
+            backbone: str = "linear", device: str = "cpu", memory: int = 0, chunks: list[int] = (1,),
+            sampler: str = "distance_weighted") -> dict:
     """run() per chunks value: keyed by stage, or by (stage, chunks) where several chunks are compared."""
     results = {}
     for n in chunks:
-        found = run(zero, steps, scenario, norm, precision, backbone, device, memory, n)
+        found = run(zero, steps, scenario, norm, precision, backbone, device, memory, n, sampler)
         results.update(found if list(chunks) == [1] else {(stage, n): r for stage, r in found.items()})
     return results
 

@@ -21,7 +21,10 @@ STEPS = 3
 JOBS = {
     1: {"chunks": {"zero": [0, 2], "steps": STEPS, "norm": "frozen", "chunks": [1, 4]}},
     2: {"plain": {"zero": [0, 2], "steps": STEPS},
-        "timm": {"zero": [2], "steps": STEPS, "backbone": "timm:test_resnet"},
+        # Random negatives: distance-weighted draws are discontinuous in the distances, and after an optimizer step
+        # the float32 difference between 2 ranks and 1 process (1e-7) flipped one draw of this deeper model (the
+        # steps after it then differ by a whole triplet). The draws' exactness is the linear jobs' to test.
+        "timm": {"zero": [2], "steps": STEPS, "backbone": "timm:test_resnet", "sampler": "random"},
         "memory": {"zero": [0, 2], "steps": 4, "memory": 48},
         "chunks": {"zero": [0, 2], "steps": STEPS, "norm": "frozen", "chunks": [1, 4]},
         "lonely": {"zero": [0, 2], "steps": 2, "scenario": "lonely"},
@@ -51,12 +54,12 @@ def launched(tmp_path_factory):
 
 
 def single_process_reference(steps: int, scenario: str, world_size: int, backbone: str = "linear",
-                             memory: int = 0) -> dict:
+                             memory: int = 0, sampler: str = "distance_weighted") -> dict:
     """Plain PyTorch, no DeepSpeed, no process group: the whole global batch in one process; with a memory,
     the last ``memory`` embeddings of the earlier steps (detached) after it as candidates, kept by hand."""
     module = problem.build_module(backbone)
     optimizer = build_optimizer(module, problem.optimizer_for(backbone))
-    sampler = build_sampler(problem.SAMPLER)
+    sampler = build_sampler(problem.sampler_config(sampler))
     record = {"loss": [], "grads": [], "beta": [], "memory": []}
     bank = CrossBatchMemory(MemoryConfig(size=memory), problem.EMBED) if memory else None
     for step in range(steps):
@@ -127,7 +130,7 @@ def test_a_timm_backbone_on_two_ranks_equals_one_process(launched):
     """timm:test_resnet (BatchNorm2d layers, made global-batch BatchNorm by model.norm=sync) on 32-px
     images, under SGD (see equivalence_worker.SGD): 2 ranks under ZeRO 2 give the single process's loss,
     gradients, parameters and BatchNorm statistics."""
-    reference = single_process_reference(STEPS, "normal", 2, "timm:test_resnet")
+    reference = single_process_reference(STEPS, "normal", 2, "timm:test_resnet", sampler="random")
     assert any("running_mean" in name and buffer.abs().max() > 1e-3 for name, buffer in reference["buffers"].items())
     assert_same_run(launched(2, "timm")[2], reference)
 
