@@ -32,7 +32,7 @@ with deepspeed_import():  # without MLflow, which DeepSpeed's autotuner would im
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_set_full_fp32_param
     from deepspeed.utils.tensor_fragment import fragment_address
 
 
@@ -280,6 +280,10 @@ class TrainEngine:
         # loading its CPU op.
         with _without_lines("built successfully"):
             deepspeed.init_distributed(dist_backend=ctx.backend, auto_mpi_discovery=False, verbose=False)
+        # beta's exact values: under bf16/fp16 DeepSpeed casts the module before it makes the fp32 masters, which then
+        # start rounded (beta_init 1.2 became 1.203125, a 0.26% shift of every margin term's boundary).
+        loss = getattr(module, "loss", None)
+        exact_beta = {name: p.detach().float().clone() for name, p in loss.named_parameters()} if loss is not None else {}
         torch_optimizer = build_optimizer(module, optimizer)
         # Each param group's elements, in the optimizer's order: what ZeRO partitions over the ranks (a checkpoint's
         # index keeps them, for the launch check of a resume at another world size).
@@ -297,6 +301,9 @@ class TrainEngine:
         self.universal = universal
         if universal:
             patches.universal_load_past_trailing_empty_groups(self.engine.optimizer)
+        if self.low_precision:  # the masters start at beta's exact initial values (a checkpoint loaded later wins)
+            for name, param in self.engine.module.loss.named_parameters() if exact_beta else ():
+                safe_set_full_fp32_param(param, exact_beta[name].to(param.device))
         self._share_beta_masters()
 
     def _share_beta_masters(self) -> None:
