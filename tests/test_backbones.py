@@ -83,11 +83,27 @@ def test_pretrained_weights_offline_with_an_empty_cache_are_one_line(weights, ti
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_the_downloads_server_is_probed_not_waited_for(tmp_path):
+def test_the_downloads_server_is_probed_not_waited_for(tmp_path, monkeypatch):
+    """A server that accepts the connection and never answers (a firewall, a proxy that hangs) is given up after
+    the probe's timeout, not waited for: with the timeout set to 1 s, the probe ends after about 1 s, not 5 and
+    not never (a refused port, which answers at once, would pass whatever the timeout)."""
+    import socket
+    import time
+
+    import dist_dml.weights as weights
     from dist_dml.distributed import free_port
 
     closed = f"http://127.0.0.1:{free_port()}/resnet18-f37072fd.pth"  # nothing listens there
     assert offline_reason(closed) is not None
+    monkeypatch.setattr(weights, "PROBE_TIMEOUT_S", 1.0)
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(8)
+        start = time.monotonic()
+        reason = offline_reason(f"http://127.0.0.1:{hole.getsockname()[1]}/resnet18-f37072fd.pth")
+        elapsed = time.monotonic() - start
+    assert reason is not None and "timed out" in reason
+    assert 0.9 <= elapsed < 4.5, elapsed  # the 1 s timeout, not the default 5 s
 
 
 def test_a_cached_download_needs_no_network(tmp_path, monkeypatch, capsys):

@@ -224,9 +224,20 @@ def test_ivf_reports_its_recall_against_exact():
     full, _ = sharded_metrics(Embedded(emb, labels, ids), None, ivf(ivf_nprobe=16), DistContext())
     assert full.pop("ivf_recall_at_8") == 1.0 and full.pop("ivf_nprobe") == 16
     assert full == pytest.approx(exact, rel=1e-12)
-    rough, _ = sharded_metrics(Embedded(emb, labels, ids), None, ivf(ivf_nprobe=1), DistContext())
+    checked = ids[:300].tolist()  # the queries the recall check takes (ivf_check_queries, in order)
+    rough, kept = sharded_metrics(Embedded(emb, labels, ids), None, ivf(ivf_nprobe=1), DistContext(), keep_ids=checked)
     assert 0.0 < rough["ivf_recall_at_8"] < 1.0
     assert rough["ivf_nprobe"] == 1.0
+    # An independent count: the IVF search's own top 8 of those queries (its merged lists) against a brute-force
+    # top 8 by (similarity down, id up), the query itself left out.
+    x = emb.numpy().astype(np.float64)
+    overlap = 0
+    for q in checked:
+        sim = x @ x[q]
+        sim[q] = -np.inf
+        exact = set(sorted(range(len(x)), key=lambda j: (-sim[j], j))[:8])
+        overlap += len(exact & set(kept[q][0][:8]))
+    assert abs(rough["ivf_recall_at_8"] - overlap / (8 * len(checked))) <= 2 / (8 * len(checked))  # a tie at most
 
 
 def test_ivf_target_recall_raises_the_lists_probed_to_the_fewest_that_reach_it():

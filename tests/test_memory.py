@@ -50,20 +50,22 @@ def test_memory_items_receive_no_gradient_and_the_batch_gets_the_loss_with_memor
     torch.manual_seed(0)
     memory = CrossBatchMemory(MemoryConfig(size=MEMORY), 6)
     x, labels = batch_and_memory(4)
-    memory.enqueue(x[BATCH:], labels[BATCH:], torch.arange(MEMORY) + 1000, step=0)
+    # The remembered embeddings come out of a graph, as a step's global batch does: nothing may flow back into it.
+    earlier = x[BATCH:].clone().requires_grad_()
+    memory.enqueue(earlier * 1.0, labels[BATCH:], torch.arange(MEMORY) + 1000, step=0)
     loss = build_loss(LossConfig(kind="triplet"))
     objective = GlobalBatchObjective(build_sampler(SamplerConfig(kind="hard")), loss, DistContext(), memory)
     local = x[:BATCH].clone().requires_grad_()
     result = objective(local, labels[:BATCH], torch.arange(BATCH), step=1)
     result.output.loss.backward()
-    assert not memory.embeddings.requires_grad and memory.embeddings.grad is None
+    assert earlier.grad is None and not memory.contents()[0].requires_grad
     # The reference: the same triplets' loss over the batch with the memory as a constant tensor.
     leaf = x[:BATCH].clone().requires_grad_()
     candidates = torch.cat([leaf, memory.contents()[0]])
     ref_labels = torch.cat([labels[:BATCH], memory.contents()[1]])
     ref = loss(candidates, ref_labels, torch.cat([torch.arange(BATCH), memory.contents()[2]]), result.triplets)
     ref.loss.backward()
-    assert float(result.output.loss) == pytest.approx(float(ref.loss), rel=1e-6)
+    assert float(result.output.loss.detach()) == pytest.approx(float(ref.loss.detach()), rel=1e-6)
     torch.testing.assert_close(local.grad, leaf.grad)
     assert result.memory["memory_negatives"] > 0 and result.memory["memory_fill"] == MEMORY
     assert result.memory["memory_age_sum"] == result.memory["memory_draws"]  # every item is 1 step old
