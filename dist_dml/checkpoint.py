@@ -138,7 +138,8 @@ class Checkpointer:
     @staticmethod
     def _index(partial: Path, meta: dict) -> None:
         files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
-        write_atomically(partial / META, json.dumps({**meta, "files": files}, indent=1))  # last: it makes the checkpoint
+        # Last: the index makes the folder a checkpoint.
+        write_atomically(partial / META, json.dumps({**meta, "files": files}, indent=1))
 
     def _prune(self) -> None:
         """Remove checkpoints older than the ``keep_last`` newest whole ones, damaged ones older than the
@@ -271,9 +272,11 @@ def _saved_sizes(meta: dict, config) -> list[tuple[int, int, str]]:
         return sizes  # the config check reports the data
     loss = config.loss
     if shapes.get("beta_classes") and loss.beta_per_class:
-        sizes.append((int(shapes["beta_classes"]), loss.num_classes or int(split["classes"]), "a per-class beta table of size"))
+        sizes.append((int(shapes["beta_classes"]), loss.num_classes or int(split["classes"]),
+                      "a per-class beta table of size"))
     if shapes.get("beta_images") and loss.beta_per_image:
-        sizes.append((int(shapes["beta_images"]), loss.num_images or int(split["images"]), "a per-image beta table of size"))
+        sizes.append((int(shapes["beta_images"]), loss.num_images or int(split["images"]),
+                      "a per-image beta table of size"))
     if data.get("records"):
         records = sum(int(shard["records"]) for shard in split["shards"])
         sizes.append((int(data["records"]), records, f"a data position over a {config.data.train_split!r} "
@@ -286,7 +289,7 @@ def _world_size_problem(meta: dict, config, world_size: int | None) -> str | Non
 
     At another world size the state is converted to a universal checkpoint, which DeepSpeed 0.19 cannot load on a
     rank that holds no element of a param group followed by one it does hold elements of (IndexError; a group
-    empty on a rank *after* all its non-empty ones is left out: engine._load_universal_groups_with_a_share).
+    empty on a rank *after* all its non-empty ones is left out: patches.universal_load_past_trailing_empty_groups).
     ZeRO-1/2 pads each group's flat tensor to a multiple of 2 x world_size and gives each rank an equal slice,
     so the ranks past a small group's last element hold none of it: a small head before a large per-image beta
     table, at many ranks."""
@@ -360,8 +363,8 @@ class CheckpointManager:
         chosen = None
         if self.ctx.is_main:
             try:
-                chosen = ("path", str(resume_target(self.section, self.output_dir, report=lambda line: print(line, flush=True))
-                                      or ""))
+                say = lambda line: print(line, flush=True)  # noqa: E731
+                chosen = ("path", str(resume_target(self.section, self.output_dir, report=say) or ""))
             except CheckpointError as exc:
                 chosen = ("error", str(exc))
         kind, value = self.ctx.broadcast_object(chosen)

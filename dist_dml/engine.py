@@ -283,11 +283,12 @@ class TrainEngine:
         # beta's exact values: under bf16/fp16 DeepSpeed casts the module before it makes the fp32 masters, which then
         # start rounded (beta_init 1.2 became 1.203125, a 0.26% shift of every margin term's boundary).
         loss = getattr(module, "loss", None)
-        exact_beta = {name: p.detach().float().clone() for name, p in loss.named_parameters()} if loss is not None else {}
+        exact_beta = {} if loss is None else {name: p.detach().float().clone() for name, p in loss.named_parameters()}
         torch_optimizer = build_optimizer(module, optimizer)
         # Each param group's elements, in the optimizer's order: what ZeRO partitions over the ranks (a checkpoint's
         # index keeps them, for the launch check of a resume at another world size).
-        self.group_sizes = {group["name"]: sum(p.numel() for p in group["params"]) for group in torch_optimizer.param_groups}
+        self.group_sizes = {group["name"]: sum(p.numel() for p in group["params"])
+                            for group in torch_optimizer.param_groups}
         scheduler = torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lr_lambda) if lr_lambda else None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module.to(ctx.device),

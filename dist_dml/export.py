@@ -15,6 +15,7 @@ import torch
 
 from dist_dml.config import RunConfig, apply_overrides, build_config, load_config
 from dist_dml.errors import UserError, one_line
+from dist_dml.files import load_plain
 from dist_dml.models import EmbeddingModel, build_model
 
 
@@ -52,10 +53,7 @@ def _read(path: Path):
     """torch.load with weights_only=True; a file that is not a readable checkpoint is a UserError."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 -- weights_only unpickling of garbage raises anything: all mean "unreadable"
-        raise UserError(f"{path}: not a readable checkpoint ({one_line(exc, 200)})") from None
+    return load_plain(path, "checkpoint", UserError)
 
 
 def _shape_difference(model: torch.nn.Module, state: dict) -> str:

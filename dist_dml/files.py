@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,3 +48,27 @@ def _sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def load_plain(path: str | Path, what: str, error: type[Exception], prefix: str = ""):
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers of them, nothing that runs
+    code. A file that holds other Python objects, or that is no torch file at all, raises ``error`` ("PREFIX PATH:
+    ...", ``what`` naming what it should be: a checkpoint, a state dict), in our words: torch's own message on a
+    refused object goes on to explain how to load it unsafely, and cut to one line it reads as that advice."""
+    import pickle
+
+    import torch
+
+    from dist_dml.errors import one_line
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            held = f" ({found.group(1)})" if found else ""
+            raise error(f"{prefix}{path}: holds Python objects{held}, not a plain {what}: refused (never unpickled)") \
+                from None
+        raise error(f"{prefix}{path}: not a readable {what} ({one_line(exc, 200)})") from None
+    except Exception as exc:  # noqa: BLE001 -- a damaged or foreign file raises anything: all mean "unreadable"
+        raise error(f"{prefix}{path}: not a readable {what} ({one_line(exc, 200)})") from None

@@ -97,6 +97,10 @@ def run_grid(args: argparse.Namespace) -> int:
     settings = parse_settings(args.set or [])
     losses, samplers, seeds = _axes(args)
     grid = cells(losses, samplers, seeds, settings)
+    if len({cell.name for cell in grid}) < len(grid):
+        raise UserError("grid: two cells would share a folder name (their --set values differ only in characters "
+                        "a folder name cannot hold): " + ", ".join(sorted({c.name for c in grid if
+                                                                          [d.name for d in grid].count(c.name) > 1})))
     try:  # every cell's config, checked before the first training starts
         base = load_config(args.config, args.overrides)
         alpha_named = "loss.alpha" in settings or any(o.startswith("loss.alpha=") for o in args.overrides)

@@ -26,7 +26,7 @@ from dist_dml.config import RunConfig, dump_yaml
 from dist_dml.data import StreamPosition, TrainStream, Verdicts, verify
 from dist_dml.distributed import DistContext
 from dist_dml.engine import TrainEngine
-from dist_dml.errors import as_write_error
+from dist_dml.errors import UserError, as_write_error
 from dist_dml.evaluation import evaluate, evaluation_problem, format_metrics
 from dist_dml.losses import build_loss
 from dist_dml.memory import CrossBatchMemory
@@ -41,8 +41,11 @@ from dist_dml.weights import local_weights
 from dist_dml.files import replacing, write_atomically
 
 
-class TrainingStopped(RuntimeError):
-    pass
+class TrainingStopped(UserError, RuntimeError):
+    """train.max_bad_steps non-finite losses in a row: a designed stop (decided alike on every rank), not a crash:
+    one line and exit 2, and the launcher does not start the same run again."""
+
+    on_every_rank = True
 
 
 def train(cfg: RunConfig, ctx: DistContext) -> dict:
@@ -172,8 +175,9 @@ class Trainer:
                 bad_in_row += 1
                 meter.skipped += 1
                 if bad_in_row >= cfg.train.max_bad_steps:
-                    raise TrainingStopped(f"{bad_in_row} non-finite losses in a row at step {self.step}; "
-                                          "stopping (train.max_bad_steps)")
+                    raise TrainingStopped(f"{bad_in_row} non-finite losses in a row at step {self.step}; stopping "
+                                          "(train.max_bad_steps): lower optimizer.lr, or check model.weights and "
+                                          "the data; the last checkpoint is kept")
             self.step += 1
             position.consume(batch)
             finished = position.advance()

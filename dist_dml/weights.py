@@ -28,6 +28,7 @@ from torch import nn
 
 from dist_dml.backbones import backbone_spec
 from dist_dml.errors import UserError, one_line
+from dist_dml.files import load_plain
 
 PROBE_TIMEOUT_S = 5.0
 
@@ -191,21 +192,26 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors file or a torch file (weights_only): a checkpoint's "state_dict",
     "model" or "module" entry if it has one, without DDP's "module." prefix."""
     path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix != ".safetensors":
+        state = load_plain(path, "state dict", WeightsError, prefix="model.weights: ")
+    else:
+        try:
             from safetensors.torch import load_file
 
             state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 -- a damaged or foreign file raises anything
-        raise WeightsError(f"model.weights: {path} is not a readable state dict ({one_line(exc, 200)})") \
-            from None
+        except Exception as exc:  # noqa: BLE001 -- a damaged or foreign file raises anything
+            raise WeightsError(f"model.weights: {path} is not a readable state dict ({one_line(exc, 200)})") \
+                from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"model.weights: {path} holds no state dict of tensors")
+    for name, tensor in state.items():  # a NaN in the weights is a run that stops at its first step, later
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise WeightsError(f"model.weights: {path}: tensor {name!r} holds {bad} NaN or infinite value"
+                               f"{'s' if bad > 1 else ''} of {tensor.numel()}: refused")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 

@@ -55,11 +55,25 @@ def test_a_classifier_in_the_file_is_reported_and_left_out(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.pop("layer1.0.conv1.weight"), "lacks 1 of the .* tensors .*layer1.0.conv1.weight"),
     (lambda s: s.update({"conv1.weight": torch.zeros(64, 3, 5, 5)}), r"conv1.weight is \(64, 3, 5, 5\) there but"),
-], ids=["missing", "shape"])
+    (lambda s: s["layer1.0.conv1.weight"].fill_(float("nan")),
+     "tensor 'layer1.0.conv1.weight' holds 36864 NaN or infinite values of 36864: refused"),
+], ids=["missing", "shape", "nan"])
 def test_a_file_of_another_model_is_refused_in_one_line(edit, message, tmp_path, tiny_shards, capsys):
     saved_backbone("resnet18", tmp_path / "w.safetensors", edit)
     with pytest.raises(WeightsError, match=message):
         build_model(ModelConfig(backbone="resnet18"), weights=str(tmp_path / "w.safetensors"))
+
+
+def test_a_weights_file_holding_python_objects_is_refused_in_our_words(tmp_path):
+    """A .pth whose pickle names a Python class: refused without unpickling, in a line that says so (torch's own
+    message, cut to one line, ended in its advice to load with weights_only=False)."""
+    import argparse
+
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, tmp_path / "w.pth")
+    with pytest.raises(WeightsError) as refused:
+        build_model(ModelConfig(backbone="resnet18"), weights=str(tmp_path / "w.pth"))
+    assert "holds Python objects (argparse.Namespace), not a plain state dict: refused" in str(refused.value)
+    assert "weights_only" not in str(refused.value) and "False" not in str(refused.value)
 
 
 def offline_env(tmp_path: Path) -> dict:
