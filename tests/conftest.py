@@ -30,6 +30,17 @@ def torchrun(nproc: int, module: str, *args: str, timeout: float = HANG_GUARD_S)
     return proc
 
 
+@pytest.fixture(autouse=True)
+def environment_put_back():
+    """Every test leaves os.environ as it found it: a process group opened in a test's process exports RANK,
+    MASTER_PORT and the like, and a later test's launch inherited MASTER_PORT=29500 (and met its own busy port)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture
 def run_torchrun():
     return torchrun

@@ -12,6 +12,8 @@ from dist_dml.losses import LossOutput
 from dist_dml.objective import StepResult
 from dist_dml.sampling import Triplets
 
+from .conftest import as_own_process
+
 
 def test_a_skipped_non_finite_step_does_not_shift_the_learning_rate_schedule():
     """The rate at trainer step s is the schedule's at s, whether or not steps before it were skipped for a
@@ -31,7 +33,7 @@ def test_a_skipped_non_finite_step_does_not_shift_the_learning_rate_schedule():
         return StepResult(LossOutput(loss, one, one), empty)
 
     torch.manual_seed(0)
-    with process_group(DistContext(), 5) as ctx:
+    with as_own_process(), process_group(DistContext(), 5) as ctx:  # the group's variables put back after
         engine = TrainEngine(nn.Linear(4, 2), ctx, optimizer, DeepSpeedConfig(), micro_batch=3, lr_lambda=factor)
         rates, taken = [], []
         for step in range(total):
@@ -71,7 +73,7 @@ def test_chunks_with_dropout_give_one_pass_gradients_with_the_same_draws(precisi
     reference = dropout_module()
     if precision == "bf16":
         reference.model.to(torch.bfloat16)  # as DeepSpeed's bf16 runs the model; the loss and beta stay fp32
-    with process_group(DistContext(), 5) as ctx:
+    with as_own_process(), process_group(DistContext(), 5) as ctx:
         torch.manual_seed(123)
         local = torch.cat([reference(part) for part in x.chunk(4)])
         out = GlobalBatchObjective(sampler, reference.loss, ctx)(local, labels, ids, 0).output.loss
