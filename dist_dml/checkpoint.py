@@ -26,7 +26,7 @@ from typing import Protocol
 
 from dist_dml.distributed import DistContext
 from dist_dml.errors import UserError, as_write_error
-from dist_dml.files import write_atomically
+from dist_dml.files import parse_json, write_atomically
 
 META = "dist_dml.json"
 _TAG = re.compile(r"step(\d{8})")
@@ -54,7 +54,9 @@ def verify(folder: Path) -> str | None:
     """None if the checkpoint folder is whole per its index; else why not, in a few words."""
     folder = Path(folder)
     try:
-        files = json.loads((folder / META).read_text())["files"]
+        files = parse_json((folder / META).read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError
     except FileNotFoundError:
         return f"no {META} index (a save cut short, or written before dist-dml kept one)"
     except (ValueError, KeyError, TypeError):
@@ -163,9 +165,12 @@ class Checkpointer:
 def read_meta(checkpoint: Path) -> dict:
     """A checkpoint folder's META; {} for one written before it existed."""
     try:
-        return json.loads((Path(checkpoint) / META).read_text())
+        meta = parse_json((Path(checkpoint) / META).read_text())
     except FileNotFoundError:
         return {}
+    except ValueError:  # verify() reports it; nothing of it is used
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def saved_world_size(checkpoint: Path) -> int | None:

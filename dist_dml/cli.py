@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from dist_dml.errors import UserError, one_line
-from dist_dml.files import write_atomically
+from dist_dml.files import open_regular, read_regular, write_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -239,7 +239,7 @@ def _json_object(path: Path, remedy: str) -> dict:
     """A small JSON object file of ours (an index's meta.json, an export's model.json); a damaged one is a
     UserError that says what to do (``remedy``)."""
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(read_regular(path))
     except (ValueError, UnicodeDecodeError, OSError) as exc:
         raise UserError(f"{path}: damaged ({one_line(exc, 2000)}); {remedy}") from None
     if not isinstance(meta, dict):
@@ -321,8 +321,11 @@ def search_command(args: argparse.Namespace) -> int:
         print(f"dist-dml search: warning: {message}", file=sys.stderr)
     try:
         index = load_index(folder / "index.faiss")
-        columns = {name: np.load(folder / f"{name}.npy", allow_pickle=False)
-                   for name in ("ids", "labels", "classes", "items") if (folder / f"{name}.npy").is_file()}
+        columns = {}
+        for name in ("ids", "labels", "classes", "items"):
+            if (folder / f"{name}.npy").exists():
+                with open_regular(folder / f"{name}.npy") as f:
+                    columns[name] = np.load(f, allow_pickle=False)
     except (RuntimeError, ValueError, OSError) as exc:
         raise UserError(f"{folder}: the index is damaged ({one_line(exc, 200)}); build it again "
                         "with dist-dml index") from None

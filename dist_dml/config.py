@@ -20,6 +20,7 @@ import yaml
 from dist_dml.data import DataConfig
 from dist_dml.engine_config import DeepSpeedConfig, OptimizerConfig
 from dist_dml.errors import UserError
+from dist_dml.files import read_regular
 from dist_dml.losses import LossConfig
 from dist_dml.memory import MemoryConfig
 from dist_dml.models import ModelConfig
@@ -168,9 +169,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
     if path is not None:
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(read_regular(path).decode("utf-8", errors="replace")) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except OSError as exc:  # a folder, a FIFO, a device: never read (a FIFO would block for ever)
+            raise ConfigError(f"{path}: cannot be read as a config file ({exc.strerror or exc})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(raw, dict):

@@ -15,7 +15,7 @@ import torch
 
 from dist_dml.config import RunConfig, apply_overrides, build_config, load_config
 from dist_dml.errors import UserError, one_line
-from dist_dml.files import load_plain
+from dist_dml.files import load_plain, open_regular, read_regular
 from dist_dml.models import EmbeddingModel, build_model
 
 
@@ -154,7 +154,8 @@ def read_embeddings(folder: Path) -> Exported:
 def _load_npy(path: Path) -> np.ndarray:
     """One part's column: a plain array, never unpickled."""
     try:
-        array = np.load(path, allow_pickle=False)
+        with open_regular(path) as f:
+            array = np.load(f, allow_pickle=False)
     except FileNotFoundError:
         raise UserError(f"{path}: missing (each part has embeddings, labels, ids, classes and items)") from None
     except (ValueError, OSError, EOFError) as exc:
@@ -173,9 +174,11 @@ def embed_images(model: EmbeddingModel, config: RunConfig, paths: list[Path]) ->
     images = new_batch(len(paths), config.data.image_size)
     for path, out in zip(paths, images):
         try:
-            eval_image(Path(path).read_bytes(), config.data, out)
+            eval_image(read_regular(path), config.data, out)
         except ImageTooLarge as exc:
             raise UserError(f"{path}: refused: {exc}") from None
+        except OSError as exc:  # missing, a folder, a FIFO or a device (never read)
+            raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
         except (RuntimeError, ValueError):
             raise UserError(f"{path}: not a readable image (JPEG, PNG, WebP or GIF)") from None
     with torch.no_grad():

@@ -3,8 +3,11 @@ old file or the new one, never a part. The one way this package writes a file th
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +64,9 @@ def load_plain(path: str | Path, what: str, error: type[Exception], prefix: str 
 
     from dist_dml.errors import one_line
 
+    problem = regular_file_problem(path)
+    if problem:
+        raise error(f"{prefix}{problem}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -72,3 +78,57 @@ def load_plain(path: str | Path, what: str, error: type[Exception], prefix: str 
         raise error(f"{prefix}{path}: not a readable {what} ({one_line(exc, 200)})") from None
     except Exception as exc:  # noqa: BLE001 -- a damaged or foreign file raises anything: all mean "unreadable"
         raise error(f"{prefix}{path}: not a readable {what} ({one_line(exc, 200)})") from None
+
+
+def parse_json(text: str | bytes):
+    """``json.loads``, with a document nested deeper than Python's parser can follow (a hostile manifest of
+    100,000 brackets) a ValueError like any other malformed JSON, not a RecursionError."""
+    import json
+
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested deeper than a JSON document of ours ever is (thousands of levels)") from None
+
+
+class NotRegularFile(OSError):
+    """A path to read that is a named pipe, a device or a socket: opening it could block for ever or never end."""
+
+
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: str | Path, buffering: int = -1):
+    """``open(path, "rb")`` of a regular file only: a FIFO, a device or a socket is refused (NotRegularFile, an
+    OSError) without blocking on it, a folder is IsADirectoryError. Every local file the package reads opens
+    through here (or :func:`read_regular`)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO with no writer would block a plain open() for ever
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "a folder, not a file", str(path))
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+            raise NotRegularFile(errno.EINVAL, f"{kind}, not a regular file: refused", str(path))
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb", buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | Path) -> bytes:
+    """All the bytes of a regular file (see :func:`open_regular`)."""
+    with open_regular(path) as f:
+        return f.read()
+
+
+def regular_file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as a regular file (None if it can): for readers that open it themselves (torch,
+    numpy, faiss, PIL)."""
+    try:
+        open_regular(path).close()
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    return None

@@ -207,4 +207,8 @@ def save_index(index, path: Path) -> None:
 
 
 def load_index(path: Path):
+    """A saved index (save_index); a path that is not a regular file raises OSError (never opened by faiss)."""
+    from dist_dml.files import open_regular
+
+    open_regular(path).close()
     return faiss.read_index(str(path))

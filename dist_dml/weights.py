@@ -28,7 +28,7 @@ from torch import nn
 
 from dist_dml.backbones import backbone_spec
 from dist_dml.errors import UserError, one_line
-from dist_dml.files import load_plain
+from dist_dml.files import load_plain, regular_file_problem
 
 PROBE_TIMEOUT_S = 5.0
 
@@ -195,6 +195,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix != ".safetensors":
         state = load_plain(path, "state dict", WeightsError, prefix="model.weights: ")
     else:
+        problem = regular_file_problem(path)
+        if problem:
+            raise WeightsError(f"model.weights: {problem}")
         try:
             from safetensors.torch import load_file
 

@@ -1,10 +1,12 @@
 """Data a user or an adversary hands us (issue 17): a manifest runs nothing and allocates nothing it cannot
 back, an image is bounded before it is decoded and converted whatever its mode, an export of NaN or of
 objects is refused in one line."""
+import contextlib
 import io
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -108,12 +110,55 @@ def test_a_hand_built_split_with_no_records_is_one_line(shards, tmp_path, capsys
 
 
 def test_an_endless_manifest_is_read_only_up_to_its_limit(shards, tmp_path, capsys):
-    (shards / "manifest.json").unlink()
-    (shards / "manifest.json").symlink_to("/dev/zero")
+    with open(shards / "manifest.json", "r+b") as f:
+        f.truncate(2 << 30)  # 2 GB (sparse): never read whole
     with pytest.raises(ManifestError, match="holds more than 1 MB"):
         Manifest(shards, max_mb=1)
     err = one_line_error(capsys, cli(["check", CONFIG, *tiny_overrides(shards, tmp_path / "run"), "--world-size", "1"]))
     assert "data.max_manifest_mb" in err
+
+
+@contextlib.contextmanager
+def hang_guard(seconds: int = 60):
+    """A block that blocks for ever fails instead (SIGALRM)."""
+    def hung(signum, frame):
+        raise AssertionError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_manifest_or_config_that_is_not_a_regular_file_is_refused_without_blocking(shards, tmp_path, capsys):
+    """A FIFO blocked train in open() for ever with no output; /dev/zero was read up to the limit. Anything but a
+    regular file is refused, and says what it is."""
+    (shards / "manifest.json").unlink()
+    os.mkfifo(shards / "manifest.json")  # no writer: a plain open() would wait for one for ever
+    with hang_guard():
+        with pytest.raises(ManifestError, match=r"a named pipe \(FIFO\), not a regular file: refused"):
+            Manifest(shards)
+        err = one_line_error(capsys, cli(["check", CONFIG, *tiny_overrides(shards, tmp_path / "run"), "--world-size",
+                                          "1"]))
+        assert "FIFO" in err
+        (shards / "manifest.json").unlink()
+        (shards / "manifest.json").symlink_to("/dev/zero")
+        with pytest.raises(ManifestError, match="a character device, not a regular file"):
+            Manifest(shards)
+        os.mkfifo(tmp_path / "config.yaml")
+        err = one_line_error(capsys, cli(["check", str(tmp_path / "config.yaml"), "--world-size", "1"]))
+        assert "config.yaml: cannot be read as a config file (a named pipe (FIFO)" in err
+
+
+def test_a_manifest_nested_beyond_the_parser_is_one_line(shards, tmp_path, capsys):
+    (shards / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ManifestError, match="not valid JSON .nested deeper"):
+        Manifest(shards)
+    err = one_line_error(capsys, cli(["check", CONFIG, *tiny_overrides(shards, tmp_path / "run"), "--world-size", "1"]))
+    assert "not valid JSON" in err and "Recursion" not in err
 
 
 # --- images -----------------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """A shard folder's manifest.json (docs/SHARDS.md): splits, their shards, record and image counts."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from dist_dml.data.format import FORMAT, MANIFEST, VERSION, is_plain_name
 from dist_dml.data.opener import TooLarge, is_local, join, read_bytes
 from dist_dml.errors import UserError, one_line
+from dist_dml.files import parse_json
+
 MAX_MANIFEST_MB = 256.0  # data.max_manifest_mb's default: a million classes' class_table is about 40 MB
 MEMBER_BYTES = 1024  # the least a tar member takes: its 512-byte header and one block of data
 POSITION_BYTES = 12  # a training stream's position per record: two int32 draw counts and a flag (and slack)
@@ -37,7 +38,7 @@ class Manifest:
         self.root = str(root)  # a folder or a URL prefix (dist_dml.data.opener)
         self.path = path = join(self.root, MANIFEST)
         try:
-            self.data = json.loads(read_bytes(path, int(max_mb * 2**20)) or b"null")
+            self.data = parse_json(read_bytes(path, int(max_mb * 2**20)) or b"null")
         except FileNotFoundError:
             raise ManifestError(f"{path}: no manifest (write shards with `dist-dml prep`)") from None
         except IsADirectoryError:
@@ -46,7 +47,7 @@ class Manifest:
             raise ManifestError(f"{path}: {exc}, more than a manifest may (data.max_manifest_mb)") from None
         except OSError as exc:  # a remote root: the command or the server failed
             raise ManifestError(f"{path}: cannot be read ({one_line(exc)})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, nesting beyond the parser
             raise ManifestError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(self.data, dict) or self.data.get("format") != FORMAT or self.data.get("version") != VERSION:
             got = self.data if not isinstance(self.data, dict) else self.data.get("format"), \

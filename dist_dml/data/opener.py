@@ -25,6 +25,8 @@ import shlex
 from pathlib import Path
 from typing import BinaryIO
 
+from dist_dml.files import open_regular
+
 log = logging.getLogger("dist_dml.data")
 
 STALL_S = 60  # curl gives up on a transfer that delivers no byte for this long
@@ -111,9 +113,9 @@ class ShardCache:
 def open_stream(location: str, cache: ShardCache | None = None) -> tuple[BinaryIO, bool]:
     """(binary stream, whether it can seek) of a shard or manifest; a remote one from ``cache`` if given."""
     if is_local(location):
-        return open(location, "rb", buffering=BUFFER), True
+        return open_regular(location, buffering=BUFFER), True
     if cache is not None:
-        return open(cache.path(location), "rb", buffering=BUFFER), True
+        return open_regular(cache.path(location), buffering=BUFFER), True
     from webdataset.gopen import gopen
 
     return gopen(_command(location), "rb", bufsize=BUFFER), False

@@ -3,7 +3,6 @@ a remote shard's last record on, checked against the split's ranges; damage is l
 skipped (dist_dml.data.faults), never fatal."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Iterator
@@ -15,6 +14,7 @@ from dist_dml.data.plan import Segment
 from dist_dml.data.tar import ShardError, _key_suffix, _samples, tar_members
 from dist_dml.data.verify import ChecksumError
 from dist_dml.errors import one_line
+from dist_dml.files import parse_json
 
 log = logging.getLogger("dist_dml.data")
 
@@ -109,7 +109,7 @@ def read_segments(segments: list[Segment], errors: ReadErrors) -> Iterator[dict]
 
 def _parse_record(sample: dict, shard: str) -> dict | None:
     try:
-        meta = json.loads(sample["json"])
+        meta = parse_json(sample["json"])
         label, ids = int(meta["label"]), [int(i) for i in meta["image_ids"]]
     except (KeyError, ValueError, TypeError):
         return None
