@@ -82,12 +82,13 @@ class Checkpointer:
             return []
         return sorted((p.name for p in self.directory.iterdir() if p.is_dir() and _TAG.fullmatch(p.name)), reverse=True)
 
-    def newest_whole(self, report=None) -> str | None:
-        """The newest checkpoint verified whole. ``report`` (e.g. print) hears of every newer one passed
-        over and why, and of a `latest` pointer that names another."""
+    def newest_whole(self, report=None, inspect=None) -> str | None:
+        """The newest checkpoint verified whole (and, with ``inspect``, a function of a checkpoint folder that
+        says what else is wrong with it, passing it by too). ``report`` (e.g. print) hears of every newer one
+        passed over and why, and of a `latest` pointer that names another."""
         chosen = None
         for tag in self.tags():
-            problem = verify(self.directory / tag)
+            problem = verify(self.directory / tag) or (inspect(self.directory / tag) if inspect else None)
             if problem is None:
                 chosen = tag
                 break
@@ -182,9 +183,10 @@ def saved_world_size(checkpoint: Path) -> int | None:
     return len(parts) or None
 
 
-def resume_target(section, output_dir: str | Path, report=None) -> Path | None:
+def resume_target(section, output_dir: str | Path, report=None, inspect=None) -> Path | None:
     """The checkpoint folder a run with this checkpoint section and output folder would resume from, or None
-    for a fresh start.
+    for a fresh start. ``inspect``: a function of a checkpoint folder saying what else makes it unusable (see
+    plain_files), which the newest whole ones are passed over for as well.
 
     Raises CheckpointError where checkpoints exist but none is whole (the run would otherwise start
     afresh over them without a word), or where checkpoint.resume names one that is not whole."""
@@ -193,7 +195,7 @@ def resume_target(section, output_dir: str | Path, report=None) -> Path | None:
         return None
     if resume == "auto":
         checkpoints = Checkpointer(Path(output_dir) / "checkpoints", 1, DistContext())
-        tag = checkpoints.newest_whole(report)
+        tag = checkpoints.newest_whole(report, inspect)
         if tag is None and checkpoints.tags():
             raise CheckpointError(
                 f"none of the checkpoints in {checkpoints.directory} is whole ("
@@ -204,10 +206,26 @@ def resume_target(section, output_dir: str | Path, report=None) -> Path | None:
         _same_run(checkpoints.directory / tag, Path(output_dir), section.allow_other_run)
         return checkpoints.directory / tag
     target = Path(resume)
-    problem = verify(target) if target.is_dir() else "no such folder"
+    problem = (verify(target) or (inspect(target) if inspect else None)) if target.is_dir() else "no such folder"
     if problem:
         raise CheckpointError(f"checkpoint.resume={resume} is not a whole checkpoint: {problem}")
     return target
+
+
+def plain_files(safe_globals: list):
+    """An ``inspect`` for resume_target: a checkpoint folder any of whose torch files holds Python objects beyond
+    tensors, containers and ``safe_globals`` (a file replaced by a pickle, its index's sizes made to match) is
+    not loaded: DeepSpeed's load would refuse it deep inside (weights-only), after the engine is built."""
+    from dist_dml.files import python_objects_in
+
+    def problem(folder: Path) -> str | None:
+        for path in sorted(Path(folder).rglob("*.pt")):
+            found = python_objects_in(path, safe_globals)
+            if found:
+                return f"{path.relative_to(folder)} {found}: refused (never unpickled)"
+        return None
+
+    return problem
 
 
 def _same_run(checkpoint: Path, output_dir: Path, allow_other: bool) -> None:
@@ -367,9 +385,12 @@ class CheckpointManager:
         over) and every rank gets its pick, or the same CheckpointError."""
         chosen = None
         if self.ctx.is_main:
+            from dist_dml.engine import WeightsOnlyCheckpointEngine
+
             try:
                 say = lambda line: print(line, flush=True)  # noqa: E731
-                chosen = ("path", str(resume_target(self.section, self.output_dir, report=say) or ""))
+                inspect = plain_files(WeightsOnlyCheckpointEngine.SAFE_GLOBALS)
+                chosen = ("path", str(resume_target(self.section, self.output_dir, report=say, inspect=inspect) or ""))
             except CheckpointError as exc:
                 chosen = ("error", str(exc))
         kind, value = self.ctx.broadcast_object(chosen)

@@ -132,3 +132,17 @@ def regular_file_problem(path: str | Path) -> str | None:
     except OSError as exc:
         return f"{path}: {exc.strerror or exc}"
     return None
+
+
+def python_objects_in(path: str | Path, safe_globals: list = ()) -> str | None:
+    """What in the torch file ``path`` a weights-only load would refuse, read from its pickle without unpickling
+    it (torch.serialization.get_unsafe_globals_in_checkpoint): "holds Python objects (NAMES)", "not a torch zip
+    file", or None where every object is a tensor, a container or one of ``safe_globals``."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (ValueError, RuntimeError, OSError) as exc:
+        return f"not a torch zip file ({type(exc).__name__})"
+    return f"holds Python objects ({', '.join(names[:3])}), not plain tensors" if names else None

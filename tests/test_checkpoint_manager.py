@@ -123,6 +123,24 @@ def test_a_truncated_newest_checkpoint_is_reported_passed_over_and_pruned_later(
     assert all(verify(p) is None for p in (saved / "checkpoints").glob("step*"))
 
 
+def test_a_checkpoint_file_replaced_by_python_objects_is_passed_over_not_unpickled(saved, tiny_shards, capsys):
+    """The newest checkpoint's file replaced by a pickle of Python objects, its index's size made to match: the
+    resume passes it over to the last checkpoint it can load, in one line (it died in DeepSpeed's load with an
+    UnpicklingError traceback), and nothing of it is unpickled."""
+    import argparse
+
+    folder = saved / "checkpoints" / "step00000012"
+    states = folder / "mp_rank_00_model_states.pt"
+    torch.save({"step": 12, "parts": {}, "hook": argparse.Namespace(run="anything")}, states)
+    index = json.loads((folder / "dist_dml.json").read_text())
+    index["files"]["mp_rank_00_model_states.pt"] = states.stat().st_size
+    (folder / "dist_dml.json").write_text(json.dumps(index))
+    assert verify(folder) is None  # whole by its index
+    step, parts, out = restored(tiny_shards, saved, capsys)
+    assert step == 8 and parts["meter"].value == 8
+    assert "passing over" in out and "mp_rank_00_model_states.pt holds Python objects (argparse.Namespace)" in out
+
+
 def test_a_save_cut_short_leaves_the_previous_checkpoint(saved, tiny_shards, capsys):
     """A save cut short leaves a .partial folder (or a folder without its index, written last)."""
     checkpoints_dir = saved / "checkpoints"
