@@ -297,7 +297,12 @@ def validate(config: RunConfig, source: str = "config", check_data: bool = True)
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc}") from None
     _check_chunks(config, source)
+    memory = config.memory
+    if memory.enabled and 0 < config.train.steps <= memory.start_step:
+        raise ConfigError(f"{source}: memory.start_step={memory.start_step} is not before train.steps="
+                          f"{config.train.steps}: the memory would never be sampled from (lower it, or memory.size=0)")
     if not check_data:
+        _check_tables(config, None, source)
         return
     data, loss = config.data, config.loss
     if not data.root:
@@ -322,6 +327,34 @@ def validate(config: RunConfig, source: str = "config", check_data: bool = True)
     if loss.beta_per_image and 0 < loss.num_images < split["images"]:
         raise ConfigError(f"{source}: loss.num_images={loss.num_images} is smaller than the "
                           f"{split['images']} images of {data.root} (0 sizes it from the manifest)")
+    _check_tables(config, split, source)
+
+
+def _check_tables(config: RunConfig, split: dict | None, source: str) -> None:
+    """Every table a run allocates per memory slot, per class or per image, against this machine's memory, as the
+    manifest's counts are (data.manifest): the cross-batch memory (memory.size x (embedding_dim x its dtype's
+    bytes + label, id and step)) and the beta tables (a float32 row with Adam's two moments, per class or per
+    image of the training split, or loss.num_classes / num_images). Half the machine's memory at most, before
+    any process starts (memory.size=10^9 passed and died allocating 128 GB after the processes started)."""
+    from dist_dml.data.manifest import TABLE_BYTES, memory_bytes
+    from dist_dml.memory import DTYPES
+
+    loss, memory = config.loss, config.memory
+    tables = []
+    if memory.enabled:
+        item = config.model.embedding_dim * DTYPES[memory.dtype].itemsize + 3 * 8
+        tables.append((f"memory.size={memory.size:,}", memory.size * item))
+    classes = loss.num_classes or (split["classes"] if split else 0)
+    images = loss.num_images or (split["images"] if split else 0)
+    if loss.beta_per_class:
+        tables.append((f"a per-class beta table of {classes:,} rows", classes * TABLE_BYTES))
+    if loss.beta_per_image:
+        tables.append((f"a per-image beta table of {images:,} rows", images * TABLE_BYTES))
+    need, have = sum(size for _, size in tables), memory_bytes()
+    if need > have / 2:
+        shown = ", ".join(f"{what} ({size / 2**30:,.1f} GB)" for what, size in tables)
+        raise ConfigError(f"{source}: {shown}: more than half of this machine's {have / 2**30:,.0f} GB of memory; "
+                          "lower memory.size (or memory.dtype=bf16), loss.num_classes or loss.num_images")
 
 
 def _check_chunks(config: RunConfig, source: str) -> None:

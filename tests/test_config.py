@@ -42,6 +42,11 @@ BAD = [
     (["model.backbone=alexnet"], "model.backbone: unknown backbone 'alexnet'"),
     (["eval.split=validation"], "no split 'validation'"),
     (["data.root=/nonexistent/shards"], "no manifest"),
+    # Tables allocated per memory slot, class or image, against this machine's memory before any process starts.
+    (["memory.size=1000000000"], "memory.size=1,000,000,000 (260.8 GB): more than half of this machine's"),
+    (["loss.beta_per_image=true", "loss.num_images=2000000000"], "a per-image beta table of 2,000,000,000 rows"),
+    (["memory.size=64", "train.steps=10", "memory.start_step=10"], "the memory would never be sampled from"),
+    (["eval.grid_k=3"], "eval.grid_k is now eval.example_k"),
 ]
 
 
