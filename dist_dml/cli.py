@@ -131,8 +131,12 @@ def fetch_weights_command(args: argparse.Namespace) -> int:
     path = fetch_weights(cfg.model)
     if path is None:
         print(f"[weights] model.weights=none: {cfg.model.backbone} starts from random weights, nothing to fetch")
-    else:
-        print(f"[weights] ready: {cfg.model.backbone} ({cfg.model.weights}) in {path}", flush=True)
+        return 0
+    # Read what the file holds, as a training will (a file of another model, NaN or Python objects is refused now).
+    from dist_dml.models import build_model
+
+    report = build_model(cfg.model, image_size=cfg.data.image_size, weights=str(path)).weights_report
+    print(f"[weights] ready: {cfg.model.backbone} ({cfg.model.weights}) in {path}: {report}", flush=True)
     return 0
 
 

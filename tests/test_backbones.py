@@ -138,6 +138,16 @@ def test_a_cached_download_needs_no_network(tmp_path, monkeypatch, capsys):
     assert f"ready: resnet18 (torchvision) in {cached}" in capsys.readouterr().out
 
 
+def test_fetch_weights_of_a_local_file_reads_what_it_holds(tmp_path, capsys):
+    """fetch-weights with model.weights=FILE said "ready" without reading the file: it now loads it as a training
+    would, says how many tensors it gave the backbone, and refuses one of another model in one line."""
+    state = saved_backbone("resnet18", tmp_path / "w.safetensors")
+    assert cli(["fetch-weights", CONFIG, "model.backbone=resnet18", f"model.weights={tmp_path / 'w.safetensors'}"]) == 0
+    assert f"loaded {len(state)} tensors" in capsys.readouterr().out
+    assert cli(["fetch-weights", CONFIG, "model.backbone=resnet50", f"model.weights={tmp_path / 'w.safetensors'}"]) == 2
+    assert "model.weights" in capsys.readouterr().err
+
+
 def test_a_timm_backbone_takes_its_normalisation_and_input_size(tiny_shards):
     cfg = load_config(CONFIG, [f"data.root={tiny_shards}", "model.backbone=timm:test_vit", "data.image_size=32"])
     assert cfg.model.mean == (0.5, 0.5, 0.5) and cfg.model.std == (0.5, 0.5, 0.5)  # its pretrained config's

@@ -98,6 +98,12 @@ def test_counts_are_checked_against_each_other(shards, edit, message):
         Manifest(shards)
 
 
+def test_a_shard_listed_twice_is_refused(shards, tmp_path, capsys):
+    edit_manifest(shards, lambda m: m["splits"]["train"]["shards"].append(dict(m["splits"]["train"]["shards"][0])))
+    err = one_line_error(capsys, cli(["check", CONFIG, *tiny_overrides(shards, tmp_path / "run"), "--world-size", "1"]))
+    assert "lists train-" in err and "again: each shard once" in err
+
+
 def test_a_hand_built_split_with_no_records_is_one_line(shards, tmp_path, capsys):
     def empty(m):
         m["splits"]["train"].update(images=0, classes=0, records=0, shards=[{"name": "train-x.tar", "records": 0,

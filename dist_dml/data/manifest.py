@@ -65,8 +65,13 @@ class Manifest:
             for key in ("classes", "images"):
                 self._need(_count(split.get(key)), f"splits.{name}.{key}", "a count (an integer >= 0)")
             self._need(isinstance(split.get("shards"), list), f"splits.{name}.shards", "a list")
+            seen = set()
             for i, shard in enumerate(split["shards"]):
                 self._check_shard(shard, f"splits.{name}.shards[{i}]")
+                if shard["name"] in seen:
+                    raise ManifestError(f"{self.path}: splits.{name}.shards[{i}] lists {shard['name']} again: each "
+                                        "shard once (its records would be drawn twice an epoch)")
+                seen.add(shard["name"])
             self._check_counts(name, split)
 
     def _need(self, ok: bool, where: str, what: str) -> None:
