@@ -486,7 +486,11 @@ def _add_after_training(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # section.key=value overrides placed after an option (argparse takes positionals before them only)
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     debug = getattr(args, "debug", False) or os.environ.get("DIST_DML_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)

@@ -162,9 +162,10 @@ class RunConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: Path | None = None,
-                check_data: bool = True) -> RunConfig:
+                check_data: bool = True, train_data: bool = True) -> RunConfig:
     """The run config from a YAML file (or the defaults) and `section.key=value` overrides; ``check_data``
-    False leaves out the checks that read the data's manifest (fetch-weights runs where the data is not)."""
+    False leaves out the checks that read the data's manifest (fetch-weights runs where the data is not);
+    ``train_data`` False checks the evaluation's splits only (eval, embed: the training split is never read)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -180,7 +181,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: Pa
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     name = Path(path).stem if path is not None else "default"
     return build_config(apply_overrides(raw, overrides), source=str(path) if path else "defaults", run_name=name,
-                        check_data=check_data)
+                        check_data=check_data, train_data=train_data)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -203,7 +204,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def build_config(raw: dict, source: str = "config", run_name: str = "default", check_data: bool = True) -> RunConfig:
+def build_config(raw: dict, source: str = "config", run_name: str = "default", check_data: bool = True,
+                 train_data: bool = True) -> RunConfig:
     """Typed, validated sections from raw ones. ``run_name`` (the config file's stem) names the run where
     train.name is not set: its output folder runs/NAME and its MLflow experiment."""
     sections = {}
@@ -222,7 +224,7 @@ def build_config(raw: dict, source: str = "config", run_name: str = "default", c
         config = _with_backbone_defaults(config, raw)
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    validate(config, source, check_data)
+    validate(config, source, check_data, train_data)
     return config
 
 
@@ -288,9 +290,9 @@ def _coerce(value, hint, key: str, source: str):
     return value
 
 
-def validate(config: RunConfig, source: str = "config", check_data: bool = True) -> None:
+def validate(config: RunConfig, source: str = "config", check_data: bool = True, train_data: bool = True) -> None:
     """Each section's own checks, then the combinations across sections (with ``check_data``, against the
-    data's manifest)."""
+    data's manifest: its training split too unless ``train_data`` is False)."""
     for f in dataclasses.fields(config):
         try:
             getattr(config, f.name).validate()
@@ -311,9 +313,11 @@ def validate(config: RunConfig, source: str = "config", check_data: bool = True)
 
     try:
         manifest = Manifest(data.root, data.max_manifest_mb)
-        split = manifest.split(data.train_split)
         for name in config.eval.split.split(","):
             manifest.split(name)
+        if not train_data:
+            return
+        split = manifest.split(data.train_split)
     except (OSError, KeyError, ValueError) as exc:
         raise ConfigError(f"{source}: data.root: {exc.args[0] if exc.args else exc}") from None
     from dist_dml.data.streams import single_image_problem

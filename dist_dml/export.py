@@ -33,13 +33,14 @@ def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[Embedd
         with torch.serialization.safe_globals(WeightsOnlyCheckpointEngine.SAFE_GLOBALS):
             module_state = _read(states)["module"]
         state = {k[len("model."):]: v for k, v in module_state.items() if k.startswith("model.")}
-        config = load_config(path.parent.parent / "config.yaml", list(overrides))
+        config = load_config(path.parent.parent / "config.yaml", list(overrides), train_data=False)
     else:
         saved = _read(path)
         if not isinstance(saved, dict) or not {"state_dict", "config"} <= set(saved):
             raise UserError(f"{path}: not a dist-dml model (expected final_model.pt or a checkpoint folder)")
         state = saved["state_dict"]
-        config = build_config(apply_overrides(saved["config"], list(overrides)), source=f"{path} (its config)")
+        config = build_config(apply_overrides(saved["config"], list(overrides)), source=f"{path} (its config)",
+                              train_data=False)
     model = build_model(config.model, image_size=config.data.image_size)
     try:
         model.load_state_dict(state)

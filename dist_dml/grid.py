@@ -98,7 +98,7 @@ def run_grid(args: argparse.Namespace) -> int:
     losses, samplers, seeds = _axes(args)
     grid = cells(losses, samplers, seeds, settings)
     if len({cell.name for cell in grid}) < len(grid):
-        raise UserError("grid: two cells would share a folder name (their --set values differ only in characters "
+        raise UserError("two cells would share a folder name (their --set values differ only in characters "
                         "a folder name cannot hold): " + ", ".join(sorted({c.name for c in grid if
                                                                           [d.name for d in grid].count(c.name) > 1})))
     try:  # every cell's config, checked before the first training starts
@@ -107,10 +107,10 @@ def run_grid(args: argparse.Namespace) -> int:
         own = {cell: cell.overrides(base.loss, alpha_named) for cell in grid}
         configs = {cell: load_config(args.config, [*args.overrides, *own[cell]]) for cell in grid}
     except ConfigError as exc:
-        raise UserError(f"grid: {exc}") from None
+        raise UserError(f"{exc}") from None
     out = Path(args.output or f"runs/{base.train.name}-grid")
     if out.exists() and not out.is_dir():
-        raise UserError(f"grid: --output {out} is a file, not a folder")
+        raise UserError(f"--output {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     tracker = _parent_run(base, out)
     print(f"[grid] {len(grid)} cells ({len(losses)} losses x {len(samplers)} samplers"
@@ -142,11 +142,11 @@ def _axes(args: argparse.Namespace) -> tuple[list[str], list[str], list[int]]:
     losses, samplers, seeds = _names(args.losses), _names(args.samplers), _names(args.seeds)
     for flag, values in (("--losses", losses), ("--samplers", samplers), ("--seeds", seeds)):
         if not values:
-            raise UserError(f"grid: {flag} names no value: give a comma-separated list")
+            raise UserError(f"{flag} names no value: give a comma-separated list")
     if not all(s.isdigit() for s in seeds):
-        raise UserError(f"grid: --seeds {args.seeds!r}: expected comma-separated whole numbers, e.g. 0,1,2")
+        raise UserError(f"--seeds {args.seeds!r}: expected comma-separated whole numbers, e.g. 0,1,2")
     if args.nproc < 1:
-        raise UserError(f"grid: --nproc must be >= 1 (processes per training), got {args.nproc}")
+        raise UserError(f"--nproc must be >= 1 (processes per training), got {args.nproc}")
     return losses, samplers, [int(s) for s in seeds]
 
 

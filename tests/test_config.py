@@ -94,3 +94,15 @@ def test_every_numeric_key_is_range_checked(tiny_shards):
                 except ConfigError as exc:
                     assert f"{section}.{key}" in str(exc) or key in str(exc), str(exc)
     assert not accepted
+
+
+def test_overrides_may_follow_options(tiny_shards, tmp_path, capsys):
+    """`dist-dml check CONFIG --world-size 1 data.root=...`: argparse took positionals before the options only,
+    and refused the overrides after them; they are overrides like any other now, and an unknown option is not."""
+    config = str(ROOT / "configs/cpu_synthetic.yaml")
+    run = [f"data.root={tiny_shards}", f"train.output_dir={tmp_path / 'run'}", "tracking.enabled=false"]
+    assert cli(["check", config, "--world-size", "1", *run]) == 0
+    assert "--world-size" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["check", config, "--world-size", "1", "--bogus", *run])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

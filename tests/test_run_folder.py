@@ -188,3 +188,14 @@ def test_a_designed_exit_is_not_restarted_and_a_finished_run_not_run_again(tiny_
     assert "[eval] step" not in again.stdout and "[train] step" not in again.stdout
     assert "the final evaluation evaluated" in again.stderr and "Traceback" not in again.stderr
     assert (out / "results.json").read_text() == saved
+
+
+def test_the_launch_exits_2_when_a_rank_exited_2_and_the_agent_stopped_the_others():
+    """A rank that exits 2 makes torchrun's agent stop the others with SIGTERM: the launch ended for the user's
+    reason (2, not restarted), where it returned 1 because the stopped ranks' codes are not 2."""
+    import signal
+
+    from dist_dml.launch import exit_code
+
+    assert exit_code([2, -signal.SIGTERM]) == 2 and exit_code([2, 2]) == 2
+    assert exit_code([2, 1]) == 1 and exit_code([-signal.SIGKILL]) == 1 and exit_code([-signal.SIGTERM]) == 1

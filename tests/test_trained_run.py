@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -101,6 +102,22 @@ def test_eval_of_the_checkpoint_folder_reproduces_the_final_metrics(trained, tmp
     assert metrics["folder"] == metrics["final"]
     for key in ("recall_at_1", "map_at_r"):
         assert metrics["folder"][key] == pytest.approx(results["trained"][key], abs=0.03)
+
+
+def test_eval_needs_only_the_splits_it_evaluates(trained, tiny_shards, tmp_path):
+    """A data set whose test split is whole and whose training split holds nothing (a held-out set alone): eval
+    reads no training record and was refused for it; now it evaluates, with --out after the overrides too."""
+    import shutil
+
+    from dist_dml.cli import main as cli
+
+    out, _, _ = trained
+    shards = Path(shutil.copytree(tiny_shards, tmp_path / "shards"))
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["splits"]["train"].update(images=0, classes=0, records=0, shards=[])
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    assert cli(["eval", str(out / "final_model.pt"), "--out", str(tmp_path / "m.json"), f"data.root={shards}"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["images_evaluated"] > 0
 
 
 def test_mlflow_server_has_params_metrics_artifacts(trained, mlflow_server):
