@@ -153,6 +153,22 @@ def setup_command(args: argparse.Namespace) -> int:
     return 0
 
 
+OUTPUTS = {"out": False, "plots": True, "onnx": False}  # each command's output options: True for a folder
+
+
+def _outputs_writable(args: argparse.Namespace) -> None:
+    """Every output path of the command checked before its work starts (files.output_problem): a UserError."""
+    from dist_dml.files import output_problem
+
+    folders = {"embed": True, "index": True}  # their --out is a folder
+    for option, folder in OUTPUTS.items():
+        value = getattr(args, option, None)
+        if value:
+            problem = output_problem(value, folder=folders.get(args.command, folder))
+            if problem:
+                raise UserError(f"--{option}: {problem}")
+
+
 def _on_checkpoint(args: argparse.Namespace, work) -> int:
     """Run ``work(model, config, context)`` for eval/embed: the checkpoint with its overrides, and a
     process group if launched, shut down afterwards. 2 (with the reason) on a bad checkpoint or config."""
@@ -161,6 +177,7 @@ def _on_checkpoint(args: argparse.Namespace, work) -> int:
     from dist_dml.distributed import DistContext, process_group
     from dist_dml.export import load_checkpoint
 
+    _outputs_writable(args)
     try:
         model, cfg = load_checkpoint(args.checkpoint, args.overrides)
     except (ConfigError, FileNotFoundError, KeyError) as exc:
@@ -259,6 +276,9 @@ def index_command(args: argparse.Namespace) -> int:
     from dist_dml.export import load_checkpoint, model_fingerprint, read_embeddings
     from dist_dml.search import build_index, save_index
 
+    _outputs_writable(args)
+    if args.nlist < 0 or args.m < 1:
+        raise UserError(f"--nlist must be >= 0 (0: 4 sqrt(N)) and --m >= 1, got {args.nlist} and {args.m}")
     source = Path(args.embeddings)
     exported = read_embeddings(source)
     model = _model_meta(source)
@@ -350,8 +370,12 @@ def search_command(args: argparse.Namespace) -> int:
 def export_command(args: argparse.Namespace) -> int:
     """A checkpoint as an ONNX graph (uint8 NHWC images in, L2-normalised embeddings out), checked against
     torch with onnxruntime."""
-    from dist_dml.onnx_export import TOLERANCE, export_onnx
+    from dist_dml.onnx_export import MIN_OPSET, TOLERANCE, export_onnx
 
+    _outputs_writable(args)
+    if args.opset < MIN_OPSET:
+        raise UserError(f"--opset {args.opset}: torch's ONNX exporter writes opset {MIN_OPSET} or later (it wrote "
+                        f"{MIN_OPSET} whatever was asked below it)")
     print(f"[export] exporting {args.checkpoint} to ONNX (seconds for a small model, a minute or two for a ViT)",
           flush=True)
     differences = export_onnx(args.checkpoint, args.onnx, opset=args.opset)

@@ -192,8 +192,9 @@ def embed_array(model: EmbeddingModel, config: RunConfig, images: np.ndarray, ba
     from dist_dml.data.images import eval_transform, new_batch
 
     images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 RGB images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape[1:3]:
+        raise ValueError(f"expected uint8 RGB images of shape (N, H, W, 3) with H, W >= 1, got {images.dtype} "
+                         f"{images.shape}")
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch):

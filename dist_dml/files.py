@@ -146,3 +146,25 @@ def python_objects_in(path: str | Path, safe_globals: list = ()) -> str | None:
     except (ValueError, RuntimeError, OSError) as exc:
         return f"not a torch zip file ({type(exc).__name__})"
     return f"holds Python objects ({', '.join(names[:3])}), not plain tensors" if names else None
+
+
+def output_problem(path: str | Path, folder: bool = False) -> str | None:
+    """Why ``path`` cannot take an output (a file, or with ``folder`` a folder of files) that a command will write
+    after its work: it is a folder where a file goes (or a file where a folder goes), lies under a file, or its
+    nearest existing folder is not writable (a read-only mount). None if it can. Checked before the work starts:
+    an export or an evaluation that cannot be written is found at once, not after minutes."""
+    path = Path(path)
+    if path.is_dir() and not folder:
+        return f"{path} is a folder, not a file"
+    if path.exists() and folder and not path.is_dir():
+        return f"{path} is a file, not a folder"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"{path} cannot be written here"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{path} lies under {parent}, a file, not a folder"
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        return f"{path} cannot be made: {parent} cannot be written (a read-only folder or mount?)"
+    return None

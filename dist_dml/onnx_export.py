@@ -34,7 +34,10 @@ class NHWCEmbedder(nn.Module):
         return self.model(images.permute(0, 3, 1, 2))
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> dict[str, float]:
+MIN_OPSET = 18  # torch's dynamo exporter writes no earlier opset (asked for one, it wrote 18 and said so in a traceback)
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET) -> dict[str, float]:
     """Write the ONNX graph of ``checkpoint`` to ``out`` (atomically), checked with onnxruntime against
     torch; returns the largest difference per batch size checked."""
     from dist_dml.export import load_checkpoint

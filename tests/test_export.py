@@ -103,3 +103,13 @@ def test_search_with_another_model_is_refused(checkpoint, tmp_path, capsys):
     assert cli(["search", str(tmp_path / "idx"), str(image), "--checkpoint", str(other)]) == 2
     err = capsys.readouterr().err
     assert "not comparable" in err and "--force" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_served_model_refuses_an_image_without_pixels(checkpoint):
+    """The MLflow model's predict (embed_array) on a zero-height image: a ValueError naming the shape, not a
+    ZeroDivisionError in the resize."""
+    from dist_dml.export import embed_array
+
+    model, config = load_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match=r"H, W >= 1, got uint8 \(1, 0, 5, 3\)"):
+        embed_array(model, config, np.zeros((1, 0, 5, 3), np.uint8))

@@ -414,12 +414,23 @@ def mistakes(model: Path, folder: Path, config: str) -> dict[str, tuple[list[str
         "not a checkpoint": (["eval", str(folder / "junk.pt")], "junk.pt: not a readable checkpoint"),
         "missing resume": (["check", config, "checkpoint.resume=/nonexistent", "--world-size", "1"],
                            "checkpoint.resume=/nonexistent is not a whole checkpoint"),
+        # Outputs that cannot be written, found before the work (issue 28, item 9), and arguments out of range.
+        "onnx onto a folder": (["export", str(model), "--onnx", str(folder)], f"--onnx: {folder} is a folder"),
+        "onnx under a file": (["export", str(model), "--onnx", str(folder / "text.jpg" / "m.onnx")],
+                              "text.jpg, a file, not a folder"),
+        "eval --out folder": (["eval", str(model), "--out", str(folder)], f"--out: {folder} is a folder, not a file"),
+        "eval --plots file": (["eval", str(model), "--plots", str(folder / "text.jpg")], "is a file, not a folder"),
+        "opset 1": (["export", str(model), "--onnx", str(folder / "m.onnx"), "--opset", "1"],
+                    "--opset 1: torch's ONNX exporter writes opset 18 or later"),
+        "nlist -3": (["index", str(folder / "emb"), "--out", str(folder / "ix"), "--type", "ivfpq", "--nlist",
+                      "-3"], "--nlist must be >= 0"),
     }
 
 
 @pytest.mark.parametrize("case", ["yaml", "manifest", "not an image", "empty image", "missing image", "k 0",
                                   "corrupt index", "corrupt meta", "no such split", "other dim", "other backbone",
-                                  "not a checkpoint", "missing resume"])
+                                  "not a checkpoint", "missing resume", "onnx onto a folder", "onnx under a file",
+                                  "eval --out folder", "eval --plots file", "opset 1", "nlist -3"])
 def test_a_command_line_mistake_is_one_line_and_exit_2(case, exported, twelve_steps, tiny_shards, capsys):
     from dist_dml.cli import main as cli
 
