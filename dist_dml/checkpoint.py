@@ -134,7 +134,7 @@ class Checkpointer:
             shutil.rmtree(self.directory / tag, ignore_errors=True)
             os.replace(partial, self.directory / tag)
             write_atomically(self.directory / "latest", tag)
-            self._prune()
+            self._prune(meta.get("run_id"))
         self.ctx.barrier()
         return tag
 
@@ -144,12 +144,15 @@ class Checkpointer:
         # Last: the index makes the folder a checkpoint.
         write_atomically(partial / META, json.dumps({**meta, "files": files}, indent=1))
 
-    def _prune(self) -> None:
-        """Remove checkpoints older than the ``keep_last`` newest whole ones, damaged ones older than the
-        newest whole one, and partial folders (left by a run that died while saving)."""
-        whole = [t for t in self.tags() if verify(self.directory / t) is None]
+    def _prune(self, run_id: str | None) -> None:
+        """Remove this run's checkpoints (``run_id``, as their indexes say) older than its ``keep_last`` newest
+        whole ones, and its damaged ones older than its newest whole one; and partial folders (left by a save
+        that died). Another run's checkpoints, or one whose index names no run, are never removed: ranked by step
+        alone, a longer earlier run's checkpoints made a new run's look old, and the new ones were deleted."""
+        tags = [t for t in self.tags() if run_id is not None and read_meta(self.directory / t).get("run_id") == run_id]
+        whole = [t for t in tags if verify(self.directory / t) is None]
         if whole:
-            for tag in self.tags():
+            for tag in tags:
                 if tag < whole[min(self.keep_last, len(whole)) - 1] or (tag < whole[0] and tag not in whole):
                     shutil.rmtree(self.directory / tag, ignore_errors=True)
         for stale in self.directory.glob("step*.partial"):
@@ -200,7 +203,7 @@ def resume_target(section, output_dir: str | Path, report=None, inspect=None) ->
             raise CheckpointError(
                 f"none of the checkpoints in {checkpoints.directory} is whole ("
                 + "; ".join(f"{t}: {verify(checkpoints.directory / t)}" for t in checkpoints.tags())
-                + "). They are kept; checkpoint.resume=none starts afresh, or give another train.name")
+                + "). They are kept; checkpoint.resume=none starts afresh (with train.move_aside=true, which moves them into OUTPUT/previous/ first), or give another train.name")
         if tag is None:
             return None
         _same_run(checkpoints.directory / tag, Path(output_dir), section.allow_other_run)
@@ -239,7 +242,8 @@ def _same_run(checkpoint: Path, output_dir: Path, allow_other: bool) -> None:
     raise CheckpointError(f"the newest whole checkpoint, {checkpoint}, was written by run {theirs}, but {output_dir} "
                           f"belongs to run {mine} (its run.json): another training wrote into this folder. "
                           "checkpoint.allow_other_run=true continues from it, checkpoint.resume=PATH resumes the "
-                          "checkpoint you choose, checkpoint.resume=none starts afresh")
+                          "checkpoint you choose, checkpoint.resume=none train.move_aside=true starts afresh (moving "
+                          "that run's files into OUTPUT/previous/ first)")
 
 
 def resume_problem(config, world_size: int | None = None) -> str | None:
@@ -259,8 +263,8 @@ def resume_problem(config, world_size: int | None = None) -> str | None:
         return None
     how = ("checkpoint.resume=auto found " if config.checkpoint.resume == "auto" else
            f"checkpoint.resume={config.checkpoint.resume}: ")
-    fresh = ("; to start afresh instead, give another train.name (or train.output_dir) or "
-             "checkpoint.resume=none")
+    fresh = ("; to start afresh instead, give another train.name (or train.output_dir), or checkpoint.resume=none "
+             "train.move_aside=true (which moves the earlier run's files into OUTPUT/previous/ first)")
     meta = read_meta(target)
     saved = meta.get("config", {})
     for section, key in (("model", "backbone"), ("model", "embedding_dim"), ("loss", "kind"),
@@ -436,7 +440,7 @@ class CheckpointManager:
         saved = state.get("parts")
         if not isinstance(saved, dict):
             raise CheckpointError(f"{self.target} holds no named parts (data position, meters, RNG): not a "
-                                  "checkpoint of this dist-dml; checkpoint.resume=none starts afresh")
+                                  "checkpoint of this dist-dml; checkpoint.resume=none train.move_aside=true starts afresh")
         for name, part in self.parts.items():
             if name not in saved:
                 continue  # a part the checkpoint's run did not have: it starts afresh

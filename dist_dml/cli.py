@@ -97,7 +97,13 @@ def check_command(args: argparse.Namespace) -> int:
 
     from dist_dml.weights import weights_problem
 
-    problem = folder_problem(Path(cfg.train.output_dir)) or weights_problem(cfg.model)
+    from dist_dml.checkpoint import resume_target
+    from dist_dml.run_folder import earlier_run_problem
+
+    out = Path(cfg.train.output_dir)
+    fresh = resume_target(cfg.checkpoint, out) is None  # whole and of this run: checked just above
+    problem = folder_problem(out) or (earlier_run_problem(out, cfg.train.move_aside) if fresh else None) \
+        or weights_problem(cfg.model)
     if problem:
         print(f"dist-dml train: error: {problem}", file=sys.stderr)
         return 2
@@ -385,10 +391,16 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    """Synthetic shards, a short training on CPU processes, Recall@1 before and after."""
+    """Synthetic shards, a short training on CPU processes, Recall@1 before and after. An earlier demo in the
+    folder is moved into OUTPUT/previous/ (train.move_aside); a folder that holds another run is refused."""
     from dist_dml.distributed import free_port
+    from dist_dml.run_folder import earlier_run
 
     out = Path(args.output).resolve()
+    earlier = earlier_run(out)
+    if earlier is not None and not _a_demo(out):
+        raise UserError(f"--output {out} holds {earlier}, not a demo's: the demo never overwrites a run; give another "
+                        "--output")
     data = out / "data"
     if not (data / "manifest.json").is_file():
         from data_prep.cli import main as prep
@@ -402,7 +414,7 @@ def demo_command(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "dist_dml.launch", f"--nproc_per_node={args.nproc}",
            f"--master_port={free_port()}", "-m", "dist_dml.cli", "train", str(config),
            f"data.root={data}", "train.name=demo", f"train.output_dir={out}", "checkpoint.resume=none",
-           *args.overrides]
+           "train.move_aside=true", *args.overrides]  # an earlier demo's files go into OUTPUT/previous/, said so
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     print(f"[demo] training with {args.nproc} CPU processes: {' '.join(cmd[2:])}", flush=True)
     code = subprocess.call(cmd, env=env)
@@ -412,6 +424,17 @@ def demo_command(args: argparse.Namespace) -> int:
     before, after = results["untrained"]["recall_at_1"], results["trained"]["recall_at_1"]
     print(f"\n[demo] Recall@1 on held-out products: untrained {before:.3f}  ->  trained {after:.3f}")
     return 0
+
+
+def _a_demo(folder: Path) -> bool:
+    """Whether the run in ``folder`` is a demo's (its config.yaml names the run demo)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(read_regular(folder / "config.yaml"))
+        return saved["train"]["name"] == "demo"
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,6 +47,9 @@ class TrainConfig:
     seed: int = 0  # model initialisation (sampling and data have their own seeds)
     collapse_spread: float = 0.2  # a log window whose embeddings spread less warns of a collapse (healthy: ~1)
     embedding_chunks: int = 1  # embed the local batch in this many chunks (a global batch larger than memory)
+    # A fresh start in a folder that holds an earlier run's checkpoints or results: refused, or (true) those moved
+    # into OUTPUT/previous/RUN first. Nothing is ever overwritten.
+    move_aside: bool = False
 
     def validate(self) -> None:
         if self.steps < 0 or self.epochs < 1:

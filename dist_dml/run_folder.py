@@ -180,6 +180,56 @@ def folder_problem(path: Path) -> str | None:
     return None
 
 
+# What a run leaves in its folder, moved aside together (train.move_aside); the folder's shards (a demo's data),
+# lock and anything else stay.
+RUN_FILES = ("checkpoints", "final_model.pt", "results.json", "config.yaml", "run.json", "plots")
+PREVIOUS = "previous"
+
+
+def earlier_run(path: Path) -> str | None:
+    """What an earlier run left in ``path`` that a fresh start would overwrite or prune (its checkpoints, final
+    model, results), in a few words; None if nothing."""
+    path = Path(path)
+    found = []
+    steps = sorted(p.name for p in (path / "checkpoints").glob("step*") if p.is_dir()) \
+        if (path / "checkpoints").is_dir() else []
+    if steps:
+        found.append(f"{len(steps)} checkpoint{'s' if len(steps) > 1 else ''} (the newest {steps[-1]})")
+    found += [name for name in ("final_model.pt", "results.json") if (path / name).exists()]
+    if not found:
+        return None
+    owner = RunFolder(path).run_id()
+    return f"{'run ' + owner if owner else 'an earlier run'}'s " + ", ".join(found)
+
+
+def earlier_run_problem(path: Path, move_aside: bool) -> str | None:
+    """Why a fresh start cannot use ``path`` (an earlier run's checkpoints or results there, which it would
+    overwrite, or prune by step number), unless ``move_aside`` (train.move_aside) says to move them aside first."""
+    earlier = earlier_run(path)
+    if earlier is None or move_aside:
+        return None
+    return (f"train.output_dir {path} holds {earlier}: a fresh start would overwrite them; give another train.name "
+            f"or train.output_dir, or train.move_aside=true to move them into {Path(path) / PREVIOUS}/ first "
+            "(checkpoint.resume=auto continues that run instead)")
+
+
+def move_aside(path: Path) -> Path | None:
+    """The earlier run's files (RUN_FILES) moved into ``path``/previous/RUN (its id, else the time); where they
+    went, or None if there was nothing to move. Renames within the folder: nothing is copied or deleted."""
+    path = Path(path)
+    present = [name for name in RUN_FILES if (path / name).exists()]
+    if not present:
+        return None
+    name = RunFolder(path).run_id() or time.strftime("%Y%m%d-%H%M%S")
+    dest = path / PREVIOUS / name
+    if dest.exists():
+        dest = dest.with_name(f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    dest.mkdir(parents=True)
+    for item in present:
+        os.replace(path / item, dest / item)
+    return dest
+
+
 def folder_run_id(output_dir: Path) -> str | None:
     """The id of the run that owns ``output_dir``, if any (read-only)."""
     return RunFolder(output_dir).run_id()

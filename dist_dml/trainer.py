@@ -33,7 +33,7 @@ from dist_dml.memory import CrossBatchMemory
 from dist_dml.meter import EpochReport, Meter
 from dist_dml.models import TrainModule, build_model
 from dist_dml.objective import GlobalBatchObjective
-from dist_dml.run_folder import FolderError, RunFolder
+from dist_dml.run_folder import FolderError, RunFolder, earlier_run, earlier_run_problem, move_aside
 from dist_dml.sampling import build_sampler
 from dist_dml.step import take_step
 from dist_dml.tracking import build_tracker
@@ -334,13 +334,27 @@ def sized_loss_config(loss, stream: TrainStream):
 def _own_run(cfg: RunConfig, ctx: DistContext, target: Path | None) -> str:
     """The id of the run that owns the output folder, decided by rank 0 (which holds the folder): a fresh
     start makes a new run; a resume continues the folder's run (or the checkpoint's, in a folder that has
-    none yet). Every checkpoint records it."""
-    run_id = None
+    none yet). Every checkpoint records it. A fresh start in a folder that holds an earlier run's checkpoints
+    or results is refused on every rank, or moves them aside first (train.move_aside): nothing is overwritten."""
+    decided = None
     if ctx.is_main:
-        folder = RunFolder(Path(cfg.train.output_dir))
-        keep = (folder.run_id() or read_meta(target).get("run_id")) if target is not None else None
-        run_id = folder.claim(keep)
-    return ctx.broadcast_object(run_id)
+        out = Path(cfg.train.output_dir)
+        problem = earlier_run_problem(out, cfg.train.move_aside) if target is None else None
+        if problem is None:
+            if target is None:
+                earlier = earlier_run(out)
+                moved = move_aside(out) if earlier else None
+                if moved is not None:
+                    print(f"[train] moved {earlier} into {moved} (train.move_aside): this run starts afresh", flush=True)
+            folder = RunFolder(out)
+            keep = (folder.run_id() or read_meta(target).get("run_id")) if target is not None else None
+            decided = ("run", folder.claim(keep))
+        else:
+            decided = ("error", problem)
+    kind, value = ctx.broadcast_object(decided)
+    if kind == "error":
+        raise FolderError(value)
+    return value
 
 
 def hold_output(cfg: RunConfig, ctx: DistContext) -> RunFolder | None:

@@ -207,3 +207,14 @@ def test_a_file_written_atomically_is_the_old_or_the_new_never_a_part(tmp_path):
     assert target.read_text() == '{"old": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
     write_atomically(target, b'{"new": 2}')
     assert json.loads(target.read_text()) == {"new": 2}
+
+
+def test_pruning_removes_only_this_runs_checkpoints(saved, tiny_shards):
+    """Run a's checkpoints at steps 4, 8 and 12 stay whatever run b saves into the same folder: pruning ranked
+    every checkpoint by step and deleted b's new ones as soon as they were written (a longer earlier run's looked
+    newer). b keeps its own 3 newest."""
+    checkpoints, _ = manager(tiny_shards, saved, **{"checkpoint.resume": "none"})
+    for step in (1, 2, 3, 5):
+        checkpoints.save(FakeEngine(), step, "run-b")
+    assert names(saved) == ["step00000002", "step00000003", "step00000004", "step00000005", "step00000008",
+                            "step00000012"]

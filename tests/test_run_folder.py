@@ -199,3 +199,46 @@ def test_the_launch_exits_2_when_a_rank_exited_2_and_the_agent_stopped_the_other
 
     assert exit_code([2, -signal.SIGTERM]) == 2 and exit_code([2, 2]) == 2
     assert exit_code([2, 1]) == 1 and exit_code([-signal.SIGKILL]) == 1 and exit_code([-signal.SIGTERM]) == 1
+
+
+def test_a_fresh_run_never_overwrites_nor_prunes_an_earlier_runs_files(tiny_shards, tmp_path):
+    """checkpoint.resume=none into a folder that holds a longer earlier run: refused in one line with nothing
+    touched (it deleted the new run's checkpoints as soon as they were written, and `latest` named a deleted
+    one); with train.move_aside=true the earlier run goes into OUTPUT/previous/RUN whole and the new run keeps its
+    own checkpoints."""
+    out = tmp_path / "run"
+    base = tiny_overrides(tiny_shards, out, **{"eval.at_start": False, "tracking.enabled": False,
+                                               "checkpoint.keep_last": 2})
+    assert dist_dml_here("train", CONFIG, *base, "train.steps=30", "checkpoint.every_steps=10").returncode == 0
+    earlier_run = json.loads((out / "run.json").read_text())["run_id"]
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    again = [*base, "train.steps=10", "checkpoint.every_steps=5", "checkpoint.resume=none"]
+    refused = dist_dml_here("train", CONFIG, *again)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("dist-dml train: error")]
+    assert len(lines) == 1 and f"holds run {earlier_run}'s 2 checkpoints (the newest step00000030)" in lines[0]
+    assert "train.move_aside=true" in lines[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert json.loads((out / "results.json").read_text())["steps"] == 30
+    check = dist_dml_here("check", CONFIG, *again, "--world-size", "1")  # the launch scripts' check says it first
+    assert check.returncode == 2 and "holds run" in check.stderr
+
+    moved = dist_dml_here("train", CONFIG, *again, "train.move_aside=true")
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    previous = out / "previous" / earlier_run
+    assert sorted(p.name for p in (previous / "checkpoints").iterdir()) == before
+    assert json.loads((previous / "results.json").read_text())["steps"] == 30
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000005", "step00000010"]
+    assert (out / "checkpoints" / "latest").read_text() == "step00000010"
+    assert json.loads((out / "results.json").read_text())["steps"] == 10
+
+
+def test_the_demo_never_overwrites_a_run(tmp_path, capsys):
+    """dist-dml demo --output onto a folder that holds a run that is not a demo: refused, nothing replaced."""
+    from dist_dml.cli import main as cli
+
+    (tmp_path / "results.json").write_text('{"steps": 500}')
+    (tmp_path / "config.yaml").write_text("train: {name: products}\n")
+    assert cli(["demo", "--output", str(tmp_path)]) == 2
+    assert "holds an earlier run's results.json, not a demo's" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == '{"steps": 500}' and not (tmp_path / "data").exists()
