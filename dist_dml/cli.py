@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from dist_dml.errors import UserError, one_line
-from dist_dml.files import open_regular, read_regular, write_atomically
+from dist_dml.files import new_version, open_regular, publish, published, read_regular, write_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -222,7 +222,7 @@ def embed_command(args: argparse.Namespace) -> int:
 
     from dist_dml.data import EvalStream, verify
     from dist_dml.evaluation import embed_local, report_nonfinite
-    from dist_dml.export import MODEL_FILE, model_fingerprint, write_embeddings
+    from dist_dml.export import EXPORT_PARTS, MODEL_FILE, model_fingerprint, write_embeddings
 
     def work(model, cfg, ctx) -> int:
         out = Path(args.out)
@@ -233,11 +233,17 @@ def embed_command(args: argparse.Namespace) -> int:
         if bad:  # such an item could never be found again: nothing is written
             line = report_nonfinite([embedded], ctx, bad, "so nothing is written")
             raise NonFinite(f"{line} (check the checkpoint {args.checkpoint})")
-        paths = write_embeddings(embedded, out, ctx.rank, args.format)
+        # Written beside the export that is there (a new version folder), then made current in one rename: a reader
+        # (dist-dml index) sees the old export or the new, and no part of another export is ever read with it.
+        version = Path(ctx.broadcast_object(str(new_version(out)) if ctx.is_main else None))
+        paths = write_embeddings(embedded, version, ctx.rank, args.format)
+        count = int(ctx.all_reduce_sum(torch.tensor([len(embedded.image_ids)], device=ctx.device)))
+        ctx.barrier()
         if ctx.is_main:
             meta = {"checkpoint": str(Path(args.checkpoint).resolve()), "fingerprint": model_fingerprint(model),
-                    "split": args.split, "images": stream.num_images, "dim": model.head.out_features}
-            write_atomically(out / MODEL_FILE, json.dumps(meta, indent=1))
+                    "split": args.split, "images": stream.num_images, "count": count, "parts": ctx.world_size,
+                    "format": args.format, "dim": model.head.out_features}
+            publish(out, MODEL_FILE, meta, version, legacy=EXPORT_PARTS)
         ctx.barrier()
         print(f"[embed] rank {ctx.rank}: {', '.join(str(p) for p in paths)}")
         if ctx.is_main:
@@ -296,17 +302,19 @@ def index_command(args: argparse.Namespace) -> int:
             return 2
         model = {**model, "checkpoint": str(Path(args.checkpoint).resolve()), "fingerprint": fingerprint}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     try:
         index = build_index(exported.embeddings, args.type, nlist=args.nlist, m=args.m)
     except RuntimeError as exc:  # faiss: e.g. too few vectors to train an ivfpq index of these lists
         raise UserError(f"--type {args.type} over {len(exported.ids)} embeddings: {one_line(exc, 200)}") from None
-    save_index(index, out / "index.faiss")
+    # Written beside the index that is there, then made current in one rename (files.publish): a search that runs
+    # meanwhile reads the old index and its columns or the new ones, never a mix.
+    version = new_version(out)
+    save_index(index, version / "index.faiss")
     for name in ("ids", "labels", "classes", "items"):
-        np.save(out / f"{name}.npy", getattr(exported, name))
+        np.save(version / f"{name}.npy", getattr(exported, name))
     meta = {"type": args.type, "count": int(len(exported.ids)), "dim": int(exported.embeddings.shape[1]),
             "checkpoint": model.get("checkpoint"), "fingerprint": model.get("fingerprint")}
-    write_atomically(out / "meta.json", json.dumps(meta, indent=1))
+    publish(out, "meta.json", meta, version)
     print(f"[index] done: {args.type} index of {len(exported.ids)} embeddings in {out.resolve()}"
           f" (model {meta['fingerprint'] or 'unknown'})")
     return 0
@@ -350,11 +358,12 @@ def search_command(args: argparse.Namespace) -> int:
             return 2
         print(f"dist-dml search: warning: {message}", file=sys.stderr)
     try:
-        index = load_index(folder / "index.faiss")
+        base = published(folder, meta)  # the version meta.json names: one index with its own columns
+        index = load_index(base / "index.faiss")
         columns = {}
         for name in ("ids", "labels", "classes", "items"):
-            if (folder / f"{name}.npy").exists():
-                with open_regular(folder / f"{name}.npy") as f:
+            if (base / f"{name}.npy").exists():
+                with open_regular(base / f"{name}.npy") as f:
                     columns[name] = np.load(f, allow_pickle=False)
     except (RuntimeError, ValueError, OSError) as exc:
         raise UserError(f"{folder}: the index is damaged ({one_line(exc, 200)}); build it again "

@@ -15,7 +15,7 @@ import torch
 
 from dist_dml.config import RunConfig, apply_overrides, build_config, load_config
 from dist_dml.errors import UserError, one_line
-from dist_dml.files import load_plain, open_regular, read_regular
+from dist_dml.files import load_plain, open_regular, parse_json, published, read_regular
 from dist_dml.models import EmbeddingModel, build_model
 
 
@@ -76,6 +76,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 MODEL_FILE = "model.json"  # beside exported embeddings and in an index folder: the model that made them
+EXPORT_PARTS = ("part-*.parquet", "embeddings-*.npy", "labels-*.npy", "ids-*.npy", "classes-*.npy", "items-*.npy")
 
 
 def write_embeddings(embedded, out: Path, part: int, fmt: str = "npy") -> list[Path]:
@@ -120,6 +121,35 @@ def read_embeddings(folder: Path) -> Exported:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder (give one written by dist-dml embed)")
+    meta = _export_meta(folder)
+    try:
+        base = published(folder, meta)  # the export model.json names (an older export's parts are never read)
+    except ValueError as exc:
+        raise UserError(f"{folder}: {exc}; write the embeddings again with dist-dml embed") from None
+    exported = _read_parts(base)
+    if "count" in meta and len(exported.ids) != meta["count"]:
+        raise UserError(f"{folder}: its parts hold {len(exported.ids)} embeddings, but the export wrote {meta['count']} "
+                        "(parts of another export?); write the embeddings again with dist-dml embed")
+    return exported
+
+
+def _export_meta(folder: Path) -> dict:
+    """An export's MODEL_FILE ({} where an export of an older dist-dml has none); a damaged one is a UserError."""
+    path = folder / MODEL_FILE
+    if not path.exists():
+        return {}
+    try:
+        meta = parse_json(read_regular(path))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: damaged ({one_line(exc, 200)}); write the embeddings again with dist-dml embed") \
+            from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: damaged (not a JSON object); write the embeddings again with dist-dml embed")
+    return meta
+
+
+def _read_parts(folder: Path) -> Exported:
+    """The parts in ``folder`` (one export's), ordered by image id, checked as read_embeddings says."""
     parts = sorted(folder.glob("part-*.parquet"))
     if parts:
         import pyarrow.parquet as pq

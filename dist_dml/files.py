@@ -168,3 +168,64 @@ def output_problem(path: str | Path, folder: bool = False) -> str | None:
     if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
         return f"{path} cannot be made: {parent} cannot be written (a read-only folder or mount?)"
     return None
+
+
+# --- folders published whole: an export, an index -----------------------------------------------------------
+
+VERSION_PREFIX = "v-"
+
+
+def new_version(folder: str | Path) -> Path:
+    """A fresh, empty version folder inside ``folder`` (made if missing), to write a new export or index into
+    before :func:`publish` makes it the folder's current one."""
+    import uuid
+
+    path = Path(folder) / f"{VERSION_PREFIX}{uuid.uuid4().hex[:12]}"
+    path.mkdir(parents=True)
+    return path
+
+
+def publish(folder: str | Path, meta_name: str, meta: dict, version: Path, legacy: tuple[str, ...] = ()) -> None:
+    """Make ``version`` (a folder made by :func:`new_version` and written whole) the current content of ``folder``:
+    its meta file (``meta_name``, naming the version and each file's size) replaced atomically in one rename, so
+    a reader that reads the meta file and then the version it names sees the old content or the new, never a mix.
+    The version that was current stays (a reader may be in it); older ones, and the files that the layout before
+    versions kept directly in ``folder`` (those of the version's names, and ``legacy`` glob patterns), are
+    removed: an older content's, never read again."""
+    import json
+    import shutil
+
+    folder = Path(folder)
+    try:
+        previous = parse_json(read_regular(folder / meta_name)).get("version")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    files = {p.name: p.stat().st_size for p in sorted(version.iterdir()) if p.is_file()}
+    write_atomically(folder / meta_name, json.dumps({**meta, "version": version.name, "files": files}, indent=1))
+    for old in folder.glob(f"{VERSION_PREFIX}*"):
+        if old.is_dir() and old.name not in (version.name, previous):
+            shutil.rmtree(old, ignore_errors=True)
+    stale = [folder / name for name in files] + [p for pattern in legacy for p in folder.glob(pattern)]
+    for path in stale:
+        if path.is_file():
+            path.unlink()
+
+
+def published(folder: str | Path, meta: dict) -> Path:
+    """The folder holding the content ``meta`` (a published meta file's contents) describes: its version folder,
+    checked against the sizes it records (a content changed or cut since is a ValueError), or ``folder`` itself
+    for content written before versions."""
+    folder = Path(folder)
+    version = meta.get("version")
+    if not version:
+        return folder
+    if not (isinstance(version, str) and version.startswith(VERSION_PREFIX) and "/" not in version):
+        raise ValueError(f"its meta names no version folder ({version!r})")
+    base = folder / version
+    for name, size in (meta.get("files") or {}).items():
+        path = base / name
+        if not path.is_file():
+            raise ValueError(f"{path} is missing (the content was replaced twice while it was read: read it again)")
+        if path.stat().st_size != size:
+            raise ValueError(f"{path} has {path.stat().st_size} bytes, its meta says {size}")
+    return base

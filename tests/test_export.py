@@ -9,6 +9,7 @@ import torch
 from dist_dml.cli import main as cli
 from dist_dml.config import load_config
 from dist_dml.export import load_checkpoint, read_embeddings
+from dist_dml.errors import UserError
 from dist_dml.models import build_model
 
 from .conftest import HANG_GUARD_S, ROOT, tiny_overrides
@@ -47,7 +48,10 @@ def test_eval_command_matches_in_memory_brute_force(checkpoint, tmp_path, capsys
 def test_embed_two_ranks_then_index_and_search(checkpoint, tmp_path, run_torchrun, fmt, capsys):
     emb_dir = tmp_path / "emb"
     run_torchrun(2, "dist_dml.cli", "embed", str(checkpoint), "--out", str(emb_dir), "--format", fmt, timeout=HANG_GUARD_S)
-    parts = {p.name for p in emb_dir.iterdir()} - {"model.json"}
+    from dist_dml.files import published
+
+    current = published(emb_dir, json.loads((emb_dir / "model.json").read_text()))  # the export's version folder
+    parts = {p.name for p in current.iterdir()}
     assert len(parts) == (2 if fmt == "parquet" else 10)  # one part per rank
     exported = read_embeddings(emb_dir)
     emb, ids = exported.embeddings, exported.ids
@@ -61,7 +65,10 @@ def test_embed_two_ranks_then_index_and_search(checkpoint, tmp_path, run_torchru
     assert cli(["index", str(emb_dir), "--out", str(tmp_path / "idx")]) == 0
     from dist_dml.search import load_index
 
-    _, found = load_index(tmp_path / "idx" / "index.faiss").search(emb[:5], 3)
+    from dist_dml.files import published
+
+    current = published(tmp_path / "idx", json.loads((tmp_path / "idx" / "meta.json").read_text()))
+    _, found = load_index(current / "index.faiss").search(emb[:5], 3)
     want = np.argsort(-(emb[:5] @ emb.T), axis=1, kind="stable")[:, :3]
     np.testing.assert_array_equal(found, want)
 
@@ -113,3 +120,59 @@ def test_the_served_model_refuses_an_image_without_pixels(checkpoint):
     model, config = load_checkpoint(checkpoint)
     with pytest.raises(ValueError, match=r"H, W >= 1, got uint8 \(1, 0, 5, 3\)"):
         embed_array(model, config, np.zeros((1, 0, 5, 3), np.uint8))
+
+
+def synthetic_export(folder: Path, n: int, seed: int, part: int = 0) -> None:
+    """An export part of n random embeddings (as dist-dml embed writes one, without its model.json)."""
+    from dist_dml.export import write_embeddings
+    from dist_dml.sharded import Embedded
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.arange(n) + 1000 * part
+    write_embeddings(Embedded(torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1), ids % 7, ids,
+                              [str(int(i) % 7) for i in ids], [f"item{int(i)}" for i in ids]), folder, part)
+
+
+def test_an_index_is_replaced_whole_a_reader_sees_the_old_or_the_new(tmp_path):
+    """dist-dml index over an index folder that a search is reading: the new index and its columns are written
+    beside the old and made current by one rename of meta.json; a reader that took the old meta.json still reads
+    the old index with its own columns (kept until the next rebuild), never the new columns with the old index
+    (searches printed wrong classes and items, or died in EOFError/IndexError)."""
+    from dist_dml.files import published
+    from dist_dml.search import load_index
+
+    synthetic_export(tmp_path / "a", 40, seed=1)
+    synthetic_export(tmp_path / "b", 25, seed=2)
+    idx = tmp_path / "idx"
+    metas = []
+    for source in ("a", "b", "a"):
+        assert cli(["index", str(tmp_path / source), "--out", str(idx)]) == 0
+        metas.append(json.loads((idx / "meta.json").read_text()))
+    first, second, third = metas
+    assert len({m["version"] for m in metas}) == 3
+    old, new = published(idx, second), published(idx, third)  # the previous and the current
+    assert load_index(old / "index.faiss").ntotal == len(np.load(old / "ids.npy")) == 25
+    assert load_index(new / "index.faiss").ntotal == len(np.load(new / "ids.npy")) == 40
+    with pytest.raises(ValueError, match="replaced twice while it was read"):
+        published(idx, first)  # two rebuilds ago: gone, and said so (never mixed)
+    assert sorted(p.name for p in idx.iterdir()) == sorted(["meta.json", second["version"], third["version"]])
+
+
+def test_an_export_owns_its_folder_stale_parts_are_never_indexed(tmp_path, checkpoint):
+    """dist-dml embed into a folder that holds a 3-part export: the new export is read alone (index merged the
+    stale parts: 369 embeddings of 319 images, the same hit twice), the stale parts are gone, and index checks the
+    parts against the export's own count."""
+    from dist_dml.export import read_embeddings
+
+    folder = tmp_path / "emb"
+    for part in range(3):
+        synthetic_export(folder, 10, seed=part, part=part)
+    assert cli(["embed", str(checkpoint), "--out", str(folder)]) == 0
+    meta = json.loads((folder / "model.json").read_text())
+    exported = read_embeddings(folder)
+    assert len(exported.ids) == meta["count"] == meta["images"] and len(np.unique(exported.ids)) == len(exported.ids)
+    assert not list(folder.glob("*-00002.npy")) and not list(folder.glob("embeddings-*.npy"))
+    meta["count"] += 1
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="parts hold .* embeddings, but the export wrote"):
+        read_embeddings(folder)

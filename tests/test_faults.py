@@ -392,7 +392,8 @@ def mistakes(model: Path, folder: Path, config: str) -> dict[str, tuple[list[str
     bad_index, bad_meta, bad_manifest = folder / "bad_index", folder / "bad_meta", folder / "bad_manifest"
     if not bad_index.exists():
         shutil.copytree(folder / "index", bad_index)
-        (bad_index / "index.faiss").write_bytes(b"garbage")
+        version = json.loads((bad_index / "meta.json").read_text())["version"]
+        (bad_index / version / "index.faiss").write_bytes(b"garbage")
         shutil.copytree(folder / "index", bad_meta)
         (bad_meta / "meta.json").write_text("{")
         bad_manifest.mkdir()
