@@ -19,6 +19,7 @@ def replacing(path: str | Path) -> Iterator[Path]:
     survives a crash of the machine); when it raises, the temporary file is removed and ``path`` is as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)  # an output's folder (eval --out runs/x/metrics.json)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
