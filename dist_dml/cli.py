@@ -159,20 +159,17 @@ def setup_command(args: argparse.Namespace) -> int:
     return 0
 
 
-OUTPUTS = {"out": False, "plots": True, "onnx": False}  # each command's output options: True for a folder
-
-
 def _outputs_writable(args: argparse.Namespace) -> None:
-    """Every output path of the command checked before its work starts (files.output_problem): a UserError."""
+    """Every output path of the command (--out, --plots, --onnx) checked before its work starts
+    (files.output_problem): a UserError. --plots, and the --out of embed and index, are folders."""
     from dist_dml.files import output_problem
 
-    folders = {"embed": True, "index": True}  # their --out is a folder
-    for option, folder in OUTPUTS.items():
+    for option in ("out", "plots", "onnx"):
         value = getattr(args, option, None)
-        if value:
-            problem = output_problem(value, folder=folders.get(args.command, folder))
-            if problem:
-                raise UserError(f"--{option}: {problem}")
+        folder = option == "plots" or (option == "out" and args.command in ("embed", "index"))
+        problem = output_problem(value, folder=folder) if value else None
+        if problem:
+            raise UserError(f"--{option}: {problem}")
 
 
 def _on_checkpoint(args: argparse.Namespace, work) -> int:
@@ -260,32 +257,12 @@ class NonFinite(UserError):
     on_every_rank = True
 
 
-def _model_meta(folder: Path) -> dict:
-    """The MODEL_FILE of an export folder ({} if none); a damaged one is a UserError."""
-    from dist_dml.export import MODEL_FILE
-
-    path = folder / MODEL_FILE
-    return _json_object(path, "write the embeddings again with dist-dml embed") if path.is_file() else {}
-
-
-def _json_object(path: Path, remedy: str) -> dict:
-    """A small JSON object file of ours (an index's meta.json, an export's model.json); a damaged one is a
-    UserError that says what to do (``remedy``)."""
-    try:
-        meta = json.loads(read_regular(path))
-    except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise UserError(f"{path}: damaged ({one_line(exc, 2000)}); {remedy}") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path}: damaged (not a JSON object); {remedy}")
-    return meta
-
-
 def index_command(args: argparse.Namespace) -> int:
     """A faiss index over exported embeddings, with each item's id, label, class and source beside it,
     and the model that made them (taken from the export, or --checkpoint)."""
     import numpy as np
 
-    from dist_dml.export import load_checkpoint, model_fingerprint, read_embeddings
+    from dist_dml.export import export_meta, load_checkpoint, model_fingerprint, read_embeddings
     from dist_dml.search import build_index, save_index
 
     _outputs_writable(args)
@@ -293,7 +270,7 @@ def index_command(args: argparse.Namespace) -> int:
         raise UserError(f"--nlist must be >= 0 (0: 4 sqrt(N)) and --m >= 1, got {args.nlist} and {args.m}")
     source = Path(args.embeddings)
     exported = read_embeddings(source)
-    model = _model_meta(source)
+    model = export_meta(source)
     if args.checkpoint:
         fingerprint = model_fingerprint(load_checkpoint(args.checkpoint)[0])
         if model.get("fingerprint") not in (None, fingerprint):
@@ -325,7 +302,9 @@ def _index_meta(folder: Path) -> dict:
     path = folder / "meta.json"
     if not path.is_file():
         raise UserError(f"{folder}: not an index folder (no meta.json; build one with dist-dml index)")
-    return _json_object(path, "build the index again with dist-dml index")
+    from dist_dml.export import json_object
+
+    return json_object(path, "build the index again with dist-dml index")
 
 
 def search_command(args: argparse.Namespace) -> int:

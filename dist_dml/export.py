@@ -121,7 +121,7 @@ def read_embeddings(folder: Path) -> Exported:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder (give one written by dist-dml embed)")
-    meta = _export_meta(folder)
+    meta = export_meta(folder)
     try:
         base = published(folder, meta)  # the export model.json names (an older export's parts are never read)
     except ValueError as exc:
@@ -133,18 +133,21 @@ def read_embeddings(folder: Path) -> Exported:
     return exported
 
 
-def _export_meta(folder: Path) -> dict:
+def export_meta(folder: Path) -> dict:
     """An export's MODEL_FILE ({} where an export of an older dist-dml has none); a damaged one is a UserError."""
-    path = folder / MODEL_FILE
-    if not path.exists():
-        return {}
+    path = Path(folder) / MODEL_FILE
+    return json_object(path, "write the embeddings again with dist-dml embed") if path.exists() else {}
+
+
+def json_object(path: Path, remedy: str) -> dict:
+    """A small JSON object file of ours (an export's model.json, an index's meta.json); a damaged one is a
+    UserError that says what to do (``remedy``)."""
     try:
         meta = parse_json(read_regular(path))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: damaged ({one_line(exc, 200)}); write the embeddings again with dist-dml embed") \
-            from None
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise UserError(f"{path}: damaged ({one_line(exc, 2000)}); {remedy}") from None
     if not isinstance(meta, dict):
-        raise UserError(f"{path}: damaged (not a JSON object); write the embeddings again with dist-dml embed")
+        raise UserError(f"{path}: damaged (not a JSON object); {remedy}")
     return meta
 
 

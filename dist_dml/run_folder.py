@@ -206,8 +206,11 @@ def earlier_run_problem(path: Path, move_aside: bool) -> str | None:
     """Why a fresh start cannot use ``path`` (an earlier run's checkpoints or results there, which it would
     overwrite, or prune by step number), unless ``move_aside`` (train.move_aside) says to move them aside first."""
     earlier = earlier_run(path)
-    if earlier is None or move_aside:
-        return None
+    return None if earlier is None or move_aside else fresh_start_refused(path, earlier)
+
+
+def fresh_start_refused(path: Path, earlier: str) -> str:
+    """The line that refuses a fresh start over ``earlier`` (earlier_run's words) in ``path``."""
     return (f"train.output_dir {path} holds {earlier}: a fresh start would overwrite them; give another train.name "
             f"or train.output_dir, or train.move_aside=true to move them into {Path(path) / PREVIOUS}/ first "
             "(checkpoint.resume=auto continues that run instead)")

@@ -33,7 +33,7 @@ from dist_dml.memory import CrossBatchMemory
 from dist_dml.meter import EpochReport, Meter
 from dist_dml.models import TrainModule, build_model
 from dist_dml.objective import GlobalBatchObjective
-from dist_dml.run_folder import FolderError, RunFolder, earlier_run, earlier_run_problem, move_aside
+from dist_dml.run_folder import FolderError, RunFolder, earlier_run, fresh_start_refused, move_aside
 from dist_dml.sampling import build_sampler
 from dist_dml.step import take_step
 from dist_dml.tracking import build_tracker
@@ -339,18 +339,16 @@ def _own_run(cfg: RunConfig, ctx: DistContext, target: Path | None) -> str:
     decided = None
     if ctx.is_main:
         out = Path(cfg.train.output_dir)
-        problem = earlier_run_problem(out, cfg.train.move_aside) if target is None else None
-        if problem is None:
-            if target is None:
-                earlier = earlier_run(out)
-                moved = move_aside(out) if earlier else None
-                if moved is not None:
-                    print(f"[train] moved {earlier} into {moved} (train.move_aside): this run starts afresh", flush=True)
+        earlier = earlier_run(out) if target is None else None
+        if earlier and not cfg.train.move_aside:
+            decided = ("error", fresh_start_refused(out, earlier))
+        else:
+            if earlier:
+                print(f"[train] moved {earlier} into {move_aside(out)} (train.move_aside): this run starts afresh",
+                      flush=True)
             folder = RunFolder(out)
             keep = (folder.run_id() or read_meta(target).get("run_id")) if target is not None else None
             decided = ("run", folder.claim(keep))
-        else:
-            decided = ("error", problem)
     kind, value = ctx.broadcast_object(decided)
     if kind == "error":
         raise FolderError(value)
