@@ -24,6 +24,7 @@ from dist_dml.files import read_regular
 from dist_dml.losses import LossConfig
 from dist_dml.memory import MemoryConfig
 from dist_dml.models import ModelConfig
+from dist_dml.postprocess import parse as parse_postprocess
 from dist_dml.sampling import SamplerConfig
 
 
@@ -88,6 +89,17 @@ class EvalConfig:
     ivf_nprobe: int = 64  # lists searched per query (about sqrt of the lists of a million-item shard)
     ivf_check_queries: int = 1000  # queries searched exactly too, for ivf_recall_at_K
     ivf_target_recall: float = 0.9  # ivf_nprobe doubles until ivf_recall_at_K reaches this (0: keep ivf_nprobe)
+    # Retrieval post-processing, measured beside the plain metrics (results' "postprocessed"; MLflow pp_*): none, or
+    # some of dba (database-side augmentation), qe (alpha query expansion), k_reciprocal (re-ranking) joined by '+'
+    postprocess: str = "none"
+    qe_k: int = 2  # gallery neighbours averaged into each query (0: none)
+    qe_alpha: float = 3.0  # their weight: max(similarity, 0) ** qe_alpha (0: plain average)
+    dba_k: int = 2  # gallery neighbours averaged into each gallery item (0: none)
+    dba_alpha: float = 3.0  # their weight, as qe_alpha
+    kr_k1: int = 20  # k-reciprocal re-ranking (Zhong et al. 2017): the k-reciprocal neighbourhood
+    kr_k2: int = 6  # its local query expansion
+    kr_lambda: float = 0.3  # the weight of the original distance beside the Jaccard distance
+    kr_shortlist: int = 100  # each query's nearest gallery items that are re-ranked
 
     def validate(self) -> None:
         if not self.recall_ks or min(self.recall_ks) < 1:
@@ -107,6 +119,13 @@ class EvalConfig:
         if self.batch_size < 1 or self.every_steps < 0 or self.example_queries < 0 or self.example_k < 1:
             raise ValueError("eval.batch_size and eval.example_k must be >= 1, eval.every_steps and eval.example_queries "
                              ">= 0")
+        parse_postprocess(self.postprocess)
+        if min(self.qe_k, self.dba_k) < 0 or not all(0 <= a < float("inf") for a in (self.qe_alpha, self.dba_alpha)):
+            raise ValueError(f"eval.qe_k, eval.dba_k, eval.qe_alpha and eval.dba_alpha must be >= 0 (and finite), got "
+                             f"{self.qe_k}, {self.dba_k}, {self.qe_alpha} and {self.dba_alpha}")
+        if self.kr_k1 < 1 or self.kr_k2 < 1 or self.kr_shortlist < 1 or not 0 <= self.kr_lambda <= 1:
+            raise ValueError(f"eval.kr_k1, eval.kr_k2 and eval.kr_shortlist must be >= 1 and eval.kr_lambda in [0, 1], "
+                             f"got {self.kr_k1}, {self.kr_k2}, {self.kr_shortlist} and {self.kr_lambda}")
         if len(self.split.split(",")) not in (1, 2):
             raise ValueError(f"eval.split must be a split or 'query,gallery', got {self.split!r}")
 

@@ -34,14 +34,20 @@ class EvaluationIncomplete(UserError):
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    """One line: R@K and scores to 4 decimals, counts as integers."""
+    """One line: R@K and scores to 4 decimals, counts as integers; then the post-processed metrics (what
+    eval.postprocess gave), if any."""
     shown = []
     for key, value in metrics.items():
+        if isinstance(value, (dict, str)):
+            continue
         if key.startswith(("images_", "unanswerable", "queries")) or key in FAULT_KEYS:
             if key not in ("unanswerable", "queries") and (value or key.startswith("images_")):
                 shown.append(f"{key}={int(value)}")
         else:
             shown.append(f"{key.replace('recall_at_', 'R@')}={value:.4f}")
+    after = metrics.get("postprocessed")
+    if isinstance(after, dict):
+        shown.append(f"| after {after.get('postprocess', 'post-processing')}: {format_metrics(after)}")
     return " ".join(shown)
 
 

@@ -208,6 +208,8 @@ def _parent_run(base, out: Path):
 def table(results: dict, ks, configs: dict) -> list[dict]:
     """One row per cell without its seed: the margin alpha and the beta it trained with (``configs``: each
     cell's config), each metric's mean and standard deviation over the seeds that finished, and how many did."""
+    from dist_dml.tracking import flat_metrics
+
     names = [f"recall_at_{k}" for k in ks] + [m for m in METRICS if m != "recall_at_1"]
     groups: dict[str, list[dict]] = {}
     losses = {}
@@ -215,7 +217,9 @@ def table(results: dict, ks, configs: dict) -> list[dict]:
         groups.setdefault(cell.group, [])
         losses[cell.group] = configs[cell].loss
         if metrics:
-            groups[cell.group].append(metrics)
+            groups[cell.group].append(flat_metrics(metrics))
+    if any("pp_recall_at_1" in run for runs in groups.values() for run in runs):  # eval.postprocess: after, beside
+        names += [f"pp_{n}" for n in names]
     rows = []
     for group, runs in groups.items():
         row = {"cell": group, "alpha": losses[group].alpha, "beta": _beta(losses[group]), "seeds": len(runs)}

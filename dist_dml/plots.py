@@ -51,10 +51,16 @@ def recall_curve(metrics: dict[str, float], ks, path: Path, title: str = "Recall
     from matplotlib.ticker import NullFormatter, NullLocator
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(list(ks), [metrics[f"recall_at_{k}"] for k in ks], marker="o")
-    for k in ks:
-        ax.annotate(f"{metrics[f'recall_at_{k}']:.3f}", (k, metrics[f"recall_at_{k}"]), textcoords="offset points",
-                    xytext=(0, 6), ha="center", fontsize=7)
+    after = metrics.get("postprocessed") or {}
+    steps = "+".join(part.split()[0] for part in str(after.get("postprocess", "post-processing")).split(", "))
+    curves = [("embeddings", metrics, -12 if after else 6)] + ([(f"after {steps}", after, 6)] if after else [])
+    for label, values, offset in curves:
+        ax.plot(list(ks), [values[f"recall_at_{k}"] for k in ks], marker="o", label=label)
+        for k in ks:
+            ax.annotate(f"{values[f'recall_at_{k}']:.3f}", (k, values[f"recall_at_{k}"]), textcoords="offset points",
+                        xytext=(0, offset), ha="center", fontsize=7)
+    if after:
+        ax.legend(fontsize=7, loc="lower right")
     ax.set_xscale("log")
     ax.set_xticks(list(ks), [str(k) for k in ks])
     ax.xaxis.set_minor_locator(NullLocator())

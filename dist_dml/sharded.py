@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from dist_dml.distributed import DistContext
+from dist_dml.postprocess import Postprocess, augment, rerank, weights
 
 
 @dataclass
@@ -120,10 +121,102 @@ def sharded_metrics(query: Embedded, gallery: Embedded | None, cfg, ctx: DistCon
     if cfg.nmi:
         metrics.update(_nmi(queries.emb, queries.lab, None if same else (shard.emb, shard.lab), counts, ctx,
                             cfg.nmi_max_classes, use_gpu, seed))
+    pp = Postprocess.of(cfg)
+    if pp is not None:
+        nprobe = int(approximate.get("ivf_nprobe", cfg.ivf_nprobe))
+        build = lambda vectors: Gallery(vectors, max(plan.fetch, pp.kr_shortlist) + 8, use_gpu, kind=cfg.index,  # noqa: E731
+                                        nlist=cfg.ivf_nlist, nprobe=nprobe) if len(vectors) else None
+        metrics["postprocessed"] = {"postprocess": pp.describe(),
+                                    **_postprocessed(pp, plan, queries, shard, index, build, relevant_count, ks)}
     merged = {}
     for part in ctx.all_gather_object(kept):
         merged.update(part)
     return metrics, merged
+
+
+def _postprocessed(pp: Postprocess, plan: _Plan, queries: _Arrays, shard: _Arrays, index, build, relevant_count,
+                   ks) -> dict[str, float]:
+    """The retrieval metrics after ``pp`` (dist_dml.postprocess): DBA replaces this rank's gallery shard by its
+    augmented vectors (a second copy of the shard, indexed by ``build``), QE expands each chunk of queries
+    before its search, k-reciprocal re-ranks each query's shortlist. Sharded as the plain search: each rank
+    adds the weighted vectors it holds and the sums are all-reduced, so memory stays O(shard + chunk x k)."""
+    ctx = plan.ctx
+    if "dba" in pp and pp.dba_k:
+        sizes = [int(n) for n in ctx.all_gather_no_grad(torch.tensor([len(shard.ids)], device=ctx.device)).cpu()]
+        shard = augmented_gallery(dataclasses.replace(plan, sizes=sizes, same=True), shard, index, pp.dba_k,
+                                  pp.dba_alpha)
+        index = build(shard.emb)
+    reranking = "k_reciprocal" in pp
+    fetch = max(plan.k, pp.kr_shortlist) if reranking else plan.k
+    sums = np.zeros(len(ks) + 3)
+    for owner, start, rows, block, block_ids in _blocks(plan, queries):
+        if "qe" in pp and pp.qe_k:
+            scores, ids, _ = _search(plan, block, block_ids, shard, index, pp.qe_k, merge=True)
+            block = augment(block, _weighted_sum(ids, weights(scores, ids, pp.qe_alpha), shard, ctx))
+        mine = ctx.rank == owner
+        merged = _search(plan, block, block_ids, shard, index, fetch, merge=mine or reranking)
+        if reranking:
+            _, ids, labels = merged
+            vectors = _vectors_of(ids, shard, ctx)
+            if mine:
+                order = rerank(block, vectors, (ids >= 0) & (np.arange(fetch) < pp.kr_shortlist)[None], pp)
+                merged = (None, np.take_along_axis(ids, order, 1)[:, :plan.k],
+                          np.take_along_axis(labels, order, 1)[:, :plan.k])
+        if mine:
+            sums += _score(merged[1], merged[2], queries.lab[start:start + rows], relevant_count[start:start + rows],
+                           ks)
+    return _means(ctx.all_reduce_sum(torch.from_numpy(sums).to(ctx.device)).cpu().numpy(), ks, sum(plan.sizes))
+
+
+def augmented_gallery(plan: _Plan, shard: _Arrays, index, k: int, alpha: float) -> _Arrays:
+    """DBA of a gallery sharded over the ranks (``plan``: every rank's shard size, ``same``): this rank's shard
+    with each vector replaced by normalise(g + sum of its k nearest other gallery items, weighted
+    max(s, 0) ** alpha). Call on every rank; ``index`` searches this rank's shard."""
+    out = np.empty_like(shard.emb)
+    for owner, start, rows, block, block_ids in _blocks(dataclasses.replace(plan, k=k), shard):
+        scores, ids, _ = _search(plan, block, block_ids, shard, index, k, merge=True)
+        augmented = augment(block, _weighted_sum(ids, weights(scores, ids, alpha), shard, plan.ctx))
+        if plan.ctx.rank == owner:
+            out[start:start + rows] = augmented
+    return _Arrays(out, shard.lab, shard.ids)
+
+
+def _rows_of(ids: np.ndarray, shard: _Arrays) -> tuple[np.ndarray, np.ndarray]:
+    """(row in this rank's shard, whether this rank holds it) of each gallery image id (-1: none); the shard is
+    in id order."""
+    rows = np.clip(np.searchsorted(shard.ids, ids), 0, max(len(shard.ids) - 1, 0))
+    held = (ids >= 0) & (rows < len(shard.ids))
+    if len(shard.ids):
+        held &= shard.ids[rows] == ids
+    else:
+        held &= False
+    return rows, held
+
+
+def _weighted_sum(ids: np.ndarray, w: np.ndarray, shard: _Arrays, ctx: DistContext) -> np.ndarray:
+    """sum_j w[:, j] x vector(ids[:, j]) per row [rows, d], float64: each rank adds the vectors it holds, then
+    an all-reduce (every rank gets the sums)."""
+    rows, held = _rows_of(ids, shard)
+    local = np.zeros((len(ids), shard.emb.shape[1]), np.float64)
+    for j in range(ids.shape[1]):
+        take = np.flatnonzero(held[:, j])
+        local[take] += w[take, j, None] * shard.emb[rows[take, j]].astype(np.float64)
+    return ctx.all_reduce_sum(torch.from_numpy(local).to(ctx.device)).cpu().numpy()
+
+
+def _vectors_of(ids: np.ndarray, shard: _Arrays, ctx: DistContext, most: int = 1 << 22) -> np.ndarray:
+    """The gallery vectors of ``ids`` [rows, L] -> [rows, L, d] float32 (zeros for -1), on every rank: each
+    rank writes the ones it holds and an all-reduce sums them (exact: one rank holds each), at most ``most``
+    numbers at a time."""
+    rows, held = _rows_of(ids, shard)
+    out = np.zeros((*ids.shape, shard.emb.shape[1]), np.float32)
+    step = max(1, most // max(out[0].size, 1))
+    for r0 in range(0, len(ids), step):
+        part = np.zeros_like(out[r0:r0 + step])
+        where = np.nonzero(held[r0:r0 + step])
+        part[where] = shard.emb[rows[r0:r0 + step][where]]
+        out[r0:r0 + step] = ctx.all_reduce_sum(torch.from_numpy(part).to(ctx.device)).cpu().numpy()
+    return out
 
 
 def _relevant(q_lab: np.ndarray, g_lab: np.ndarray, same: bool, ks, ctx: DistContext):
@@ -148,13 +241,10 @@ def _means(total: np.ndarray, ks, queries: int) -> dict[str, float]:
     return metrics
 
 
-def _rounds(plan: _Plan, queries: _Arrays, shard: _Arrays, index, limit: int | None = None):
-    """Every rank's queries in turn, in chunks, searched against every rank's shard (through ``index``: a faiss
-    Gallery or an _Exact search; None where the shard is empty): yields, on the chunk's owner only, (start, rows,
-    merged gallery ids [rows, k], their labels). ``limit``: at most that many queries of each rank."""
-    from dist_dml.search import knn
-
-    ctx, fetch = plan.ctx, plan.fetch
+def _blocks(plan: _Plan, queries: _Arrays, limit: int | None = None):
+    """Every rank's queries in turn, in chunks, sent to every rank: yields on every rank (owner, start, rows,
+    the chunk's vectors [rows, d] float32, their image ids). ``limit``: at most that many queries of each rank."""
+    ctx = plan.ctx
     for owner, n in enumerate(plan.sizes):
         n = min(n, limit) if limit is not None else n
         for start in range(0, n, plan.chunk):
@@ -166,21 +256,41 @@ def _rounds(plan: _Plan, queries: _Arrays, shard: _Arrays, index, limit: int | N
                 block_ids.copy_(torch.from_numpy(queries.ids[start:start + rows]))
             ctx.broadcast_(block, src=owner)
             ctx.broadcast_(block_ids, src=owner)
-            found = np.full((rows, fetch, 2), -1, np.int64)  # (gallery image id, its label)
-            found_scores = np.full((rows, fetch), -np.inf, np.float32)
-            if index is not None:
-                block_np = block.cpu().numpy()
-                scores, hits = index.search(block_np, fetch) if isinstance(index, _Exact) else knn(block_np, index, fetch)
-                width, hit = hits.shape[1], hits >= 0
-                found_scores[:, :width] = np.where(hit, scores, -np.inf)
-                found[:, :width, 0] = np.where(hit, shard.ids[np.maximum(hits, 0)], -1)
-                found[:, :width, 1] = np.where(hit, shard.lab[np.maximum(hits, 0)], -1)
-            all_scores = ctx.all_gather_no_grad(torch.from_numpy(found_scores).to(ctx.device)[None]).cpu().numpy()
-            all_found = ctx.all_gather_no_grad(torch.from_numpy(found).to(ctx.device)[None]).cpu().numpy()
-            if ctx.rank == owner:
-                own = queries.ids[start:start + rows] if plan.same else None
-                merged_ids, labels = _merge(all_scores, all_found, own, plan.k)
-                yield start, rows, merged_ids, labels
+            yield owner, start, rows, block.cpu().numpy(), block_ids.cpu().numpy()
+
+
+def _search(plan: _Plan, block: np.ndarray, block_ids: np.ndarray, shard: _Arrays, index, k: int, merge: bool):
+    """The ``k`` nearest gallery items of a chunk that every rank holds (``block``), over every rank's shard
+    (through ``index``: a faiss Gallery or an _Exact search; None where the shard is empty), merged exactly
+    where ``merge``: (scores, gallery image ids, their labels), each [rows, k]; None where not ``merge``.
+    Call on every rank."""
+    from dist_dml.search import knn
+
+    ctx, rows = plan.ctx, len(block)
+    fetch = k + (1 if plan.same else 0)  # the query itself, found in its own split, is dropped
+    found = np.full((rows, fetch, 2), -1, np.int64)  # (gallery image id, its label)
+    found_scores = np.full((rows, fetch), -np.inf, np.float32)
+    if index is not None and fetch:
+        scores, hits = index.search(block, fetch) if isinstance(index, _Exact) else knn(block, index, fetch)
+        width, hit = hits.shape[1], hits >= 0
+        found_scores[:, :width] = np.where(hit, scores, -np.inf)
+        found[:, :width, 0] = np.where(hit, shard.ids[np.maximum(hits, 0)], -1)
+        found[:, :width, 1] = np.where(hit, shard.lab[np.maximum(hits, 0)], -1)
+    all_scores = ctx.all_gather_no_grad(torch.from_numpy(found_scores).to(ctx.device)[None]).cpu().numpy()
+    all_found = ctx.all_gather_no_grad(torch.from_numpy(found).to(ctx.device)[None]).cpu().numpy()
+    if not merge:
+        return None
+    return _merge(all_scores, all_found, block_ids if plan.same else None, k)
+
+
+def _rounds(plan: _Plan, queries: _Arrays, shard: _Arrays, index, limit: int | None = None):
+    """Every rank's queries in turn, in chunks, searched against every rank's shard (through ``index``: a faiss
+    Gallery or an _Exact search; None where the shard is empty): yields, on the chunk's owner only, (start, rows,
+    merged gallery ids [rows, k], their labels). ``limit``: at most that many queries of each rank."""
+    for owner, start, rows, block, block_ids in _blocks(plan, queries, limit):
+        merged = _search(plan, block, block_ids, shard, index, plan.k, merge=plan.ctx.rank == owner)
+        if merged is not None:
+            yield start, rows, merged[1], merged[2]
 
 
 class _Exact:
@@ -250,9 +360,9 @@ def _ivf_recall(plan: _Plan, queries: _Arrays, shard: _Arrays, ivf, check: int, 
     return {f"ivf_recall_at_{k}": recall, "ivf_nprobe": float(nprobe)}
 
 
-def _merge(scores: np.ndarray, found: np.ndarray, own: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """([rows, k] gallery ids, their labels): every rank's lists merged by (score descending, id ascending),
-    the query's own id dropped (``own``), -1 where fewer than k exist."""
+def _merge(scores: np.ndarray, found: np.ndarray, own: np.ndarray | None, k: int):
+    """(scores, gallery ids, their labels), each [rows, k]: every rank's lists merged by (score descending, id
+    ascending), the query's own id dropped (``own``), id -1 (score -inf) where fewer than k exist."""
     from dist_dml.search import ranked
 
     scores = np.concatenate(list(scores), axis=1)
@@ -261,12 +371,13 @@ def _merge(scores: np.ndarray, found: np.ndarray, own: np.ndarray | None, k: int
     if own is not None:
         mine = ids == own[:, None]
         scores, ids = np.where(mine, -np.inf, scores), np.where(mine, -1, ids)
-    order = ranked(scores, ids)  # the single-process search's order: score down, then gallery id up
-    ids, labels = np.take_along_axis(ids, order, 1)[:, :k], np.take_along_axis(labels, order, 1)[:, :k]
+    order = ranked(scores, ids)[:, :k]  # the single-process search's order: score down, then gallery id up
+    scores, ids, labels = (np.take_along_axis(a, order, 1) for a in (scores, ids, labels))
     if ids.shape[1] < k:
         pad = np.full((ids.shape[0], k - ids.shape[1]), -1, np.int64)
         ids, labels = np.concatenate([ids, pad], axis=1), np.concatenate([labels, pad], axis=1)
-    return ids, np.where(ids >= 0, labels, -1)
+        scores = np.concatenate([scores, np.full(pad.shape, -np.inf, np.float32)], axis=1)
+    return scores, ids, np.where(ids >= 0, labels, -1)
 
 
 def _score(ids: np.ndarray, labels: np.ndarray, q_lab: np.ndarray, counts: np.ndarray, ks) -> np.ndarray:

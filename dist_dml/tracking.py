@@ -75,6 +75,20 @@ def metric_name(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_\-./ ]", "_", name.replace("@", "_at_"))
 
 
+NESTED_PREFIX = {"postprocessed": "pp"}  # the metrics after retrieval post-processing log as pp_recall_at_1, ...
+
+
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """The numbers of a metrics dict, a nested one (``postprocessed``) as prefixed keys (pp_...); text left out."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update({f"{NESTED_PREFIX.get(key, key)}_{k}": v for k, v in flat_metrics(value).items()})
+        elif isinstance(value, (int, float)):
+            flat[key] = value
+    return flat
+
+
 class NullTracker:
     """What ranks other than 0 (and runs with tracking disabled) log to."""
 
@@ -204,7 +218,7 @@ class MlflowTracker:
             self._call("logging params", self.mlflow.log_params, {k: items[k] for k in keys[i:i + 100]})
 
     def log_metrics(self, metrics, step):
-        clean = {metric_name(k): float(v) for k, v in metrics.items() if v == v}  # drop NaN
+        clean = {metric_name(k): float(v) for k, v in flat_metrics(metrics).items() if v == v}  # drop NaN
         self._call(f"logging metrics at step {step}", self.mlflow.log_metrics, clean, step=step)
 
     def log_artifact(self, path, folder=None):

@@ -1,5 +1,5 @@
 """torchrun -m tests.sharded_worker MODE OUT: sharded retrieval metrics of a seeded embedding set split over
-the ranks (MODE: same | query_gallery); rank 0 saves the metrics and the kept neighbours.
+the ranks (MODE: same | query_gallery), plain and post-processed; rank 0 saves the metrics and the kept neighbours.
 
 The split puts class 0 on rank 0 only and deals the rest out unevenly, so that classes present on one
 rank only and ranks of different sizes are covered."""
@@ -14,6 +14,9 @@ from dist_dml.sharded import Embedded, sharded_metrics
 
 KS = (1, 2, 4, 8)
 KEEP = (3, 17, 42)
+# every post-processing step too: its metrics on W ranks must equal one process's
+CONFIG = EvalConfig(recall_ks=KS, nmi=False, query_chunk=16, postprocess="dba+qe+k_reciprocal", kr_k1=6, kr_k2=3,
+                    kr_shortlist=20)
 
 
 def dataset(n: int, classes: int, seed: int, dim: int = 8):
@@ -43,7 +46,7 @@ def main(mode: str, out: str) -> None:
     query, gallery = sets(mode)
     mine = lambda part: Embedded(*(torch.from_numpy(a[owners(part[1], ctx.world_size) == ctx.rank]) for a in part))  # noqa: E731
     metrics, kept = sharded_metrics(mine(query), None if gallery is None else mine(gallery),
-                                    EvalConfig(recall_ks=KS, nmi=False, query_chunk=16), ctx, keep_ids=KEEP)
+                                    CONFIG, ctx, keep_ids=KEEP)
     if ctx.is_main:
         torch.save({"metrics": metrics, "kept": {k: v for k, v in kept.items()}}, out)
     ctx.barrier()

@@ -191,7 +191,7 @@ def test_sharded_evaluation_equals_the_single_process_brute_force(world, mode, t
     present on one rank only."""
     import numpy as np
 
-    from tests.sharded_worker import KEEP, KS, sets
+    from tests.sharded_worker import CONFIG, KEEP, KS, sets
 
     out = tmp_path / "metrics.pt"
     run_torchrun(world, "tests.sharded_worker", mode, str(out), timeout=HANG_GUARD_S)
@@ -201,6 +201,16 @@ def test_sharded_evaluation_equals_the_single_process_brute_force(world, mode, t
                        None if gallery is None else gallery[1], KS)
     for key, value in want.items():
         assert got["metrics"][key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+    # Post-processed (DBA, QE, k-reciprocal; each checked against float64 brute force in test_postprocess): the
+    # same metrics as one process holding the whole set.
+    def whole(part):
+        return None if part is None else Embedded(*(torch.from_numpy(a) for a in part))
+
+    one, _ = sharded_metrics(whole(query), whole(gallery), CONFIG, DistContext())
+    after, want_after = dict(got["metrics"]["postprocessed"]), dict(one["postprocessed"])
+    assert after.pop("postprocess") == want_after.pop("postprocess")
+    assert after == pytest.approx(want_after, rel=1e-12, abs=1e-12)  # (the sums' order over ranks)
+    assert one["postprocessed"]["map_at_r"] != one["map_at_r"]  # the transforms did change the ranking
     # The kept queries' neighbours, by brute force in float64: the same gallery ids in the same order.
     g_emb, g_lab = (query[0], query[1]) if gallery is None else (gallery[0], gallery[1])
     for qid in KEEP:
