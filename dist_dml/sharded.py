@@ -173,12 +173,23 @@ def augmented_gallery(plan: _Plan, shard: _Arrays, index, k: int, alpha: float) 
     with each vector replaced by normalise(g + sum of its k nearest other gallery items, weighted
     max(s, 0) ** alpha). Call on every rank; ``index`` searches this rank's shard."""
     out = np.empty_like(shard.emb)
-    for owner, start, rows, block, block_ids in _blocks(dataclasses.replace(plan, k=k), shard):
+    for owner, start, rows, block, block_ids in _blocks(plan, shard):
         scores, ids, _ = _search(plan, block, block_ids, shard, index, k, merge=True)
         augmented = augment(block, _weighted_sum(ids, weights(scores, ids, alpha), shard, plan.ctx))
         if plan.ctx.rank == owner:
             out[start:start + rows] = augmented
     return _Arrays(out, shard.lab, shard.ids)
+
+
+def database_augmented(vectors: np.ndarray, ids: np.ndarray, k: int, alpha: float, chunk: int = 4096) -> np.ndarray:
+    """DBA of a whole gallery held in one process (dist-dml index): its vectors, ``ids`` ascending, each replaced
+    as augmented_gallery says (the same code at one rank)."""
+    from dist_dml.search import Gallery
+
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    shard = _Arrays(vectors, np.zeros(len(ids), np.int64), np.asarray(ids, np.int64))
+    plan = _Plan([len(ids)], chunk, vectors.shape[1], k, True, DistContext())
+    return augmented_gallery(plan, shard, Gallery(vectors, k + 9, use_gpu=False), k, alpha).emb
 
 
 def _rows_of(ids: np.ndarray, shard: _Arrays) -> tuple[np.ndarray, np.ndarray]:

@@ -161,3 +161,46 @@ def test_a_postprocess_that_does_not_exist_is_refused_with_the_choices():
         EvalConfig(postprocess="qe+rerank").validate()
     with pytest.raises(ValueError, match="must be >= 0"):
         EvalConfig(postprocess="qe", qe_k=-1).validate()
+
+
+def test_an_index_carries_dba_and_its_searches_apply_qe(tmp_path, capsys):
+    """dist-dml index --postprocess dba+qe stores the DBA vectors (the float64 reference's) and its parameters;
+    search_index expands each query with the index's QE before searching: the reference's neighbours."""
+    import json
+
+    from dist_dml.cli import main as cli
+    from dist_dml.export import read_embeddings
+    from dist_dml.files import published
+    from dist_dml.search import load_index, search_index
+
+    from .test_export import synthetic_export
+
+    synthetic_export(tmp_path / "emb", 60, seed=4)
+    gallery = read_embeddings(tmp_path / "emb").embeddings.astype(np.float64)
+    assert cli(["index", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--postprocess", "qe+dba",
+                "--dba-k", "3", "--qe-alpha", "1"]) == 0
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    assert meta["postprocess"] == {"steps": ["dba", "qe"], "dba_k": 3, "dba_alpha": 3.0, "qe_k": 2, "qe_alpha": 1.0}
+    index = load_index(published(tmp_path / "idx", meta) / "index.faiss")
+    dba = np.stack([expand(gallery[i], gallery, 3, 3.0, exclude=i) for i in range(len(gallery))])
+    np.testing.assert_allclose(index.reconstruct_n(0, index.ntotal), dba, atol=1e-6)
+
+    queries, _ = clustered(5, 3, 9)
+    scores, rows = search_index(index, queries, 4, meta["postprocess"])
+    for query, row in zip(queries.astype(np.float64), rows):
+        expanded = expand(query, dba, 2, 1.0)
+        assert row.tolist() == order_of(dba @ expanded)[:4]
+
+    # k-reciprocal is evaluation's, and a bad parameter is refused in one line naming the flag
+    capsys.readouterr()
+    assert cli(["index", str(tmp_path / "emb"), "--out", str(tmp_path / "x"), "--postprocess", "k_reciprocal"]) == 2
+    assert "evaluation" in capsys.readouterr().err
+    assert cli(["index", str(tmp_path / "emb"), "--out", str(tmp_path / "x"), "--postprocess", "qe", "--qe-k", "-2"]) == 2
+    assert "--qe-k" in capsys.readouterr().err
+    # a meta.json whose post-processing is damaged is refused before any search
+    from dist_dml.cli import _recorded_postprocess
+    from dist_dml.errors import UserError
+
+    for bad in ({"steps": ["qe"], "qe_k": "2"}, {"steps": "qe"}, {"steps": ["qe", "rerank"]}, {"qe_k": 2}, [1]):
+        with pytest.raises(UserError, match="damaged"):
+            _recorded_postprocess({"postprocess": bad}, tmp_path / "idx")
