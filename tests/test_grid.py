@@ -37,7 +37,8 @@ def test_a_loss_axis_trains_each_loss_at_its_margin_and_the_table_is_the_cells_m
     raw["loss"].update(alpha=0.25, beta_per_class=True)
     config = tmp_path / "chosen.yaml"
     config.write_text(yaml.safe_dump(raw))
-    proc, cmd, env = run_grid(tmp_path, config, "--losses", "margin,contrastive", "--seeds", "0,1", shards=tiny_shards)
+    proc, cmd, env = run_grid(tmp_path, config, "--losses", "margin,contrastive", "--seeds", "0,1", shards=tiny_shards,
+                              **{"eval.postprocess": "dba+qe"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     grid = tmp_path / "grid"
     rows = table_rows(grid)
@@ -54,6 +55,9 @@ def test_a_loss_axis_trains_each_loss_at_its_margin_and_the_table_is_the_cells_m
             a, b = (r[metric] for r in results)
             assert abs(float(row[metric]) - (a + b) / 2) < 1e-12, (metric, row, a, b)
             assert abs(float(row[f"{metric}_std"]) - abs(a - b) / 2) < 1e-12, (metric, row, a, b)
+            # eval.postprocess: the metrics after DBA + QE have their own columns, from the cells' "postprocessed"
+            a, b = (r["postprocessed"][metric] for r in results)
+            assert abs(float(row[f"pp_{metric}"]) - (a + b) / 2) < 1e-12, (metric, row, a, b)
     assert "| margin / distance_weighted | 0.25 | global+class | 2 |" in (grid / "table.md").read_text()
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
@@ -63,6 +67,7 @@ def test_a_loss_axis_trains_each_loss_at_its_margin_and_the_table_is_the_cells_m
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == 4 and {r.data.params["loss.kind"] for r in children} == {"margin", "contrastive"}
+    assert all("pp_recall_at_1" in r.data.metrics and "recall_at_1" in r.data.metrics for r in children)
     assert {r.data.params["loss.alpha"] for r in children} == {"0.25", "1.0"}
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "grid")} == {
         "grid/table.csv", "grid/table.md", "grid/r_at_1.png"}
@@ -104,3 +109,19 @@ def test_grid_arguments_that_cannot_run_are_one_line(tiny_shards, tmp_path):
         assert ran.returncode == 2 and says in ran.stderr, (args, ran.stderr)
     ran = dist_dml_here("grid", config, f"data.root={tiny_shards}", "--output", str(tmp_path / "file"))
     assert ran.returncode == 2 and "is a file, not a folder" in ran.stderr
+
+
+def test_postprocessing_is_an_axis_like_any_other(tiny_shards):
+    """--set eval.postprocess=none,dba+qe: two cells with plain names, each config valid; a step that does not
+    exist is refused before any training, naming the choices."""
+    from dist_dml.config import ConfigError, load_config
+    from dist_dml.grid import cells, parse_settings
+
+    config = ROOT / "configs/cpu_synthetic.yaml"
+    grid = cells(["margin"], ["distance_weighted"], [0], parse_settings(["eval.postprocess=none,dba+qe"]))
+    assert [c.name for c in grid] == ["margin-distance-weighted-postprocessnone-seed0",
+                                      "margin-distance-weighted-postprocessdba-qe-seed0"]
+    assert [load_config(config, [f"data.root={tiny_shards}", *c.overrides()]).eval.postprocess for c in grid] == [
+        "none", "dba+qe"]
+    ran = dist_dml_here("grid", str(config), f"data.root={tiny_shards}", "--set", "eval.postprocess=none,rerank")
+    assert ran.returncode == 2 and "dba, qe, k_reciprocal" in ran.stderr, ran.stderr
