@@ -114,7 +114,7 @@ def k_reciprocal(features: np.ndarray, k1: int, k2: int, lam: float) -> np.ndarr
     f = np.asarray(features, np.float64)
     b, m, _ = f.shape
     sq = np.einsum("bmd,bmd->bm", f, f)
-    dist = sq[:, :, None] + sq[:, None, :] - 2 * np.einsum("bid,bjd->bij", f, f)
+    dist = sq[:, :, None] + sq[:, None, :] - 2 * (f @ np.transpose(f, (0, 2, 1)))
     dist = np.transpose(dist / dist.max(axis=1, keepdims=True), (0, 2, 1))
     rank = np.argsort(dist, axis=2, kind="stable")
 
@@ -126,14 +126,16 @@ def k_reciprocal(features: np.ndarray, k1: int, k2: int, lam: float) -> np.ndarr
 
     r = reciprocal(k1)
     r_half = reciprocal(int(np.around(k1 / 2.0)))
-    shared = np.einsum("bpe,bce->bpc", r.astype(np.float64), r_half.astype(np.float64))
+    half = r_half.astype(np.float32)  # set sizes and overlaps as float32 products: exact below 2 ** 24
+    shared = r.astype(np.float32) @ np.transpose(half, (0, 2, 1))  # [b, p, c] = |R(p, k1) & R(c, k1 / 2)|
     joins = r & (shared > 2.0 / 3.0 * r_half.sum(axis=2)[:, None, :])
-    expanded = r | (np.einsum("bpc,bce->bpe", joins.astype(np.float64), r_half.astype(np.float64)) > 0)
+    expanded = r | ((joins.astype(np.float32) @ half) > 0)
     v = np.where(expanded, np.exp(-dist), 0.0)
     v /= v.sum(axis=2, keepdims=True)
-    if k2 != 1:
-        nearest = rank[:, :, :k2]  # [B, M, k2]
-        v = np.take_along_axis(v[:, None, :, :], nearest[:, :, :, None], axis=2).mean(axis=2)
+    if k2 != 1:  # the mean of V over each item's k2 nearest, as a product with their indicator / k2
+        nearest = np.zeros((b, m, m))
+        np.put_along_axis(nearest, rank[:, :, :k2], 1.0 / min(k2, m), axis=2)
+        v = nearest @ v
     low = np.minimum(v[:, :1, :], v).sum(axis=2)  # [B, M]: query against each item of its universe
     jaccard = 1 - low / (2 - low)
     return ((1 - lam) * jaccard + lam * dist[:, 0, :])[:, 1:]

@@ -110,7 +110,16 @@ def sharded_metrics(query: Embedded, gallery: Embedded | None, cfg, ctx: DistCon
     sums = np.zeros(len(ks) + 3)  # recall hits per K, R-precision sum, MAP@R sum, answerable count
     kept: dict[int, tuple[list[int], list[bool]]] = {}
     wanted = set(int(i) for i in keep_ids)
-    for start, rows, merged_ids, labels in _rounds(plan, queries, shard, index):
+    pp = Postprocess.of(cfg)
+    early = _Early(pp, plan, queries, shard) if pp is not None else None
+    for owner, start, rows, block, block_ids in _blocks(plan, queries):
+        mine = ctx.rank == owner
+        merged = _search(plan, block, block_ids, shard, index, plan.k, merge=mine or early is not None and early.rides)
+        if early is not None:
+            early.take(mine, start, block, block_ids, merged)
+        if not mine:
+            continue
+        _, merged_ids, labels = merged
         q_part = queries.lab[start:start + rows]
         sums += _score(merged_ids, labels, q_part, relevant_count[start:start + rows], ks)
         for row in np.flatnonzero(np.isin(queries.ids[start:start + rows], list(wanted))) if wanted else ():
@@ -121,27 +130,59 @@ def sharded_metrics(query: Embedded, gallery: Embedded | None, cfg, ctx: DistCon
     if cfg.nmi:
         metrics.update(_nmi(queries.emb, queries.lab, None if same else (shard.emb, shard.lab), counts, ctx,
                             cfg.nmi_max_classes, use_gpu, seed))
-    pp = Postprocess.of(cfg)
     if pp is not None:
         nprobe = int(approximate.get("ivf_nprobe", cfg.ivf_nprobe))
         build = lambda vectors: Gallery(vectors, max(plan.fetch, pp.kr_shortlist) + 8, use_gpu, kind=cfg.index,  # noqa: E731
                                         nlist=cfg.ivf_nlist, nprobe=nprobe) if len(vectors) else None
         metrics["postprocessed"] = {"postprocess": pp.describe(),
-                                    **_postprocessed(pp, plan, queries, shard, index, build, relevant_count, ks)}
+                                    **_postprocessed(pp, plan, queries, shard, index, build, relevant_count, ks, early)}
     merged = {}
     for part in ctx.all_gather_object(kept):
         merged.update(part)
     return metrics, merged
 
 
+class _Early:
+    """What the plain pass computes for the post-processing, from the neighbour lists it finds anyway (merged on
+    every rank when it does): DBA's augmented gallery where queries and gallery are one split, and the expanded
+    queries of QE without DBA (QE after DBA needs the augmented gallery's lists). Each saves one k-NN pass."""
+
+    def __init__(self, pp: Postprocess, plan: _Plan, queries: _Arrays, shard: _Arrays):
+        self.pp, self.shard, self.ctx = pp, shard, plan.ctx
+        dba = "dba" in pp and pp.dba_k > 0
+        self.dba = np.empty_like(shard.emb) if dba and plan.same and pp.dba_k <= plan.k else None
+        self.expanded = np.empty_like(queries.emb) if "qe" in pp and not dba and 0 < pp.qe_k <= plan.k else None
+        self.rides = self.dba is not None or self.expanded is not None
+
+    def take(self, mine: bool, start: int, block: np.ndarray, block_ids: np.ndarray, merged) -> None:
+        """One chunk of the plain pass (every rank calls it; ``merged``: the chunk's merged lists)."""
+        if not self.rides:
+            return
+        scores, ids, _ = merged
+        for out, k, alpha in ((self.dba, self.pp.dba_k, self.pp.dba_alpha),
+                              (self.expanded, self.pp.qe_k, self.pp.qe_alpha)):
+            if out is None:
+                continue
+            augmented = augment(block, _weighted_sum(ids[:, :k], weights(scores[:, :k], ids[:, :k], alpha), self.shard,
+                                                     self.ctx))
+            if mine and out is self.dba:  # the chunk's items are gallery items: into the shard's (id) order
+                out[np.searchsorted(self.shard.ids, block_ids)] = augmented
+            elif mine:
+                out[start:start + len(block)] = augmented
+
+
 def _postprocessed(pp: Postprocess, plan: _Plan, queries: _Arrays, shard: _Arrays, index, build, relevant_count,
-                   ks) -> dict[str, float]:
+                   ks, early: _Early) -> dict[str, float]:
     """The retrieval metrics after ``pp`` (dist_dml.postprocess): DBA replaces this rank's gallery shard by its
     augmented vectors (a second copy of the shard, indexed by ``build``), QE expands each chunk of queries
     before its search, k-reciprocal re-ranks each query's shortlist. Sharded as the plain search: each rank
-    adds the weighted vectors it holds and the sums are all-reduced, so memory stays O(shard + chunk x k)."""
+    adds the weighted vectors it holds and the sums are all-reduced, so memory stays O(shard + chunk x k).
+    ``early``: what the plain pass computed already."""
     ctx = plan.ctx
-    if "dba" in pp and pp.dba_k:
+    if early.dba is not None:
+        shard = _Arrays(early.dba, shard.lab, shard.ids)
+        index = build(shard.emb)
+    elif "dba" in pp and pp.dba_k:
         sizes = [int(n) for n in ctx.all_gather_no_grad(torch.tensor([len(shard.ids)], device=ctx.device)).cpu()]
         shard = augmented_gallery(dataclasses.replace(plan, sizes=sizes, same=True), shard, index, pp.dba_k,
                                   pp.dba_alpha)
@@ -149,8 +190,10 @@ def _postprocessed(pp: Postprocess, plan: _Plan, queries: _Arrays, shard: _Array
     reranking = "k_reciprocal" in pp
     fetch = max(plan.k, pp.kr_shortlist) if reranking else plan.k
     sums = np.zeros(len(ks) + 3)
+    if early.expanded is not None:
+        queries = _Arrays(early.expanded, queries.lab, queries.ids)
     for owner, start, rows, block, block_ids in _blocks(plan, queries):
-        if "qe" in pp and pp.qe_k:
+        if "qe" in pp and pp.qe_k and early.expanded is None:
             scores, ids, _ = _search(plan, block, block_ids, shard, index, pp.qe_k, merge=True)
             block = augment(block, _weighted_sum(ids, weights(scores, ids, pp.qe_alpha), shard, ctx))
         mine = ctx.rank == owner
