@@ -10,6 +10,7 @@ from dist_dml.cli import main as cli
 from dist_dml.config import load_config
 from dist_dml.export import load_checkpoint, read_embeddings
 from dist_dml.errors import UserError
+from dist_dml.evaluation import FAULT_KEYS
 from dist_dml.models import build_model
 
 from .conftest import HANG_GUARD_S, ROOT, tiny_overrides
@@ -29,8 +30,9 @@ def checkpoint(tiny_shards, tmp_path_factory):
 
 def test_eval_command_matches_in_memory_brute_force(checkpoint, tmp_path, capsys):
     assert cli(["eval", str(checkpoint), "eval.recall_ks=[1,2]", "--out", str(tmp_path / "m.json"),
-                "--plots", str(tmp_path / "plots")]) == 0
+                "--plots", str(tmp_path / "plots"), "eval.postprocess=qe", "eval.qe_k=1", "eval.qe_alpha=0"]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
+    printed = capsys.readouterr().out
     model, cfg = load_checkpoint(checkpoint)
     from dist_dml.data import EvalStream
     from dist_dml.distributed import DistContext
@@ -42,6 +44,17 @@ def test_eval_command_matches_in_memory_brute_force(checkpoint, tmp_path, capsys
     top = torch.sort(-sim, dim=1, stable=True).indices[:, 0]
     assert metrics["recall_at_1"] == pytest.approx(float((labels[top] == labels).float().mean()))
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"recall_at_k.png", "nearest_neighbours.png"}
+    # eval.postprocess=qe (k=1, plain average): the same metrics after it, under "postprocessed", worked here:
+    # each query averaged with its nearest other item, then searched again
+    expanded = torch.nn.functional.normalize(emb.double() + emb.double()[top], dim=1)
+    sim = expanded @ emb.double().T
+    sim.fill_diagonal_(-float("inf"))
+    top = torch.sort(-sim, dim=1, stable=True).indices[:, 0]
+    after = metrics["postprocessed"]
+    assert after["postprocess"] == "qe k=1 α=0" and set(after) - {"postprocess"} == set(metrics) - {
+        "postprocessed", "nmi", "images_evaluated", "images_expected", *FAULT_KEYS}
+    assert after["recall_at_1"] == pytest.approx(float((labels[top] == labels).float().mean()))
+    assert '"postprocessed"' in printed
 
 
 @pytest.mark.parametrize("fmt", ["npy", "parquet"])
