@@ -107,7 +107,7 @@ def build(out: Path, cache: Path, size: int = 64, held_out: float = 1 / 3, seed:
     """The image folder and its shards (see the module's docstring); the counts written."""
     fonts = chosen_fonts(fetch_fonts(cache))
     print(f"[glyphs] drawing {len(CHARACTERS)} characters in {len(fonts)} font files at {size} px (about "
-          f"{len(fonts) // 20 + 1} min)", flush=True)
+          f"{len(fonts) // 300 + 1} min)", flush=True)
     drawn: dict[str, dict[str, object]] = {}
     for i, path in enumerate(fonts, 1):
         for char, image in render(path, CHARACTERS, size).items():

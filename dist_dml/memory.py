@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("shared", "add")
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,15 @@ class MemoryConfig:
     start_step: int = 0  # steps before the memory is sampled from (early embeddings drift too fast to help)
     positives: bool = False  # also draw positives from the memory (else only negatives)
     dtype: str = "fp32"  # how the memory stores embeddings: fp32, bf16 or fp16 (distances are computed in fp32)
+    # shared: each pair's one negative is drawn from batch + memory (a large memory gives nearly all of them);
+    # add: each pair keeps its negative from the batch and gets one more from batch + memory
+    mode: str = "shared"
 
     def validate(self) -> None:
         if self.size < 0 or self.start_step < 0:
             raise ValueError(f"memory.size and memory.start_step must be >= 0, got {self.size} and {self.start_step}")
+        if self.mode not in MODES:
+            raise ValueError(f"memory.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"memory.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 

@@ -131,13 +131,23 @@ class Meter:
                        "(a margin too small for these distances, or collapsed embeddings)")
         metrics["embedding_collapsed"] = float(problem is not None)
         if problem is not None and not self.collapsed and self.ctx.is_main:
-            print(f"[train] warning: step {step}: {problem}; the learning rate (optimizer.lr) may be too high",
-                  file=sys.stderr, flush=True)
+            print(f"[train] warning: step {step}: {problem}; {self._collapse_hint(metrics)}", file=sys.stderr,
+                  flush=True)
             tracker.set_tag("warning", f"step {step}: {problem}"[:5000])
         elif problem is None and self.collapsed and self.ctx.is_main:
             print(f"[train] step {step}: the embeddings are spread again (spread {spread:.3f})", flush=True)
             tracker.set_tag("warning", f"collapsed before step {step}, spread again since")
         self.collapsed = problem is not None
+
+    def _collapse_hint(self, metrics: dict[str, float]) -> str:
+        """What to try: the cross-batch memory where it gave negatives in the window (the usual cause: stale
+        negatives that replace the batch's own, which anchors then flee together), else the learning rate."""
+        share = metrics.get("memory_negative_share", 0.0)
+        if share > 0:
+            return (f"the cross-batch memory gave {share:.0%} of the sampled negatives: keep the batch's own "
+                    "negatives beside the memory's (memory.mode=add), start it later (memory.start_step) or make it "
+                    "smaller (memory.size)")
+        return "the learning rate (optimizer.lr) may be too high"
 
     def _reduce_histogram(self) -> torch.Tensor:
         hist = self.ctx.all_reduce_sum(self.window_histogram.to(self.ctx.device)).cpu()

@@ -56,12 +56,17 @@ class GlobalBatchObjective:
         batch = local_embeddings.shape[0]  # equal on every rank: the data contract
         start = ctx.rank * batch
         candidates, c_labels, c_ids, limit, steps = embeddings, labels, image_ids, None, None
+        own = None  # memory.mode add: the triplets of the batch alone, kept beside those drawn with the memory
         if self.memory is not None and self.memory.active(step):
             m_emb, m_labels, m_ids, steps = self.memory.contents()
             candidates = torch.cat([embeddings, m_emb.to(embeddings.device)])
             c_labels, c_ids = torch.cat([labels, m_labels.to(labels.device)]), torch.cat([image_ids, m_ids.to(labels.device)])
             limit = None if self.memory.config.positives else len(labels)
+            if self.memory.config.mode == "add":
+                own = self.sampler(embeddings.detach(), labels, start, start + batch, step)
         triplets = self.sampler(candidates.detach(), c_labels, start, start + batch, step, positive_limit=limit)
+        if own is not None:
+            triplets = _joined(own, triplets)
         output = self.loss(candidates, c_labels, c_ids, triplets, ctx.all_reduce_sum)
         drawn = _memory_draws(triplets, len(labels), steps, step, self.memory) if steps is not None else {}
         return StepResult(output, triplets, embedding_spread(embeddings), (embeddings.detach(), labels, image_ids), drawn)
@@ -70,6 +75,13 @@ class GlobalBatchObjective:
         """A taken step's global batch into the memory (the same on every rank)."""
         if self.memory is not None and result.batch is not None:
             self.memory.enqueue(*result.batch, step)
+
+
+def _joined(own: Triplets, drawn: Triplets) -> Triplets:
+    """The batch's own triplets followed by those drawn with the memory (indices into the same candidates: the
+    batch comes first in both); anchors counted once, fallbacks as the batch's."""
+    return Triplets(torch.cat([own.anchor, drawn.anchor]), torch.cat([own.positive, drawn.positive]),
+                    torch.cat([own.negative, drawn.negative]), own.num_anchors, own.num_fallback)
 
 
 def _memory_draws(triplets: Triplets, batch: int, steps: Tensor, step: int, memory: CrossBatchMemory) -> dict:

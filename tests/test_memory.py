@@ -145,3 +145,35 @@ def test_chunks_with_batch_statistic_batchnorm_are_refused_before_training(tiny_
     assert load_config(config, [*base, "model.backbone=timm:test_vit", "model.norm=sync"]).train.embedding_chunks == 4
     with pytest.raises(ConfigError, match="does not divide the local batch of 64"):
         load_config(config, [*base[:1], "train.embedding_chunks=3", "model.norm=frozen"])
+
+
+def test_mode_add_keeps_the_batchs_own_negatives_and_adds_one_drawn_with_the_memory():
+    """memory.mode=add: each (anchor, positive) pair gets its negative from the batch alone (the triplets of a run
+    without memory) and one more drawn from batch + memory, and the loss is over both (the memory still gets no
+    gradient); mode shared draws one negative per pair, from batch + memory."""
+    x, labels = batch_and_memory(6)
+    sampler = build_sampler(SamplerConfig(seed=2))
+    loss = build_loss(LossConfig())
+    ids = torch.arange(BATCH + MEMORY)
+    runs = {}
+    for mode in ("shared", "add"):
+        memory = CrossBatchMemory(MemoryConfig(size=MEMORY, mode=mode), 6)
+        memory.enqueue(x[BATCH:], labels[BATCH:], ids[BATCH:], step=0)
+        local = x[:BATCH].clone().requires_grad_()
+        runs[mode] = (GlobalBatchObjective(sampler, loss, DistContext(), memory)(local, labels[:BATCH], ids[:BATCH], 4),
+                      local)
+    alone = sampler(x[:BATCH], labels[:BATCH], 0, BATCH, 4)
+    shared, added = runs["shared"][0].triplets, runs["add"][0].triplets
+    triplets = lambda t: list(zip(t.anchor.tolist(), t.positive.tolist(), t.negative.tolist()))  # noqa: E731
+    assert triplets(added) == triplets(alone) + triplets(shared)
+    assert bool((alone.negative < BATCH).all()) and bool((shared.negative >= BATCH).float().mean() > 0.5)
+    # the loss over both sets of triplets, the memory as constants
+    leaf = x[:BATCH].clone().requires_grad_()
+    ref = loss(torch.cat([leaf, x[BATCH:]]), labels, ids, added)
+    ref.loss.backward()
+    result, local = runs["add"]
+    result.output.loss.backward()
+    assert float(result.output.loss) == pytest.approx(float(ref.loss), rel=1e-6)
+    torch.testing.assert_close(local.grad, leaf.grad)
+    with pytest.raises(ValueError, match="memory.mode must be one of shared, add"):
+        MemoryConfig(size=4, mode="replace").validate()

