@@ -134,6 +134,13 @@ def sharded_metrics(query: Embedded, gallery: Embedded | None, cfg, ctx: DistCon
         nprobe = int(approximate.get("ivf_nprobe", cfg.ivf_nprobe))
         build = lambda vectors: Gallery(vectors, max(plan.fetch, pp.kr_shortlist) + 8, use_gpu, kind=cfg.index,  # noqa: E731
                                         nlist=cfg.ivf_nlist, nprobe=nprobe) if len(vectors) else None
+        if ctx.is_main:
+            passes = 1 + ("dba" in pp and pp.dba_k > 0 and early.dba is None) + (
+                "qe" in pp and pp.qe_k > 0 and early.expanded is None)
+            print(f"[eval] post-processing ({pp.describe()}): {passes} more k-NN pass{'es' if passes > 1 else ''} over "
+                  f"{sum(sizes):,} queries, each about as long as the search before"
+                  + (f", and re-ranking {pp.kr_shortlist} candidates a query" if "k_reciprocal" in pp else ""),
+                  flush=True)
         metrics["postprocessed"] = {"postprocess": pp.describe(),
                                     **_postprocessed(pp, plan, queries, shard, index, build, relevant_count, ks, early)}
     merged = {}

@@ -195,7 +195,8 @@ def test_an_index_carries_dba_and_its_searches_apply_qe(tmp_path, capsys):
     capsys.readouterr()
     assert cli(["index", str(tmp_path / "emb"), "--out", str(tmp_path / "x"), "--postprocess", "k_reciprocal"]) == 2
     assert "evaluation" in capsys.readouterr().err
-    assert cli(["index", str(tmp_path / "emb"), "--out", str(tmp_path / "x"), "--postprocess", "qe", "--qe-k", "-2"]) == 2
+    bad_k = ["--postprocess", "qe", "--qe-k", "-2"]
+    assert cli(["index", str(tmp_path / "emb"), "--out", str(tmp_path / "x"), *bad_k]) == 2
     assert "--qe-k" in capsys.readouterr().err
     # a meta.json whose post-processing is damaged is refused before any search
     from dist_dml.cli import _recorded_postprocess
