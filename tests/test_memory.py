@@ -173,7 +173,7 @@ def test_mode_add_keeps_the_batchs_own_negatives_and_adds_one_drawn_with_the_mem
     ref.loss.backward()
     result, local = runs["add"]
     result.output.loss.backward()
-    assert float(result.output.loss) == pytest.approx(float(ref.loss), rel=1e-6)
+    assert float(result.output.loss.detach()) == pytest.approx(float(ref.loss.detach()), rel=1e-6)
     torch.testing.assert_close(local.grad, leaf.grad)
     with pytest.raises(ValueError, match="memory.mode must be one of shared, add"):
         MemoryConfig(size=4, mode="replace").validate()
