@@ -14,7 +14,8 @@ One line per figure; exits 1 on any mismatch, 3 on a machine without CUDA (nothi
   at world 1; 2 ranks against 1 process on the concatenated batch where 2 GPUs exist
   (tests/equivalence_worker.py on CUDA: loss, gradients, parameters, statistics);
 - faiss: the sharded evaluation of 10,000 queries against 1,000,000 x 128 gallery embeddings with
-  faiss-gpu against the same on the CPU (the metrics must agree).
+  faiss-gpu against the same on the CPU (the metrics must agree), then with DBA + QE on the GPU (its time,
+  MAP@R and R@1 before and after).
 """
 from __future__ import annotations
 
@@ -229,6 +230,14 @@ def faiss_section(ctx, smoke: bool) -> None:
                                           use_gpu=where == "gpu", **args)
         line(f"faiss {where} queries={queries} gallery={n} dim={dim} s={time.perf_counter() - start:.1f} "
              f"recall_at_1={found[where]['recall_at_1']:.4f} recall_at_100={found[where]['recall_at_100']:.4f}")
+    where = "gpu" if "gpu" in found else "cpu"
+    if where == "gpu" or smoke:  # DBA + QE: two more k-NN passes, DBA's over the whole gallery (N x N on the GPU)
+        start = time.perf_counter()
+        after, _ = sharded_metrics(as_tensors(query, q_labels, 0), as_tensors(gallery, labels, 0), use_gpu=where == "gpu",
+                                   cfg=EvalConfig(recall_ks=(1, 10, 100), nmi=False, postprocess="dba+qe"), ctx=ctx)
+        pp = after["postprocessed"]
+        line(f"faiss {where} postprocess=dba+qe s={time.perf_counter() - start:.1f} map_at_r={after['map_at_r']:.4f}"
+             f"->{pp['map_at_r']:.4f} recall_at_1={after['recall_at_1']:.4f}->{pp['recall_at_1']:.4f}")
     if "gpu" not in found:
         line("faiss gpu skipped: faiss has no GPU here (install faiss-gpu: pip install -e '.[gpu]')")
         return
