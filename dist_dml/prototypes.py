@@ -1,0 +1,60 @@
+"""Class prototypes: one embedding per class, the building block of class-level batches (issue 25; DESIGN.md,
+"Sampling classes"). Not yet wired into the trainer or the reader.
+
+Each class's prototype is an exponential moving average of the mean of its embeddings in the global batches
+it appears in: p <- normalise(m p + (1 - m) c), c = normalise(mean of the class's embeddings in the batch),
+and p = c the first time. The update reads the all-gathered global batch, the same on every rank, and sums a
+class's embeddings with a matrix product (no atomics), so the table is identical on every rank and does not
+depend on the world size. Storage: classes x dim in ``dtype`` (fp16: 10^6 x 128 in 256 MB) plus the step each
+prototype was last updated (int64). Torch only.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PrototypeTable:
+    """The prototypes of ``classes`` classes (a run's stateful part: state_dict / load_state_dict)."""
+
+    def __init__(self, classes: int, dim: int, momentum: float = 0.9, dtype: str = "fp16",
+                 device: torch.device | str = "cpu"):
+        if classes < 1 or dim < 1 or not 0 <= momentum < 1 or dtype not in DTYPES:
+            raise ValueError(f"prototypes: classes and dim must be >= 1, momentum in [0, 1) and dtype one of "
+                             f"{sorted(DTYPES)}; got {classes}, {dim}, {momentum} and {dtype!r}")
+        self.momentum, self.dtype = momentum, dtype
+        self.table = torch.zeros((classes, dim), dtype=DTYPES[dtype], device=device)
+        self.updated = torch.full((classes,), -1, dtype=torch.long, device=device)  # -1: no prototype yet
+
+    @torch.no_grad()
+    def update(self, embeddings: Tensor, labels: Tensor, step: int) -> None:
+        """Fold a global batch (embeddings B x dim, in rank order, and their labels) into the table."""
+        labels = labels.to(self.table.device)
+        present, slot = torch.unique(labels, return_inverse=True)
+        members = torch.zeros((len(present), len(labels)), dtype=torch.float32, device=self.table.device)
+        members[slot, torch.arange(len(labels), device=self.table.device)] = 1.0
+        centre = torch.nn.functional.normalize(members @ embeddings.detach().float().to(self.table.device), dim=1)
+        old = self.table[present].float()
+        moved = torch.nn.functional.normalize(self.momentum * old + (1 - self.momentum) * centre, dim=1)
+        self.table[present] = torch.where((self.updated[present] >= 0)[:, None], moved, centre).to(self.table.dtype)
+        self.updated[present] = step
+
+    def stats(self, step: int) -> dict[str, float]:
+        """The share of classes with a prototype and their mean age in steps (what a run logs)."""
+        have = self.updated >= 0
+        count = int(have.sum())
+        age = float((step - self.updated[have]).float().mean()) if count else 0.0
+        return {"prototype_share": count / len(self.updated), "prototype_mean_age": age}
+
+    def state_dict(self) -> dict:
+        return {"table": self.table.cpu().clone(), "updated": self.updated.cpu().clone(), "momentum": self.momentum,
+                "dtype": self.dtype}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["table"].shape) != tuple(self.table.shape):
+            raise ValueError(f"the saved prototypes are {tuple(state['table'].shape)}, this run's "
+                             f"{tuple(self.table.shape)} (the class count or model.embedding_dim changed)")
+        self.table.copy_(state["table"].to(device=self.table.device, dtype=self.table.dtype))
+        self.updated.copy_(state["updated"].to(self.updated.device))
