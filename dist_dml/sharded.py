@@ -99,7 +99,7 @@ def sharded_metrics(query: Embedded, gallery: Embedded | None, cfg, ctx: DistCon
     shard = (queries if same else _Arrays.of(gallery)).by_id()
     dim = queries.emb.shape[1] if queries.emb.ndim == 2 and queries.emb.shape[1] else shard.emb.shape[1]
     counts, relevant_count, k = _relevant(queries.lab, shard.lab, same, ks, ctx)
-    sizes = [int(n) for n in ctx.all_gather_no_grad(torch.tensor([len(queries.ids)], device=ctx.device)).cpu()]
+    sizes = _sizes(len(queries.ids), ctx)
     plan = _Plan(sizes, cfg.query_chunk, dim, k, same, ctx)
     index = Gallery(shard.emb, plan.fetch + 8, use_gpu, kind=cfg.index, nlist=cfg.ivf_nlist, nprobe=cfg.ivf_nprobe) \
         if len(shard.ids) else None
@@ -135,8 +135,7 @@ def sharded_metrics(query: Embedded, gallery: Embedded | None, cfg, ctx: DistCon
         build = lambda vectors: Gallery(vectors, max(plan.fetch, pp.kr_shortlist) + 8, use_gpu, kind=cfg.index,  # noqa: E731
                                         nlist=cfg.ivf_nlist, nprobe=nprobe) if len(vectors) else None
         if ctx.is_main:
-            passes = 1 + ("dba" in pp and pp.dba_k > 0 and early.dba is None) + (
-                "qe" in pp and pp.qe_k > 0 and early.expanded is None)
+            passes = 1 + (early.wants_dba and early.dba is None) + (early.wants_qe and early.expanded is None)
             print(f"[eval] post-processing ({pp.describe()}): {passes} more k-NN pass{'es' if passes > 1 else ''} over "
                   f"{sum(sizes):,} queries, each about as long as the search before"
                   + (f", and re-ranking {pp.kr_shortlist} candidates a query" if "k_reciprocal" in pp else ""),
@@ -156,9 +155,10 @@ class _Early:
 
     def __init__(self, pp: Postprocess, plan: _Plan, queries: _Arrays, shard: _Arrays):
         self.pp, self.shard, self.ctx = pp, shard, plan.ctx
-        dba = "dba" in pp and pp.dba_k > 0
-        self.dba = np.empty_like(shard.emb) if dba and plan.same and pp.dba_k <= plan.k else None
-        self.expanded = np.empty_like(queries.emb) if "qe" in pp and not dba and 0 < pp.qe_k <= plan.k else None
+        self.wants_dba, self.wants_qe = "dba" in pp and pp.dba_k > 0, "qe" in pp and pp.qe_k > 0
+        self.dba = np.empty_like(shard.emb) if self.wants_dba and plan.same and pp.dba_k <= plan.k else None
+        self.expanded = np.empty_like(queries.emb) if self.wants_qe and not self.wants_dba and pp.qe_k <= plan.k \
+            else None
         self.rides = self.dba is not None or self.expanded is not None
 
     def take(self, mine: bool, start: int, block: np.ndarray, block_ids: np.ndarray, merged) -> None:
@@ -170,12 +170,11 @@ class _Early:
                               (self.expanded, self.pp.qe_k, self.pp.qe_alpha)):
             if out is None:
                 continue
-            augmented = augment(block, _weighted_sum(ids[:, :k], weights(scores[:, :k], ids[:, :k], alpha), self.shard,
-                                                     self.ctx))
+            sums = _expansion(scores[:, :k], ids[:, :k], alpha, self.shard, self.ctx)
             if mine and out is self.dba:  # the chunk's items are gallery items: into the shard's (id) order
-                out[np.searchsorted(self.shard.ids, block_ids)] = augmented
+                out[np.searchsorted(self.shard.ids, block_ids)] = augment(block, sums)
             elif mine:
-                out[start:start + len(block)] = augmented
+                out[start:start + len(block)] = augment(block, sums)
 
 
 def _postprocessed(pp: Postprocess, plan: _Plan, queries: _Arrays, shard: _Arrays, index, build, relevant_count,
@@ -189,10 +188,9 @@ def _postprocessed(pp: Postprocess, plan: _Plan, queries: _Arrays, shard: _Array
     if early.dba is not None:
         shard = _Arrays(early.dba, shard.lab, shard.ids)
         index = build(shard.emb)
-    elif "dba" in pp and pp.dba_k:
-        sizes = [int(n) for n in ctx.all_gather_no_grad(torch.tensor([len(shard.ids)], device=ctx.device)).cpu()]
-        shard = augmented_gallery(dataclasses.replace(plan, sizes=sizes, same=True), shard, index, pp.dba_k,
-                                  pp.dba_alpha)
+    elif early.wants_dba:
+        shard = augmented_gallery(dataclasses.replace(plan, sizes=_sizes(len(shard.ids), ctx), same=True), shard,
+                                  index, pp.dba_k, pp.dba_alpha)
         index = build(shard.emb)
     reranking = "k_reciprocal" in pp
     fetch = max(plan.k, pp.kr_shortlist) if reranking else plan.k
@@ -200,9 +198,9 @@ def _postprocessed(pp: Postprocess, plan: _Plan, queries: _Arrays, shard: _Array
     if early.expanded is not None:
         queries = _Arrays(early.expanded, queries.lab, queries.ids)
     for owner, start, rows, block, block_ids in _blocks(plan, queries):
-        if "qe" in pp and pp.qe_k and early.expanded is None:
+        if early.wants_qe and early.expanded is None:
             scores, ids, _ = _search(plan, block, block_ids, shard, index, pp.qe_k, merge=True)
-            block = augment(block, _weighted_sum(ids, weights(scores, ids, pp.qe_alpha), shard, ctx))
+            block = augment(block, _expansion(scores, ids, pp.qe_alpha, shard, ctx))
         mine = ctx.rank == owner
         merged = _search(plan, block, block_ids, shard, index, fetch, merge=mine or reranking)
         if reranking:
@@ -225,9 +223,9 @@ def augmented_gallery(plan: _Plan, shard: _Arrays, index, k: int, alpha: float) 
     out = np.empty_like(shard.emb)
     for owner, start, rows, block, block_ids in _blocks(plan, shard):
         scores, ids, _ = _search(plan, block, block_ids, shard, index, k, merge=True)
-        augmented = augment(block, _weighted_sum(ids, weights(scores, ids, alpha), shard, plan.ctx))
+        sums = _expansion(scores, ids, alpha, shard, plan.ctx)
         if plan.ctx.rank == owner:
-            out[start:start + rows] = augmented
+            out[start:start + rows] = augment(block, sums)
     return _Arrays(out, shard.lab, shard.ids)
 
 
@@ -242,21 +240,24 @@ def database_augmented(vectors: np.ndarray, ids: np.ndarray, k: int, alpha: floa
     return augmented_gallery(plan, shard, Gallery(vectors, k + 9, use_gpu=False), k, alpha).emb
 
 
+def _sizes(count: int, ctx: DistContext) -> list[int]:
+    """Every rank's ``count``, in rank order."""
+    return [int(n) for n in ctx.all_gather_no_grad(torch.tensor([count], device=ctx.device)).cpu()]
+
+
 def _rows_of(ids: np.ndarray, shard: _Arrays) -> tuple[np.ndarray, np.ndarray]:
     """(row in this rank's shard, whether this rank holds it) of each gallery image id (-1: none); the shard is
     in id order."""
-    rows = np.clip(np.searchsorted(shard.ids, ids), 0, max(len(shard.ids) - 1, 0))
-    held = (ids >= 0) & (rows < len(shard.ids))
-    if len(shard.ids):
-        held &= shard.ids[rows] == ids
-    else:
-        held &= False
-    return rows, held
+    if not len(shard.ids):
+        return np.zeros(ids.shape, np.int64), np.zeros(ids.shape, bool)
+    rows = np.minimum(np.searchsorted(shard.ids, ids), len(shard.ids) - 1)
+    return rows, (ids >= 0) & (shard.ids[rows] == ids)
 
 
-def _weighted_sum(ids: np.ndarray, w: np.ndarray, shard: _Arrays, ctx: DistContext) -> np.ndarray:
-    """sum_j w[:, j] x vector(ids[:, j]) per row [rows, d], float64: each rank adds the vectors it holds, then
-    an all-reduce (every rank gets the sums)."""
+def _expansion(scores: np.ndarray, ids: np.ndarray, alpha: float, shard: _Arrays, ctx: DistContext) -> np.ndarray:
+    """What QE and DBA add to each row's vector: sum_j max(s_j, 0) ** alpha x vector(ids[:, j]) [rows, d], float64.
+    Each rank adds the vectors it holds, then an all-reduce: every rank gets the sums (call on every rank)."""
+    w = weights(scores, ids, alpha)
     rows, held = _rows_of(ids, shard)
     local = np.zeros((len(ids), shard.emb.shape[1]), np.float64)
     for j in range(ids.shape[1]):
