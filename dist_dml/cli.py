@@ -307,26 +307,37 @@ def index_command(args: argparse.Namespace) -> int:
     return 0
 
 
+INDEX_POSTPROCESS = ("dba_k", "dba_alpha", "qe_k", "qe_alpha")  # what an index records of its post-processing
+
+
 def _index_postprocess(args: argparse.Namespace):
     """The post-processing an index carries (--postprocess with its --dba-* / --qe-*), checked as eval's; None for
     none. k-reciprocal re-ranking needs the query among the gallery's neighbour lists: evaluation only."""
-    from dist_dml.config import EvalConfig
-    from dist_dml.postprocess import Postprocess
-
-    given = EvalConfig(postprocess=args.postprocess, dba_k=args.dba_k, dba_alpha=args.dba_alpha, qe_k=args.qe_k,
-                       qe_alpha=args.qe_alpha)
+    fields = {key: getattr(args, key) for key in INDEX_POSTPROCESS}
     try:
-        given.validate()
+        pp = _postprocess_of(args.postprocess, fields)
     except ValueError as exc:
         message = str(exc)
-        for key in ("postprocess", "dba_k", "dba_alpha", "qe_k", "qe_alpha"):
+        for key in ("postprocess", *INDEX_POSTPROCESS):
             message = message.replace(f"eval.{key}", f"--{key.replace('_', '-')}")
         raise UserError(message) from None
-    pp = Postprocess.of(given)
     if pp is not None and "k_reciprocal" in pp:
         raise UserError("--postprocess k_reciprocal: re-ranking is measured by evaluation (eval.postprocess); an "
                         "index carries dba and qe")
     return pp
+
+
+def _postprocess_of(steps: str, fields: dict):
+    """A Postprocess (None for none) of ``steps`` ('+'-joined) and the INDEX_POSTPROCESS ``fields``, checked as
+    eval.postprocess is (a ValueError saying what is wrong)."""
+    from dist_dml.config import EvalConfig
+    from dist_dml.postprocess import Postprocess
+
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fields.values()):
+        raise ValueError("a parameter is not a number")
+    given = EvalConfig(postprocess=steps, **fields)
+    given.validate()
+    return Postprocess.of(given)
 
 
 def _index_meta(folder: Path) -> dict:
@@ -339,22 +350,19 @@ def _index_meta(folder: Path) -> dict:
     return json_object(path, "build the index again with dist-dml index")
 
 
-def _recorded_postprocess(meta: dict, folder: Path) -> dict | None:
-    """The post-processing an index's meta.json records (None: none), checked as --postprocess is."""
+def _recorded_postprocess(meta: dict, folder: Path):
+    """The post-processing an index's meta.json records (a Postprocess; None: none), checked as --postprocess is:
+    the parameters of each step it names must be there."""
     recorded = meta.get("postprocess")
     if recorded is None:
         return None
-    from dist_dml.config import EvalConfig
-
     try:
-        fields = {k: v for k, v in recorded.items() if k in ("dba_k", "dba_alpha", "qe_k", "qe_alpha")}
-        EvalConfig(postprocess="+".join(recorded["steps"]) or "none", **fields).validate()
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fields.values()):
-            raise ValueError("a parameter is not a number")
+        steps = "+".join(recorded["steps"]) or "none"
+        needed = [key for key in INDEX_POSTPROCESS if key.split("_")[0] in recorded["steps"]]
+        return _postprocess_of(steps, {key: recorded[key] for key in needed})
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise UserError(f"{folder / 'meta.json'}: damaged (its postprocess: {one_line(exc, 200)}); build the index "
                         "again with dist-dml index") from None
-    return recorded
 
 
 def search_command(args: argparse.Namespace) -> int:
@@ -401,9 +409,8 @@ def search_command(args: argparse.Namespace) -> int:
         raise UserError(f"{folder}: the index holds {index.ntotal} vectors but ids.npy {len(columns.get('ids', ()))}"
                         "; build it again with dist-dml index")
     pp = _recorded_postprocess(meta, folder)
-    if pp:
-        print(f"[search] with the index's post-processing: {', '.join(pp.get('steps', []))} "
-              f"({', '.join(f'{k}={v}' for k, v in pp.items() if k != 'steps')})")
+    if pp is not None:
+        print(f"[search] with the index's post-processing: {pp.describe()}")
     scores, rows = search_index(index, embed_images(model, cfg, args.images).numpy(), args.k, pp)
     for image, score_row, index_row in zip(args.images, scores, rows):
         print(f"{image}:")

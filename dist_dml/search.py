@@ -113,21 +113,20 @@ def knn(query: np.ndarray, gallery: np.ndarray | Gallery | None, k: int, exclude
     return scores[:, :width], indices[:, :width]
 
 
-def search_index(index, queries: np.ndarray, k: int, postprocess: dict | None = None):
+def search_index(index, queries: np.ndarray, k: int, postprocess=None):
     """A saved index's (scores, rows) for ``queries``, after the query-side post-processing the index records
-    (its meta.json's ``postprocess``): α-QE expands each query with its ``qe_k`` nearest indexed vectors (those
+    (a dist_dml.postprocess.Postprocess): α-QE expands each query with its ``qe_k`` nearest indexed vectors (those
     of DBA where the index was built with it) before the search. An IVF-PQ index gives its vectors as decoded."""
     from dist_dml.postprocess import augment, weights
 
     queries = np.ascontiguousarray(queries, np.float32)
-    steps = (postprocess or {}).get("steps", ())
-    if "qe" in steps and postprocess.get("qe_k", 0) > 0 and index.ntotal:
-        scores, rows = index.search(queries, int(postprocess["qe_k"]))
+    if postprocess is not None and "qe" in postprocess and postprocess.qe_k > 0 and index.ntotal:
+        scores, rows = index.search(queries, postprocess.qe_k)
         if hasattr(index, "nlist"):  # IVF: reconstruct needs the map from ids to lists
             faiss.extract_index_ivf(index).make_direct_map()
         vectors = np.zeros((*rows.shape, index.d), np.float32)
         vectors[rows >= 0] = index.reconstruct_batch(rows[rows >= 0])
-        w = weights(scores, rows, float(postprocess["qe_alpha"]))
+        w = weights(scores, rows, postprocess.qe_alpha)
         queries = augment(queries, np.einsum("nk,nkd->nd", w, vectors.astype(np.float64)))
     return index.search(queries, k)
 

@@ -186,7 +186,9 @@ def test_an_index_carries_dba_and_its_searches_apply_qe(tmp_path, capsys):
     np.testing.assert_allclose(index.reconstruct_n(0, index.ntotal), dba, atol=1e-6)
 
     queries, _ = clustered(5, 3, 9)
-    scores, rows = search_index(index, queries, 4, meta["postprocess"])
+    from dist_dml.cli import _recorded_postprocess
+
+    scores, rows = search_index(index, queries, 4, _recorded_postprocess(meta, tmp_path / "idx"))
     for query, row in zip(queries.astype(np.float64), rows):
         expanded = expand(query, dba, 2, 1.0)
         assert row.tolist() == order_of(dba @ expanded)[:4]
@@ -199,7 +201,6 @@ def test_an_index_carries_dba_and_its_searches_apply_qe(tmp_path, capsys):
     assert cli(["index", str(tmp_path / "emb"), "--out", str(tmp_path / "x"), *bad_k]) == 2
     assert "--qe-k" in capsys.readouterr().err
     # a meta.json whose post-processing is damaged is refused before any search
-    from dist_dml.cli import _recorded_postprocess
     from dist_dml.errors import UserError
 
     for bad in ({"steps": ["qe"], "qe_k": "2"}, {"steps": "qe"}, {"steps": ["qe", "rerank"]}, {"qe_k": 2}, [1]):
