@@ -52,8 +52,9 @@ def recall_curve(metrics: dict[str, float], ks, path: Path, title: str = "Recall
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     after = metrics.get("postprocessed") or {}
-    steps = "+".join(part.split()[0] for part in str(after.get("postprocess", "post-processing")).split(", "))
-    curves = [("embeddings", metrics, -12 if after else 6)] + ([(f"after {steps}", after, 6)] if after else [])
+    curves = [("embeddings", metrics, -12 if after else 6)]
+    if after:
+        curves.append((f"after {after.get('postprocess', 'post-processing')}", after, 6))
     for label, values, offset in curves:
         ax.plot(list(ks), [values[f"recall_at_{k}"] for k in ks], marker="o", label=label)
         for k in ks:
