@@ -48,10 +48,13 @@ def ensure_inputs(data: Path, weights: Path) -> None:
 
 
 def train(arm: str, seed: int, args) -> dict:
+    """The arm's results.json, trained now or read (a run that finished before), with ``last_spread``: the spread of
+    distances at its last log line (its log beside it)."""
     out = args.out / f"{arm}-seed{seed}"
+    log = out.parent / f"{out.name}.log"
     if (out / "results.json").is_file():
         print(f"[quality] {out.name}: finished before, read", flush=True)
-        return json.loads((out / "results.json").read_text())
+        return {**json.loads((out / "results.json").read_text()), "last_spread": last_spread(log)}
     extra = [o.format(size=args.memory_size, start=args.memory_start) for o in ARMS[arm]]
     overrides = [f"data.root={args.data / 'shards'}", f"model.weights={args.weights}", f"train.steps={args.steps}",
                  f"train.seed={seed}", f"data.seed={seed}", f"sampler.seed={seed}", f"train.output_dir={out}",
@@ -62,19 +65,21 @@ def train(arm: str, seed: int, args) -> dict:
     print(f"[quality] {out.name}: training {args.steps} steps ({' '.join(extra) or 'the config as it is'}); about "
           f"{args.steps * 128 / 100 / 60 + 2:.0f} min on 2 CPU cores", flush=True)
     started = time.time()
-    log = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         code = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if code != 0:
         raise SystemExit(f"[quality] {out.name} failed (exit {code}); its log: {log}")
-    results = json.loads((out / "results.json").read_text())
-    spreads = [line for line in log.read_text().splitlines() if " spread=" in line]
-    results["last_spread"] = float(spreads[-1].split(" spread=")[1].split()[0]) if spreads else float("nan")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    results = {**json.loads((out / "results.json").read_text()), "last_spread": last_spread(log)}
     print(f"[quality] {out.name}: R@1={results['trained']['recall_at_1']:.4f} in {time.time() - started:.0f} s",
           flush=True)
     return results
+
+
+def last_spread(log: Path) -> float:
+    """The spread of the last training log line in ``log`` (NaN where there is none, or no log)."""
+    lines = [line for line in log.read_text().splitlines() if " spread=" in line] if log.is_file() else []
+    return float(lines[-1].split(" spread=")[1].split()[0]) if lines else float("nan")
 
 
 def summary(values: list[float]) -> str:
@@ -106,7 +111,7 @@ def main() -> None:
         rows.append(("pretrained features", pre, [p["postprocessed"] for p in pre], None))
     for arm, runs in results.items():
         rows.append((arm, [r["trained"] for r in runs], [r["trained"]["postprocessed"] for r in runs],
-                     [r.get("last_spread", float("nan")) for r in runs]))
+                     [r["last_spread"] for r in runs]))
     print(f"\n[quality] {args.steps} steps x {128 * args.nproc // 2} images, seeds {args.seeds}, held-out "
           f"characters; after = eval.postprocess dba+qe")
     print("| arm | R@1 | MAP@R | R@1 after | MAP@R after | spread at the end |")

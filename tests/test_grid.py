@@ -114,7 +114,7 @@ def test_grid_arguments_that_cannot_run_are_one_line(tiny_shards, tmp_path):
 def test_postprocessing_is_an_axis_like_any_other(tiny_shards):
     """--set eval.postprocess=none,dba+qe: two cells with plain names, each config valid; a step that does not
     exist is refused before any training, naming the choices."""
-    from dist_dml.config import ConfigError, load_config
+    from dist_dml.config import load_config
     from dist_dml.grid import cells, parse_settings
 
     config = ROOT / "configs/cpu_synthetic.yaml"
