@@ -4,8 +4,8 @@
 Each class's prototype is an exponential moving average of the mean of its embeddings in the global batches
 it appears in: p <- normalise(m p + (1 - m) c), c = normalise(mean of the class's embeddings in the batch),
 and p = c the first time. The update reads the all-gathered global batch, the same on every rank, and sums a
-class's embeddings with a matrix product (no atomics), so the table is identical on every rank and does not
-depend on the world size. Storage: classes x dim in ``dtype`` (fp16: 10^6 x 128 in 256 MB) plus the step each
+class's embeddings as differences of a running sum (no atomics), so the table is identical on every rank and
+does not depend on the world size. Storage: classes x dim in ``dtype`` (fp16: 10^6 x 128 in 256 MB) plus the step each
 prototype was last updated (int64). Torch only.
 """
 from __future__ import annotations
@@ -33,9 +33,15 @@ class PrototypeTable:
         """Fold a global batch (embeddings B x dim, in rank order, and their labels) into the table."""
         labels = labels.to(self.table.device)
         present, slot = torch.unique(labels, return_inverse=True)
-        members = torch.zeros((len(present), len(labels)), dtype=torch.float32, device=self.table.device)
-        members[slot, torch.arange(len(labels), device=self.table.device)] = 1.0
-        centre = torch.nn.functional.normalize(members @ embeddings.detach().float().to(self.table.device), dim=1)
+        # Each class's sum as the difference of a float64 running sum over the batch sorted by class (stable): no
+        # atomics, and O(B x dim) where a dense class x batch indicator would be O(classes x B) at a global batch
+        # of tens of thousands.
+        order = torch.argsort(slot, stable=True)
+        running = torch.cumsum(embeddings.detach().to(self.table.device, torch.float64)[order], dim=0)
+        running = torch.cat([running.new_zeros((1, running.shape[1])), running])
+        counts = torch.bincount(slot, minlength=len(present))
+        ends = torch.cumsum(counts, dim=0)
+        centre = torch.nn.functional.normalize((running[ends] - running[ends - counts]).float(), dim=1)
         old = self.table[present].float()
         moved = torch.nn.functional.normalize(self.momentum * old + (1 - self.momentum) * centre, dim=1)
         self.table[present] = torch.where((self.updated[present] >= 0)[:, None], moved, centre).to(self.table.dtype)
