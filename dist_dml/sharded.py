@@ -205,9 +205,8 @@ def _postprocessed(pp: Postprocess, plan: _Plan, queries: _Arrays, shard: _Array
         merged = _search(plan, block, block_ids, shard, index, fetch, merge=mine or reranking)
         if reranking:
             _, ids, labels = merged
-            vectors = _vectors_of(ids, shard, ctx)
+            order = _reranked(plan, block, ids, shard, pp, mine)
             if mine:
-                order = rerank(block, vectors, (ids >= 0) & (np.arange(fetch) < pp.kr_shortlist)[None], pp)
                 merged = (None, np.take_along_axis(ids, order, 1)[:, :plan.k],
                           np.take_along_axis(labels, order, 1)[:, :plan.k])
         if mine:
@@ -266,19 +265,28 @@ def _expansion(scores: np.ndarray, ids: np.ndarray, alpha: float, shard: _Arrays
     return ctx.all_reduce_sum(torch.from_numpy(local).to(ctx.device)).cpu().numpy()
 
 
-def _vectors_of(ids: np.ndarray, shard: _Arrays, ctx: DistContext, most: int = 1 << 22) -> np.ndarray:
+def _vectors_of(ids: np.ndarray, shard: _Arrays, ctx: DistContext) -> np.ndarray:
     """The gallery vectors of ``ids`` [rows, L] -> [rows, L, d] float32 (zeros for -1), on every rank: each
-    rank writes the ones it holds and an all-reduce sums them (exact: one rank holds each), at most ``most``
-    numbers at a time."""
+    rank writes the ones it holds and an all-reduce sums them (exact: one rank holds each)."""
     rows, held = _rows_of(ids, shard)
-    out = np.zeros((*ids.shape, shard.emb.shape[1]), np.float32)
-    step = max(1, most // max(out[0].size, 1))
+    part = np.zeros((*ids.shape, shard.emb.shape[1]), np.float32)
+    part[held] = shard.emb[rows[held]]
+    return ctx.all_reduce_sum(torch.from_numpy(part).to(ctx.device)).cpu().numpy()
+
+
+def _reranked(plan: _Plan, block: np.ndarray, ids: np.ndarray, shard: _Arrays, pp: Postprocess, mine: bool,
+              most: int = 1 << 22) -> np.ndarray | None:
+    """The k-reciprocal order of each row's shortlist (its first pp.kr_shortlist ids) on the chunk's owner (None
+    elsewhere): the shortlist's vectors gathered and re-ranked a few rows at a time, at most ``most`` numbers of
+    vectors at once whatever the chunk. Call on every rank."""
+    order = np.tile(np.arange(ids.shape[1]), (len(ids), 1)) if mine else None
+    valid = (ids >= 0) & (np.arange(ids.shape[1]) < pp.kr_shortlist)[None]
+    step = max(1, most // max(ids.shape[1] * shard.emb.shape[1], 1))
     for r0 in range(0, len(ids), step):
-        part = np.zeros_like(out[r0:r0 + step])
-        where = np.nonzero(held[r0:r0 + step])
-        part[where] = shard.emb[rows[r0:r0 + step][where]]
-        out[r0:r0 + step] = ctx.all_reduce_sum(torch.from_numpy(part).to(ctx.device)).cpu().numpy()
-    return out
+        vectors = _vectors_of(ids[r0:r0 + step], shard, plan.ctx)
+        if mine:
+            order[r0:r0 + step] = rerank(block[r0:r0 + step], vectors, valid[r0:r0 + step], pp)
+    return order
 
 
 def _relevant(q_lab: np.ndarray, g_lab: np.ndarray, same: bool, ks, ctx: DistContext):
