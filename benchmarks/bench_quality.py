@@ -13,6 +13,9 @@ baseline's evaluation at step 0 (through its untrained 128-d head). Arms:
     baseline   margin + DWS
     memory     + the cross-batch memory (--memory-size, from --memory-start), with the config's memory rules
     memory_add + the memory, its negatives added to the batch's (memory.mode=add)
+    class      + class-level batches: a share (--class-share) of each batch as groups of near classes
+               (class_sampling, prototypes refreshed for the loader every --class-refresh steps)
+    class_memory_add  class + memory_add
 
 Prints one row per arm: R@1 and MAP@R mean ± spread over the seeds, then after DBA + QE, and the spread of
 distances at the last log line (a collapsed embedding has none). Runs land in --out/ARM-seedS (kept: a rerun
@@ -33,6 +36,9 @@ ARMS = {
     "baseline": [],
     "memory": ["memory.size={size}", "memory.start_step={start}"],
     "memory_add": ["memory.size={size}", "memory.start_step={start}", "memory.mode=add"],
+    "class": ["class_sampling.share={share}", "class_sampling.refresh_steps={refresh}"],
+    "class_memory_add": ["class_sampling.share={share}", "class_sampling.refresh_steps={refresh}",
+                         "memory.size={size}", "memory.start_step={start}", "memory.mode=add"],
 }
 
 
@@ -55,7 +61,8 @@ def train(arm: str, seed: int, args) -> dict:
     if (out / "results.json").is_file():
         print(f"[quality] {out.name}: finished before, read", flush=True)
         return {**json.loads((out / "results.json").read_text()), "last_spread": last_spread(log)}
-    extra = [o.format(size=args.memory_size, start=args.memory_start) for o in ARMS[arm]]
+    extra = [o.format(size=args.memory_size, start=args.memory_start, share=args.class_share,
+                      refresh=args.class_refresh) for o in ARMS[arm]]
     overrides = [f"data.root={args.data / 'shards'}", f"model.weights={args.weights}", f"train.steps={args.steps}",
                  f"train.seed={seed}", f"data.seed={seed}", f"sampler.seed={seed}", f"train.output_dir={out}",
                  f"train.name=quality-{arm}-seed{seed}", "tracking.enabled=false", "eval.postprocess=dba+qe",
@@ -97,6 +104,8 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--memory-size", type=int, default=4096)
     parser.add_argument("--memory-start", type=int, default=100)
+    parser.add_argument("--class-share", type=float, default=0.5)
+    parser.add_argument("--class-refresh", type=int, default=10)
     args = parser.parse_args()
     ensure_inputs(args.data, args.weights)
     seeds = [int(s) for s in args.seeds.split(",")]

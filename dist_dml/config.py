@@ -23,6 +23,7 @@ from dist_dml.errors import UserError
 from dist_dml.files import read_regular
 from dist_dml.losses import LossConfig
 from dist_dml.memory import MemoryConfig
+from dist_dml.data.grouping import ClassSamplingConfig
 from dist_dml.models import ModelConfig
 from dist_dml.postprocess import parse as parse_postprocess
 from dist_dml.sampling import SamplerConfig
@@ -173,6 +174,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    class_sampling: ClassSamplingConfig = field(default_factory=ClassSamplingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -376,11 +378,20 @@ def _check_tables(config: RunConfig, split: dict | None, source: str) -> None:
         tables.append((f"a per-class beta table of {classes:,} rows", classes * TABLE_BYTES))
     if loss.beta_per_image:
         tables.append((f"a per-image beta table of {images:,} rows", images * TABLE_BYTES))
+    sampling = config.class_sampling
+    if sampling.enabled and split:
+        from dist_dml.data.snapshots import DTYPES as SNAPSHOT_DTYPES, loader_lag
+
+        row = config.model.embedding_dim * SNAPSHOT_DTYPES[sampling.dtype].itemsize
+        slots = -(-loader_lag(config.data.workers) // sampling.refresh_steps) + 1
+        tables.append((f"class_sampling's prototypes of {split['classes']:,} classes and {slots} snapshots",
+                       split["classes"] * (row * (1 + slots) + 8)))
     need, have = sum(size for _, size in tables), memory_bytes()
     if need > have / 2:
         shown = ", ".join(f"{what} ({size / 2**30:,.1f} GB)" for what, size in tables)
         raise ConfigError(f"{source}: {shown}: more than half of this machine's {have / 2**30:,.0f} GB of memory; "
-                          "lower memory.size (or memory.dtype=bf16), loss.num_classes or loss.num_images")
+                          "lower memory.size (or memory.dtype=bf16), loss.num_classes or loss.num_images (class_sampling: "
+                          "a larger refresh_steps keeps fewer snapshots)")
 
 
 def _check_chunks(config: RunConfig, source: str) -> None:

@@ -1,5 +1,6 @@
 """Class prototypes: one embedding per class, the building block of class-level batches (issue 25; DESIGN.md,
-"Sampling classes"). Not yet wired into the trainer or the reader.
+"Sampling classes"): the table (:class:`PrototypeTable`) and the run part that keeps it and publishes its snapshots
+to the loader's workers (:class:`ClassPrototypes`).
 
 Each class's prototype is an exponential moving average of the mean of its embeddings in the global batches
 it appears in: p <- normalise(m p + (1 - m) c), c = normalise(mean of the class's embeddings in the batch),
@@ -12,6 +13,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from dist_dml.data.grouping import ClassSamplingConfig
+from dist_dml.data.snapshots import SnapshotRing, loader_lag
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,3 +68,54 @@ class PrototypeTable:
                              f"{tuple(self.table.shape)} (the class count or model.embedding_dim changed)")
         self.table.copy_(state["table"].to(device=self.table.device, dtype=self.table.dtype))
         self.updated.copy_(state["updated"].to(self.updated.device))
+
+
+class ClassPrototypes:
+    """A run's prototypes (class_sampling): the table, updated from every taken step's global batch, and the ring
+    of snapshots it publishes every class_sampling.refresh_steps steps for the loader's workers to choose batches
+    by (snapshots.SnapshotRing). A stateful part: the table and the snapshots the batches after the checkpoint
+    are bound to, so a resume chooses the same batches."""
+
+    def __init__(self, config: ClassSamplingConfig, classes: int, dim: int, workers: int,
+                 device: torch.device | str = "cpu"):
+        self.config = config
+        self.table = PrototypeTable(classes, dim, config.momentum, config.dtype, device)
+        self.ring = SnapshotRing(classes, dim, config.dtype, config.refresh_steps, loader_lag(workers))
+        self.step, self.restored = 0, False
+
+    def begin(self, step: int) -> None:
+        """Before the loader starts at global step ``step``. Without snapshots from a checkpoint (a fresh start,
+        or a checkpoint of a run without class_sampling), the table as it stands is the snapshot the batches
+        from here on are bound to until the next one is published (snapshot 0 of a fresh start: no prototypes)."""
+        self.step = step
+        if not self.restored:
+            n = self.ring.number(step) or 0
+            self.ring.publish(n, self.table.table)
+            self.ring.floor = n
+
+    def after_step(self, embeddings: Tensor | None, labels: Tensor | None, step: int) -> None:
+        """Step ``step`` is over (``embeddings``: its global batch, None where the step was skipped); publishes
+        the snapshot of ``step + 1`` steps when that is a multiple of refresh_steps."""
+        if embeddings is not None:
+            self.table.update(embeddings, labels, step)
+        self.step = step + 1
+        if self.step % self.config.refresh_steps == 0:
+            self.ring.publish(self.step // self.config.refresh_steps, self.table.table)
+
+    def stats(self) -> dict[str, float]:
+        return self.table.stats(self.step)
+
+    def state_dict(self) -> dict:
+        since = self.ring.number(self.step)
+        held = self.ring.held(0 if since is None else since)
+        return {**self.table.state_dict(), "snapshot_numbers": torch.tensor([n for n, _ in held], dtype=torch.long),
+                "snapshots": torch.stack([t for _, t in held]) if held else torch.zeros(0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.table.load_state_dict(state)
+        numbers, tables = state["snapshot_numbers"].tolist(), state["snapshots"]
+        if numbers and tuple(tables.shape[1:]) != tuple(self.table.table.shape):
+            raise ValueError(f"the saved snapshots are {tuple(tables.shape[1:])}, this run's prototypes "
+                             f"{tuple(self.table.table.shape)}")
+        self.ring.restore([(n, tables[i]) for i, n in enumerate(numbers)])
+        self.restored = bool(numbers)

@@ -33,6 +33,7 @@ from dist_dml.memory import CrossBatchMemory
 from dist_dml.meter import EpochReport, Meter
 from dist_dml.models import TrainModule, build_model
 from dist_dml.objective import GlobalBatchObjective
+from dist_dml.prototypes import ClassPrototypes
 from dist_dml.run_folder import FolderError, RunFolder, earlier_run, fresh_start_refused, move_aside
 from dist_dml.sampling import build_sampler
 from dist_dml.step import take_step
@@ -75,8 +76,9 @@ class Trainer:
         self.cfg, self.ctx = cfg, ctx
         self.out = Path(cfg.train.output_dir)
         self.verdicts = Verdicts()  # the job's sha256 verdicts: its training and evaluation shards, once each
-        self.stream = TrainStream(cfg.data, ctx.rank, ctx.world_size, verdicts=self.verdicts)
-        for note in (self.stream.single_image_note(), self.stream.layout_note()):
+        self.stream = TrainStream(cfg.data, ctx.rank, ctx.world_size, verdicts=self.verdicts,
+                                  class_sampling=cfg.class_sampling)
+        for note in (self.stream.single_image_note(), self.stream.layout_note(), self.stream.class_sampling_note()):
             if ctx.is_main and note:
                 print(f"[train] warning: {note}", flush=True)
         verify(self.stream, ctx, "training")
@@ -107,6 +109,10 @@ class Trainer:
         self.memory = CrossBatchMemory(cfg.memory, cfg.model.embedding_dim, ctx.device) if cfg.memory.enabled else None
         if self.memory is not None:
             self.checkpoints.register("memory", self.memory)
+        self.prototypes = (ClassPrototypes(cfg.class_sampling, self.stream.num_classes, cfg.model.embedding_dim,
+                                           cfg.data.workers, ctx.device) if cfg.class_sampling.enabled else None)
+        if self.prototypes is not None:
+            self.checkpoints.register("prototypes", self.prototypes)
         self.step = self.checkpoints.restore(self.engine)
         # Steps to the end of the last epoch from where the data stream stands (another world size: other steps).
         self.total_steps = cfg.train.steps or self.step + self.stream.remaining_steps(cfg.train.epochs)
@@ -163,8 +169,13 @@ class Trainer:
         results = self._start(tracker)
         objective = GlobalBatchObjective(build_sampler(cfg.sampler), engine.module.loss, ctx, self.memory)
         epochs, bad_in_row = EpochReport(ctx, tracker), 0
+        snapshots, grouped = None, Grouped(cfg.data.classes_per_batch)
+        if self.prototypes is not None:
+            self.prototypes.begin(self.step)
+            snapshots = self.prototypes.ring
         # One DataLoader for the whole run: its workers go on to the next epoch themselves.
-        for batch in stream.loader(epochs=1 << 30) if self.step < self.total_steps else ():
+        loader = stream.loader(epochs=1 << 30, first_step=self.step, snapshots=snapshots)
+        for batch in loader if self.step < self.total_steps else ():
             assert (batch["epoch"], batch["index"]) == (position.epoch, position.step), "data stream out of step"
             result, taken = take_step(engine, objective, batch["images"], batch["labels"], batch["image_ids"],
                                       self.step, cfg.train.embedding_chunks)
@@ -178,6 +189,10 @@ class Trainer:
                     raise TrainingStopped(f"{bad_in_row} non-finite losses in a row at step {self.step}; stopping "
                                           "(train.max_bad_steps): lower optimizer.lr, or check model.weights and "
                                           "the data; the last checkpoint is kept")
+            if self.prototypes is not None:
+                embeddings, labels, _ = result.batch if taken else (None, None, None)
+                self.prototypes.after_step(embeddings, labels, self.step)
+                grouped.add(batch)
             self.step += 1
             position.consume(batch)
             finished = position.advance()
@@ -185,6 +200,8 @@ class Trainer:
                 epochs.finished(batch["epoch"], _global_draws(finished, ctx), self.step)
             if meter.update(result, batch, engine, tracker, self.step):
                 epochs.flush()
+                if self.prototypes is not None and ctx.is_main:
+                    grouped.log(self.prototypes.stats(), tracker, self.step)
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
                 self._evaluate(tracker)
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
@@ -253,6 +270,26 @@ class Trainer:
                                             steps=(meter.histogram_from, results["steps"]))
             tracker.log_artifact(plot, "plots")
         write_atomically(out / "results.json", json.dumps(results, indent=1))  # last: it marks the run finished
+
+
+class Grouped:
+    """Rank 0's share of batch records chosen by neighbourhood (class_sampling) over a log window, logged with the
+    prototypes' stats."""
+
+    def __init__(self, per_batch: int):
+        self.per_batch, self.records, self.neighbours = per_batch, 0, 0
+
+    def add(self, batch: dict) -> None:
+        self.records += self.per_batch
+        self.neighbours += int(batch.get("grouped", 0))
+
+    def log(self, stats: dict[str, float], tracker, step: int) -> None:
+        metrics = {**stats, "grouped_share": self.neighbours / max(self.records, 1)}
+        tracker.log_metrics(metrics, step)
+        print(f"[train] step {step} class sampling: prototypes for {metrics['prototype_share']:.1%} of the classes "
+              f"(mean age {metrics['prototype_mean_age']:.0f} steps), {metrics['grouped_share']:.1%} of rank 0's "
+              "records chosen as near classes", flush=True)
+        self.records = self.neighbours = 0
 
 
 # --- the stateful parts of a run besides the engine and the meter -----------------------------------

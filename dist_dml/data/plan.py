@@ -82,6 +82,11 @@ class EpochPlan:
     def slots(self) -> int:
         return self.world_size * self.workers
 
+    @property
+    def shares_records(self) -> bool:
+        """Whether windows are widened over each other (fewer than P records per slot): slots share records."""
+        return sum(self.records.values()) // self.slots < self.per_batch
+
     def shard_order(self, epoch: int) -> list[str]:
         order = list(self.shards)
         random.Random(mix(self.seed, epoch)).shuffle(order)  # identical on every rank

@@ -23,6 +23,7 @@ class Start:
     step: int
     base_step: int = 0
     base_drawn: np.ndarray | None = None
+    drawn: np.ndarray | None = None  # the epoch's draws per record by ``step`` (a resume's; class-level batches)
 
     def resumed(self, epoch: int) -> tuple[int, np.ndarray | None]:
         """(base step, drawn mask) of ``epoch``'s resumed layout; (0, None) for a whole epoch."""
@@ -47,7 +48,8 @@ class StreamPosition:
 
     @property
     def start(self) -> Start:
-        return Start(self.epoch, self.step, self.base_step, self.base_drawn)
+        return Start(self.epoch, self.step, self.base_step, self.base_drawn,
+                     self.drawn_before + self.drawn_here if self.step > self.base_step else None)
 
     def steps_in_epoch(self, epoch: int) -> int:
         """The same on every rank (the plan's), from the resumed layout's base step if any."""

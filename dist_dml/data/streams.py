@@ -22,6 +22,7 @@ import signal
 import sys
 from typing import Iterator, NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -30,9 +31,11 @@ from dist_dml.data.images import ImageTooLarge, eval_image, import_decoders, new
 from dist_dml.data.manifest import Manifest
 from dist_dml.data.opener import ShardCache, is_local
 from dist_dml.data.faults import ReadErrors
+from dist_dml.data.grouping import ClassPool, ClassSamplingConfig, neighbour_picks
 from dist_dml.data.plan import EpochPlan, Segment
 from dist_dml.data.position import Start, StreamPosition
 from dist_dml.data.records import read_records, read_segments
+from dist_dml.data.snapshots import PREFETCH
 from dist_dml.data.verify import Verdicts, verify_shards
 from dist_dml.errors import UserError
 from dist_dml.seeding import mix
@@ -87,7 +90,7 @@ def loader(dataset: IterableDataset, workers: int) -> DataLoader:
     if workers and getattr(dataset, "decode_images", True):
         import_decoders()
     return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-                      prefetch_factor=4 if workers else None,
+                      prefetch_factor=PREFETCH if workers else None,
                       worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers else None)
 
 
@@ -143,9 +146,11 @@ class TrainStream:
     i) alone, which makes resuming exact (see TrainReader)."""
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, decode_images: bool = True,
-                 verdicts: Verdicts | None = None):
-        """``verdicts``: the job's sha256 verdicts (data.verify_sha256), shared with its evaluation streams."""
+                 verdicts: Verdicts | None = None, class_sampling: ClassSamplingConfig | None = None):
+        """``verdicts``: the job's sha256 verdicts (data.verify_sha256), shared with its evaluation streams;
+        ``class_sampling``: the run's section (batches of near classes, given prototypes' snapshots)."""
         cfg.validate()
+        self.class_sampling = class_sampling or ClassSamplingConfig()
         self.verdicts = verdicts if verdicts is not None else Verdicts()
         self.cfg, self.rank, self.world_size, self.decode_images = cfg, rank, world_size, decode_images
         self.split = TrainSplit.read(cfg)
@@ -200,6 +205,14 @@ class TrainStream:
                      "each shard once per machine)")
         return note
 
+    def class_sampling_note(self) -> str | None:
+        """A warning where class_sampling is on but cannot act: windows so small that slots share records."""
+        if self.class_sampling.enabled and self.plan.shares_records:
+            return (f"class_sampling.share={self.class_sampling.share} is not applied: the {self.num_records} "
+                    f"training records give fewer than data.classes_per_batch={self.cfg.classes_per_batch} per "
+                    f"(rank x worker) slot ({self.slots}), so slots share records and batches stay random")
+        return None
+
     def single_image_note(self) -> str | None:
         """A warning about records of a single image, from the manifest's counts alone (single_image_problem
         has refused a split of nothing else)."""
@@ -212,21 +225,24 @@ class TrainStream:
         return (f"the manifest's counts say at least {least} of the {self.num_records} records of split "
                 f"{self.cfg.train_split!r} hold a single image: {what}")
 
-    def reader(self, epochs: int = 1) -> "TrainReader":
+    def reader(self, epochs: int = 1, first_step: int = 0, snapshots=None) -> "TrainReader":
         """The read-only dataset of the batches from the position on, through the end of epoch
-        ``epoch + epochs - 1``."""
+        ``epoch + epochs - 1``. ``first_step``: the run's global step at the position; ``snapshots``: the
+        prototypes' snapshots class-level batches are chosen by (snapshots.SnapshotRing; None: random batches)."""
         return TrainReader(self.cfg, self.split, self.plan, self.position.start, epochs, rank=self.rank,
-                           decode_images=self.decode_images, verdicts=self.verdicts)
+                           decode_images=self.decode_images, verdicts=self.verdicts, first_step=first_step,
+                           class_sampling=self.class_sampling, snapshots=snapshots)
 
-    def loader(self, epochs: int = 1) -> DataLoader:
+    def loader(self, epochs: int = 1, first_step: int = 0, snapshots=None) -> DataLoader:
         """A DataLoader from the position through the end of epoch ``epoch + epochs - 1``, whose worker
         processes move from one epoch to the next themselves (training passes a large ``epochs`` and
         stops when it has its steps). Every batch names its ``epoch`` and ``index``."""
-        return loader(self.reader(epochs), self.cfg.workers)
+        return loader(self.reader(epochs, first_step, snapshots), self.cfg.workers)
 
-    def worker_batches(self, epoch: int, worker: int, start: int = 0) -> Iterator[dict]:
+    def worker_batches(self, epoch: int, worker: int, start: int = 0, snapshots=None,
+                       first_step: int = 0) -> Iterator[dict]:
         """Logical worker ``worker``'s batches of ``epoch`` from index ``start`` on (see TrainReader)."""
-        return self.reader().worker_batches(epoch, worker, start)
+        return self.reader(first_step=first_step, snapshots=snapshots).worker_batches(epoch, worker, start)
 
 
 class TrainReader(IterableDataset):
@@ -238,16 +254,41 @@ class TrainReader(IterableDataset):
     Batch i of an epoch always comes from logical worker i % workers (epochs hold a multiple of the workers,
     so one DataLoader serves any number of epochs with the same worker processes) and is a function of (seed,
     epoch, rank, i) alone: a resumed epoch skips the batches already consumed (reading their records, not
-    decoding them)."""
+    decoding them).
+
+    Class-level batches (class_sampling.share > 0, given ``snapshots``): each logical worker takes its batches
+    from a pool of its window's records (grouping.ClassPool) by grouping.neighbour_picks, on the prototypes of
+    the snapshot that the batch's global step is bound to (snapshots.SnapshotRing.number), with its own
+    seeded generator; a resumed epoch replays the pool by the checkpoint's draws (Start.drawn), never by old
+    snapshots."""
 
     def __init__(self, cfg: DataConfig, split: TrainSplit, plan: EpochPlan, start: Start, epochs: int = 1, *,
-                 rank: int = 0, decode_images: bool = True, verdicts: Verdicts | None = None):
+                 rank: int = 0, decode_images: bool = True, verdicts: Verdicts | None = None, first_step: int = 0,
+                 class_sampling: ClassSamplingConfig | None = None, snapshots=None):
         self.cfg, self.split, self.plan, self.start, self.epochs = cfg, split, plan, start, epochs
         self.rank, self.decode_images, self.verdicts = rank, decode_images, verdicts
         self.workers = plan.workers
+        self.first_step, self.snapshots = first_step, snapshots
+        self.class_sampling = class_sampling or ClassSamplingConfig()
+        self._epoch_steps: dict[int, int] = {}
 
     def steps_in_epoch(self, epoch: int) -> int:
-        return self.plan.steps(epoch, *self.start.resumed(epoch))
+        if epoch not in self._epoch_steps:
+            self._epoch_steps[epoch] = self.plan.steps(epoch, *self.start.resumed(epoch))
+        return self._epoch_steps[epoch]
+
+    def global_step(self, epoch: int, index: int) -> int:
+        """The run's step of the batch ``index`` of ``epoch`` (the loader starts at ``first_step``)."""
+        first = self.start.epoch
+        if epoch == first:
+            return self.first_step + index - self.start.step
+        return (self.first_step + self.steps_in_epoch(first) - self.start.step
+                + sum(self.steps_in_epoch(e) for e in range(first + 1, epoch)) + index)
+
+    @property
+    def grouped(self) -> bool:
+        """Whether batches are class-level (grouped by prototypes) rather than random."""
+        return self.class_sampling.enabled and self.snapshots is not None and not self.plan.shares_records
 
     def __len__(self) -> int:
         return self.steps_in_epoch(self.start.epoch) - self.start.step
@@ -269,6 +310,9 @@ class TrainReader(IterableDataset):
         """Logical worker ``worker``'s batches of ``epoch`` (indices base + worker, base + worker + workers,
         ...) from index ``start`` on; the ones before are drawn (records read, images not decoded) but not
         yielded."""
+        if self.grouped:
+            yield from self._grouped_batches(epoch, worker, start)
+            return
         cfg = self.cfg
         base, drawn = self.start.resumed(epoch)
         salt = (base + 1,) if drawn is not None else ()  # a resumed layout
@@ -288,14 +332,71 @@ class TrainReader(IterableDataset):
             batch = self._assemble(chosen, random.Random(mix(cfg.seed, epoch, self.rank, index, 1, *salt)), errors)
             yield {**batch, "epoch": epoch, "index": index}
 
+    def _grouped_batches(self, epoch: int, worker: int, start: int = 0) -> Iterator[dict]:
+        """worker_batches with class_sampling: each batch from the worker's pool by grouping.neighbour_picks on
+        the snapshot of the batch's global step; batches before ``start`` replayed by the epoch's draws."""
+        cfg, cs, snapshots = self.cfg, self.class_sampling, self.snapshots
+        base, layout = self.start.resumed(epoch)
+        salt = (base + 1,) if layout is not None else ()  # a resumed layout
+        errors = read_errors(cfg, self.split.checksums, self.split.num_classes, self.split.num_images, self.verdicts)
+        pool = ClassPool(self._window_records(epoch, worker, errors, salt), cfg.shuffle_buffer)
+        draws = self.start.drawn if epoch == self.start.epoch else None
+        near, who = cs.near(cfg.classes_per_batch), f"rank {self.rank} worker {worker}: "
+        k = cfg.images_per_class
+        for index in range(base + worker, self.steps_in_epoch(epoch), self.workers):
+            if index < start:  # taken before a resume: the pool moves on by the checkpoint's draws
+                if draws is None:
+                    raise ValueError(f"{who}a class-sampled epoch resumes at step {start} only from a checkpoint's "
+                                     "draws (StreamPosition.load_state_dict)")
+                pool.skip(cfg.classes_per_batch, lambda r: bool(r["first"] and draws[r["position"]] > 0))
+                continue
+            rng = random.Random(mix(cfg.seed, epoch, self.rank, index, 2, *salt))
+            step = self.global_step(epoch, index)
+            number = snapshots.number(step) if step >= cs.start_step else None
+            state = {"near": near if number is not None else 0, "neighbours": 0}
+
+            def choose(records: list[dict], count: int) -> list[int]:
+                """The pool's picks: groups in the first round only (a pool smaller than P takes more rounds)."""
+                labels = np.fromiter((r["label"] for r in records), np.int64, len(records))
+                want, state["near"] = state["near"], 0
+                vectors = snapshots.rows(number, labels, who) if want > 0 else None
+                picks, neighbours = neighbour_picks(labels, vectors, count, want, cs.group, rng)
+                state["neighbours"] += neighbours
+                return picks
+
+            chosen = []
+            for record in pool.take(cfg.classes_per_batch, choose):
+                have = len(record["images"])
+                picks = rng.sample(range(have), k) if have >= k else [rng.randrange(have) for _ in range(k)]
+                chosen.append((record, picks))
+            batch = self._assemble(chosen, random.Random(mix(cfg.seed, epoch, self.rank, index, 1, *salt)), errors)
+            yield {**batch, "epoch": epoch, "index": index, "grouped": state["neighbours"]}
+
     def _record_stream(self, epoch: int, worker: int, errors: ReadErrors, rng: random.Random,
                        salt: tuple = ()) -> Iterator[dict]:
         """The slot's window through the shuffle buffer, then the same window again (reshuffled) for as
         long as records are asked for. Records carry their epoch ``position`` and whether this is their
         ``first`` draw."""
+        buffer: list[dict] = []
+        for record in self._window_records(epoch, worker, errors, salt):
+            if record is None:  # the pass is over: empty the buffer, then draw again from the window
+                rng.shuffle(buffer)
+                yield from buffer
+                buffer.clear()
+                continue
+            if len(buffer) < self.cfg.shuffle_buffer:
+                buffer.append(record)
+                continue
+            j = rng.randrange(len(buffer))
+            buffer[j], record = record, buffer[j]
+            yield record
+
+    def _window_records(self, epoch: int, worker: int, errors: ReadErrors, salt: tuple = ()) -> Iterator[dict | None]:
+        """The slot's window in read order, pass after pass (each later pass in another order of its segments),
+        None at the end of each pass. Records carry their epoch ``position`` and whether this is their
+        ``first`` draw; records of a single image are skipped (and counted once) unless data.self_pairs."""
         segments = self.plan.segments(epoch, self.start.resumed(epoch)[1])[self.rank * self.workers + worker]
         offsets = self.plan.offsets(epoch)
-        buffer: list[dict] = []
         passes = singles = 0
         while True:
             produced = False
@@ -309,13 +410,8 @@ class TrainReader(IterableDataset):
                     continue
                 produced = True
                 record["position"], record["first"] = offsets[record["shard"]] + record["index"], passes == 0
-                if len(buffer) < self.cfg.shuffle_buffer:
-                    buffer.append(record)
-                    continue
-                j = rng.randrange(len(buffer))
-                buffer[j], record = record, buffer[j]
                 yield record
-            if not produced and not buffer:
+            if not produced:
                 shards = sorted({shard for shard, _, _ in segments})
                 why = (f"its {singles} records hold a single image each (data.self_pairs=true trains them as two "
                        "crops of one image)" if singles else "every shard it reads is unreadable or corrupt (see the "
@@ -323,10 +419,7 @@ class TrainReader(IterableDataset):
                 raise DataError(f"rank {self.rank} worker {worker}: no record of the training split to draw from in "
                                 f"its window ({len(shards)} shards: {', '.join(shards[:3])}"
                                 f"{', ...' if len(shards) > 3 else ''}): {why}")
-            # The pass is over: empty the buffer, then draw again from the window, in another order.
-            rng.shuffle(buffer)
-            yield from buffer
-            buffer.clear()
+            yield None
             passes += 1
             segments = list(segments)
             random.Random(mix(self.cfg.seed, epoch, self.rank, worker, passes, *salt)).shuffle(segments)
