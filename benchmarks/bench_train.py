@@ -11,7 +11,13 @@ Prints
         (2 processes: a per-class beta table of 1,000,000 rows, reduced by DeepSpeed and stepped by the
         lazy optimizer every step, against the global beta alone; runs alternated, medians)
 
-    python benchmarks/bench_train.py --only beta     # just the last line
+    python benchmarks/bench_train.py --only class    # class_sampling's cost in training:
+        class_sampling step_ms=... random_step_ms=... overhead=...
+            (2 processes, class_sampling.share=0.5 refreshed every 10 steps against random batches; alternated)
+        prototypes classes=1000000 dim=128 batch=128 update_ms=... publish_ms=... per_step_ms=... share_of_step=...
+            (one process: the table's update from a global batch, its snapshot every 50 steps, against the
+            step time above)
+    python benchmarks/bench_train.py --only beta     # just the beta line
     python benchmarks/bench_train.py --only chunks   # train.embedding_chunks 1, 2, 4 at one global batch:
         chunks=N step_ms=... peak_rss_mb=... time_ratio=... memory_ratio=...
         (1 process, tiny CNN with frozen BatchNorm at 112 px, a local batch of 256; ratios against N=1)
@@ -90,6 +96,44 @@ def beta_overhead(data: Path, tmp: Path, steps: int, classes: int = 1_000_000, r
             f"overhead={table / alone - 1:.3f}")
 
 
+def class_sampling_overhead(data: Path, tmp: Path, steps: int, rounds: int = 2) -> tuple[str, float]:
+    """Step time of 2 processes with class_sampling.share=0.5 against random batches, runs alternated."""
+    batch = 2 * 16 * 4
+    extra = ["class_sampling.share=0.5", "class_sampling.refresh_steps=10"]
+    times: dict[str, list[float]] = {"random": [], "class": []}
+    for r in range(rounds):
+        for name, overrides in (("random", []), ("class", extra)):
+            times[name].append(1e3 * batch / throughput(2, data, tmp / f"class{name}{r}", steps, *overrides))
+    grouped, alone = statistics.median(times["class"]), statistics.median(times["random"])
+    return (f"class_sampling step_ms={grouped:.1f} random_step_ms={alone:.1f} overhead={grouped / alone - 1:.3f}",
+            alone)
+
+
+def prototype_cost(step_ms: float, classes: int = 1_000_000, dim: int = 128, batch: int = 128,
+                   refresh: int = 50) -> str:
+    """The prototypes' cost per step at ``classes`` classes: the update from a global batch of ``batch`` and the
+    snapshot every ``refresh`` steps, against a step of ``step_ms``."""
+    from dist_dml.data.grouping import ClassSamplingConfig
+    from dist_dml.prototypes import ClassPrototypes
+
+    torch.set_num_threads(1)  # as each training process runs (OMP_NUM_THREADS=1)
+    protos = ClassPrototypes(ClassSamplingConfig(share=0.5, refresh_steps=refresh), classes, dim, workers=2)
+    update, publish = [], []
+    for step in range(30):
+        embeddings = torch.nn.functional.normalize(torch.randn(batch, dim), dim=1)
+        labels = torch.randint(0, classes, (batch // 4,)).repeat_interleave(4)
+        start = time.perf_counter()
+        protos.table.update(embeddings, labels, step)
+        mid = time.perf_counter()
+        protos.ring.publish(step, protos.table.table)
+        update.append(mid - start)
+        publish.append(time.perf_counter() - mid)
+    update_ms, publish_ms = 1e3 * statistics.median(update), 1e3 * statistics.median(publish)
+    per_step = update_ms + publish_ms / refresh
+    return (f"prototypes classes={classes} dim={dim} batch={batch} update_ms={update_ms:.2f} "
+            f"publish_ms={publish_ms:.1f} per_step_ms={per_step:.2f} share_of_step={per_step / step_ms:.4f}")
+
+
 def chunk_costs(data: Path, tmp: Path, steps: int) -> list[str]:
     """Step time and peak RSS of one process at train.embedding_chunks 1, 2 and 4 for the same batch."""
     found = {}
@@ -117,7 +161,7 @@ def chunk_costs(data: Path, tmp: Path, steps: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--only", choices=["beta", "chunks"], help="run one measurement only")
+    parser.add_argument("--only", choices=["beta", "chunks", "class"], help="run one measurement only")
     args = parser.parse_args()
     from data_prep.cli import main as prep
 
@@ -126,6 +170,11 @@ def main() -> None:
         data = Path(tmp) / "data"
         prep(["synthetic", "--classes", "500", "--test-classes", "10", "--per-class", "4:8", "--size", "64",
               "--out", str(data), "--no-progress"])
+        if args.only == "class":
+            line, step_ms = class_sampling_overhead(data, Path(tmp), args.steps)
+            print(line, flush=True)
+            print(prototype_cost(step_ms), flush=True)
+            return
         if args.only == "chunks":
             print("\n".join(chunk_costs(data, Path(tmp), 40)), flush=True)
             return

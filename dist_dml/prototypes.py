@@ -46,10 +46,12 @@ class PrototypeTable:
         counts = torch.bincount(slot, minlength=len(present))
         ends = torch.cumsum(counts, dim=0)
         centre = torch.nn.functional.normalize((running[ends] - running[ends - counts]).float(), dim=1)
-        old = self.table[present].float()
+        # index_select / index_copy_: advanced indexing of a large fp16 table on the CPU costs about 0.6 ms a call
+        old = self.table.index_select(0, present).float()
         moved = torch.nn.functional.normalize(self.momentum * old + (1 - self.momentum) * centre, dim=1)
-        self.table[present] = torch.where((self.updated[present] >= 0)[:, None], moved, centre).to(self.table.dtype)
-        self.updated[present] = step
+        seen = (self.updated.index_select(0, present) >= 0)[:, None]
+        self.table.index_copy_(0, present, torch.where(seen, moved, centre).to(self.table.dtype))
+        self.updated.index_fill_(0, present, step)
 
     def stats(self, step: int) -> dict[str, float]:
         """The share of classes with a prototype and their mean age in steps (what a run logs)."""

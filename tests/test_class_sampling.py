@@ -57,15 +57,17 @@ def loop_picks(labels, vectors, count, near, group, rng):
     return picks, neighbours
 
 
-@pytest.mark.parametrize("count, near, group", [(8, 4, 4), (8, 8, 3), (8, 0, 4), (30, 30, 5), (5, 2, 2)])
-def test_the_grouping_rule_equals_a_plain_loop(count, near, group):
+@pytest.mark.parametrize("count, near, group, largest, classes", [
+    (8, 4, 4, 25, 12), (8, 8, 3, 25, 12), (8, 0, 4, 25, 12), (30, 30, 5, 25, 12), (5, 2, 2, 25, 12),
+    (8, 8, 2, 300, 60), (16, 12, 4, 300, 200)])  # pools large enough that only the top similarities are sorted
+def test_the_grouping_rule_equals_a_plain_loop(count, near, group, largest, classes):
     """Small integer prototypes (exact dot products, many ties), repeated classes, classes without one."""
-    gen = np.random.default_rng(count * 10 + near)
+    gen = np.random.default_rng(count * 10 + near + largest)
     for trial in range(20):
-        size = int(gen.integers(3, 25))
-        labels = gen.integers(0, 12, size)
-        table = gen.integers(-2, 3, (12, 4)).astype(np.float32)
-        table[gen.integers(0, 12, 2)] = 0  # classes without a prototype yet
+        size = int(gen.integers(3, largest))
+        labels = gen.integers(0, classes, size)
+        table = gen.integers(-2, 3, (classes, 4)).astype(np.float32)
+        table[gen.integers(0, classes, 2)] = 0  # classes without a prototype yet
         vectors = table[labels]
         got = neighbour_picks(labels, vectors, count, near, group, random.Random(trial))
         want = loop_picks(labels.tolist(), vectors.tolist(), count, near, group, random.Random(trial))
@@ -298,3 +300,38 @@ def test_a_resumed_training_continues_with_the_same_prototypes_and_batches(tiny_
     assert (got["updated"] >= 0).all()  # every class has a prototype
     final = [torch.load(p / "final_model.pt", weights_only=True)["state_dict"] for p in (straight, resumed)]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_prototypes_are_identical_on_every_rank_and_equal_a_loop_reference(run_torchrun, tmp_path):
+    """Two ranks, 6 steps: after each step every rank holds the same table bit for bit (checked in the worker);
+    rank 0's table equals one process's on the same global batches bit for bit and a float64 loop within fp16's
+    rounding; the snapshot published after step 6 is that table."""
+    from dist_dml.prototypes import PrototypeTable
+
+    from .conftest import HANG_GUARD_S
+    from .prototypes_worker import CLASSES, DIM
+
+    out = tmp_path / "prototypes.pt"
+    run_torchrun(2, "tests.prototypes_worker", str(out), timeout=HANG_GUARD_S)
+    saved = torch.load(out, weights_only=True)
+    alone = PrototypeTable(CLASSES, DIM, momentum=0.7, dtype="fp16")
+    reference, updated = {}, {}
+    for step, (embeddings, labels) in enumerate(saved["batches"]):
+        assert len(labels) == 12  # 2 ranks x 6
+        alone.update(embeddings, labels, step)
+        for c in sorted(set(labels.tolist())):
+            mean = embeddings.double()[labels == c].sum(0)
+            mean = mean / mean.norm()
+            if c in reference:
+                mixed = 0.7 * reference[c] + 0.3 * mean
+                reference[c] = mixed / mixed.norm()
+            else:
+                reference[c] = mean
+            updated[c] = step
+    assert torch.equal(alone.table, saved["table"]) and torch.equal(alone.updated, saved["updated"])
+    for c in range(CLASSES):
+        if c in reference:
+            assert torch.allclose(saved["table"][c].double(), reference[c], atol=3e-3) and saved["updated"][c] == updated[c]
+        else:
+            assert not saved["table"][c].any() and saved["updated"][c] == -1
+    assert saved["newest"] == 3 and torch.equal(saved["snapshot"], saved["table"])

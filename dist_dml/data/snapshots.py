@@ -70,7 +70,7 @@ class SnapshotRing:
                 raise SnapshotError(f"{who}waited {WAIT_S:.0f}s for the prototypes' snapshot {n} (step "
                                     f"{n * self.every}); the training process did not publish it")
             time.sleep(0.002)
-        rows = self.data[slot][torch.from_numpy(np.asarray(labels, np.int64))].float().numpy()
+        rows = self.data[slot].index_select(0, torch.from_numpy(np.asarray(labels, np.int64))).float().numpy()
         if int(self.numbers[slot]) != n:
             raise SnapshotError(f"{who}the prototypes' snapshot {n} was overwritten while it was read (ring of "
                                 f"{self.slots} slots, refreshed every {self.every} steps, lag {self.lag})")
@@ -99,4 +99,4 @@ class FixedSnapshots:
         return 0 if step >= self.start else None
 
     def rows(self, n: int, labels: np.ndarray, who: str = "") -> np.ndarray:
-        return self.table[torch.from_numpy(np.asarray(labels, np.int64))].float().numpy()
+        return self.table.index_select(0, torch.from_numpy(np.asarray(labels, np.int64))).float().numpy()
