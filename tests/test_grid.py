@@ -125,3 +125,18 @@ def test_postprocessing_is_an_axis_like_any_other(tiny_shards):
         "none", "dba+qe"]
     ran = dist_dml_here("grid", str(config), f"data.root={tiny_shards}", "--set", "eval.postprocess=none,rerank")
     assert ran.returncode == 2 and "dba, qe, k_reciprocal" in ran.stderr, ran.stderr
+
+
+def test_class_sampling_is_an_axis_like_any_other(tiny_shards):
+    """--set class_sampling.share=0,0.5: a cell of random batches and one of class-level batches, each config
+    valid; a share beyond 1 is refused before any training."""
+    from dist_dml.config import load_config
+    from dist_dml.grid import cells, parse_settings
+
+    config = ROOT / "configs/cpu_synthetic.yaml"
+    grid = cells(["margin"], ["distance_weighted"], [0], parse_settings(["class_sampling.share=0,0.5"]))
+    assert [load_config(config, [f"data.root={tiny_shards}", *c.overrides()]).class_sampling.share
+            for c in grid] == [0.0, 0.5]
+    assert len({c.name for c in grid}) == 2
+    ran = dist_dml_here("grid", str(config), f"data.root={tiny_shards}", "--set", "class_sampling.share=0,1.5")
+    assert ran.returncode == 2 and "class_sampling.share must be in [0, 1]" in ran.stderr, ran.stderr
