@@ -520,6 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=setup_command)
 
+    p = sub.add_parser("config", help="the config reference (every key's type, default and meaning), or a config "
+                       "resolved with its overrides")
+    p.add_argument("config", nargs="?", help="a YAML file: print it resolved (defaults filled in, overrides applied)")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--reference", action="store_true", help="the reference of every key (Markdown: docs/config.md)")
+    p.add_argument("--out", help="write to this file instead of printing")
+    p.set_defaults(func=config_command)
+
     p = sub.add_parser("demo", help="synthetic data, 2 CPU processes, Recall@1 before and after training")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--output", default="runs/demo")
@@ -584,6 +592,26 @@ def _add_after_training(sub) -> None:
     p = sub.add_parser("prep", help="convert a dataset (or synthesise one) to class-grouped shards")
     prep_parser(p)
     p.set_defaults(func=prep_run)
+
+
+def config_command(args) -> int:
+    """`dist-dml config --reference` (docs/config.md), or a config resolved (YAML, checked without its data)."""
+    if args.reference:
+        from dist_dml.reference import reference
+
+        text = reference()
+    elif args.config:
+        from dist_dml.config import dump_yaml, load_config
+
+        text = dump_yaml(load_config(args.config, args.overrides, check_data=False))
+    else:
+        raise UserError("dist-dml config: give a config file to resolve, or --reference")
+    if args.out:
+        write_atomically(Path(args.out), text)
+        print(f"[config] wrote {args.out}", flush=True)
+    else:
+        print(text, end="" if text.endswith("\n") else "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

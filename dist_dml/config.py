@@ -40,8 +40,8 @@ RENAMED = {"eval.grid_queries": "eval.example_queries", "eval.grid_k": "eval.exa
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 0  # total optimizer steps; 0: epochs x steps per epoch
-    epochs: int = 1
-    log_every: int = 10
+    epochs: int = 1  # passes over the training split (when train.steps is 0)
+    log_every: int = 10  # steps per log line and MLflow point (loss, active pairs, spread, throughput)
     max_bad_steps: int = 5  # this many non-finite losses in a row stop the run
     name: str = ""  # the run's name; "": the config file's name (configs/sop_resnet50.yaml -> sop_resnet50)
     output_dir: str = ""  # "": runs/NAME
@@ -75,8 +75,8 @@ class EvalConfig:
     every_steps: int = 0  # 0: only at the end
     at_start: bool = False  # also evaluate the untrained model
     split: str = "test"  # or "query,gallery" (In-Shop): query against gallery
-    recall_ks: tuple[int, ...] = (1, 2, 4, 8)
-    batch_size: int = 128
+    recall_ks: tuple[int, ...] = (1, 2, 4, 8)  # the K of the Recall@K reported
+    batch_size: int = 128  # images per rank embedded at once
     nmi: bool = True  # faiss k-means with as many clusters as classes
     plots: bool = True  # the final evaluation of a training draws Recall@K, nearest neighbours and the negatives
     example_queries: int = 6  # queries whose nearest neighbours are drawn (nearest_neighbours.png; 0: none)
@@ -133,11 +133,11 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    enabled: bool = True
+    enabled: bool = True  # log to MLflow (rank 0 only); false: no tracking at all
     uri: str | None = None  # MLFLOW_TRACKING_URI wins; neither: MLflow's local default
     experiment: str = ""  # "": the run's name (train.name), so two configs never share an experiment
-    run_name: str | None = None
-    system_metrics: bool = True
+    run_name: str | None = None  # the MLflow run's name; null: one MLflow makes up (the experiment is train.name)
+    system_metrics: bool = True  # MLflow's CPU, memory and GPU metrics of the run
     required: bool = True  # an unreachable server stops the run at start; false: train without tracking
     timeout_s: float = 10.0  # per request to a tracking server (the start-up check, and each log call)
     log_model: bool = True  # the final model as an MLflow Model (pyfunc: uint8 images in, embeddings out)
@@ -152,7 +152,7 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end
-    keep_last: int = 3
+    keep_last: int = 3  # whole checkpoints kept (older ones of this run are removed)
     resume: str = "auto"  # auto: the latest checkpoint under train.output_dir, if any; none; or a path
     allow_other_run: bool = False  # auto: continue from a checkpoint another run wrote into this folder
 

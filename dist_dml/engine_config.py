@@ -11,16 +11,16 @@ SCHEDULES = ("constant", "step", "cosine")
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: str = "adam"
+    name: str = "adam"  # adam, adamw or sgd (OPTIMIZER_NAMES)
     lr: float = 1e-4  # backbone
     head_lr: float | None = None  # embedding head; None: lr
     beta_lr: float = 1e-2  # beta's own rate (never weight-decayed)
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # of the backbone and the head (never of beta)
     momentum: float = 0.9  # sgd only
     schedule: str = "constant"  # constant, step (x gamma every step_size steps) or cosine
     warmup_steps: int = 0  # linear warm-up of every group's rate
-    step_size: int = 1000
-    gamma: float = 0.5
+    step_size: int = 1000  # schedule step: steps between two decays
+    gamma: float = 0.5  # schedule step: the factor of each decay
 
     def validate(self) -> None:
         if self.name not in OPTIMIZER_NAMES:

@@ -41,7 +41,7 @@ class LossConfig:
     kind: str = "margin"  # a key of LOSSES
     alpha: float | None = None  # the margin; None: the loss's own default (DEFAULT_MARGINS)
     beta_init: float = 1.2  # beta^(0); learnable when beta_global
-    beta_global: bool = True
+    beta_global: bool = True  # beta^(0) learns (false: fixed at beta_init)
     beta_per_class: bool = False  # a learnable offset per class (table of num_classes)
     beta_per_image: bool = False  # a learnable offset per image (table of num_images)
     num_classes: int = 0  # per-class beta table size; 0: the training split's class count

@@ -18,13 +18,13 @@ class ModelConfig:
     """The `model` section of a run's config."""
 
     backbone: str = "resnet50"  # a torchvision name of BACKBONES, or timm:<name> (any model of timm)
-    embedding_dim: int = 128
+    embedding_dim: int = 128  # the embedding's width (the head's output, L2-normalised)
     # none (random init), torchvision (its default weights), timm (the model's pretrained weights), or a
     # local state dict of the backbone (.pth / .pt / .safetensors). Downloads are cached, once per node.
     weights: str = "none"
     pretrained: bool = False  # an alias of weights=torchvision (or timm for a timm: backbone)
     mean: tuple[float, ...] = ()  # input normalisation (0..1 scale); (): the backbone's pretrained config
-    std: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()  # input standard deviations (0..1 scale); (): the backbone's pretrained config
     channels_last: bool = True  # on CUDA
     # BatchNorm across ranks: sync (statistics of the global batch), frozen (eval mode, running
     # statistics never change) or local (per-rank statistics; rank 0's buffers are broadcast before

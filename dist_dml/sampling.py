@@ -36,7 +36,7 @@ class SamplerConfig:
     kind: str = "distance_weighted"  # a key of SAMPLERS
     cutoff: float = 0.5  # distance weights are clamped at this distance (the paper's lambda)
     nonzero_loss_cutoff: float = 1.4  # farther negatives give zero margin loss: never drawn
-    seed: int = 0
+    seed: int = 0  # the draws depend only on (seed, step, the anchor's global index): the same on 1 or W ranks
     chunk_elements: int = 1 << 22  # anchors per chunk = chunk_elements // candidates (16 MB a buffer)
 
     def validate(self) -> None:

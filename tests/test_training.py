@@ -117,9 +117,10 @@ def test_sbatch_runs_to_completion(tiny_shards, tmp_path):
     out = tmp_path / "run"
     overrides = tiny_overrides(tiny_shards, out, **{"train.steps": 10, "eval.at_start": False,
                                                     "tracking.enabled": False, "checkpoint.every_steps": 0})
-    env = cpu_env(NPROC_PER_NODE="2")
-    proc = subprocess.run(["sbatch", "--wait", f"--output={tmp_path}/slurm-%j.out", "--cpus-per-task=2",
-                           str(ROOT / "launch/slurm.sbatch"), "train", CONFIG, *overrides],
+    # As the guide writes it: ./dml launch slurm puts sbatch's options before the script, the command after it.
+    env = cpu_env(NPROC_PER_NODE="2", DIST_DML_VENV=sys.prefix)
+    proc = subprocess.run([str(ROOT / "dml"), "launch", "slurm", "--wait", f"--output={tmp_path}/slurm-%j.out",
+                           "--cpus-per-task=2", "train", CONFIG, *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert proc.returncode == 0, (proc.stdout + proc.stderr + logs)[-6000:]

@@ -9,16 +9,16 @@ class DataConfig:
     """The `data` section of a run's config."""
 
     root: str = ""  # folder with manifest.json and the shards, or a URL prefix (http(s)://, pipe:, s3://, gs://)
-    train_split: str = "train"
+    train_split: str = "train"  # the manifest's split that training reads
     classes_per_batch: int = 16  # P, per rank
     images_per_class: int = 4  # K
-    workers: int = 2  # DataLoader workers per rank
-    shuffle_buffer: int = 1000  # records
+    workers: int = 2  # DataLoader worker processes per rank (0: read in the training process)
+    shuffle_buffer: int = 1000  # records each worker shuffles among (class_sampling: the pool batches are chosen from)
     image_size: int = 224  # training crop / evaluation center crop
     resize: int = 256  # evaluation resize before the center crop
     min_scale: float = 0.16  # random resized crop's smallest area share
     flip: bool = True  # random horizontal flip in training (off for text, digits, logos)
-    seed: int = 0
+    seed: int = 0  # shard order, windows, shuffle buffer, K-of-record picks and augmentation (per epoch)
     batch_size: int = 0  # per rank; optional, checked against P x K
     max_member_mb: float = 256.0  # a tar member declaring more is damage: its shard is counted corrupt
     read_retries: int = 3  # a remote shard whose read fails is tried again this often (then counted corrupt)
