@@ -80,7 +80,7 @@ def missing_comments() -> list[str]:
 def reference() -> str:
     """docs/config.md."""
     out = [HEADER]
-    out.append("Sections: " + ", ".join(f"[`{name}`](#{name.replace('_', '')})" for name, _ in sections()) + ".\n")
+    out.append("Sections: " + ", ".join(f"[`{name}`](#{name})" for name, _ in sections()) + ".\n")
     for name, cls in sections():
         doc = inspect.cleandoc(cls.__doc__ or "").replace(f"The `{name}` section of a run's config.", "").strip()
         out.append(f"## {name}\n")

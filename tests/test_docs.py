@@ -187,3 +187,14 @@ def test_every_relative_link_resolves():
             if not path.exists():
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, broken
+
+
+def test_the_errors_the_guide_quotes_are_the_codes_messages():
+    """docs/operations.md's table quotes fragments of the one-line errors: each is in the code's messages."""
+    sources = "".join(p.read_text() for folder in ("dist_dml", "data_prep") for p in (ROOT / folder).rglob("*.py"))
+    sources = re.sub(r"\"\s*\n\s*f?\"", "", sources)  # messages split over lines, joined
+    table = (ROOT / "docs" / "operations.md").read_text().split("| the line says |", 1)[1].split("\n\n", 1)[0]
+    quoted = [q for row in table.splitlines()[2:] for q in re.findall(r"`([^`]+)`", row.split(" | ")[0])]
+    assert len(quoted) >= 8
+    missing = [q for q in quoted if q not in sources]
+    assert not missing, missing
