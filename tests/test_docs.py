@@ -198,3 +198,14 @@ def test_the_errors_the_guide_quotes_are_the_codes_messages():
     assert len(quoted) >= 8
     missing = [q for q in quoted if q not in sources]
     assert not missing, missing
+
+
+def test_config_prints_a_config_resolved_and_refuses_a_bad_key(tmp_path):
+    from .conftest import dist_dml_here
+
+    ran = dist_dml_here("config", str(ROOT / "configs/cpu_synthetic.yaml"), "class_sampling.share=0.5")
+    assert ran.returncode == 0 and "class_sampling:\n  share: 0.5\n" in ran.stdout, ran.stderr
+    ran = dist_dml_here("config", str(ROOT / "configs/cpu_synthetic.yaml"), "class_sampling.shares=0.5")
+    assert ran.returncode == 2 and "unknown key class_sampling.shares" in ran.stderr
+    ran = dist_dml_here("config", "--reference", "--out", str(tmp_path / "config.md"))
+    assert ran.returncode == 0 and (tmp_path / "config.md").read_text() == reference()
