@@ -177,3 +177,39 @@ def test_the_final_model_is_a_registered_mlflow_model_that_embeds_as_dist_dml_em
     got = model.predict(np.stack(arrays))
     want = exported.embeddings[np.searchsorted(exported.ids, ids)]
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_the_registered_model_serves_with_mlflow_models_serve(trained, mlflow_server):
+    """MLflow's own server (`mlflow models serve --env-manager local`, as docs/backbones.md writes it) answers a
+    JSON request of uint8 images with the embeddings the loaded model gives."""
+    import mlflow
+    import numpy as np
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 40, 48, 3), dtype=np.uint8)
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        want = mlflow.pyfunc.load_model("models:/tiny_embedder/1").predict(images)
+    finally:
+        mlflow.set_tracking_uri(None)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", "models:/tiny_embedder/1", "--env-manager", "local",
+                             "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, answer = time.time() + 120, None
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": images.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        while answer is None and time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answer = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+        assert answer is not None, proc.stdout.read() if proc.poll() is not None else "no answer in 120 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    np.testing.assert_allclose(np.asarray(answer["predictions"], np.float32), want, atol=1e-5)
