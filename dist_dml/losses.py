@@ -149,8 +149,10 @@ class TripletLossBase(nn.Module):
         super().__init__()
         self.config = config
 
-    def terms(self, d_ap: Tensor, d_an: Tensor, labels: Tensor, image_ids: Tensor) -> Terms:
-        """The loss terms of the triplets; labels and ids are those of the anchors."""
+    def terms(self, d_ap: Tensor, d_an: Tensor, labels: Tensor, image_ids: Tensor,
+              held: tuple[Tensor, Tensor] | None = None) -> Terms:
+        """The loss terms of the triplets; labels and ids are those of the anchors; ``held``: (positive, negative)
+        masks of the pairs whose other item is a memory's (they do not move beta where given)."""
         raise NotImplementedError
 
     def forward(
@@ -160,14 +162,18 @@ class TripletLossBase(nn.Module):
         image_ids: Tensor,
         triplets: Triplets,
         global_sum: GlobalSum = _identity,
+        memory_from: int | None = None,
     ) -> LossOutput:
+        """``memory_from``: candidates from this index on are a memory's, whose pairs do not move beta (None: all
+        pairs move it)."""
         device = embeddings.device
         # index_select: its backward is index_add, far cheaper on the CPU than advanced indexing's.
         anchor = embeddings.index_select(0, triplets.anchor)
         d_ap = pair_distance(anchor, embeddings.index_select(0, triplets.positive))
         d_an = pair_distance(anchor, embeddings.index_select(0, triplets.negative))
         anchor_labels, anchor_ids = labels[triplets.anchor], image_ids[triplets.anchor]
-        terms, regulariser, stats = self.terms(d_ap, d_an, anchor_labels, anchor_ids)
+        held = None if memory_from is None else (triplets.positive >= memory_from, triplets.negative >= memory_from)
+        terms, regulariser, stats = self.terms(d_ap, d_an, anchor_labels, anchor_ids, held)
 
         local_active = sum(((t > 0).sum() for t in terms), torch.zeros((), dtype=torch.long, device=device))
         local_terms = torch.tensor(float(len(terms) * len(triplets)), device=device)
@@ -190,27 +196,30 @@ class MarginLoss(TripletLossBase):
         super().__init__(config)
         self.beta = Beta(config)
 
-    def terms(self, d_ap, d_an, labels, image_ids):
+    def terms(self, d_ap, d_an, labels, image_ids, held=None):
         beta = self.beta(labels, image_ids).to(d_ap.device)
         alpha = self.config.alpha
         stats = {"beta_sum": beta.detach().sum()}
         if beta.numel():
             stats.update(beta_min=beta.detach().min(), beta_max=beta.detach().max())
-        pos, neg = torch.relu(alpha + d_ap - beta), torch.relu(alpha - d_an + beta)
+        beta_p = beta_n = beta
+        if held is not None:  # a memory's pairs see beta but do not move it
+            beta_p, beta_n = (torch.where(mask, beta.detach(), beta) for mask in held)
+        pos, neg = torch.relu(alpha + d_ap - beta_p), torch.relu(alpha - d_an + beta_n)
         return (pos, neg), self.config.nu * beta.sum(), stats
 
 
 class TripletMarginLoss(TripletLossBase):
     """(D_ap - D_an + alpha)_+ per triplet."""
 
-    def terms(self, d_ap, d_an, labels, image_ids):
+    def terms(self, d_ap, d_an, labels, image_ids, held=None):
         return (torch.relu(d_ap - d_an + self.config.alpha),), d_ap.new_zeros(()), {}
 
 
 class ContrastiveLoss(TripletLossBase):
     """D_ap^2 for each positive pair and (alpha - D_an)_+^2 for each negative pair (Hadsell et al. 2006)."""
 
-    def terms(self, d_ap, d_an, labels, image_ids):
+    def terms(self, d_ap, d_an, labels, image_ids, held=None):
         return (d_ap * d_ap, torch.relu(self.config.alpha - d_an) ** 2), d_ap.new_zeros(()), {}
 
 

@@ -29,6 +29,7 @@ class MemoryConfig:
     # shared: each pair's one negative is drawn from batch + memory (a large memory gives nearly all of them);
     # add: each pair keeps its negative from the batch and gets one more from batch + memory
     mode: str = "shared"
+    beta: bool = True  # the memory's pairs move the margin loss's beta (false: they see it, only the batch's move it)
 
     def validate(self) -> None:
         if self.size < 0 or self.start_step < 0:

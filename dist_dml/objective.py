@@ -67,7 +67,8 @@ class GlobalBatchObjective:
         triplets = self.sampler(candidates.detach(), c_labels, start, start + batch, step, positive_limit=limit)
         if own is not None:
             triplets = _joined(own, triplets)
-        output = self.loss(candidates, c_labels, c_ids, triplets, ctx.all_reduce_sum)
+        memory_from = len(labels) if steps is not None and not self.memory.config.beta else None
+        output = self.loss(candidates, c_labels, c_ids, triplets, ctx.all_reduce_sum, memory_from=memory_from)
         drawn = _memory_draws(triplets, len(labels), steps, step, self.memory) if steps is not None else {}
         return StepResult(output, triplets, embedding_spread(embeddings), (embeddings.detach(), labels, image_ids), drawn)
 

@@ -177,3 +177,35 @@ def test_mode_add_keeps_the_batchs_own_negatives_and_adds_one_drawn_with_the_mem
     torch.testing.assert_close(local.grad, leaf.grad)
     with pytest.raises(ValueError, match="memory.mode must be one of shared, add"):
         MemoryConfig(size=4, mode="replace").validate()
+
+
+def test_with_memory_beta_false_the_memorys_pairs_do_not_move_beta():
+    """memory.beta=false: the loss is the same, and beta's gradient is that of the batch's pairs alone, worked by
+    hand in float64: (negatives active - positives active) / active terms, over the pairs whose other item is in
+    the batch; the embeddings' gradients are unchanged."""
+    from dist_dml.sampling import Triplets
+
+    g = torch.Generator().manual_seed(3)
+    candidates = torch.nn.functional.normalize(torch.randn(14, 6, generator=g), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 0, 1, 2, 3, 4, 5])  # 8 batch items, then 6 of a memory
+    ids = torch.arange(14)
+    triplets = Triplets(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]), torch.tensor([1, 0, 3, 2, 5, 4, 7, 6]),
+                        torch.tensor([2, 9, 12, 13, 0, 10, 13, 1]), 8, 0)
+    results = {}
+    for memory_from in (None, 8):
+        loss = build_loss(LossConfig(kind="margin", beta_init=1.5))
+        emb = candidates.detach().clone().requires_grad_(True)
+        out = loss(emb, labels, ids, triplets, memory_from=memory_from)
+        out.loss.backward()
+        results[memory_from] = (float(out.loss), loss.beta.global_beta.grad.item(), emb.grad.clone())
+    assert results[None][0] == results[8][0]
+    assert torch.equal(results[None][2], results[8][2])
+    e = candidates.detach().double()
+    d = lambda i, j: float((e[i] - e[j]).norm())  # noqa: E731
+    pos = [0.2 + d(a, p) - 1.5 > 0 for a, p in zip(triplets.anchor.tolist(), triplets.positive.tolist())]
+    neg = [0.2 - d(a, n) + 1.5 > 0 for a, n in zip(triplets.anchor.tolist(), triplets.negative.tolist())]
+    active = sum(pos) + sum(neg)
+    batch_neg = sum(a for a, n in zip(neg, triplets.negative.tolist()) if n < 8)
+    assert 0 < batch_neg < sum(neg)  # some active negatives come from the memory
+    assert results[8][1] == pytest.approx((batch_neg - sum(pos)) / active, abs=1e-6)
+    assert results[None][1] == pytest.approx((sum(neg) - sum(pos)) / active, abs=1e-6)
