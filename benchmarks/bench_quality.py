@@ -13,6 +13,7 @@ baseline's evaluation at step 0 (through its untrained 128-d head). Arms:
     baseline   margin + DWS
     memory     + the cross-batch memory (--memory-size, from --memory-start), with the config's memory rules
     memory_add + the memory, its negatives added to the batch's (memory.mode=add)
+    memory_add_batch_beta  memory_add whose pairs do not move beta (memory.beta=false)
     class      + class-level batches: a share (--class-share) of each batch as groups of near classes
                (class_sampling, prototypes refreshed for the loader every --class-refresh steps)
     class_memory_add  class + memory_add
@@ -36,6 +37,7 @@ ARMS = {
     "baseline": [],
     "memory": ["memory.size={size}", "memory.start_step={start}"],
     "memory_add": ["memory.size={size}", "memory.start_step={start}", "memory.mode=add"],
+    "memory_add_batch_beta": ["memory.size={size}", "memory.start_step={start}", "memory.mode=add", "memory.beta=false"],
     "class": ["class_sampling.share={share}", "class_sampling.refresh_steps={refresh}"],
     "class_memory_add": ["class_sampling.share={share}", "class_sampling.refresh_steps={refresh}",
                          "memory.size={size}", "memory.start_step={start}", "memory.mode=add"],

@@ -140,13 +140,14 @@ class Meter:
         self.collapsed = problem is not None
 
     def _collapse_hint(self, metrics: dict[str, float]) -> str:
-        """What to try: the cross-batch memory where it gave negatives in the window (the usual cause: stale
-        negatives that replace the batch's own, which anchors then flee together), else the learning rate."""
+        """What to try: the cross-batch memory where it gave negatives in the window (the usual cause: its
+        negatives, nearly all of them, drive the margin loss's beta down and the batch contracts with it), else
+        the learning rate."""
         share = metrics.get("memory_negative_share", 0.0)
         if share > 0:
-            return (f"the cross-batch memory gave {share:.0%} of the sampled negatives: keep the batch's own "
-                    "negatives beside the memory's (memory.mode=add), start it later (memory.start_step) or make it "
-                    "smaller (memory.size)")
+            return (f"the cross-batch memory gave {share:.0%} of the sampled negatives: keep its pairs from moving "
+                    "beta (memory.beta=false), keep the batch's own negatives beside the memory's (memory.mode=add) "
+                    "and start it later (memory.start_step)")
         return "the learning rate (optimizer.lr) may be too high"
 
     def _reduce_histogram(self) -> torch.Tensor:
