@@ -197,7 +197,7 @@ def test_with_memory_beta_false_the_memorys_pairs_do_not_move_beta():
         emb = candidates.detach().clone().requires_grad_(True)
         out = loss(emb, labels, ids, triplets, memory_from=memory_from)
         out.loss.backward()
-        results[memory_from] = (float(out.loss), loss.beta.global_beta.grad.item(), emb.grad.clone())
+        results[memory_from] = (float(out.loss.detach()), loss.beta.global_beta.grad.item(), emb.grad.clone())
     assert results[None][0] == results[8][0]
     assert torch.equal(results[None][2], results[8][2])
     e = candidates.detach().double()
