@@ -642,5 +642,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _leave(code: int) -> None:
+    """Exit a rank of a multi-process launch whose command returned: everything is written and its process group
+    is down, so leave without the interpreter's teardown. torch's C++ static destructors have aborted a finished
+    rank there now and then ("terminate called without an active exception", a thread still joinable: exit -6),
+    which turned a run that had succeeded into a failed launch."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    returned = main()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        _leave(returned)
+    sys.exit(returned)
