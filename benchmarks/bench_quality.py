@@ -64,7 +64,7 @@ def train(arm: str, seed: int, args) -> dict:
         print(f"[quality] {out.name}: finished before, read", flush=True)
         return {**json.loads((out / "results.json").read_text()), "last_spread": last_spread(log)}
     extra = [o.format(size=args.memory_size, start=args.memory_start, share=args.class_share,
-                      refresh=args.class_refresh) for o in ARMS[arm]]
+                      refresh=args.class_refresh) for o in ARMS[arm]] + list(args.set)
     overrides = [f"data.root={args.data / 'shards'}", f"model.weights={args.weights}", f"train.steps={args.steps}",
                  f"train.seed={seed}", f"data.seed={seed}", f"sampler.seed={seed}", f"train.output_dir={out}",
                  f"train.name=quality-{arm}-seed{seed}", "tracking.enabled=false", "eval.postprocess=dba+qe",
@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--memory-start", type=int, default=100)
     parser.add_argument("--class-share", type=float, default=0.5)
     parser.add_argument("--class-refresh", type=int, default=10)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every arm (another recipe: give its runs their own --out)")
     args = parser.parse_args()
     ensure_inputs(args.data, args.weights)
     seeds = [int(s) for s in args.seeds.split(",")]
