@@ -380,10 +380,10 @@ def _check_tables(config: RunConfig, split: dict | None, source: str) -> None:
         tables.append((f"a per-image beta table of {images:,} rows", images * TABLE_BYTES))
     sampling = config.class_sampling
     if sampling.enabled and split:
-        from dist_dml.data.snapshots import DTYPES as SNAPSHOT_DTYPES, loader_lag
+        from dist_dml.data.snapshots import loader_lag, ring_slots
 
-        row = config.model.embedding_dim * SNAPSHOT_DTYPES[sampling.dtype].itemsize
-        slots = -(-loader_lag(config.data.workers) // sampling.refresh_steps) + 1
+        row = config.model.embedding_dim * DTYPES[sampling.dtype].itemsize
+        slots = ring_slots(loader_lag(config.data.workers), sampling.refresh_steps)
         tables.append((f"class_sampling's prototypes of {split['classes']:,} classes and {slots} snapshots",
                        split["classes"] * (row * (1 + slots) + 8)))
     need, have = sum(size for _, size in tables), memory_bytes()

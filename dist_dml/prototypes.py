@@ -16,8 +16,8 @@ from torch import Tensor
 
 from dist_dml.data.grouping import ClassSamplingConfig
 from dist_dml.data.snapshots import SnapshotRing, loader_lag
+from dist_dml.memory import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class PrototypeTable:

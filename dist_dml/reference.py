@@ -72,9 +72,11 @@ def sections() -> list[tuple[str, type]]:
 
 def missing_comments() -> list[str]:
     """section.key of every field without a comment."""
-    return [f"{name}.{key}" for name, cls in sections() for key, text in field_comments(cls).items() if not text] + [
-        f"{name}.{f.name}" for name, cls in sections() for f in dataclasses.fields(cls)
-        if f.name not in field_comments(cls)]
+    missing = []
+    for name, cls in sections():
+        comments = field_comments(cls)
+        missing += [f"{name}.{f.name}" for f in dataclasses.fields(cls) if not comments.get(f.name)]
+    return missing
 
 
 def reference() -> str:

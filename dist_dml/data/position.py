@@ -48,12 +48,18 @@ class StreamPosition:
 
     @property
     def start(self) -> Start:
+        """Where a loader starts, with the epoch's draws so far (a sum over the split's records: for a loader, not
+        for every step; :meth:`resumed` has the layout alone)."""
         return Start(self.epoch, self.step, self.base_step, self.base_drawn,
                      self.drawn_before + self.drawn_here if self.step > self.base_step else None)
 
+    def resumed(self, epoch: int) -> tuple[int, np.ndarray | None]:
+        """Start.resumed of this position: (base step, drawn mask) of ``epoch``'s resumed layout."""
+        return Start(self.epoch, self.step, self.base_step, self.base_drawn).resumed(epoch)
+
     def steps_in_epoch(self, epoch: int) -> int:
         """The same on every rank (the plan's), from the resumed layout's base step if any."""
-        base, drawn = self.start.resumed(epoch)
+        base, drawn = self.resumed(epoch)
         return self.plan.steps(epoch, base, drawn)
 
     def remaining_steps(self, epochs: int) -> int:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from dist_dml.errors import UserError
+from dist_dml.memory import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREFETCH = 4  # batches a DataLoader worker is asked for ahead (streams.loader's prefetch_factor)
 WAIT_S = 600.0  # a worker waits this long for a snapshot before it calls it a bug (it should never wait)
 
@@ -30,6 +30,11 @@ WAIT_S = 600.0  # a worker waits this long for a snapshot before it calls it a b
 def loader_lag(workers: int) -> int:
     """Steps between the snapshot a batch is chosen by and the batch: the loader's look-ahead, plus one."""
     return PREFETCH * workers + 1
+
+
+def ring_slots(lag: int, every: int) -> int:
+    """Slots a ring needs so that no slot is written again while a batch bound to it may still be read."""
+    return math.ceil(lag / every) + 1
 
 
 class SnapshotError(UserError):
@@ -41,7 +46,7 @@ class SnapshotRing:
 
     def __init__(self, classes: int, dim: int, dtype: str, every: int, lag: int, slots: int | None = None):
         self.every, self.lag = every, lag
-        self.slots = slots or math.ceil(lag / every) + 1
+        self.slots = slots or ring_slots(lag, every)
         self.data = torch.zeros((self.slots, classes, dim), dtype=DTYPES[dtype]).share_memory_()
         self.numbers = torch.full((self.slots,), -1, dtype=torch.int64).share_memory_()
         self.floor = 0  # after a resume: the oldest snapshot held (a resume at another lag clamps to it)
@@ -56,7 +61,7 @@ class SnapshotRing:
         """Snapshot ``n`` (the training process, after n x every steps)."""
         slot = n % self.slots
         self.numbers[slot] = -2  # being written
-        self.data[slot].copy_(table.detach().to("cpu", self.data.dtype))
+        self.data[slot].copy_(table.detach())  # from any device and dtype, without an intermediate copy
         self.numbers[slot] = n
 
     def rows(self, n: int, labels: np.ndarray, who: str = "") -> np.ndarray:
@@ -93,7 +98,7 @@ class FixedSnapshots:
     """One table for every batch from ``start`` on (benchmarks and tests of the reader without a training)."""
 
     def __init__(self, table: torch.Tensor, start: int = 0):
-        self.table, self.start, self.lag = table, start, 0
+        self.table, self.start = table, start
 
     def number(self, step: int) -> int | None:
         return 0 if step >= self.start else None

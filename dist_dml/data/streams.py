@@ -174,7 +174,7 @@ class TrainStream:
     def slot_segments(self, epoch: int) -> list[list[Segment]]:
         """Per (rank, worker) slot, its window's segments of ``epoch`` (of the records not yet drawn, in a
         resumed layout): the plan's."""
-        return self.plan.segments(epoch, self.position.start.resumed(epoch)[1])
+        return self.plan.segments(epoch, self.position.resumed(epoch)[1])
 
     def steps_in_epoch(self, epoch: int) -> int:
         return self.position.steps_in_epoch(epoch)
@@ -184,7 +184,7 @@ class TrainStream:
 
     def fetched_records(self, epoch: int) -> int:
         """Records an epoch reads from streams that cannot seek (the plan's)."""
-        return self.plan.fetched_records(epoch, self.position.start.resumed(epoch)[1])
+        return self.plan.fetched_records(epoch, self.position.resumed(epoch)[1])
 
     def layout_note(self) -> str | None:
         """A warning where there are fewer shards than (rank x worker) slots, with the numbers; for shards
@@ -320,12 +320,7 @@ class TrainReader(IterableDataset):
         errors = read_errors(cfg, self.split.checksums, self.split.num_classes, self.split.num_images, self.verdicts)
         records = self._record_stream(epoch, worker, errors, rng, salt)
         for index in range(base + worker, self.steps_in_epoch(epoch), self.workers):
-            chosen = []
-            for _ in range(cfg.classes_per_batch):
-                record = next(records)
-                k, have = cfg.images_per_class, len(record["images"])
-                picks = rng.sample(range(have), k) if have >= k else [rng.randrange(have) for _ in range(k)]
-                chosen.append((record, picks))
+            chosen = [_with_picks(next(records), cfg.images_per_class, rng) for _ in range(cfg.classes_per_batch)]
             if index < start:
                 continue  # consumed before a resume: records read, images not decoded
             # Augmentations draw from their own generator, seeded per batch so a resumed epoch matches.
@@ -342,7 +337,6 @@ class TrainReader(IterableDataset):
         pool = ClassPool(self._window_records(epoch, worker, errors, salt), cfg.shuffle_buffer)
         draws = self.start.drawn if epoch == self.start.epoch else None
         near, who = cs.near(cfg.classes_per_batch), f"rank {self.rank} worker {worker}: "
-        k = cfg.images_per_class
         for index in range(base + worker, self.steps_in_epoch(epoch), self.workers):
             if index < start:  # taken before a resume: the pool moves on by the checkpoint's draws
                 if draws is None:
@@ -364,11 +358,8 @@ class TrainReader(IterableDataset):
                 state["neighbours"] += neighbours
                 return picks
 
-            chosen = []
-            for record in pool.take(cfg.classes_per_batch, choose):
-                have = len(record["images"])
-                picks = rng.sample(range(have), k) if have >= k else [rng.randrange(have) for _ in range(k)]
-                chosen.append((record, picks))
+            records = pool.take(cfg.classes_per_batch, choose)
+            chosen = [_with_picks(record, cfg.images_per_class, rng) for record in records]
             batch = self._assemble(chosen, random.Random(mix(cfg.seed, epoch, self.rank, index, 1, *salt)), errors)
             yield {**batch, "epoch": epoch, "index": index, "grouped": state["neighbours"]}
 
@@ -503,6 +494,12 @@ class TrainReader(IterableDataset):
                          record["shard"], have)
             return None
         return used
+
+
+def _with_picks(record: dict, k: int, rng: random.Random) -> tuple[dict, list[int]]:
+    """(record, the K of its images a batch takes): K distinct ones where it has K, else K drawn with repeats."""
+    have = len(record["images"])
+    return record, rng.sample(range(have), k) if have >= k else [rng.randrange(have) for _ in range(k)]
 
 
 def _why(exc: Exception) -> str:
