@@ -39,9 +39,9 @@ def median_ms(fn, repeats: int, sync) -> float:
 
 
 def measure(size: int, dim: int, k: int, sampler_kind: str, device: str, repeats: int, memory: int = 0) -> dict:
-    from dist_dml.losses import LossConfig, build_loss
-    from dist_dml.memory import CrossBatchMemory, MemoryConfig
-    from dist_dml.sampling import SamplerConfig, build_sampler
+    from dist_dml.method.losses import LossConfig, build_loss
+    from dist_dml.method.cross_batch_memory import CrossBatchMemory, MemoryConfig
+    from dist_dml.method.sampling import SamplerConfig, build_sampler
 
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

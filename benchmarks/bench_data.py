@@ -88,7 +88,8 @@ def main() -> None:
     from data_prep.cli import main as prep
     from webdataset.tariterators import tarfile_samples
 
-    from dist_dml.data import DataConfig, _samples, decode, new_batch, tar_members, train_image
+    from dist_dml.data import DataConfig, decode, new_batch, tar_members, train_image
+    from dist_dml.data.tar import _samples
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "shards"

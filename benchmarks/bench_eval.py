@@ -29,10 +29,10 @@ def main() -> None:
                         help="comma-separated eval.postprocess values, the first none (the baseline)")
     args = parser.parse_args()
 
-    from dist_dml.config import EvalConfig
-    from dist_dml.distributed import DistContext
-    from dist_dml.search import knn
-    from dist_dml.sharded import Embedded, sharded_metrics
+    from dist_dml.retrieval.evaluation import EvalConfig
+    from dist_dml.infra.distributed import DistContext
+    from dist_dml.retrieval.faiss_search import knn
+    from dist_dml.retrieval.sharded_metrics import Embedded, sharded_metrics
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.n, args.dim), dtype=np.float32)

@@ -47,7 +47,7 @@ def check(ok: bool, what: str) -> None:
 
 
 def context(device: str):
-    from dist_dml.distributed import DistContext
+    from dist_dml.infra.distributed import DistContext
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     ctx = DistContext.from_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
@@ -82,12 +82,12 @@ def _torchrun_code(code: str):
 
 
 def engine_for(backbone: str, ctx, precision: str, batch: int, image_size: int):
-    from dist_dml.engine import TrainEngine
-    from dist_dml.engine_config import DeepSpeedConfig, OptimizerConfig
-    from dist_dml.losses import LossConfig, build_loss
-    from dist_dml.models import ModelConfig, TrainModule, build_model
-    from dist_dml.objective import GlobalBatchObjective
-    from dist_dml.sampling import SamplerConfig, build_sampler
+    from dist_dml.train.engine import TrainEngine
+    from dist_dml.config.optimizer import DeepSpeedConfig, OptimizerConfig
+    from dist_dml.method.losses import LossConfig, build_loss
+    from dist_dml.models.embedding import ModelConfig, TrainModule, build_model
+    from dist_dml.method.objective import GlobalBatchObjective
+    from dist_dml.method.sampling import SamplerConfig, build_sampler
 
     model_cfg = ModelConfig(backbone=backbone, embedding_dim=128, norm="frozen")  # the paper configs' choice
     model = build_model(model_cfg, ctx.device, gather=ctx.all_gather_with_grad, image_size=image_size)
@@ -169,7 +169,7 @@ def reader_section(engine, objective, ctx, data: Path, synthetic: float, batch: 
 
 
 def syncbn_section(ctx, gpus: int, smoke: bool) -> None:
-    from dist_dml.models import ModelConfig, build_model
+    from dist_dml.models.embedding import ModelConfig, build_model
 
     torch.manual_seed(0)
     plain = build_model(ModelConfig(backbone="tiny_cnn", embedding_dim=16)).to(ctx.device).train()
@@ -206,8 +206,8 @@ def syncbn_section(ctx, gpus: int, smoke: bool) -> None:
 
 
 def faiss_section(ctx, smoke: bool) -> None:
-    from dist_dml.search import gpu_count
-    from dist_dml.sharded import Embedded, sharded_metrics
+    from dist_dml.retrieval.faiss_search import gpu_count
+    from dist_dml.retrieval.sharded_metrics import Embedded, sharded_metrics
 
     n, queries, dim = (20_000, 500, 32) if smoke else (1_000_000, 10_000, 128)
     rng = np.random.default_rng(0)
@@ -220,7 +220,7 @@ def faiss_section(ctx, smoke: bool) -> None:
     query = centres[q_labels] + 0.6 * rng.normal(size=(queries, dim)).astype(np.float32)
     query /= np.linalg.norm(query, axis=1, keepdims=True)
     as_tensors = lambda e, lab, first: Embedded(torch.from_numpy(e), torch.from_numpy(lab), torch.arange(first, first + len(e)))  # noqa: E731
-    from dist_dml.config import EvalConfig
+    from dist_dml.retrieval.evaluation import EvalConfig
 
     args = dict(cfg=EvalConfig(recall_ks=(1, 10, 100), nmi=False), ctx=ctx)
     found = {}
@@ -257,7 +257,7 @@ def main() -> int:
              "nothing was run (--smoke runs its code paths on the CPU)")
         return NO_CUDA
     device = "cpu" if args.smoke else "cuda"
-    from dist_dml.accelerator import configure
+    from dist_dml.infra.accelerator import configure
 
     configure(device)
     gpus = torch.cuda.device_count() if not args.smoke else 0

@@ -70,7 +70,7 @@ def prep(args, data: Path) -> None:
 
 def train_step_ms(args, root: str, out: Path) -> float:
     """Median step time of the logged windows after the first (start-up and warm-up left out)."""
-    from dist_dml.distributed import free_port
+    from dist_dml.infra.distributed import free_port
 
     shutil.rmtree(out, ignore_errors=True)
     overrides = [f"data.root={root}", f"train.output_dir={out}", f"train.steps={args.steps}", "train.log_every=5",
@@ -107,9 +107,9 @@ def eval_worker(n: int, index: str, out: str) -> None:
     import numpy as np
     import torch
 
-    from dist_dml.config import EvalConfig
-    from dist_dml.distributed import DistContext
-    from dist_dml.sharded import Embedded, sharded_metrics
+    from dist_dml.retrieval.evaluation import EvalConfig
+    from dist_dml.infra.distributed import DistContext
+    from dist_dml.retrieval.sharded_metrics import Embedded, sharded_metrics
 
     ctx = DistContext.from_env(device="cpu")
     ctx.init_process_group()
@@ -142,7 +142,7 @@ def _rss_mb() -> float:
 
 
 def evaluate(args, work: Path) -> None:
-    from dist_dml.distributed import free_port
+    from dist_dml.infra.distributed import free_port
 
     index = args.eval_index or ("ivf" if args.eval_n > 100_000 else "exact")
     found = {}

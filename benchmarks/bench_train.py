@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from dist_dml.distributed import free_port
+from dist_dml.infra.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/cpu_synthetic.yaml"
@@ -55,9 +55,9 @@ def throughput(nproc: int, data: Path, out: Path, steps: int, *overrides: str) -
 
 def step_split(repeats: int = 10) -> tuple[float, float]:
     """ms of the backbone's and of sampling + loss's forward and backward, one global batch of 128."""
-    from dist_dml.losses import LossConfig, build_loss
-    from dist_dml.models import ModelConfig, build_model
-    from dist_dml.sampling import SamplerConfig, build_sampler
+    from dist_dml.method.losses import LossConfig, build_loss
+    from dist_dml.models.embedding import ModelConfig, build_model
+    from dist_dml.method.sampling import SamplerConfig, build_sampler
 
     torch.set_num_threads(1)
     model = build_model(ModelConfig(backbone="tiny_cnn", embedding_dim=64))
@@ -114,7 +114,7 @@ def prototype_cost(step_ms: float, classes: int = 1_000_000, dim: int = 128, bat
     """The prototypes' cost per step at ``classes`` classes: the update from a global batch of ``batch`` and the
     snapshot every ``refresh`` steps, against a step of ``step_ms``."""
     from dist_dml.data.grouping import ClassSamplingConfig
-    from dist_dml.prototypes import ClassPrototypes
+    from dist_dml.method.class_prototypes import ClassPrototypes
 
     torch.set_num_threads(1)  # as each training process runs (OMP_NUM_THREADS=1)
     protos = ClassPrototypes(ClassSamplingConfig(share=0.5, refresh_steps=refresh), classes, dim, workers=2)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from data_prep.source import SourceImage
 from dist_dml.data.format import FORMAT, MANIFEST, VERSION, image_member, shard_name
-from dist_dml.files import write_atomically
+from dist_dml.infra.files import write_atomically
 
 TOOL = "dist-dml data_prep 0.1.0"
 

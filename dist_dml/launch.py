@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 import sys
 
-USER_ERROR = 2  # dist-dml's exit code for a mistake or a run that cannot go on (dist_dml.errors)
+USER_ERROR = 2  # dist-dml's exit code for a mistake or a run that cannot go on (dist_dml.infra.errors)
 
 
 def exit_code(codes: list[int]) -> int:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    from dist_dml.patches import torchrun_stops_restarting_on
+    from dist_dml.infra.patches import torchrun_stops_restarting_on
 
     torchrun_stops_restarting_on(USER_ERROR, f"[launch] a rank exited with code {USER_ERROR} (its reason is above): "
                                              "not restarting, the same would happen again")

@@ -23,7 +23,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$("$PYTHON" -c 'import sys; 
 
 # A TCP port free on this host now (MASTER_PORT wins).
 free_port() {
-    "$PYTHON" -c 'from dist_dml.distributed import free_port; print(free_port())'
+    "$PYTHON" -c 'from dist_dml.infra.distributed import free_port; print(free_port())'
 }
 
 # `dist-dml check WORLD ARGS...`: the config, the data and whether a resume can apply at this world

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_dml.distributed import free_port
+from dist_dml.infra.distributed import free_port
 
-from dist_dml.accelerator import configure  # noqa: E402
+from dist_dml.infra.accelerator import configure  # noqa: E402
 
 configure("cpu")  # the tests' processes and every subprocess they start: DeepSpeed on the CPU, its ops here
 ROOT = Path(__file__).resolve().parents[1]

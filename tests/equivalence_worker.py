@@ -15,10 +15,10 @@ import sys
 import torch
 from torch import nn
 
-from dist_dml.engine_config import DeepSpeedConfig, OptimizerConfig
-from dist_dml.losses import LossConfig, build_loss
-from dist_dml.models import EmbeddingModel, TrainModule
-from dist_dml.sampling import SamplerConfig, build_sampler
+from dist_dml.config.optimizer import DeepSpeedConfig, OptimizerConfig
+from dist_dml.method.losses import LossConfig, build_loss
+from dist_dml.models.embedding import EmbeddingModel, TrainModule
+from dist_dml.method.sampling import SamplerConfig, build_sampler
 
 GLOBAL_BATCH = 32
 CLASSES = 8
@@ -51,7 +51,7 @@ def build_module(backbone: str = "linear") -> TrainModule:
     if backbone == "linear":
         net, features = nn.Sequential(nn.Linear(IN_DIM, FEATURES), nn.BatchNorm1d(FEATURES), nn.Tanh()), FEATURES
     else:
-        from dist_dml.backbones import backbone_spec
+        from dist_dml.models.backbones import backbone_spec
 
         net, features = backbone_spec(backbone).build(IMAGE_SIZE)
     return TrainModule(EmbeddingModel(net, features, EMBED), build_loss(LOSS))
@@ -75,16 +75,16 @@ def global_batch(step: int, scenario: str, world_size: int, backbone: str = "lin
 def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync", precision: str = "fp32",
         backbone: str = "linear", device: str = "cpu", memory: int = 0, chunks: int = 1,
         sampler: str = "distance_weighted") -> dict:
-    """Per ZeRO stage, what rank 0 saw (with ``chunks`` > 1, each step through dist_dml.step's chunked path)."""
-    from dist_dml.accelerator import configure
-    from dist_dml.distributed import DistContext
+    """Per ZeRO stage, what rank 0 saw (with ``chunks`` > 1, each step through dist_dml.train.step's chunked path)."""
+    from dist_dml.infra.accelerator import configure
+    from dist_dml.infra.distributed import DistContext
 
     configure(device)
-    from dist_dml.engine import TrainEngine
-    from dist_dml.memory import CrossBatchMemory, MemoryConfig
-    from dist_dml.models import ModelConfig, with_norm
-    from dist_dml.objective import GlobalBatchObjective
-    from dist_dml.step import take_step
+    from dist_dml.train.engine import TrainEngine
+    from dist_dml.method.cross_batch_memory import CrossBatchMemory, MemoryConfig
+    from dist_dml.models.embedding import ModelConfig, with_norm
+    from dist_dml.method.objective import GlobalBatchObjective
+    from dist_dml.train.step import take_step
 
     ctx = DistContext.from_env(device=device)
     ctx.init_process_group()  # this worker owns its process group (main destroys it)
@@ -103,8 +103,8 @@ def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync", p
             part = slice(ctx.rank * local, (ctx.rank + 1) * local)
             result, _ = take_step(engine, objective, x[part], labels[part], ids[part], step, chunks,
                                   before_step=lambda: record["grads"].append(engine.full_gradients()))
-            objective.remember(result, step)
-            if bank is not None:  # every rank's memory, to compare them
+            if bank is not None:  # the global batch into the memory, then every rank's memory, to compare them
+                bank.enqueue(*result.batch, step)
                 mine = torch.cat([t.float().cpu().reshape(len(t), -1) for t in bank.contents()], dim=1)
                 record["memory"].append(ctx.all_gather_object(mine))
                 record["from_memory"].append(result.memory.get("memory_negatives", 0.0))
@@ -123,7 +123,7 @@ def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync", p
 def embed_on_every_rank(engine, ctx) -> dict:
     """Each rank embeds the same images in eval mode, before and after the trainer's broadcast of rank
     0's BatchNorm statistics: {"before": [per-rank embeddings], "after": [...]}."""
-    from dist_dml.trainer import share_norm_statistics
+    from dist_dml.train.trainer import share_norm_statistics
 
     x = torch.randn(6, IN_DIM, generator=torch.Generator().manual_seed(99))
     model = engine.module.model

@@ -4,9 +4,9 @@ import sys
 import torch
 
 from dist_dml.data import DataConfig, EvalStream
-from dist_dml.distributed import DistContext
-from dist_dml.evaluation import embed_local
-from dist_dml.models import ModelConfig, build_model
+from dist_dml.infra.distributed import DistContext
+from dist_dml.retrieval.evaluation import embed_local
+from dist_dml.models.embedding import ModelConfig, build_model
 
 
 def model():

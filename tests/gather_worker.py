@@ -4,7 +4,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from dist_dml.distributed import DistContext
+from dist_dml.infra.distributed import DistContext
 
 
 def main() -> None:

@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from dist_dml.data.grouping import ClassSamplingConfig
-from dist_dml.distributed import DistContext
-from dist_dml.prototypes import ClassPrototypes
+from dist_dml.infra.distributed import DistContext
+from dist_dml.method.class_prototypes import ClassPrototypes
 
 CLASSES, DIM, STEPS, LOCAL = 20, 8, 6, 6
 

@@ -12,14 +12,14 @@ import sys
 import torch
 
 from dist_dml.config import load_config
-from dist_dml.distributed import DistContext
+from dist_dml.infra.distributed import DistContext
 
 
 def main(config: str, out: str, *overrides: str) -> None:
-    from dist_dml.accelerator import configure
+    from dist_dml.infra.accelerator import configure
 
     configure("cpu")
-    from dist_dml.trainer import Trainer  # first: it imports DeepSpeed (dist_dml.accelerator.deepspeed_import)
+    from dist_dml.train.trainer import Trainer  # first: it imports DeepSpeed (dist_dml.infra.accelerator.deepspeed_import)
 
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 

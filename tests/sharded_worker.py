@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import torch
 
-from dist_dml.config import EvalConfig
-from dist_dml.distributed import DistContext
-from dist_dml.sharded import Embedded, sharded_metrics
+from dist_dml.retrieval.evaluation import EvalConfig
+from dist_dml.infra.distributed import DistContext
+from dist_dml.retrieval.sharded_metrics import Embedded, sharded_metrics
 
 KS = (1, 2, 4, 8)
 KEEP = (3, 17, 42)

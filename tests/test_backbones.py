@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from dist_dml.cli import main as cli
 from dist_dml.config import load_config
-from dist_dml.models import ModelConfig, backbone_spec, build_model
-from dist_dml.weights import WeightsError, offline_reason
+from dist_dml.models.embedding import ModelConfig, backbone_spec, build_model
+from dist_dml.models.weights import WeightsError, offline_reason
 
 from .conftest import HANG_GUARD_S, ROOT, cpu_env, tiny_overrides
 
@@ -104,8 +104,8 @@ def test_the_downloads_server_is_probed_not_waited_for(tmp_path, monkeypatch):
     import socket
     import time
 
-    import dist_dml.weights as weights
-    from dist_dml.distributed import free_port
+    import dist_dml.models.weights as weights
+    from dist_dml.infra.distributed import free_port
 
     closed = f"http://127.0.0.1:{free_port()}/resnet18-f37072fd.pth"  # nothing listens there
     assert offline_reason(closed) is not None
@@ -124,7 +124,7 @@ def test_a_cached_download_needs_no_network(tmp_path, monkeypatch, capsys):
     """A file in the cache (as fetch-weights leaves it) is what the run loads, offline."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from dist_dml.weights import download_of, local_weights
+    from dist_dml.models.weights import download_of, local_weights
 
     config = ModelConfig(backbone="resnet18", weights="torchvision")
     cached = download_of(config).cache
@@ -158,10 +158,10 @@ def test_a_timm_backbone_takes_its_normalisation_and_input_size(tiny_shards):
     with torch.no_grad():
         by_hand = model.head(model.backbone((images.float() / 255 - 0.5) / 0.5))
         torch.testing.assert_close(model(images), torch.nn.functional.normalize(by_hand, dim=1))
-    from dist_dml.engine import param_groups
-    from dist_dml.engine_config import OptimizerConfig
-    from dist_dml.losses import build_loss
-    from dist_dml.models import TrainModule
+    from dist_dml.train.engine import param_groups
+    from dist_dml.config.optimizer import OptimizerConfig
+    from dist_dml.method.losses import build_loss
+    from dist_dml.models.embedding import TrainModule
 
     groups = {g["name"]: g["params"] for g in param_groups(TrainModule(model, build_loss(cfg.loss)), OptimizerConfig())}
     assert [id(p) for p in groups["head"]] == [id(p) for p in model.head.parameters()]  # timm's own head is the backbone's
@@ -182,7 +182,7 @@ def test_unknown_timm_models_and_wrong_weights_are_one_line(tiny_shards, capsys)
 def test_the_onnx_export_embeds_as_torch_does(backbone, tiny_shards, tmp_path, capsys):
     import onnxruntime
 
-    from dist_dml.export import load_checkpoint
+    from dist_dml.serve.trained_model import load_checkpoint
 
     size = 28 if backbone == "tiny_cnn" else 32  # the ViT's 16-px patches must tile the crop
     cfg = load_config(CONFIG, tiny_overrides(tiny_shards, tmp_path, **{"model.backbone": backbone,

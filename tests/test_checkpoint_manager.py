@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_dml.checkpoint import CheckpointError, CheckpointManager, verify
+from dist_dml.train.checkpoints import CheckpointError, CheckpointManager, verify
 from dist_dml.config import load_config
-from dist_dml.distributed import DistContext
+from dist_dml.infra.distributed import DistContext
 
 from .conftest import ROOT, tiny_overrides
 
@@ -179,7 +179,7 @@ def test_a_part_that_cannot_take_its_state_stops_the_resume_in_one_line(saved, t
 def test_the_rng_part_saves_and_restores_every_generator_that_exists(tmp_path, monkeypatch):
     """On a GPU, dropout and drop-path draw from each device's generator: the RNG part keeps the CPU's and every
     local device's. Here two devices are stood in for (the CPU machine has none), as torch.cuda exposes them."""
-    from dist_dml.trainer import RngState
+    from dist_dml.train.parts import RngState
 
     devices = [torch.arange(8, dtype=torch.uint8), torch.arange(8, 16, dtype=torch.uint8)]
     restored_devices = []
@@ -197,7 +197,7 @@ def test_the_rng_part_saves_and_restores_every_generator_that_exists(tmp_path, m
 
 
 def test_a_file_written_atomically_is_the_old_or_the_new_never_a_part(tmp_path):
-    from dist_dml.files import replacing, write_atomically
+    from dist_dml.infra.files import replacing, write_atomically
 
     target = write_atomically(tmp_path / "results.json", '{"old": 1}')
     with pytest.raises(RuntimeError, match="cut short"):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from dist_dml.data import DataConfig, ReadErrors, TrainStream, read_segments
+from dist_dml.data import DataConfig, TrainStream, read_segments
 from dist_dml.data.grouping import ClassSamplingConfig, neighbour_picks
 from dist_dml.data.snapshots import FixedSnapshots, SnapshotError, SnapshotRing, loader_lag
-from dist_dml.seeding import mix
+from dist_dml.infra.seeding import mix
 
 from .test_coverage import datasets, prep, record_ids  # noqa: F401 (datasets: a module fixture)
 
@@ -125,7 +125,7 @@ def reference_batches(stream: TrainStream, epoch: int, worker: int, snapshots, c
     by the loop rule on the snapshot of its step, with the batch's own generator; the first pass only."""
     cfg = stream.cfg
     segments = stream.plan.segments(epoch)[stream.rank * stream.plan.workers + worker]
-    window = [r for r in read_segments(segments, ReadErrors()) if len(r["images"]) >= 2]
+    window = [r for r in read_segments(segments) if len(r["images"]) >= 2]
     pool, out = [], []
     steps = stream.steps_in_epoch(epoch)
     before = sum(stream.steps_in_epoch(e) for e in range(epoch))  # the run's steps before the epoch
@@ -306,7 +306,7 @@ def test_prototypes_are_identical_on_every_rank_and_equal_a_loop_reference(run_t
     """Two ranks, 6 steps: after each step every rank holds the same table bit for bit (checked in the worker);
     rank 0's table equals one process's on the same global batches bit for bit and a float64 loop within fp16's
     rounding; the snapshot published after step 6 is that table."""
-    from dist_dml.prototypes import PrototypeTable
+    from dist_dml.method.class_prototypes import PrototypeTable
 
     from .conftest import HANG_GUARD_S
     from .prototypes_worker import CLASSES, DIM

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_dml.data import DataConfig, Manifest, ReadErrors, TrainStream, read_records, read_segments
+from dist_dml.data import DataConfig, Manifest, TrainStream, read_records, read_segments
 from dist_dml.data import record_windows
 
 
@@ -33,7 +33,7 @@ def datasets(tmp_path_factory) -> dict[int, Path]:
 def record_ids(root: Path) -> set[int]:
     """Every training record, named by its first image id, read independently of the stream."""
     shards = Manifest(root).shard_paths("train")
-    return {r["image_ids"][0] for r in read_records(shards, ReadErrors())}
+    return {r["image_ids"][0] for r in read_records(shards)}
 
 
 def draw_epoch(root: Path, ranks: int, workers: int, epoch: int, p: int = 4):
@@ -81,10 +81,10 @@ def test_a_window_that_starts_mid_shard_reads_the_right_records(datasets):
     stream = TrainStream(DataConfig(root=str(root), classes_per_batch=4, images_per_class=2, workers=2,
                                     image_size=8, resize=12), 1, 3, decode_images=False)
     order = stream.shard_order(0)
-    sequence = [r["image_ids"][0] for r in read_records(order, ReadErrors())]
+    sequence = [r["image_ids"][0] for r in read_records(order)]
     position = 0
     for segments in stream.slot_segments(0):
-        got = [r["image_ids"][0] for r in read_segments(segments, ReadErrors())]
+        got = [r["image_ids"][0] for r in read_segments(segments)]
         assert got == sequence[position:position + len(got)]
         position += len(got)
     assert position == len(sequence)

@@ -13,10 +13,10 @@ from PIL import Image
 from dist_dml.cli import main as cli
 from dist_dml.config import load_config
 from dist_dml.data import FORMAT, VERSION, DataConfig, EvalStream, TrainStream
-from dist_dml.data.streams import SplitError
-from dist_dml.distributed import DistContext
-from dist_dml.evaluation import evaluate, evaluation_problem
-from dist_dml.models import build_model
+from dist_dml.data import SplitError
+from dist_dml.infra.distributed import DistContext
+from dist_dml.retrieval.evaluation import evaluate, evaluation_problem
+from dist_dml.models.embedding import build_model
 
 from .conftest import ROOT
 
@@ -166,7 +166,7 @@ def test_embed_of_a_nan_model_writes_nothing(tiny_shards, tmp_path, capsys):
 def test_the_served_model_refuses_a_batch_with_a_nan_embedding(tiny_shards, tmp_path):
     """What the logged MLflow Model runs (export.embed_array): a batch whose embedding is not finite for
     some image is refused, naming the rows."""
-    from dist_dml.export import embed_array, load_checkpoint
+    from dist_dml.serve.trained_model import embed_array, load_checkpoint
 
     model, config = load_checkpoint(model_of(tiny_shards, tmp_path / "run", **{"head.bias": float("nan")}))
     images = np.random.default_rng(0).integers(0, 256, (3, 40, 50, 3), dtype=np.uint8)

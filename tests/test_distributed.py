@@ -4,7 +4,7 @@ import pytest
 from .conftest import HANG_GUARD_S
 import torch
 
-from dist_dml.distributed import DistContext
+from dist_dml.infra.distributed import DistContext
 
 
 def test_torchrun_environment():

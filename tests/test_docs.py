@@ -12,7 +12,7 @@ import pytest
 
 from dist_dml.cli import build_parser
 from dist_dml.config import ConfigError, load_config
-from dist_dml.reference import field_comments, missing_comments, reference
+from dist_dml.config.reference import field_comments, missing_comments, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from dist_dml.distributed import DistContext, process_group
-from dist_dml.engine_config import DeepSpeedConfig, OptimizerConfig
-from dist_dml.losses import LossOutput
-from dist_dml.objective import StepResult
-from dist_dml.sampling import Triplets
+from dist_dml.infra.distributed import DistContext, process_group
+from dist_dml.config.optimizer import DeepSpeedConfig, OptimizerConfig
+from dist_dml.method.losses import LossOutput
+from dist_dml.method.objective import StepResult
+from dist_dml.method.sampling import Triplets
 
 from .conftest import as_own_process
 
@@ -19,8 +19,8 @@ def test_a_skipped_non_finite_step_does_not_shift_the_learning_rate_schedule():
     """The rate at trainer step s is the schedule's at s, whether or not steps before it were skipped for a
     non-finite loss (the trainer counts them; DeepSpeed's scheduler did not, so the cosine lagged behind and a
     run never reached its end)."""
-    from dist_dml.engine import TrainEngine
-    from dist_dml.step import take_step
+    from dist_dml.train.engine import TrainEngine
+    from dist_dml.train.step import take_step
 
     optimizer = OptimizerConfig(name="sgd", lr=0.1, schedule="cosine", warmup_steps=2, weight_decay=0.0)
     total, skipped = 8, {1, 2, 5}
@@ -47,8 +47,8 @@ DROP = 0.5
 
 
 def dropout_module():
-    from dist_dml.losses import LossConfig, build_loss
-    from dist_dml.models import EmbeddingModel, TrainModule
+    from dist_dml.method.losses import LossConfig, build_loss
+    from dist_dml.models.embedding import EmbeddingModel, TrainModule
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 32), nn.Dropout(DROP), nn.Tanh())
@@ -62,10 +62,10 @@ def test_chunks_with_dropout_give_one_pass_gradients_with_the_same_draws(precisi
     gradients, model and beta, of one autograd pass through the same four chunks from the same RNG state, i.e.
     with the dropout masks the first pass drew (without the replay the second pass draws other masks, and the
     gradients differ many times over the tolerance)."""
-    from dist_dml.engine import TrainEngine
-    from dist_dml.objective import GlobalBatchObjective
-    from dist_dml.sampling import SamplerConfig, build_sampler
-    from dist_dml.step import take_step
+    from dist_dml.train.engine import TrainEngine
+    from dist_dml.method.objective import GlobalBatchObjective
+    from dist_dml.method.sampling import SamplerConfig, build_sampler
+    from dist_dml.train.step import take_step
 
     g = torch.Generator().manual_seed(1)
     x, labels, ids = torch.randn(16, 8, generator=g), torch.arange(4).repeat(4), torch.arange(16)

@@ -9,9 +9,9 @@ import pytest
 from .conftest import HANG_GUARD_S, torchrun
 import torch
 
-from dist_dml.engine import build_optimizer
-from dist_dml.memory import CrossBatchMemory, MemoryConfig
-from dist_dml.sampling import build_sampler
+from dist_dml.train.engine import build_optimizer
+from dist_dml.method.cross_batch_memory import CrossBatchMemory, MemoryConfig
+from dist_dml.method.sampling import build_sampler
 from tests import equivalence_worker as problem
 
 STEPS = 3

@@ -5,10 +5,10 @@ import pytest
 from .conftest import HANG_GUARD_S
 import torch
 
-from dist_dml.config import EvalConfig
-from dist_dml.distributed import DistContext
-from dist_dml.search import build_index, clustering_nmi, knn, load_index, save_index
-from dist_dml.sharded import Embedded, sharded_metrics
+from dist_dml.retrieval.evaluation import EvalConfig
+from dist_dml.infra.distributed import DistContext
+from dist_dml.retrieval.faiss_search import build_index, clustering_nmi, knn, load_index, save_index
+from dist_dml.retrieval.sharded_metrics import Embedded, sharded_metrics
 
 
 def metrics_of(query, qlab, gallery=None, glab=None, ks=(1,)) -> dict:
@@ -114,7 +114,7 @@ def test_nmi_is_scikit_learns():
     non-contiguous ids) and the edge cases: identical, one group each, one group against many, independent."""
     from sklearn.metrics import normalized_mutual_info_score
 
-    from dist_dml.search import normalized_mutual_info
+    from dist_dml.retrieval.faiss_search import normalized_mutual_info
 
     rng = np.random.default_rng(3)
     for n, k, c in ((50, 2, 3), (500, 20, 20), (2000, 300, 250), (40, 40, 5)):
@@ -135,7 +135,7 @@ def test_nmi_is_scikit_learns():
 def test_two_level_kmeans_recovers_many_separated_clusters():
     from sklearn.metrics import normalized_mutual_info_score
 
-    from dist_dml.search import kmeans_assign
+    from dist_dml.retrieval.faiss_search import kmeans_assign
 
     rng = np.random.default_rng(1)
     centres = unit(300, 32, 7) * 3

@@ -8,10 +8,11 @@ import torch
 
 from dist_dml.cli import main as cli
 from dist_dml.config import load_config
-from dist_dml.export import load_checkpoint, read_embeddings
-from dist_dml.errors import UserError
-from dist_dml.evaluation import FAULT_KEYS
-from dist_dml.models import build_model
+from dist_dml.retrieval.embeddings import read_embeddings
+from dist_dml.serve.trained_model import load_checkpoint
+from dist_dml.infra.errors import UserError
+from dist_dml.retrieval.evaluation import FAULT_KEYS
+from dist_dml.models.embedding import build_model
 
 from .conftest import HANG_GUARD_S, ROOT, tiny_overrides
 from .test_data_reader import json_names
@@ -35,7 +36,7 @@ def test_eval_command_matches_in_memory_brute_force(checkpoint, tmp_path, capsys
     printed = capsys.readouterr().out
     model, cfg = load_checkpoint(checkpoint)
     from dist_dml.data import EvalStream
-    from dist_dml.distributed import DistContext
+    from dist_dml.infra.distributed import DistContext
     from tests.eval_worker import embed_split
 
     emb, labels, _ = embed_split(model, EvalStream(cfg.data, "test"), DistContext())
@@ -61,7 +62,7 @@ def test_eval_command_matches_in_memory_brute_force(checkpoint, tmp_path, capsys
 def test_embed_two_ranks_then_index_and_search(checkpoint, tmp_path, run_torchrun, fmt, capsys):
     emb_dir = tmp_path / "emb"
     run_torchrun(2, "dist_dml.cli", "embed", str(checkpoint), "--out", str(emb_dir), "--format", fmt, timeout=HANG_GUARD_S)
-    from dist_dml.files import published
+    from dist_dml.infra.files import published
 
     current = published(emb_dir, json.loads((emb_dir / "model.json").read_text()))  # the export's version folder
     parts = {p.name for p in current.iterdir()}
@@ -76,9 +77,9 @@ def test_embed_two_ranks_then_index_and_search(checkpoint, tmp_path, run_torchru
 
     # The index takes the model from the export (no --checkpoint needed).
     assert cli(["index", str(emb_dir), "--out", str(tmp_path / "idx")]) == 0
-    from dist_dml.search import load_index
+    from dist_dml.retrieval.faiss_search import load_index
 
-    from dist_dml.files import published
+    from dist_dml.infra.files import published
 
     current = published(tmp_path / "idx", json.loads((tmp_path / "idx" / "meta.json").read_text()))
     _, found = load_index(current / "index.faiss").search(emb[:5], 3)
@@ -102,9 +103,10 @@ def test_embed_two_ranks_then_index_and_search(checkpoint, tmp_path, run_torchru
 def test_search_with_another_model_is_refused(checkpoint, tmp_path, capsys):
     """An index records the model that made it; another model's query embeddings are not comparable."""
     from dist_dml.data import EvalStream
-    from dist_dml.distributed import DistContext
-    from dist_dml.evaluation import embed_local
-    from dist_dml.export import MODEL_FILE, model_fingerprint, write_embeddings
+    from dist_dml.infra.distributed import DistContext
+    from dist_dml.retrieval.evaluation import embed_local
+    from dist_dml.retrieval.embeddings import MODEL_FILE, write_embeddings
+    from dist_dml.serve.trained_model import model_fingerprint
 
     model, cfg = load_checkpoint(checkpoint)
     emb_dir = tmp_path / "emb"
@@ -128,7 +130,7 @@ def test_search_with_another_model_is_refused(checkpoint, tmp_path, capsys):
 def test_the_served_model_refuses_an_image_without_pixels(checkpoint):
     """The MLflow model's predict (embed_array) on a zero-height image: a ValueError naming the shape, not a
     ZeroDivisionError in the resize."""
-    from dist_dml.export import embed_array
+    from dist_dml.serve.trained_model import embed_array
 
     model, config = load_checkpoint(checkpoint)
     with pytest.raises(ValueError, match=r"H, W >= 1, got uint8 \(1, 0, 5, 3\)"):
@@ -137,8 +139,8 @@ def test_the_served_model_refuses_an_image_without_pixels(checkpoint):
 
 def synthetic_export(folder: Path, n: int, seed: int, part: int = 0) -> None:
     """An export part of n random embeddings (as dist-dml embed writes one, without its model.json)."""
-    from dist_dml.export import write_embeddings
-    from dist_dml.sharded import Embedded
+    from dist_dml.retrieval.embeddings import write_embeddings
+    from dist_dml.retrieval.sharded_metrics import Embedded
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.arange(n) + 1000 * part
@@ -151,8 +153,8 @@ def test_an_index_is_replaced_whole_a_reader_sees_the_old_or_the_new(tmp_path):
     beside the old and made current by one rename of meta.json; a reader that took the old meta.json still reads
     the old index with its own columns (kept until the next rebuild), never the new columns with the old index
     (searches printed wrong classes and items, or died in EOFError/IndexError)."""
-    from dist_dml.files import published
-    from dist_dml.search import load_index
+    from dist_dml.infra.files import published
+    from dist_dml.retrieval.faiss_search import load_index
 
     synthetic_export(tmp_path / "a", 40, seed=1)
     synthetic_export(tmp_path / "b", 25, seed=2)
@@ -175,7 +177,7 @@ def test_an_export_owns_its_folder_stale_parts_are_never_indexed(tmp_path, check
     """dist-dml embed into a folder that holds a 3-part export: the new export is read alone (index merged the
     stale parts: 369 embeddings of 319 images, the same hit twice), the stale parts are gone, and index checks the
     parts against the export's own count."""
-    from dist_dml.export import read_embeddings
+    from dist_dml.retrieval.embeddings import read_embeddings
 
     folder = tmp_path / "emb"
     for part in range(3):

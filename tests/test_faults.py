@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_dml.checkpoint import verify
+from dist_dml.train.checkpoints import verify
 
 from .conftest import ROOT, Ran, dist_dml_here, tiny_overrides
 
@@ -86,10 +86,10 @@ def test_a_nul_shard_is_counted_corrupt_not_read_as_empty(shards_copy):
     victim = sorted(shards_copy.glob("train-*.tar"))[0]
     victim.write_bytes(b"\0" * victim.stat().st_size)
     assert train_errors(shards_copy)["corrupt_shards"] == 1
-    from dist_dml.data import ReadErrors, read_records
+    from dist_dml.data import FaultCounter, read_records
 
-    errors = ReadErrors()
-    assert list(read_records([str(victim)], errors)) == [] and errors.corrupt_shards == {str(victim)}
+    errors = FaultCounter()
+    assert list(read_records([str(victim)], faults=errors)) == [] and errors.corrupt_shards == {str(victim)}
 
 
 def test_a_member_declaring_a_huge_size_is_damage_not_a_memory_error(shards_copy):
@@ -105,10 +105,10 @@ def test_a_member_declaring_a_huge_size_is_damage_not_a_memory_error(shards_copy
             if i == len(members) - 1:
                 member.pax_headers = {"size": str(10**15)}
             tar.addfile(member, io.BytesIO(data))
-    from dist_dml.data import ReadErrors, read_records
+    from dist_dml.data import FaultCounter, read_records
 
-    errors = ReadErrors()
-    records = list(read_records([str(victim)], errors))
+    errors = FaultCounter()
+    records = list(read_records([str(victim)], faults=errors))
     assert errors.corrupt_shards == {str(victim)} and len(records) >= 1  # the records before it are kept
     assert train_errors(shards_copy)["corrupt_shards"] == 1
 
@@ -160,9 +160,9 @@ def rewrite_members(shard: Path, change) -> None:
 
 
 def first_records(shard: Path, n: int) -> list[dict]:
-    from dist_dml.data import ReadErrors, read_records
+    from dist_dml.data import FaultCounter, read_records
 
-    return list(read_records([str(shard)], ReadErrors()))[:n]
+    return list(read_records([str(shard)]))[:n]
 
 
 def damage(shards: Path, split: str) -> dict:
@@ -254,7 +254,7 @@ def test_a_server_that_never_answers_is_found_in_bounded_time():
     import socket
     import time
 
-    from dist_dml.tracking import unreachable
+    from dist_dml.train.tracking import unreachable
 
     with socket.socket() as hole:
         hole.bind(("127.0.0.1", 0))
@@ -268,7 +268,7 @@ def test_a_server_that_never_answers_is_found_in_bounded_time():
 
 
 def dead_uri() -> str:
-    from dist_dml.distributed import free_port
+    from dist_dml.infra.distributed import free_port
 
     return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
@@ -296,8 +296,8 @@ def test_tracking_not_required_trains_without_the_server(tiny_shards, tmp_path):
 
 def test_a_tracking_failure_during_training_warns_and_never_raises(tmp_path, capsys):
     from dist_dml.config import TrackingConfig
-    from dist_dml.distributed import DistContext
-    from dist_dml.tracking import build_tracker
+    from dist_dml.infra.distributed import DistContext
+    from dist_dml.train.tracking import build_tracker
 
     config = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="faults", system_metrics=False)
     tracker = build_tracker(config, DistContext())
@@ -330,8 +330,8 @@ def test_tracking_timeout_s_is_what_mlflow_waits_whatever_the_environment_held(t
     from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
 
     from dist_dml.config import TrackingConfig
-    from dist_dml.distributed import DistContext
-    from dist_dml.tracking import build_tracker
+    from dist_dml.infra.distributed import DistContext
+    from dist_dml.train.tracking import build_tracker
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
     config = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="timeout", system_metrics=False,
@@ -445,7 +445,7 @@ def test_a_command_line_mistake_is_one_line_and_exit_2(case, exported, twelve_st
 
 def test_debug_shows_the_traceback(exported, capsys):
     from dist_dml.cli import main as cli
-    from dist_dml.errors import UserError
+    from dist_dml.infra.errors import UserError
 
     with pytest.raises(UserError, match="not a readable checkpoint"):
         cli(["eval", str(exported / "junk.pt"), "--debug"])
@@ -502,7 +502,7 @@ def saved_state(checkpoint: Path) -> dict:
     ranks' flat partitions in rank order, cut by the saved parameter shapes, padding at the end dropped."""
     import math
 
-    from dist_dml.engine import weights_only_loads
+    from dist_dml.train.engine import weights_only_loads
 
     with weights_only_loads():
         model = torch.load(checkpoint / "mp_rank_00_model_states.pt")

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_dml.checkpoint import META, resume_problem
+from dist_dml.train.checkpoints import META, resume_problem
 from dist_dml.config import load_config
 from dist_dml.data import DataConfig, Manifest, train_image
-from dist_dml.losses import LossConfig, build_loss
-from dist_dml.sampling import Triplets
+from dist_dml.method.losses import LossConfig, build_loss
+from dist_dml.method.sampling import Triplets
 
 from .conftest import HANG_GUARD_S, ROOT, cpu_env, dist_dml_here, tiny_overrides
 
@@ -165,20 +165,20 @@ def test_deepspeed_op_build_is_announced_and_lands_in_the_environment(tmp_path):
     assert str(tmp_path / "ext") in first
     # Without TORCH_EXTENSIONS_DIR the ops go to this environment's folder, not the per-user cache.
     env.pop("TORCH_EXTENSIONS_DIR")
-    out = subprocess.run([sys.executable, "-c", "import os, dist_dml.accelerator as a; a.configure(); "
+    out = subprocess.run([sys.executable, "-c", "import os, dist_dml.infra.accelerator as a; a.configure(); "
                           "print(os.environ['TORCH_EXTENSIONS_DIR'])"],
                          env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.stdout.strip() == str(Path(sys.prefix) / "torch_extensions"), out.stderr
 
 
 def test_importing_dist_dml_changes_no_environment_variable():
-    """The accelerator and DeepSpeed's build environment are set by dist_dml.accelerator.configure, which
+    """The accelerator and DeepSpeed's build environment are set by dist_dml.infra.accelerator.configure, which
     the entry points call; importing any module of the package (after the libraries it uses, which set
     variables of their own) changes nothing."""
     code = ("import os, importlib, pkgutil, torch, deepspeed, mlflow, faiss, timm, webdataset, dist_dml, data_prep; "
             "before = dict(os.environ); "
             "names = [m.name for p in (dist_dml, data_prep) for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.') "
-            "if m.name != 'dist_dml.mlflow_model']; "
+            "if m.name != 'dist_dml.serve.mlflow_model']; "
             "[importlib.import_module(n) for n in names]; "
             "print(len(names), sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)))")
     env = {k: v for k, v in cpu_env().items() if k not in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")}
@@ -189,10 +189,10 @@ def test_importing_dist_dml_changes_no_environment_variable():
 
 
 def test_deepspeed_is_imported_without_mlflow_which_imports_after():
-    """DeepSpeed's autotuner imports MLflow whenever it can (3 s of each rank's start here): dist_dml.engine
+    """DeepSpeed's autotuner imports MLflow whenever it can (3 s of each rank's start here): dist_dml.train.engine
     hides it during DeepSpeed's import, so a rank that does not track never loads it, and the rank that
     tracks imports it as usual afterwards."""
-    code = ("import sys, dist_dml.accelerator as a; a.configure('cpu'); import dist_dml.engine; "
+    code = ("import sys, dist_dml.infra.accelerator as a; a.configure('cpu'); import dist_dml.train.engine; "
             "import deepspeed.autotuning.autotuner as tuner; hidden = 'mlflow' not in sys.modules; "
             "import mlflow.pyfunc; print(hidden, tuner.has_mlflow, mlflow.pyfunc.PythonModel.__name__)")
     out = subprocess.run([sys.executable, "-c", code], env=cpu_env(), capture_output=True, text=True,
@@ -203,10 +203,10 @@ def test_deepspeed_is_imported_without_mlflow_which_imports_after():
 def test_the_cpu_op_is_built_once_whatever_is_on_path():
     """DeepSpeed loads its CPU op through torch, which runs the first `ninja` on PATH; ninja 1.11 (the
     system's) and 1.13 (this environment's) hash a build command differently, so alternating starts
-    rebuilt the op each time (`./dml demo` then `./dml test`). Every entry point (dist_dml.accelerator.configure)
+    rebuilt the op each time (`./dml demo` then `./dml test`). Every entry point (dist_dml.infra.accelerator.configure)
     now puts this environment's first."""
-    load = ("import dist_dml.accelerator as a; a.configure('cpu'); "  # as every entry point does first
-            "import dist_dml.engine; from deepspeed.accelerator import get_accelerator; "
+    load = ("import dist_dml.infra.accelerator as a; a.configure('cpu'); "  # as every entry point does first
+            "import dist_dml.train.engine; from deepspeed.accelerator import get_accelerator; "
             "from torch.utils.cpp_extension import _get_build_directory as where; "
             "get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False); "
             "print(where('deepspeed_shm_comm', verbose=False))")

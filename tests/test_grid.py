@@ -115,7 +115,7 @@ def test_postprocessing_is_an_axis_like_any_other(tiny_shards):
     """--set eval.postprocess=none,dba+qe: two cells with plain names, each config valid; a step that does not
     exist is refused before any training, naming the choices."""
     from dist_dml.config import load_config
-    from dist_dml.grid import cells, parse_settings
+    from dist_dml.train.grid import cells, parse_settings
 
     config = ROOT / "configs/cpu_synthetic.yaml"
     grid = cells(["margin"], ["distance_weighted"], [0], parse_settings(["eval.postprocess=none,dba+qe"]))
@@ -131,7 +131,7 @@ def test_class_sampling_is_an_axis_like_any_other(tiny_shards):
     """--set class_sampling.share=0,0.5: a cell of random batches and one of class-level batches, each config
     valid; a share beyond 1 is refused before any training."""
     from dist_dml.config import load_config
-    from dist_dml.grid import cells, parse_settings
+    from dist_dml.train.grid import cells, parse_settings
 
     config = ROOT / "configs/cpu_synthetic.yaml"
     grid = cells(["margin"], ["distance_weighted"], [0], parse_settings(["class_sampling.share=0,0.5"]))

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from dist_dml.losses import LossConfig, build_loss
-from dist_dml.sampling import Triplets
+from dist_dml.method.losses import LossConfig, build_loss
+from dist_dml.method.sampling import Triplets
 
 
 def triplets_of(rows):

@@ -3,11 +3,11 @@ loops, no gradient into the memory, its warm-up, its FIFO, its state through a c
 import pytest
 import torch
 
-from dist_dml.distributed import DistContext
-from dist_dml.losses import LossConfig, build_loss
-from dist_dml.memory import CrossBatchMemory, MemoryConfig
-from dist_dml.objective import GlobalBatchObjective
-from dist_dml.sampling import SamplerConfig, build_sampler
+from dist_dml.infra.distributed import DistContext
+from dist_dml.method.losses import LossConfig, build_loss
+from dist_dml.method.cross_batch_memory import CrossBatchMemory, MemoryConfig
+from dist_dml.method.objective import GlobalBatchObjective
+from dist_dml.method.sampling import SamplerConfig, build_sampler
 
 from .test_sampling import brute_force_nearest, pk_labels, reference_probabilities, unit
 
@@ -183,7 +183,7 @@ def test_with_memory_beta_false_the_memorys_pairs_do_not_move_beta():
     """memory.beta=false: the loss is the same, and beta's gradient is that of the batch's pairs alone, worked by
     hand in float64: (negatives active - positives active) / active terms, over the pairs whose other item is in
     the batch; the embeddings' gradients are unchanged."""
-    from dist_dml.sampling import Triplets
+    from dist_dml.method.sampling import Triplets
 
     g = torch.Generator().manual_seed(3)
     candidates = torch.nn.functional.normalize(torch.randn(14, 6, generator=g), dim=1)

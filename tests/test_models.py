@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from dist_dml.data import normalize_batch
-from dist_dml.backbones import BACKBONES
-from dist_dml.models import ModelConfig, build_model
+from dist_dml.models.backbones import BACKBONES
+from dist_dml.models.embedding import ModelConfig, build_model
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))

@@ -1,10 +1,10 @@
-"""The internals of other libraries that dist_dml.patches relies on, checked on the installed versions: an
+"""The internals of other libraries that dist_dml.infra.patches relies on, checked on the installed versions: an
 upgrade of torch, DeepSpeed or Python that moves one fails here, not in a user's run."""
 import sys
 
 import pytest
 
-from dist_dml import patches
+from dist_dml.infra import patches
 
 
 def test_every_internal_a_patch_relies_on_is_still_there():

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from dist_dml.config import EvalConfig
-from dist_dml.distributed import DistContext
-from dist_dml.postprocess import parse
-from dist_dml.sharded import Embedded, sharded_metrics
+from dist_dml.retrieval.evaluation import EvalConfig
+from dist_dml.infra.distributed import DistContext
+from dist_dml.retrieval.postprocess import parse
+from dist_dml.retrieval.sharded_metrics import Embedded, sharded_metrics
 
 KS = (1, 2, 4, 8)
 
@@ -169,9 +169,9 @@ def test_an_index_carries_dba_and_its_searches_apply_qe(tmp_path, capsys):
     import json
 
     from dist_dml.cli import main as cli
-    from dist_dml.export import read_embeddings
-    from dist_dml.files import published
-    from dist_dml.search import load_index, search_index
+    from dist_dml.retrieval.embeddings import read_embeddings
+    from dist_dml.infra.files import published
+    from dist_dml.retrieval.faiss_search import load_index, search_index
 
     from .test_export import synthetic_export
 
@@ -186,9 +186,9 @@ def test_an_index_carries_dba_and_its_searches_apply_qe(tmp_path, capsys):
     np.testing.assert_allclose(index.reconstruct_n(0, index.ntotal), dba, atol=1e-6)
 
     queries, _ = clustered(5, 3, 9)
-    from dist_dml.cli import _recorded_postprocess
+    from dist_dml.retrieval.index_folder import recorded_postprocess
 
-    scores, rows = search_index(index, queries, 4, _recorded_postprocess(meta, tmp_path / "idx"))
+    scores, rows = search_index(index, queries, 4, recorded_postprocess(meta, tmp_path / "idx"))
     for query, row in zip(queries.astype(np.float64), rows):
         expanded = expand(query, dba, 2, 1.0)
         assert row.tolist() == order_of(dba @ expanded)[:4]
@@ -201,8 +201,8 @@ def test_an_index_carries_dba_and_its_searches_apply_qe(tmp_path, capsys):
     assert cli(["index", str(tmp_path / "emb"), "--out", str(tmp_path / "x"), *bad_k]) == 2
     assert "--qe-k" in capsys.readouterr().err
     # a meta.json whose post-processing is damaged is refused before any search
-    from dist_dml.errors import UserError
+    from dist_dml.infra.errors import UserError
 
     for bad in ({"steps": ["qe"], "qe_k": "2"}, {"steps": "qe"}, {"steps": ["qe", "rerank"]}, {"qe_k": 2}, [1]):
         with pytest.raises(UserError, match="damaged"):
-            _recorded_postprocess({"postprocess": bad}, tmp_path / "idx")
+            recorded_postprocess({"postprocess": bad}, tmp_path / "idx")

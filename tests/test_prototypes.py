@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dist_dml.prototypes import PrototypeTable
+from dist_dml.method.class_prototypes import PrototypeTable
 
 CLASSES, DIM = 12, 8
 

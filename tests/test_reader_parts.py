@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_dml.data import (DataConfig, ShardError, _samples, crop_box, decode, eval_image, new_batch, resize_into,
+from dist_dml.data.tar import _samples
+from dist_dml.data import (DataConfig, ShardError, crop_box, decode, eval_image, new_batch, resize_into,
                            tar_members, train_image)
 
 from .conftest import synthetic_shards
@@ -92,7 +93,7 @@ def test_samples_group_like_webdataset(tmp_path):
 
 
 def test_a_cut_shard_loses_no_whole_record(tmp_path):
-    from dist_dml.data import ReadErrors, read_records
+    from dist_dml.data import FaultCounter, read_records
 
     root = synthetic_shards(tmp_path / "s", 6, 0, 1)
     shard = sorted(root.glob("*.tar"))[0]
@@ -104,14 +105,14 @@ def test_a_cut_shard_loses_no_whole_record(tmp_path):
             ends[key] = member.offset_data + member.size
             if member.name.endswith(".json"):
                 ids[key] = json.loads(tar.extractfile(member).read())["image_ids"]
-    errors = ReadErrors()
-    assert [r["image_ids"] for r in read_records([str(shard)], errors)] == list(ids.values())
+    errors = FaultCounter()
+    assert [r["image_ids"] for r in read_records([str(shard)], faults=errors)] == list(ids.values())
     assert len(ids) == 6 and not errors.corrupt_shards
     last = max(ends.values())
     for cut in sorted(set(range(0, last, 331)) | {e + d for e in ends.values() for d in (-1, 0, 1)}):
         shard.write_bytes(data[:cut])
-        errors = ReadErrors()
-        got = [r["image_ids"] for r in read_records([str(shard)], errors)]
+        errors = FaultCounter()
+        got = [r["image_ids"] for r in read_records([str(shard)], faults=errors)]
         assert got == [ids[key] for key in ids if ends[key] <= cut], cut  # every whole record, only those
         assert errors.corrupt_shards == {str(shard)}, cut  # reported, even when cut between records
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from dist_dml.checkpoint import CheckpointError, resume_target, verify
+from dist_dml.train.checkpoints import CheckpointError, resume_target, verify
 from dist_dml.cli import main as cli
 from dist_dml.config import load_config
-from dist_dml.run_folder import LOCK, FolderError, RunFolder, folder_problem
+from dist_dml.train.run_folder import LOCK, FolderError, RunFolder, folder_problem
 
 from .conftest import HANG_GUARD_S, ROOT, cpu_env, dist_dml_here, tiny_overrides
 
@@ -45,7 +45,7 @@ def one_line(err: str) -> str:
 
 def hold_in_another_process(folder: Path) -> subprocess.Popen:
     """A process that holds ``folder`` (as a training's rank 0 would) until it is killed."""
-    code = ("import sys, time; from dist_dml.run_folder import RunFolder; folder = RunFolder(sys.argv[1]); "
+    code = ("import sys, time; from dist_dml.train.run_folder import RunFolder; folder = RunFolder(sys.argv[1]); "
             "folder.acquire(); print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE,
                             text=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from dist_dml.sampling import SAMPLERS, SamplerConfig, build_sampler
+from dist_dml.method.sampling import SAMPLERS, SamplerConfig, build_sampler
 
 
 def unit(n, d, seed, dtype=torch.float32):

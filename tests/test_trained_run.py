@@ -149,8 +149,8 @@ def test_the_final_model_is_a_registered_mlflow_model_that_embeds_as_dist_dml_em
     from mlflow.tracking import MlflowClient
 
     from dist_dml.cli import main as cli
-    from dist_dml.data import Manifest, ReadErrors, decode, read_records
-    from dist_dml.export import read_embeddings
+    from dist_dml.data import Manifest, decode, read_records
+    from dist_dml.retrieval.embeddings import read_embeddings
 
     out, _, results = trained
     client = MlflowClient(tracking_uri=mlflow_server)
@@ -170,7 +170,7 @@ def test_the_final_model_is_a_registered_mlflow_model_that_embeds_as_dist_dml_em
     exported = read_embeddings(tmp_path / "emb")
     root = yaml.safe_load((out / "config.yaml").read_text())["data"]["root"]
     ids, arrays = [], []
-    for record in read_records(Manifest(root).shard_paths("test"), ReadErrors()):
+    for record in read_records(Manifest(root).shard_paths("test")):
         for (_, data), image_id in zip(record["images"], record["image_ids"]):
             ids.append(image_id)
             arrays.append(decode(data).permute(1, 2, 0).numpy())

@@ -87,7 +87,7 @@ def test_killed_rank_resumes_from_last_checkpoint(tiny_shards, tmp_path):
 def checkpoint_client_state(folder: Path) -> dict:
     import torch
 
-    from dist_dml.engine import WeightsOnlyCheckpointEngine
+    from dist_dml.train.engine import WeightsOnlyCheckpointEngine
 
     with torch.serialization.safe_globals(WeightsOnlyCheckpointEngine.SAFE_GLOBALS):
         return torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)

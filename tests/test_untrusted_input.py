@@ -192,7 +192,7 @@ def odd_modes() -> dict[str, bytes]:
 def index(tiny_shards, tmp_path_factory):
     """An untrained tiny model, its test split embedded and indexed: (checkpoint, index folder)."""
     from dist_dml.config import load_config
-    from dist_dml.models import build_model
+    from dist_dml.models.embedding import build_model
 
     out = tmp_path_factory.mktemp("search")
     cfg = load_config(CONFIG, tiny_overrides(tiny_shards, out))

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from dist_dml.data import DataConfig, TrainStream, verify
-from dist_dml.distributed import DistContext
+from dist_dml.infra.distributed import DistContext
 
 
 def main() -> None:

@@ -1,7 +1,10 @@
-"""What a reader could not read, counted per worker and reported with every batch; never fatal."""
+"""How shards are read (:class:`ReadPolicy`: limits, ranges, retries, checksums, the cache) and what could not be
+read (:class:`FaultCounter`: counted per worker, logged a few at a time, reported with every batch); a fault is
+never fatal."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 from dist_dml.data.format import IMAGE_EXTENSIONS
 from dist_dml.data.opener import ShardCache
@@ -15,7 +18,29 @@ FAULTS = ("corrupt_shards", "bad_records", "unknown_members", "bad_labels", "bad
 LOGGED_PER_KIND = 5  # faults of one kind logged one by one per worker; the rest only counted
 
 
-class ReadErrors:
+@dataclass
+class ReadPolicy:
+    """How a reader reads a split's shards: read-only, shared by a stream's workers."""
+
+    max_member_bytes: int = 256 << 20  # a member declaring more makes its shard corrupt
+    classes: int | None = None  # the split's: a record's label must lie below
+    images: int | None = None  # the split's: a record's image ids must lie below
+    retries: int = 0  # a remote shard's read is tried again this often
+    backoff_s: float = 1.0  # after the first failure; doubling
+    checksums: dict[str, str] | None = None  # {shard: sha256} to verify each shard against before reading it
+    cache: ShardCache | None = None  # remote shards are read from local copies there (data.cache_dir)
+    verdicts: Verdicts = field(default_factory=Verdicts)  # the job's sha256 verdicts
+
+    def range_problem(self, record: dict) -> str | None:
+        """What lies outside the split's ranges in the record (its label, or its image ids), None if nothing."""
+        if self.classes is not None and not 0 <= record["label"] < self.classes:
+            return f"label {record['label']} (the split has {self.classes} classes)"
+        if self.images is not None and not all(0 <= i < self.images for i in record["image_ids"]):
+            return f"image ids {record['image_ids']} (the split has {self.images} images)"
+        return None
+
+
+class FaultCounter:
     """Per-worker counts of what could not be read; reported with every batch as a delta (FAULTS).
 
     corrupt_shards: shards skipped from a point of damage on (not a tar, NUL bytes, a truncated or
@@ -27,15 +52,7 @@ class ReadErrors:
     data.self_pairs trains them as two crops of one image.
     """
 
-    def __init__(self, max_member_bytes: int = 256 << 20, classes: int | None = None, images: int | None = None,
-                 retries: int = 0, backoff_s: float = 1.0, checksums: dict[str, str] | None = None,
-                 cache: ShardCache | None = None, verdicts=None):
-        self.max_member_bytes = max_member_bytes  # a member declaring more makes its shard corrupt
-        self.classes, self.images = classes, images  # the split's: labels and image ids must lie below
-        self.retries, self.backoff_s = retries, backoff_s  # a remote shard's read is tried again this often
-        self.checksums = checksums  # {shard: sha256} to verify each shard against before reading it
-        self.verdicts = verdicts if verdicts is not None else Verdicts()  # the job's sha256 verdicts
-        self.cache = cache  # remote shards are read from local copies there (data.cache_dir)
+    def __init__(self):
         self.corrupt_shards: set[str] = set()
         self.bad_records = self.unknown_members = self.bad_labels = self.bad_images = self.dropped_records = 0
         self.single_image_records = 0
@@ -59,18 +76,6 @@ class ReadErrors:
             log.warning(message, *args)
         elif logged == LOGGED_PER_KIND:
             log.warning("more %s in this worker: counted, not logged one by one", kind)
-
-    def check_range(self, record: dict, key: str) -> bool:
-        """Whether the record's label and image ids lie in the split's ranges; counted and logged if not."""
-        label_ok = self.classes is None or 0 <= record["label"] < self.classes
-        ids_ok = self.images is None or all(0 <= i < self.images for i in record["image_ids"])
-        if label_ok and ids_ok:
-            return True
-        what = (f"label {record['label']} (the split has {self.classes} classes)" if not label_ok else
-                f"image ids {record['image_ids']} (the split has {self.images} images)")
-        self.fault("bad_labels", f"{record['shard']}#{key}", "skipping record %s in shard %s: %s", key,
-                   record["shard"], what)
-        return False
 
     def corrupt(self, shard: str, exc: Exception) -> None:
         """Log once and count a shard whose rest is skipped."""

@@ -10,7 +10,7 @@ random ones at any catalogue size; nothing needs random access to the shards.
 
 Coverage stays the reader's: the pool holds the records of the worker's window in its first pass, each record
 leaves it once, and the pool is emptied before the window's records are read again (to fill the epoch's last
-batch). Numpy only.
+batch). Numpy only (and the names of the storage dtypes).
 """
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-DTYPES = ("fp16", "bf16", "fp32")
-
+from dist_dml.infra.dtypes import DTYPES
 
 @dataclass(frozen=True)
 class ClassSamplingConfig:

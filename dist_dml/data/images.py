@@ -161,7 +161,7 @@ def eval_transform(image: torch.Tensor, cfg: DataConfig, out: torch.Tensor | Non
 
 def normalize_batch(images: torch.Tensor, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> torch.Tensor:
     """uint8 (B, 3, H, W) to float32 normalised with ``mean`` and ``std`` (0..1 scale; ImageNet's by default),
-    as the embedding model does it for its backbone (dist_dml.models.EmbeddingModel)."""
+    as the embedding model does it for its backbone (dist_dml.models.embedding.EmbeddingModel)."""
     shift = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
     scale = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
     return images.float().sub_(shift).div_(scale)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from dist_dml.data.format import FORMAT, MANIFEST, VERSION, is_plain_name
 from dist_dml.data.opener import TooLarge, is_local, join, read_bytes
-from dist_dml.errors import UserError, one_line
-from dist_dml.files import parse_json
+from dist_dml.infra.errors import UserError, one_line
+from dist_dml.infra.files import parse_json
 
 MAX_MANIFEST_MB = 256.0  # data.max_manifest_mb's default: a million classes' class_table is about 40 MB
 MEMBER_BYTES = 1024  # the least a tar member takes: its 512-byte header and one block of data

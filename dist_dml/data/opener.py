@@ -25,7 +25,7 @@ import shlex
 from pathlib import Path
 from typing import BinaryIO
 
-from dist_dml.files import open_regular
+from dist_dml.infra.files import open_regular
 
 log = logging.getLogger("dist_dml.data")
 

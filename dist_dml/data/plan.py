@@ -9,7 +9,7 @@ import random
 
 import numpy as np
 
-from dist_dml.seeding import mix
+from dist_dml.infra.seeding import mix
 
 Segment = tuple[str, int, int]  # (shard, records to skip, records to take)
 

@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from dist_dml.errors import UserError
-from dist_dml.memory import DTYPES
+from dist_dml.infra.errors import UserError
+from dist_dml.infra.dtypes import DTYPES
 
 PREFETCH = 4  # batches a DataLoader worker is asked for ahead (streams.loader's prefetch_factor)
 WAIT_S = 600.0  # a worker waits this long for a snapshot before it calls it a bug (it should never wait)

@@ -1,0 +1,11 @@
+"""`python -m dist_dml.cli ARGS`: what torchrun, srun and the launch scripts start in every rank."""
+import os
+import sys
+
+from dist_dml.cli import leave, main
+
+if __name__ == "__main__":
+    returned = main()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        leave(returned)
+    sys.exit(returned)
