@@ -1,15 +1,14 @@
-# dist-dml on a CUDA PyTorch base: NCCL, bf16, faiss-gpu.
-#   docker build -t dist-dml . && docker run --gpus all --rm dist-dml dist-dml demo
-FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+# dist-dml on GPUs: NCCL, bf16, faiss-gpu, installed by ./dml itself (the same pins and the same check of torch's and
+# DeepSpeed's internals as on a fresh machine), with the launch scripts, configs and benchmarks.
+#   docker build -t dist-dml . && docker run --gpus all --shm-size 8g --rm dist-dml ./dml bench gpu
+FROM python:3.11-slim-bookworm
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential ninja-build git \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/dist-dml
-COPY pyproject.toml README.md ./
-COPY dist_dml ./dist_dml
-COPY data_prep ./data_prep
-COPY launch ./launch
-COPY configs ./configs
-# torch comes from the base image; deepspeed builds against it, hence no build isolation.
-RUN pip install --no-cache-dir --no-build-isolation ".[gpu]"
-ENV DS_ACCELERATOR=cuda
-CMD ["dist-dml", "--help"]
+COPY . .
+# The environment ./dml uses (DIST_DML_VENV), with faiss-gpu instead of faiss-cpu; building it runs
+# `dist-dml setup --check-internals`, so an image whose torch or DeepSpeed moved an internal fails here.
+ENV DIST_DML_VENV=/opt/venv DIST_DML_EXTRAS=gpu,dev
+RUN ./dml setup
+ENV PATH=/opt/venv/bin:$PATH DS_ACCELERATOR=cuda
+CMD ["./dml", "run", "--help"]

@@ -30,3 +30,16 @@ def test_a_hidden_module_cannot_be_imported_inside_the_block_only():
         with pytest.raises(ImportError):
             __import__(name)
     assert name not in sys.modules
+
+
+def test_setup_refuses_an_install_whose_internals_moved(monkeypatch):
+    """`dist-dml setup --check-internals` (what ./dml and the Dockerfile run after installing) stops in one line
+    naming what moved; without a change it passes."""
+    from .conftest import dist_dml_here
+
+    assert dist_dml_here("setup", "--quiet", "--check-internals").returncode == 0
+    monkeypatch.setattr(patches, "internals_changed", lambda: ["DeepSpeed 0.19 (installed: 0.20.0)"])
+    refused = dist_dml_here("setup", "--quiet", "--check-internals")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("dist-dml setup: error: the installed torch or DeepSpeed lacks")
+    assert "DeepSpeed 0.19 (installed: 0.20.0)" in refused.stderr and "pyproject.toml" in refused.stderr

@@ -94,10 +94,18 @@ def fetch_weights_command(args: argparse.Namespace) -> int:
 
 
 def setup_command(args: argparse.Namespace) -> int:
-    """Prepare this environment once: DeepSpeed's CPU communication op (built here, with a message)."""
+    """Prepare this environment once: DeepSpeed's CPU communication op (built here, with a message); with
+    --check-internals, first the internals of torch and DeepSpeed that dist_dml's patches rely on."""
     from dist_dml.infra.accelerator import configure
 
     configure("auto")
+    if args.check_internals:
+        from dist_dml.infra.patches import internals_changed
+
+        changed = internals_changed()
+        if changed:
+            raise UserError("the installed torch or DeepSpeed lacks what dist_dml's patches rely on ("
+                            + "; ".join(changed) + "): install the versions pyproject.toml names")
     from dist_dml.train.engine import prepare_comm_op
 
     prepare_comm_op(announce=True)
@@ -204,6 +212,8 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("setup", help="build what this environment needs once (DeepSpeed's CPU op)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--check-internals", action="store_true",
+                   help="first check the internals of torch and DeepSpeed that dist_dml's patches rely on")
     p.set_defaults(func=setup_command)
 
     p = sub.add_parser("config", help="the config reference (every key's type, default and meaning), or a config "
