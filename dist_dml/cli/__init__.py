@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def leave(code: int) -> None:
     """Exit a rank of a multi-process launch whose command returned: everything is written and its process group
-    is down, so leave without the interpreter's teardown. torch's C++ static destructors have aborted a finished
-    rank there now and then ("terminate called without an active exception", a thread still joinable: exit -6),
-    which turned a run that had succeeded into a failed launch."""
+    is down, so leave without the interpreter's teardown, where torch's C++ static destructors can abort a finished
+    rank ("terminate called without an active exception", exit -6) and turn a run that succeeded into a failed
+    launch."""
     import logging
 
     logging.shutdown()

@@ -242,7 +242,7 @@ def _check_tables(config: RunConfig, split: dict | None, source: str) -> None:
     manifest's counts are (data.manifest): the cross-batch memory (memory.size x (embedding_dim x its dtype's
     bytes + label, id and step)) and the beta tables (a float32 row with Adam's two moments, per class or per
     image of the training split, or loss.num_classes / num_images). Half the machine's memory at most, before
-    any process starts (memory.size=10^9 passed check and died allocating 260 GB after the processes started)."""
+    any process starts (a table that does not fit would otherwise fail after every process has started)."""
     from dist_dml.data.manifest import TABLE_BYTES, memory_bytes
     from dist_dml.infra.dtypes import DTYPES
 

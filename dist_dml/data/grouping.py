@@ -105,7 +105,7 @@ def neighbour_picks(labels: np.ndarray, vectors: np.ndarray | None, count: int, 
 def _nearest_classes(candidates: np.ndarray, similarity: np.ndarray, labels: np.ndarray, want: int) -> np.ndarray:
     """The best record of each of the ``want`` classes with the most similar records (ties to the lower index).
     Sorts only the candidates at or above the 8 x want-th highest similarity (all of them where that does not
-    give ``want`` classes): the same answer, at a 10,000-record pool about 10x cheaper than sorting it all."""
+    give ``want`` classes): the same answer, without sorting a pool of thousands whole."""
     def best(c: np.ndarray, s: np.ndarray) -> np.ndarray:
         ranked = c[np.lexsort((c, -s))]
         _, first = np.unique(labels[ranked], return_index=True)  # each class's best record

@@ -26,7 +26,7 @@ class ImageTooLarge(ValueError):
 
 
 def import_decoders() -> None:
-    """Import what decoding uses (torchvision's decoder, PIL, imagesize: ~2.5 s here) in this process, before
+    """Import what decoding uses (torchvision's decoder, PIL, imagesize: seconds of imports) in this process, before
     a DataLoader forks its workers from it: each worker then starts with them imported, instead of importing
     them at its first image (every worker of every loader, the training's and each evaluation's)."""
     import imagesize  # noqa: F401
@@ -40,8 +40,8 @@ def pixel_limit(cfg: DataConfig) -> int:
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from an image's header alone: imagesize for the formats the reader decodes (about
-    3x cheaper than PIL's header parse, which costs ~8 % of a 256-px JPEG's decode), PIL for the rest."""
+    """(width, height) from an image's header alone: imagesize for the formats the reader decodes (a
+    few times cheaper than PIL's header parse), PIL for the rest."""
     import imagesize
 
     try:

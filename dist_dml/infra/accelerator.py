@@ -24,8 +24,8 @@ from pathlib import Path
 
 def deepspeed_import():
     """Around the import of DeepSpeed (dist_dml.train.engine's): MLflow hidden from it. DeepSpeed's autotuner, which
-    dist-dml does not use, imports MLflow whenever it is installed: 3 of the 7 s `import dist_dml.train.trainer`
-    takes here, in every rank of every launch. Where this process has not imported MLflow yet, the import
+    dist-dml does not use, imports MLflow whenever it is installed: seconds of every rank's start, in every
+    launch. Where this process has not imported MLflow yet, the import
     of ``mlflow`` fails inside the block (the autotuner catches it and records has_mlflow=False) and works
     again after it: the tracker imports MLflow on the rank that tracks a run, only there."""
     from dist_dml.infra.patches import hidden_module

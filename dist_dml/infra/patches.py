@@ -81,7 +81,7 @@ def torchrun_stops_restarting_on(exit_code: int, say: str) -> None:
 def hidden_module(name: str) -> Iterator[None]:
     """An import of ``name`` fails (ImportError) inside the block, and works again after it, where this process
     has not imported it yet. Why: DeepSpeed's autotuner, which dist-dml does not use, imports MLflow whenever it
-    is installed (``try: import mlflow``): 3 of the 7 s of DeepSpeed's import, in every rank of every launch.
+    is installed (``try: import mlflow``): seconds of DeepSpeed's import, in every rank of every launch.
     Relies on: Python's rule that a None in ``sys.modules`` makes the import raise ImportError, and on the
     autotuner catching it."""
     if name in sys.modules:

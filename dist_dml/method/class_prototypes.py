@@ -1,4 +1,4 @@
-"""Class prototypes: one embedding per class, the building block of class-level batches (issue 25; DESIGN.md,
+"""Class prototypes: one embedding per class, the building block of class-level batches (docs/design.md,
 "Sampling classes"): the table (:class:`PrototypeTable`) and the run part that keeps it and publishes its snapshots
 to the loader's workers (:class:`ClassPrototypes`).
 
@@ -46,7 +46,7 @@ class PrototypeTable:
         counts = torch.bincount(slot, minlength=len(present))
         ends = torch.cumsum(counts, dim=0)
         centre = torch.nn.functional.normalize((running[ends] - running[ends - counts]).float(), dim=1)
-        # index_select / index_copy_: advanced indexing of a large fp16 table on the CPU costs about 0.6 ms a call
+        # index_select / index_copy_: advanced indexing of a large fp16 table is far slower on the CPU
         old = self.table.index_select(0, present).float()
         moved = torch.nn.functional.normalize(self.momentum * old + (1 - self.momentum) * centre, dim=1)
         seen = (self.updated.index_select(0, present) >= 0)[:, None]

@@ -151,8 +151,8 @@ def clustering_nmi(vectors: np.ndarray, labels: np.ndarray, use_gpu: bool = True
 def normalized_mutual_info(labels: np.ndarray, assignment: np.ndarray) -> float:
     """scikit-learn's normalized_mutual_info_score (the mutual information over the arithmetic mean of the two
     entropies, natural logs; 1 where both are one group, 0 where the mutual information is 0), from the
-    sparse contingency counts. Written out (and tested against scikit-learn) because importing scikit-learn
-    takes 1.6 s of every evaluating process's start here, for these few lines."""
+    sparse contingency counts. Written out (and tested against scikit-learn): importing scikit-learn would add
+    seconds to the start of every evaluating process, for these few lines."""
     _, a = np.unique(np.asarray(labels), return_inverse=True)
     _, b = np.unique(np.asarray(assignment), return_inverse=True)
     a, b = a.ravel().astype(np.int64), b.ravel().astype(np.int64)

@@ -34,7 +34,7 @@ class NHWCEmbedder(nn.Module):
         return self.model(images.permute(0, 3, 1, 2))
 
 
-MIN_OPSET = 18  # torch's dynamo exporter writes no earlier opset (asked for one, it wrote 18 and said so in a traceback)
+MIN_OPSET = 18  # torch's dynamo exporter writes no earlier opset (asked for one, it writes 18)
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = MIN_OPSET) -> dict[str, float]:

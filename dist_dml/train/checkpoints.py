@@ -151,7 +151,7 @@ class CheckpointFolder:
         """Remove this run's checkpoints (``run_id``, as their indexes say) older than its ``keep_last`` newest
         whole ones, and its damaged ones older than its newest whole one; and partial folders (left by a save
         that died). Another run's checkpoints, or one whose index names no run, are never removed: ranked by step
-        alone, a longer earlier run's checkpoints made a new run's look old, and the new ones were deleted."""
+        alone, a longer earlier run's checkpoints would make a new run's look old, and the new ones would go."""
         tags = [t for t in self.tags() if run_id is not None and read_meta(self.directory / t).get("run_id") == run_id]
         whole = [t for t in tags if verify(self.directory / t) is None]
         if whole:

@@ -44,7 +44,7 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
-COMM_OP_BUILD = "under a minute on 2 idle cores, a few minutes on a busy machine"
+COMM_OP_BUILD = "about a minute, a few on a busy machine"
 _QUIET = []  # set once quiet_deepspeed has run in this process
 
 
@@ -281,7 +281,7 @@ class TrainEngine:
         with _without_lines("built successfully"):
             deepspeed.init_distributed(dist_backend=ctx.backend, auto_mpi_discovery=False, verbose=False)
         # beta's exact values: under bf16/fp16 DeepSpeed casts the module before it makes the fp32 masters, which then
-        # start rounded (beta_init 1.2 became 1.203125, a 0.26% shift of every margin term's boundary).
+        # start rounded (bf16 holds beta_init 1.2 as 1.203125: every margin term's boundary 0.26% off).
         loss = getattr(module, "loss", None)
         exact_beta = {} if loss is None else {name: p.detach().float().clone() for name, p in loss.named_parameters()}
         torch_optimizer = build_optimizer(module, optimizer)

@@ -176,7 +176,7 @@ def _run_cell(args, base, cell: Cell, own: list[str], out: Path, parent: str | N
 
 def cell_launcher(nproc: int) -> list[str]:
     """How a cell starts: under the launcher (torchrun, restarting only on a crash) for several processes; one
-    process is started as itself, what torchrun would start without its ~4 s of start-up per cell."""
+    process is started as itself, what torchrun would start, without its seconds of start-up per cell."""
     if nproc == 1:
         return ["-m", "dist_dml.cli"]
     return ["-m", "dist_dml.launch", f"--nproc_per_node={nproc}", "-m", "dist_dml.cli"]
