@@ -19,6 +19,9 @@ export PYTHON
 if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
+# A crash or a killed rank: the ranks start again from the last checkpoint, this many times (a rank that exits 2,
+# a mistake or a designed stop, is never restarted: dist_dml.launch).
+MAX_RESTARTS=${MAX_RESTARTS:-3}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$("$PYTHON" -c 'import sys; print(sys.prefix)')/torch_extensions}
 
 # A TCP port free on this host now (MASTER_PORT wins).

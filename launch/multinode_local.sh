@@ -14,7 +14,7 @@ echo "[launch] $NNODES local nodes x $NPROC processes, rendezvous at 127.0.0.1:$
 pids=()
 for node in $(seq 0 $((NNODES - 1))); do
     "$PYTHON" -m dist_dml.launch --nnodes "$NNODES" --nproc_per_node "$NPROC" --rdzv_backend c10d \
-        --rdzv_endpoint "127.0.0.1:$PORT" --rdzv_id "local-$$" --local_addr 127.0.0.1 \
+        --rdzv_endpoint "127.0.0.1:$PORT" --rdzv_id "local-$$" --local_addr 127.0.0.1 --max_restarts "$MAX_RESTARTS" \
         -m dist_dml.cli "$@" &
     pids+=($!)
 done

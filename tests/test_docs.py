@@ -12,7 +12,7 @@ import pytest
 
 from dist_dml.cli import build_parser
 from dist_dml.config import ConfigError, load_config
-from dist_dml.config.reference import field_comments, missing_comments, reference
+from dist_dml.config.reference import field_comments, missing_comments, reference, section_doc, sections
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -26,6 +26,29 @@ def test_the_config_reference_is_what_the_code_generates():
 
 def test_every_config_key_has_a_comment():
     assert missing_comments() == [], "give each of these keys a comment on its line (or the lines above it)"
+
+
+def test_every_section_says_what_it_is_for_and_registry_keys_list_their_values():
+    """The reference prints each section's own docstring (a dataclass without one has its signature as __doc__,
+    which the generator refuses), and the values of the keys that name a registry entry."""
+    from dist_dml.method.losses import LOSSES
+    from dist_dml.method.sampling import SAMPLERS
+    from dist_dml.models.backbones import BACKBONES
+
+    for name, cls in sections():
+        assert not section_doc(name, cls).startswith(cls.__name__)
+
+    @dataclasses.dataclass
+    class Undocumented:
+        key: int = 1  # a key
+
+    with pytest.raises(ValueError, match="the extra section .* has no docstring"):
+        section_doc("extra", Undocumented)
+    page = reference()
+    rows = {line.split(" | ")[0].strip("| `"): line for line in page.splitlines() if line.startswith("| `")}
+    assert all(f"`{name}`" in rows["model.backbone"] for name in BACKBONES) and "`timm:NAME`" in rows["model.backbone"]
+    assert all(f"`{name}`" in rows["sampler.kind"] for name in SAMPLERS)
+    assert all(f"`{name}`" in rows["loss.kind"] for name in LOSSES)
 
 
 def test_a_key_without_a_comment_is_found():
@@ -177,16 +200,32 @@ def test_a_broken_command_is_found(line, why):
     assert why in (check_command(shlex.split(line)) or "")
 
 
-def test_every_relative_link_resolves():
-    broken = []
-    for page in PAGES:
-        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
-                continue
-            path = (page.parent / target.split("#", 1)[0]).resolve()
-            if not path.exists():
-                broken.append(f"{page.relative_to(ROOT)}: {target}")
+def outside_or_broken(page: Path, root: Path = ROOT) -> list[str]:
+    """The relative links of ``page`` that do not resolve, or lead out of the repository ``root`` (a reader of a
+    clone has nothing there), and paths into a folder out of it written as code (`../shared/x`)."""
+    found = []
+    text = page.read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        path = (page.parent / target.split("#", 1)[0]).resolve()
+        if not path.exists() or not path.is_relative_to(root.resolve()):
+            found.append(f"{page.relative_to(root)}: {target}")
+    found += [f"{page.relative_to(root)}: `{m}`" for m in re.findall(r"`(\.\./[\w.-]+/[^`]*)`", text)]
+    return found
+
+
+def test_every_relative_link_resolves_inside_the_repository(tmp_path):
+    broken = [line for page in PAGES for line in outside_or_broken(page)]
     assert not broken, broken
+    root = tmp_path / "repo"  # the check itself: a link and a path out of a repository, one link inside
+    (root / "docs").mkdir(parents=True)
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "DESIGN.md").write_text("contracts")
+    (root / "docs" / "design.md").write_text("contracts")
+    page = root / "docs" / "page.md"
+    page.write_text("See [the contracts](../../shared/DESIGN.md), `../shared/DESIGN.md` and [ours](design.md).")
+    assert outside_or_broken(page, root) == ["docs/page.md: ../../shared/DESIGN.md", "docs/page.md: `../shared/DESIGN.md`"]
 
 
 def test_the_errors_the_guide_quotes_are_the_codes_messages():

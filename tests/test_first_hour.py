@@ -44,8 +44,8 @@ def test_dml_resolves_relative_paths_in_the_callers_folder(tmp_path):
 
 def test_launch_script_finds_the_environment_and_a_free_port(tiny_shards, tmp_path):
     """launch/torchrun.sh with no activated environment and port 29500 taken by someone else: it runs with
-    the project's Python on a free port, and the run lands in runs/cpu_synthetic of the caller's folder
-    under the MLflow experiment cpu_synthetic."""
+    the project's Python on a free port, restarting after a crash unless told not to, and the run lands in
+    runs/cpu_synthetic of the caller's folder under the MLflow experiment cpu_synthetic."""
     overrides = [o for o in tiny_overrides(tiny_shards, tmp_path) if not o.startswith("train.output_dir=")]
     overrides += ["train.steps=4", "train.log_every=2", "eval.at_start=false", "checkpoint.every_steps=0"]
     with socket.socket() as busy:
@@ -59,6 +59,7 @@ def test_launch_script_finds_the_environment_and_a_free_port(tiny_shards, tmp_pa
                               cwd=tmp_path, env=bare_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert "rendezvous at 127.0.0.1:29500" not in proc.stdout
+    assert "up to 3 restarts after a crash" in proc.stdout  # what the guide says a killed rank gets
     results = json.loads((tmp_path / "runs" / "cpu_synthetic" / "results.json").read_text())
     assert results["steps"] == 4 and results["world_size"] == 2 and results["name"] == "cpu_synthetic"
     assert "[train] done: run 'cpu_synthetic'" in proc.stdout

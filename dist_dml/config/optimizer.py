@@ -11,6 +11,9 @@ SCHEDULES = ("constant", "step", "cosine")
 
 @dataclass(frozen=True)
 class OptimizerConfig:
+    """The optimizer, the learning rates of its three param groups (backbone, head, β) and the schedule that
+    multiplies each group's own rate."""
+
     name: str = "adam"  # adam, adamw or sgd (OPTIMIZER_NAMES)
     lr: float = 1e-4  # backbone
     head_lr: float | None = None  # embedding head; None: lr
@@ -67,6 +70,8 @@ class LrSchedule:
 
 @dataclass(frozen=True)
 class DeepSpeedConfig:
+    """DeepSpeed's engine: the ZeRO stage, the precision, gradient clipping and the collectives' timeout."""
+
     zero_stage: int = 0  # 0, 1 or 2 (ZeRO-3 partitions beta, which the loss reads outside forward)
     precision: str = "fp32"  # fp32, bf16 or fp16 (the loss is fp32 in every case)
     gradient_clipping: float = 0.0  # global norm; 0 disables

@@ -1,7 +1,8 @@
 """The config reference (docs/config.md), generated from the config's dataclasses: every section's docstring, and
 every key's type, default and comment, read from the source (the comment on a field's line, and any comment lines
-directly above it). The dataclasses are the one source; `dist-dml config --reference` writes the page, and a test
-fails where the committed page differs or a key has no comment."""
+directly above it), with the values a registry key takes (the backbones, samplers, losses). The dataclasses and
+the registries are the one source; `dist-dml config --reference` writes the page, and refuses a section without a
+docstring of its own; a test fails where the committed page differs or a key has no comment."""
 from __future__ import annotations
 
 import dataclasses
@@ -63,6 +64,27 @@ def default_text(f: dataclasses.Field) -> str:
     return f"`{str(value).lower() if isinstance(value, bool) else value}`"
 
 
+def registry_values() -> dict[str, str]:
+    """{section.key: the values it takes}, for the keys that name an entry of a registry."""
+    from dist_dml.method.losses import LOSSES
+    from dist_dml.method.sampling import SAMPLERS
+    from dist_dml.models.backbones import BACKBONES, TIMM
+
+    shown = lambda names: ", ".join(f"`{n}`" for n in names)  # noqa: E731
+    return {"model.backbone": f"{shown(BACKBONES)}, or `{TIMM}NAME` for any model of timm",
+            "sampler.kind": shown(SAMPLERS), "loss.kind": shown(LOSSES)}
+
+
+def section_doc(name: str, cls: type) -> str:
+    """The section's own docstring; a ValueError where it has none (a dataclass without one gets its signature
+    as its __doc__, which the reference would print as if it described the section)."""
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    if not doc or doc.startswith(f"{cls.__name__}("):
+        raise ValueError(f"the {name} section ({cls.__module__}.{cls.__name__}) has no docstring: give it one "
+                         "that says what the section is for")
+    return doc
+
+
 def sections() -> list[tuple[str, type]]:
     from dist_dml.config import RunConfig
 
@@ -83,16 +105,18 @@ def reference() -> str:
     """docs/config.md."""
     out = [HEADER]
     out.append("Sections: " + ", ".join(f"[`{name}`](#{name})" for name, _ in sections()) + ".\n")
+    values = registry_values()
     for name, cls in sections():
-        doc = inspect.cleandoc(cls.__doc__ or "").replace(f"The `{name}` section of a run's config.", "").strip()
         out.append(f"## {name}\n")
-        if doc:
-            out.append(doc + "\n")
+        out.append(section_doc(name, cls) + "\n")
         out.append("| key | type | default | what it does |")
         out.append("| --- | --- | --- | --- |")
         hints, comments = typing.get_type_hints(cls), field_comments(cls)
         for f in dataclasses.fields(cls):
-            text = comments.get(f.name, "").replace("|", "\\|")
+            text = comments.get(f.name, "")
+            if f"{name}.{f.name}" in values:
+                text += f". Values: {values[f'{name}.{f.name}']}"
+            text = text.replace("|", "\\|")
             out.append(f"| `{name}.{f.name}` | {type_name(hints[f.name])} | {default_text(f)} | {text} |")
         out.append("")
     return "\n".join(out)

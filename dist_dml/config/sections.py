@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """How long a run trains, how it logs and watches itself, its name and its output folder."""
+
     steps: int = 0  # total optimizer steps; 0: epochs x steps per epoch
     epochs: int = 1  # passes over the training split (when train.steps is 0)
     log_every: int = 10  # steps per log line and MLflow point (loss, active pairs, spread, throughput)
@@ -41,6 +43,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
+    """How often a run saves a checkpoint, how many it keeps, and which one it continues from."""
+
     every_steps: int = 0  # 0: only at the end
     keep_last: int = 3  # whole checkpoints kept (older ones of this run are removed)
     resume: str = "auto"  # auto: the latest checkpoint under train.output_dir, if any; none; or a path
@@ -53,6 +57,8 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
+    """Where and what a run logs in MLflow (rank 0 only), and what happens when the server does not answer."""
+
     enabled: bool = True  # log to MLflow (rank 0 only); false: no tracking at all
     uri: str | None = None  # MLFLOW_TRACKING_URI wins; neither: MLflow's local default
     experiment: str = ""  # "": the run's name (train.name), so two configs never share an experiment

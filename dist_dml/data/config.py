@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The `data` section of a run's config."""
+    """Where the shards are, how a P x K batch is read from them, how images are augmented, and what a reader
+    tolerates."""
 
     root: str = ""  # folder with manifest.json and the shards, or a URL prefix (http(s)://, pipe:, s3://, gs://)
     train_split: str = "train"  # the manifest's split that training reads

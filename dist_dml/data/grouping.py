@@ -24,7 +24,8 @@ from dist_dml.infra.dtypes import DTYPES
 
 @dataclass(frozen=True)
 class ClassSamplingConfig:
-    """The `class_sampling` section of a run's config."""
+    """Class-level batches: a share of each batch built from groups of near classes, chosen by the class
+    prototypes (off at share 0)."""
 
     share: float = 0.0  # share of each batch's records chosen as groups of near classes (0: random batches, off)
     group: int = 4  # records per group: a random seed record and the records of its group - 1 nearest classes

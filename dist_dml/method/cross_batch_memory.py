@@ -21,7 +21,8 @@ MODES = ("shared", "add")
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    """The `memory` section of a run's config."""
+    """The cross-batch memory: a queue of the last global batches' embeddings that the sampler draws from
+    besides the batch (off at size 0)."""
 
     size: int = 0  # embeddings kept (0: no memory); e.g. 65536
     start_step: int = 0  # steps before the memory is sampled from (early embeddings drift too fast to help)

@@ -36,9 +36,10 @@ def _identity(t: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The `loss` section of a run's config."""
+    """The loss over the sampled triplets: its kind, its margin α and, for the margin loss, the boundary β
+    (global, per class, per image)."""
 
-    kind: str = "margin"  # a key of LOSSES
+    kind: str = "margin"  # the loss over the sampled triplets
     alpha: float | None = None  # the margin; None: the loss's own default (DEFAULT_MARGINS)
     beta_init: float = 1.2  # beta^(0); learnable when beta_global
     beta_global: bool = True  # beta^(0) learns (false: fixed at beta_init)

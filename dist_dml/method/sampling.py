@@ -31,9 +31,10 @@ from dist_dml.infra.seeding import mix
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """The `sampler` section of a run's config."""
+    """Which negative each (anchor, positive) pair of the global batch gets, and the distance-weighted
+    sampler's parameters."""
 
-    kind: str = "distance_weighted"  # a key of SAMPLERS
+    kind: str = "distance_weighted"  # which negative each (anchor, positive) pair gets
     cutoff: float = 0.5  # distance weights are clamped at this distance (the paper's lambda)
     nonzero_loss_cutoff: float = 1.4  # farther negatives give zero margin loss: never drawn
     seed: int = 0  # the draws depend only on (seed, step, the anchor's global index): the same on 1 or W ranks

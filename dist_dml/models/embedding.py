@@ -15,9 +15,9 @@ WEIGHTS = ("none", "torchvision", "timm")  # model.weights, besides the path of 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The `model` section of a run's config."""
+    """The embedding model: the backbone, its weights, the head's width and the normalisation of BatchNorm."""
 
-    backbone: str = "resnet50"  # a torchvision name of BACKBONES, or timm:<name> (any model of timm)
+    backbone: str = "resnet50"  # the feature extractor the head sits on
     embedding_dim: int = 128  # the embedding's width (the head's output, L2-normalised)
     # none (random init), torchvision (its default weights), timm (the model's pretrained weights), or a
     # local state dict of the backbone (.pth / .pt / .safetensors). Downloads are cached, once per node.

@@ -27,6 +27,9 @@ from dist_dml.retrieval.sharded_metrics import Embedded
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """What an evaluation measures and how: the split(s), the metrics, exact or IVF search, the plots, the
+    retrieval post-processing, and how much of a split may go unread."""
+
     every_steps: int = 0  # 0: only at the end
     at_start: bool = False  # also evaluate the untrained model
     split: str = "test"  # or "query,gallery" (In-Shop): query against gallery
