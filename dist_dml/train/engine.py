@@ -44,7 +44,7 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
-COMM_OP_BUILD = "about a minute, a few on a busy machine"
+COMM_OP_BUILD = "about a minute, a few minutes on a busy machine"
 _QUIET = []  # set once quiet_deepspeed has run in this process
 
 
