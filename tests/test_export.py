@@ -62,7 +62,7 @@ def test_eval_command_matches_in_memory_brute_force(checkpoint, tmp_path, capsys
 def test_embed_two_ranks_then_index_and_search(checkpoint, tmp_path, run_torchrun, fmt, capsys):
     emb_dir = tmp_path / "emb"
     run_torchrun(2, "dist_dml.cli", "embed", str(checkpoint), "--out", str(emb_dir), "--format", fmt, timeout=HANG_GUARD_S)
-    from dist_dml.infra.files import published
+    from dist_dml.infra.published import published
 
     current = published(emb_dir, json.loads((emb_dir / "model.json").read_text()))  # the export's version folder
     parts = {p.name for p in current.iterdir()}
@@ -79,7 +79,7 @@ def test_embed_two_ranks_then_index_and_search(checkpoint, tmp_path, run_torchru
     assert cli(["index", str(emb_dir), "--out", str(tmp_path / "idx")]) == 0
     from dist_dml.retrieval.faiss_search import load_index
 
-    from dist_dml.infra.files import published
+    from dist_dml.infra.published import published
 
     current = published(tmp_path / "idx", json.loads((tmp_path / "idx" / "meta.json").read_text()))
     _, found = load_index(current / "index.faiss").search(emb[:5], 3)
@@ -150,27 +150,128 @@ def synthetic_export(folder: Path, n: int, seed: int, part: int = 0) -> None:
 
 def test_an_index_is_replaced_whole_a_reader_sees_the_old_or_the_new(tmp_path):
     """dist-dml index over an index folder that a search is reading: the new index and its columns are written
-    beside the old and made current by one rename of meta.json; a reader that took the old meta.json still reads
-    the old index with its own columns (kept until the next rebuild), never the new columns with the old index
-    (searches printed wrong classes and items, or died in EOFError/IndexError)."""
-    from dist_dml.infra.files import published
+    beside the old and made current by one rename of meta.json; a reader that took an older meta.json still reads
+    that index with its own columns (the last 3 versions are kept), never the new columns with the old index."""
+    from dist_dml.infra.published import published
     from dist_dml.retrieval.faiss_search import load_index
 
     synthetic_export(tmp_path / "a", 40, seed=1)
     synthetic_export(tmp_path / "b", 25, seed=2)
     idx = tmp_path / "idx"
     metas = []
-    for source in ("a", "b", "a"):
+    for source in ("a", "b", "a", "b"):
         assert cli(["index", str(tmp_path / source), "--out", str(idx)]) == 0
         metas.append(json.loads((idx / "meta.json").read_text()))
-    first, second, third = metas
-    assert len({m["version"] for m in metas}) == 3
-    old, new = published(idx, second), published(idx, third)  # the previous and the current
-    assert load_index(old / "index.faiss").ntotal == len(np.load(old / "ids.npy")) == 25
-    assert load_index(new / "index.faiss").ntotal == len(np.load(new / "ids.npy")) == 40
-    with pytest.raises(ValueError, match="replaced twice while it was read"):
-        published(idx, first)  # two rebuilds ago: gone, and said so (never mixed)
-    assert sorted(p.name for p in idx.iterdir()) == sorted(["meta.json", second["version"], third["version"]])
+    first, second, third, fourth = metas
+    assert len({m["version"] for m in metas}) == 4
+    for meta, n in ((second, 25), (third, 40), (fourth, 25)):  # two rebuilds ago, the previous and the current
+        version = published(idx, meta)
+        assert load_index(version / "index.faiss").ntotal == len(np.load(version / "ids.npy")) == n
+    with pytest.raises(ValueError, match="the version its meta names, is not there"):
+        published(idx, first)  # three rebuilds ago: gone, and said so (never mixed)
+    assert sorted(p.name for p in idx.iterdir()) == sorted(["meta.json", *(m["version"] for m in metas[1:])])
+    assert fourth["previous"] == [third["version"], second["version"]]
+
+
+def test_a_search_reads_the_version_it_opened_whatever_is_published_meanwhile(tmp_path, capsys):
+    """A search opens every file of its version before reading any: four rebuilds between its opening and its
+    reading (the old version's folder removed) change nothing it answers. Where the version is removed before its
+    files are opened, it reads meta.json again, says so, and answers from the new index whole."""
+    from dist_dml.infra import published as published_module
+    from dist_dml.retrieval.index_folder import IndexFolder
+
+    synthetic_export(tmp_path / "a", 40, seed=1)
+    synthetic_export(tmp_path / "b", 25, seed=2)
+    idx = tmp_path / "idx"
+    assert cli(["index", str(tmp_path / "a"), "--out", str(idx)]) == 0
+    queries = read_embeddings(tmp_path / "a").embeddings[:3]
+    folder = IndexFolder(idx)
+    for source in ("b", "a", "b", "b"):
+        assert cli(["index", str(tmp_path / source), "--out", str(idx)]) == 0
+    assert not (idx / folder.meta["version"]).exists()
+    hits = folder.search(queries, 1)
+    assert [h[0].score for h in hits] == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)  # each query finds itself
+    assert len(folder.columns["ids"]) == folder.index.ntotal == 40
+
+    real = published_module.read_json_object
+    calls = []
+
+    def read_then_rebuild(path, remedy):  # the first read's version is gone before its files are opened
+        meta = real(path, remedy)
+        calls.append(meta["version"])
+        if len(calls) == 1:
+            for source in ("a", "b", "a"):
+                assert cli(["index", str(tmp_path / source), "--out", str(idx)]) == 0
+        return meta
+
+    published_module.read_json_object = read_then_rebuild
+    try:
+        said = []
+        folder = IndexFolder(idx, say=said.append)
+    finally:
+        published_module.read_json_object = real
+    assert len(calls) == 2 and calls[0] != calls[1] and said and "replaced while it was read" in said[0]
+    folder.load()
+    assert folder.index.ntotal == len(folder.columns["items"]) == folder.meta["count"] == 40
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m.update(files=list(m["files"])), "not a mapping of names to sizes"),
+    (lambda m: m["files"].update({"ids.npy": str(m["files"]["ids.npy"])}), "not a number of bytes"),
+    (lambda m: m["files"].update({"../meta.json": 10}), "not a file name"),
+    (lambda m: m.update(version="v-nowhere"), "the version its meta names"),
+    (lambda m: m.update(count=m["count"] + 1), "its parts disagree"),
+    (lambda m: m["files"].pop("labels.npy"), "it lists no labels.npy"),
+    (lambda m: m.update(postprocess={"steps": ["k_reciprocal"], "kr_k1": 20}), "never carries"),
+])
+def test_a_damaged_index_record_is_one_line_whatever_its_shape(tmp_path, capsys, edit, says):
+    """meta.json whose files are a list, whose sizes are strings, that names a file outside its version, a version
+    that does not exist, a count the index does not hold, no labels, or a re-ranking an index never does: one line
+    naming the file, never a traceback or a search that silently does less."""
+    synthetic_export(tmp_path / "a", 20, seed=1)
+    idx = tmp_path / "idx"
+    assert cli(["index", str(tmp_path / "a"), "--out", str(idx)]) == 0
+    meta = json.loads((idx / "meta.json").read_text())
+    edit(meta)
+    (idx / "meta.json").write_text(json.dumps(meta))
+    from dist_dml.retrieval.index_folder import IndexFolder
+
+    with pytest.raises(UserError, match=says) as refused:
+        IndexFolder(idx, say=lambda line: None).load()
+    assert "\n" not in str(refused.value) and str(idx) in str(refused.value)
+
+
+def test_a_damaged_export_record_is_one_line(tmp_path, checkpoint):
+    """model.json whose files are a list, or whose sizes are strings: one line naming it (an AttributeError, or
+    '3956 bytes, its meta says 3956', before)."""
+    folder = tmp_path / "emb"
+    assert cli(["embed", str(checkpoint), "--out", str(folder)]) == 0
+    meta = json.loads((folder / "model.json").read_text())
+    for edit, says in ((dict(files=list(meta["files"])), "not a mapping of names to sizes"),
+                       (dict(files={k: str(v) for k, v in meta["files"].items()}), "not a number of bytes")):
+        (folder / "model.json").write_text(json.dumps({**meta, **edit}))
+        with pytest.raises(UserError, match=says) as refused:
+            read_embeddings(folder)
+        assert str(folder / "model.json") in str(refused.value) and "dist-dml embed" in str(refused.value)
+
+
+def test_a_file_the_meta_does_not_list_is_never_read(tmp_path):
+    """items.npy dropped from meta.json's list and replaced in the version folder by a stale one: the search
+    reads the columns the meta lists only (no item column), never the stale file."""
+    from dist_dml.retrieval.index_folder import IndexFolder
+
+    synthetic_export(tmp_path / "a", 20, seed=1)
+    idx = tmp_path / "idx"
+    assert cli(["index", str(tmp_path / "a"), "--out", str(idx)]) == 0
+    meta = json.loads((idx / "meta.json").read_text())
+    meta["files"].pop("items.npy")
+    (idx / "meta.json").write_text(json.dumps(meta))
+    np.save(idx / meta["version"] / "items.npy", np.array(["stale"] * 20))
+    folder = IndexFolder(idx)
+    folder.load()
+    assert "items" not in folder.columns
+    hits = folder.search(read_embeddings(tmp_path / "a").embeddings[:2], 3)
+    assert all(hit.item is None for row in hits for hit in row)
 
 
 def test_an_export_owns_its_folder_stale_parts_are_never_indexed(tmp_path, checkpoint):

@@ -170,7 +170,7 @@ def test_an_index_carries_dba_and_its_searches_apply_qe(tmp_path, capsys):
 
     from dist_dml.cli import main as cli
     from dist_dml.retrieval.embeddings import read_embeddings
-    from dist_dml.infra.files import published
+    from dist_dml.infra.published import published
     from dist_dml.retrieval.faiss_search import load_index, search_index
 
     from .test_export import synthetic_export

@@ -94,7 +94,7 @@ def index_command(args: argparse.Namespace) -> int:
         raise UserError(f"--nlist must be >= 0 (0: 4 sqrt(N)) and --m >= 1, got {args.nlist} and {args.m}")
     pp = index_postprocess(args.postprocess, {key: getattr(args, key) for key in _INDEX_FLAGS})
     source = Path(args.embeddings)
-    exported = read_embeddings(source)
+    exported = read_embeddings(source, say=lambda line: print(f"[index] {line}", flush=True))
     model = export_meta(source)
     if args.checkpoint:
         fingerprint = model_fingerprint(load_checkpoint(args.checkpoint)[0])
@@ -122,7 +122,7 @@ def search_command(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise UserError(f"--k {args.k}: give at least 1 neighbour")
-    folder = IndexFolder(args.index)
+    folder = IndexFolder(args.index, say=lambda line: print(f"[search] {line}", flush=True))
     checkpoint = args.checkpoint or folder.checkpoint
     if not checkpoint:
         raise UserError("give --checkpoint (the index does not name one)")

@@ -224,6 +224,11 @@ def save_index(index, path: Path) -> None:
     faiss.write_index(faiss.index_gpu_to_cpu(index) if hasattr(index, "getDevice") else index, str(path))
 
 
+def index_from_bytes(data: bytes):
+    """An index saved by save_index, from its bytes (read from a file opened earlier)."""
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
 def load_index(path: Path):
     """A saved index (save_index); a path that is not a regular file raises OSError (never opened by faiss)."""
     from dist_dml.infra.files import open_regular

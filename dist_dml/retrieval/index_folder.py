@@ -2,9 +2,10 @@
 id, label, class and source beside it, the model that made them, and the post-processing it carries (DBA on the
 indexed vectors, QE on every query).
 
-One writer, many readers: a build writes a new version folder beside the current one and makes it current in one
-rename of ``meta.json`` (infra.files.publish); a search reads the version that ``meta.json`` named when it opened
-the folder, so it sees the old index with its own columns or the new one, never a mix.
+One writer, many readers (infra.published): a build writes a new version folder beside the current one and makes
+it current in one rename of ``meta.json``; a search opens every file of the version ``meta.json`` names before it
+reads any, so it answers from the old index with its own columns or the new one, never a mix, whatever is
+published meanwhile.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_dml.infra.errors import UserError, one_line
-from dist_dml.infra.files import new_version, open_regular, publish, published, read_json_object
+from dist_dml.infra.published import new_version, open_published, publish
 from dist_dml.retrieval.embeddings import Exported
 from dist_dml.retrieval.postprocess import INDEX_PARAMETERS, Postprocess
 
@@ -101,16 +102,23 @@ class Hit:
 
 
 class IndexFolder:
-    """An index folder opened for searching: its meta.json read (a missing or damaged one is a UserError),
-    then :meth:`load` reads the index and its columns from the version that meta.json names."""
+    """An index folder opened for searching: its meta.json read and checked, and every file of the version it
+    names opened at once (a missing or damaged one is a UserError); :meth:`load` then reads the index and its
+    columns from those files."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, say=print):
         self.folder = Path(folder)
-        path = self.folder / META
-        if not path.is_file():
+        if not (self.folder / META).is_file():
             raise UserError(f"{self.folder}: not an index folder (no {META}; build one with dist-dml index)")
-        self.meta = read_json_object(path, REBUILD)
-        self.postprocess = recorded_postprocess(self.meta, self.folder)
+        self.meta, self._files = open_published(self.folder, META, REBUILD, say)
+        try:
+            self.postprocess = recorded_postprocess(self.meta, self.folder)
+            missing = [name for name in ("index.faiss", "ids.npy", "labels.npy") if name not in self._files]
+            if missing:
+                raise UserError(f"{self.folder / META}: damaged (it lists no {', '.join(missing)}); {REBUILD}")
+        except BaseException:
+            self.close()
+            raise
         self.index, self.columns = None, {}
 
     @property
@@ -121,23 +129,31 @@ class IndexFolder:
     def fingerprint(self) -> str | None:
         return self.meta.get("fingerprint")
 
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files = {}
+
     def load(self) -> None:
-        """The index and its columns, as the version meta.json named (a damaged one is a UserError)."""
-        from dist_dml.retrieval.faiss_search import load_index
+        """The index and its columns (those meta.json lists; a file it does not list is never read), checked
+        against each other and the count meta.json records."""
+        from dist_dml.retrieval.faiss_search import index_from_bytes
 
         try:
-            base = published(self.folder, self.meta)
-            index = load_index(base / "index.faiss")
-            columns = {}
-            for name in COLUMNS:
-                if (base / f"{name}.npy").exists():
-                    with open_regular(base / f"{name}.npy") as f:
-                        columns[name] = np.load(f, allow_pickle=False)
-        except (RuntimeError, ValueError, OSError) as exc:
+            index = index_from_bytes(self._files["index.faiss"].read())
+            columns = {name: np.load(self._files[f"{name}.npy"], allow_pickle=False)
+                       for name in COLUMNS if f"{name}.npy" in self._files}
+        except (RuntimeError, ValueError, OSError, EOFError) as exc:
             raise UserError(f"{self.folder}: the index is damaged ({one_line(exc, 200)}); {REBUILD}") from None
-        if index.ntotal != len(columns.get("ids", ())):
-            raise UserError(f"{self.folder}: the index holds {index.ntotal} vectors but ids.npy "
-                            f"{len(columns.get('ids', ()))}; {REBUILD}")
+        finally:
+            self.close()
+        counts = {"the index": index.ntotal, **{f"{name}.npy": len(column) for name, column in columns.items()}}
+        recorded = self.meta.get("count")
+        if recorded is not None:
+            counts = {f"{META} (its count)": recorded, **counts}
+        if len(set(counts.values())) > 1:
+            shown = ", ".join(f"{what} {n}" for what, n in counts.items())
+            raise UserError(f"{self.folder}: its parts disagree ({shown}); {REBUILD}")
         self.index, self.columns = index, columns
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
