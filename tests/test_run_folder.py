@@ -242,3 +242,55 @@ def test_the_demo_never_overwrites_a_run(tmp_path, capsys):
     assert cli(["demo", "--output", str(tmp_path)]) == 2
     assert "holds an earlier run's results.json, not a demo's" in capsys.readouterr().err
     assert (tmp_path / "results.json").read_text() == '{"steps": 500}' and not (tmp_path / "data").exists()
+
+
+def an_earlier_run(folder: Path, run_id: str = "cafe") -> dict[str, str]:
+    """A finished run's files in ``folder`` (RUN_FILES), each with distinct contents: {relative path: contents}."""
+    files = {"checkpoints/step00000010/model.pt": "weights", "final_model.pt": "final", "results.json": '{"steps": 10}',
+             "config.yaml": "train: {name: x}\n", "run.json": json.dumps({"run_id": run_id}), "plots/recall.png": "png"}
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return files
+
+
+@pytest.mark.parametrize("killed_after", range(7))
+def test_a_move_aside_cut_by_a_kill_is_completed_not_split_nor_overwritten(tmp_path, monkeypatch, killed_after):
+    """train.move_aside killed after any of its renames: the folder still counts as holding an earlier run (a plain
+    start is refused: it found 'no earlier run' after the 4th rename and wrote over run.json and plots), and the
+    next move aside completes the cut one into a single previous/RUN (a second move split the run over two)."""
+    from dist_dml.train import run_folder
+
+    files = an_earlier_run(tmp_path)
+    real, done = os.replace, []
+
+    def replace_then_die(src, dst):
+        if len(done) == killed_after:
+            raise KeyboardInterrupt("killed")
+        real(src, dst)
+        done.append(dst)
+
+    monkeypatch.setattr(run_folder.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_folder.move_aside(tmp_path)
+    monkeypatch.setattr(run_folder.os, "replace", real)
+    assert run_folder.earlier_run_problem(tmp_path, move_aside=False) is not None
+    moved = run_folder.move_aside(tmp_path)
+    assert moved == tmp_path / "previous" / "cafe"
+    assert [p.name for p in (tmp_path / "previous").iterdir()] == ["cafe"]
+    assert {str(p.relative_to(moved)): p.read_text() for p in moved.rglob("*") if p.is_file()} == files
+    assert not any((tmp_path / name).exists() for name in run_folder.RUN_FILES)
+    assert run_folder.earlier_run(tmp_path) is None
+
+
+def test_a_move_aside_takes_a_free_name(tmp_path):
+    """previous/RUN and previous/RUN-2 taken (two earlier moves of runs with one id): the next goes to RUN-3 (a
+    FileExistsError traceback, before)."""
+    from dist_dml.train.run_folder import move_aside
+
+    (tmp_path / "previous" / "cafe").mkdir(parents=True)
+    (tmp_path / "previous" / "cafe-2").mkdir()
+    files = an_earlier_run(tmp_path)
+    moved = move_aside(tmp_path)
+    assert moved == tmp_path / "previous" / "cafe-3"
+    assert {str(p.relative_to(moved)): p.read_text() for p in moved.rglob("*") if p.is_file()} == files

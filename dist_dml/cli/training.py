@@ -173,16 +173,20 @@ def demo_command(args: argparse.Namespace) -> int:
 
 
 def _a_demo(folder: Path) -> bool:
-    """Whether the run in ``folder`` is a demo's (its config.yaml names the run demo)."""
+    """Whether the run in ``folder`` is a demo's (its config.yaml names the run demo; where a move aside was cut
+    short, the config.yaml it moved)."""
     import yaml
 
     from dist_dml.infra.files import read_regular
+    from dist_dml.train.run_folder import PREVIOUS, STAGING
 
-    try:
-        saved = yaml.safe_load(read_regular(folder / "config.yaml"))
-        return saved["train"]["name"] == "demo"
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return False
+    for config in (folder / "config.yaml", *sorted((folder / PREVIOUS).glob(f"{STAGING}*/config.yaml"))):
+        try:
+            saved = yaml.safe_load(read_regular(config))
+            return saved["train"]["name"] == "demo"
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            continue
+    return False
 
 
 def grid_command(args: argparse.Namespace) -> int:

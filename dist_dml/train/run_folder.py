@@ -183,19 +183,25 @@ def folder_problem(path: Path) -> str | None:
 # What a run leaves in its folder, moved aside together (train.move_aside); the folder's shards (a demo's data),
 # lock and anything else stay.
 RUN_FILES = ("checkpoints", "final_model.pt", "results.json", "config.yaml", "run.json", "plots")
+# What marks an earlier run worth keeping: all but what every start writes first (run.json, config.yaml), which a
+# start that crashed before saving anything leaves and its restart writes again.
+KEPT_FILES = ("checkpoints", "final_model.pt", "results.json", "plots")
 PREVIOUS = "previous"
+STAGING = ".moving-"  # previous/.moving-NAME: a move aside under way; renamed to previous/NAME when whole
 
 
 def earlier_run(path: Path) -> str | None:
     """What an earlier run left in ``path`` that a fresh start would overwrite or prune (its checkpoints, final
-    model, results), in a few words; None if nothing."""
+    model, results, plots, or a move aside cut short), in a few words; None if nothing."""
     path = Path(path)
     found = []
     steps = sorted(p.name for p in (path / "checkpoints").glob("step*") if p.is_dir()) \
         if (path / "checkpoints").is_dir() else []
     if steps:
         found.append(f"{len(steps)} checkpoint{'s' if len(steps) > 1 else ''} (the newest {steps[-1]})")
-    found += [name for name in ("final_model.pt", "results.json") if (path / name).exists()]
+    found += [name for name in KEPT_FILES[1:] if (path / name).exists()]
+    found += [f"{moving.relative_to(path)} (a move aside cut short: train.move_aside=true completes it)"
+              for moving in _staged(path)]
     if not found:
         return None
     owner = RunFolder(path).run_id()
@@ -217,20 +223,53 @@ def fresh_start_refused(path: Path, earlier: str) -> str:
 
 
 def move_aside(path: Path) -> Path | None:
-    """The earlier run's files (RUN_FILES) moved into ``path``/previous/RUN (its id, else the time); where they
-    went, or None if there was nothing to move. Renames within the folder: nothing is copied or deleted."""
+    """The earlier run's files (RUN_FILES) moved into ``path``/previous/RUN (its id, else the time; a free name);
+    where they went, or None if there was nothing to move. One step that a kill cannot leave half-done: the files
+    go into previous/.moving-RUN first, which one rename makes previous/RUN; a move that a kill cut short is
+    completed first (the rest of its run's files into it). Renames within the folder: nothing is copied or
+    deleted."""
     path = Path(path)
+    completed = finish_interrupted_moves(path)
     present = [name for name in RUN_FILES if (path / name).exists()]
     if not present:
-        return None
-    name = RunFolder(path).run_id() or time.strftime("%Y%m%d-%H%M%S")
-    dest = path / PREVIOUS / name
-    if dest.exists():
-        dest = dest.with_name(f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    dest.mkdir(parents=True)
+        return completed[-1] if completed else None
+    dest = _free_name(path / PREVIOUS, RunFolder(path).run_id() or time.strftime("%Y%m%d-%H%M%S"))
+    staging = dest.with_name(STAGING + dest.name)
+    staging.mkdir(parents=True)
     for item in present:
-        os.replace(path / item, dest / item)
+        os.replace(path / item, staging / item)
+    os.replace(staging, dest)
     return dest
+
+
+def finish_interrupted_moves(path: Path) -> list[Path]:
+    """Every move aside that a kill cut short (a previous/.moving-RUN folder left), completed: the run's files still
+    in ``path`` moved into it, then it renamed to a free previous/RUN. Where they went."""
+    done = []
+    for staging in _staged(path):
+        for item in RUN_FILES:
+            if (path / item).exists() and not (staging / item).exists():
+                os.replace(path / item, staging / item)
+        dest = _free_name(staging.parent, staging.name[len(STAGING):], own=staging)
+        os.replace(staging, dest)
+        done.append(dest)
+    return done
+
+
+def _staged(path: Path) -> list[Path]:
+    folder = Path(path) / PREVIOUS
+    return sorted(p for p in folder.glob(f"{STAGING}*") if p.is_dir()) if folder.is_dir() else []
+
+
+def _free_name(folder: Path, name: str, own: Path | None = None) -> Path:
+    """folder/name, or folder/name-2, -3, ... where that is taken (by a folder, or a move aside under way other
+    than ``own``)."""
+    candidate, n = folder / name, 1
+    while candidate.exists() or candidate.with_name(STAGING + candidate.name) not in (own, None) and \
+            candidate.with_name(STAGING + candidate.name).exists():
+        n += 1
+        candidate = folder / f"{name}-{n}"
+    return candidate
 
 
 def folder_run_id(output_dir: Path) -> str | None:
