@@ -29,9 +29,9 @@ free_port() {
     "$PYTHON" -c 'from dist_dml.infra.distributed import free_port; print(free_port())'
 }
 
-# `dist-dml check WORLD ARGS...`: the config, the data and whether a resume can apply at this world
-# size, in one process, before torchrun starts any.
+# `preflight WORLD PER_NODE ARGS...` (dist-dml check): the config, the data, the resume at this world size and
+# the shared memory of PER_NODE processes here, in one process, before torchrun starts any.
 preflight() {
-    local world=$1; shift
-    "$PYTHON" -m dist_dml.cli check --world-size "$world" "$@"
+    local world=$1 per_node=$2; shift 2
+    "$PYTHON" -m dist_dml.cli check --world-size "$world" --ranks-per-node "$per_node" "$@"
 }

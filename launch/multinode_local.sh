@@ -8,7 +8,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$REPO/launch/common.sh"
 NNODES=${NNODES:-2}
 NPROC=${NPROC_PER_NODE:-1}
-if [ "${1:-}" = train ]; then preflight $((NNODES * NPROC)) "${@:2}" || exit 2; fi
+if [ "${1:-}" = train ]; then preflight $((NNODES * NPROC)) $((NNODES * NPROC)) "${@:2}" || exit 2; fi
 PORT=${MASTER_PORT:-$(free_port)}
 echo "[launch] $NNODES local nodes x $NPROC processes, rendezvous at 127.0.0.1:$PORT"
 pids=()

@@ -7,7 +7,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$REPO/launch/common.sh"
 NPROC=${1:?usage: launch/torchrun.sh NPROC train CONFIG [section.key=value ...]}; shift
-if [ "${1:-}" = train ]; then preflight "$NPROC" "${@:2}" || exit 2; fi
+if [ "${1:-}" = train ]; then preflight "$NPROC" "$NPROC" "${@:2}" || exit 2; fi
 PORT=${MASTER_PORT:-$(free_port)}
 echo "[launch] $NPROC processes on this node, rendezvous at 127.0.0.1:$PORT, python $PYTHON, up to $MAX_RESTARTS restarts after a crash"
 exec "$PYTHON" -m dist_dml.launch --nproc_per_node "$NPROC" --master_port "$PORT" \

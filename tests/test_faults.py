@@ -425,13 +425,28 @@ def mistakes(model: Path, folder: Path, config: str) -> dict[str, tuple[list[str
                     "--opset 1: torch's ONNX exporter writes opset 18 or later"),
         "nlist -3": (["index", str(folder / "emb"), "--out", str(folder / "ix"), "--type", "ivfpq", "--nlist",
                       "-3"], "--nlist must be >= 0"),
+        "reference onto a folder": (["config", "--reference", "--out", str(folder)], f"--out: {folder} is a folder"),
+        "reference under a file": (["config", "--reference", "--out", str(folder / "text.jpg" / "c.md")],
+                                   "text.jpg, a file, not a folder"),
+        "reference of a config": (["config", config, "--reference"], "--reference prints every key"),
+        "config of nothing": (["config"], "give a config file to resolve"),
+        "demo nproc 0": (["demo", "--nproc", "0", "--output", str(folder / "demo")], "--nproc must be >= 1"),
+        "demo nproc -1": (["demo", "--nproc", "-1", "--output", str(folder / "demo")], "--nproc must be >= 1"),
+        "demo onto a file": (["demo", "--output", str(folder / "text.jpg")], "text.jpg is a file, not a folder"),
+        "a billion ranks": (["check", config, "--world-size", "1000000000"], "records a step is more than the"),
+        "more ranks than records": (["check", config, "--world-size", "64"], "use at most"),
+        "class sampling never": (["check", config, "class_sampling.share=0.5", "class_sampling.start_step=100",
+                                  "train.steps=50", "--world-size", "1"], "no batch would be class-level"),
     }
 
 
 @pytest.mark.parametrize("case", ["yaml", "manifest", "not an image", "empty image", "missing image", "k 0",
                                   "corrupt index", "corrupt meta", "no such split", "other dim", "other backbone",
                                   "not a checkpoint", "missing resume", "onnx onto a folder", "onnx under a file",
-                                  "eval --out folder", "eval --plots file", "opset 1", "nlist -3"])
+                                  "eval --out folder", "eval --plots file", "opset 1", "nlist -3",
+                                  "reference onto a folder", "reference under a file", "reference of a config",
+                                  "config of nothing", "demo nproc 0", "demo nproc -1", "demo onto a file",
+                                  "a billion ranks", "more ranks than records", "class sampling never"])
 def test_a_command_line_mistake_is_one_line_and_exit_2(case, exported, twelve_steps, tiny_shards, capsys):
     from dist_dml.cli import main as cli
 
@@ -441,6 +456,7 @@ def test_a_command_line_mistake_is_one_line_and_exit_2(case, exported, twelve_st
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and says in lines[0] and "Traceback" not in err, err
+    assert lines[0].startswith(f"dist-dml {argv[0]}: error: ") and lines[0].count(f"dist-dml {argv[0]}:") == 1, lines[0]
 
 
 def test_debug_shows_the_traceback(exported, capsys):

@@ -18,7 +18,7 @@ from dist_dml.data import DataConfig, Manifest, train_image
 from dist_dml.method.losses import LossConfig, build_loss
 from dist_dml.method.sampling import Triplets
 
-from .conftest import HANG_GUARD_S, ROOT, cpu_env, dist_dml_here, tiny_overrides
+from .conftest import HANG_GUARD_S, ROOT, cpu_env, dist_dml_here, synthetic_shards, tiny_overrides
 
 CONFIG = ROOT / "configs/cpu_synthetic.yaml"
 
@@ -120,23 +120,25 @@ def test_resume_that_cannot_apply_is_refused_before_any_process_starts(tiny_shar
     assert "[launch]" not in proc.stdout  # torchrun never started
 
 
-def test_a_resume_of_another_table_size_or_world_size_is_refused_at_check(tiny_shards, tmp_path):
+def test_a_resume_of_another_table_size_or_world_size_is_refused_at_check(tmp_path):
     """The memory's size, the beta tables' sizes and the data split's records are read from the checkpoint's index
     and compared before any process starts (they failed after the engine was built); `check --world-size W`
     refuses a W at which DeepSpeed cannot load the ZeRO-2 state: a 2,080-element head before a per-image beta
     table of 10^6 leaves ranks 62 and 63 of 64 with none of the head and some of beta (worked by hand: groups are
-    padded to a multiple of 2W and cut in W equal slices; at 62 ranks every rank holds some of each)."""
+    padded to a multiple of 2W and cut in W equal slices; at 62 ranks every rank holds some of each). The split
+    holds 70 records, one class per record a step (P = 1), so 64 ranks have records to draw."""
+    tiny_shards = synthetic_shards(tmp_path / "shards", 70, 4, 0.03)
     out = tmp_path / "run"
     shapes = {"group_backbone": 100000, "group_head": 2080, "group_beta": 1000001, "beta_images": 1000000}
     fake_checkpoint(out, world_size=2, parts={"memory": {"size": 4096, "dim": 64}, "shapes": shapes,
                                               "data": {"records": 10 ** 6}})
-    base = [f"data.root={tiny_shards}", f"train.output_dir={out}", "memory.size=4096"]
+    base = [f"data.root={tiny_shards}", f"train.output_dir={out}", "memory.size=4096", "data.classes_per_batch=1"]
     records = resume_problem(load_config(CONFIG, base))
     assert "a data position over a 'train' split (data.root, data.train_split) whose record count is 1000000" in records
     records_now = Manifest(tiny_shards).split("train")["shards"]
     fake_checkpoint(tmp_path / "fits", world_size=2, parts={"memory": {"size": 4096, "dim": 64}, "shapes": shapes,
                                                             "data": {"records": sum(s["records"] for s in records_now)}})
-    base = [f"data.root={tiny_shards}", f"train.output_dir={tmp_path / 'fits'}"]
+    base = [f"data.root={tiny_shards}", f"train.output_dir={tmp_path / 'fits'}", "data.classes_per_batch=1"]
     assert resume_problem(load_config(CONFIG, base + ["memory.size=4096"])) is None
     assert resume_problem(load_config(CONFIG, base)) is None  # a run without the memory leaves it
     assert "memory.size of 4096, but this run's is 8192" in resume_problem(load_config(CONFIG, base + ["memory.size=8192"]))

@@ -97,7 +97,7 @@ def evaluated(query, qlab, gallery=None, glab=None, **cfg) -> dict:
     """The evaluation's metrics in one process, the post-processed ones under "postprocessed"."""
     as_set = lambda e, lab: Embedded(torch.from_numpy(e), torch.from_numpy(np.asarray(lab)), torch.arange(len(e)))  # noqa: E731
     metrics, _ = sharded_metrics(as_set(query, qlab), None if gallery is None else as_set(gallery, glab),
-                                 EvalConfig(recall_ks=KS, nmi=False, **cfg), DistContext())
+                                 EvalConfig(**{"recall_ks": KS, "nmi": False, **cfg}), DistContext())
     return metrics
 
 
@@ -206,3 +206,56 @@ def test_an_index_carries_dba_and_its_searches_apply_qe(tmp_path, capsys):
     for bad in ({"steps": ["qe"], "qe_k": "2"}, {"steps": "qe"}, {"steps": ["qe", "rerank"]}, {"qe_k": 2}, [1]):
         with pytest.raises(UserError, match="damaged"):
             recorded_postprocess({"postprocess": bad}, tmp_path / "idx")
+
+
+@pytest.mark.parametrize("mode", ["same", "query_gallery"])
+def test_a_k_beyond_the_gallery_is_cut_to_it_with_the_same_answer_in_little_memory(mode):
+    """eval.qe_k, eval.dba_k, eval.kr_shortlist and a Recall@K of 10^5 over a gallery of 60: the metrics of the k
+    cut to the gallery, without allocating k columns of padding per query (1-3 GB at 10^5-10^7 before)."""
+    import tracemalloc
+
+    query, qlab = clustered(60, 6, 5)
+    gallery, glab = (None, None) if mode == "same" else clustered(60, 6, 6)
+    findable = 59 if mode == "same" else 60
+    huge = dict(qe_k=100_000, dba_k=100_000, kr_shortlist=100_000, recall_ks=(1, 100_000))
+    fit = dict(qe_k=findable, dba_k=59, kr_shortlist=findable, recall_ks=(1, findable))
+    for steps in ("dba+qe", "k_reciprocal"):
+        tracemalloc.start()
+        got = evaluated(query, qlab, gallery, glab, postprocess=steps, **huge)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        want = evaluated(query, qlab, gallery, glab, postprocess=steps, **fit)
+        assert peak < 64 * 2**20, peak
+        values = lambda m: [m[key] for key in ("recall_at_1", "map_at_r", "r_precision")]  # noqa: E731
+        assert values(got) == pytest.approx(values(want), abs=1e-6)
+        assert values(got["postprocessed"]) == pytest.approx(values(want["postprocessed"]), abs=1e-6)
+        assert got[f"recall_at_100000"] == pytest.approx(want[f"recall_at_{findable}"], abs=1e-6)
+
+
+def test_an_index_and_its_search_cut_k_to_what_they_hold(tmp_path):
+    """dist-dml index --dba-k and search --k far beyond the 40 indexed items: the index and the hits of k = 39 / 40,
+    in little memory."""
+    import json
+    import tracemalloc
+
+    from dist_dml.cli import main as cli
+    from dist_dml.retrieval.embeddings import read_embeddings
+    from dist_dml.retrieval.index_folder import IndexFolder
+
+    from .test_export import synthetic_export
+
+    synthetic_export(tmp_path / "emb", 40, seed=3)
+    for name, k in (("huge", 100_000), ("fit", 39)):
+        assert cli(["index", str(tmp_path / "emb"), "--out", str(tmp_path / name), "--postprocess", "dba+qe",
+                    "--dba-k", str(k), "--qe-k", str(k)]) == 0
+    huge, fit = IndexFolder(tmp_path / "huge"), IndexFolder(tmp_path / "fit")
+    queries = read_embeddings(tmp_path / "emb").embeddings[:4]
+    tracemalloc.start()
+    got = huge.search(queries, 10_000_000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    want = fit.search(queries, 40)
+    assert peak < 64 * 2**20, peak
+    assert [[(h.id, h.score) for h in row] for row in got] == [[(h.id, h.score) for h in row] for row in want]
+    assert all(len(row) == 40 for row in got)
+    assert json.loads((tmp_path / "huge" / "meta.json").read_text())["postprocess"]["dba_k"] == 100_000

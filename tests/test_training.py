@@ -157,3 +157,34 @@ def test_zero1_runs_complete_and_resume(tiny_shards, tmp_path, precision):
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 10 and results["skipped_steps"] == 0
     assert all(0 < loss < 2 for loss in logged_losses(log)), log[-3000:]
+
+
+def test_ranks_die_with_their_launcher(tiny_shards, tmp_path):
+    """kill -9 of the launcher (python -m dist_dml.launch) mid-run: its ranks and their DataLoader workers stop
+    within seconds, and the output folder's lock is free for a scheduler's restart (they trained on to the end,
+    holding it)."""
+    from dist_dml.train.run_folder import RunFolder
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_shards, out, **{"train.steps": 100000, "checkpoint.every_steps": 0,
+                                                    "eval.at_start": False, "tracking.enabled": False})
+    proc = torchrun_train(2, overrides, cpu_env())
+    try:
+        deadline = time.time() + HANG_GUARD_S
+        while RunFolder(out).holder() is None and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)  # until rank 0 holds the folder: the ranks are training
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert len([p for p in family if p.ppid() == proc.pid]) == 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        gone, alive = psutil.wait_procs(family, timeout=60)
+        assert not alive, [p.cmdline()[-3:] for p in alive]
+        assert RunFolder(out).holder() is None  # free for the next training
+    finally:
+        for p in psutil.Process().children(recursive=True):
+            if p.pid != os.getpid():
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass

@@ -69,7 +69,7 @@ def check_command(args: argparse.Namespace) -> int:
     from dist_dml.train.preflight import check_launch
 
     cfg = load_config(args.config, args.overrides)
-    check_launch(cfg, args.world_size)
+    check_launch(cfg, args.world_size, args.ranks_per_node)
     print(f"[check] run {cfg.train.name!r}: output {cfg.train.output_dir}, MLflow experiment "
           f"{cfg.tracking.experiment!r}, {args.world_size} processes", flush=True)
     return 0
@@ -116,11 +116,17 @@ def setup_command(args: argparse.Namespace) -> int:
 
 def config_command(args: argparse.Namespace) -> int:
     """`dist-dml config --reference` (docs/config.md), or a config resolved (YAML, checked without its data)."""
-    from dist_dml.infra.files import write_atomically
+    from dist_dml.infra.files import output_problem, write_atomically
 
+    problem = output_problem(args.out) if args.out else None
+    if problem:
+        raise UserError(f"--out: {problem}")
     if args.reference:
         from dist_dml.config.reference import reference
 
+        if args.config or args.overrides:
+            raise UserError("--reference prints every key of every section, for no config in particular: give it "
+                            "no config file (or drop --reference to print that config resolved)")
         text = reference()
     elif args.config:
         from dist_dml.config import load_config
@@ -140,8 +146,14 @@ def demo_command(args: argparse.Namespace) -> int:
     """Synthetic shards, a short training on CPU processes, Recall@1 before and after. An earlier demo in the
     folder is moved into OUTPUT/previous/ (train.move_aside); a folder that holds another run is refused."""
     from dist_dml.infra.distributed import free_port
+    from dist_dml.infra.files import output_problem
     from dist_dml.train.run_folder import earlier_run
 
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be >= 1 (CPU processes to train with), got {args.nproc}")
+    problem = output_problem(args.output, folder=True)
+    if problem:
+        raise UserError(f"--output: {problem}")
     out = Path(args.output).resolve()
     earlier = earlier_run(out)
     if earlier is not None and not _a_demo(out):
@@ -206,6 +218,7 @@ def add_commands(sub) -> None:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--world-size", type=int, required=True, help="the number of processes the run will have")
+    p.add_argument("--ranks-per-node", type=int, help="how many of them run on this machine (default: all)")
     p.set_defaults(func=check_command)
 
     p = sub.add_parser("fetch-weights", help="download a config's backbone weights into the cache (on a machine "

@@ -206,6 +206,10 @@ def validate(config: RunConfig, source: str = "config", check_data: bool = True,
     if memory.enabled and 0 < config.train.steps <= memory.start_step:
         raise ConfigError(f"{source}: memory.start_step={memory.start_step} is not before train.steps="
                           f"{config.train.steps}: the memory would never be sampled from (lower it, or memory.size=0)")
+    sampling = config.class_sampling
+    if sampling.enabled and 0 < config.train.steps <= sampling.start_step:
+        raise ConfigError(f"{source}: class_sampling.start_step={sampling.start_step} is not before train.steps="
+                          f"{config.train.steps}: no batch would be class-level (lower it, or class_sampling.share=0)")
     if not check_data:
         _check_tables(config, None, source)
         return
@@ -235,6 +239,23 @@ def validate(config: RunConfig, source: str = "config", check_data: bool = True,
         raise ConfigError(f"{source}: loss.num_images={loss.num_images} is smaller than the "
                           f"{split['images']} images of {data.root} (0 sizes it from the manifest)")
     _check_tables(config, split, source)
+
+
+def inert_settings(config: RunConfig) -> list[str]:
+    """Keys set away from their default in a section that is off, where they do nothing: one line each (printed by
+    `dist-dml check` and at a training's start; a grid's axis may turn a section off on purpose, so not refused)."""
+    notes = []
+    for section, on, switch in (("memory", config.memory.enabled, "memory.size=0"),
+                                ("class_sampling", config.class_sampling.enabled, "class_sampling.share=0")):
+        if on:
+            continue
+        values, defaults = getattr(config, section), type(getattr(config, section))()
+        changed = [f"{section}.{f.name}={getattr(values, f.name)}" for f in dataclasses.fields(values)
+                   if getattr(values, f.name) != getattr(defaults, f.name)]
+        if changed:
+            notes.append(f"{', '.join(changed)} {'does' if len(changed) == 1 else 'do'} nothing: {switch} turns the "
+                         f"{section.replace('_', ' ')} off")
+    return notes
 
 
 def _check_tables(config: RunConfig, split: dict | None, source: str) -> None:

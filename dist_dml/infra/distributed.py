@@ -230,6 +230,33 @@ def process_group(ctx: DistContext, timeout_minutes: float = 30.0) -> Iterator[D
         ctx.shutdown()
 
 
+def die_with_launcher(env: Mapping[str, str] | None = None, every_s: float = 1.0) -> bool:
+    """In a rank that torchrun's agent started (TORCHELASTIC_RUN_ID in its environment): a watchdog thread that
+    ends this process, and so the DataLoader workers that die with it, once the agent is gone (``kill -9`` of the
+    launcher left its ranks training to the end, holding the output folder's lock). It compares the parent's pid
+    with the one at start every ``every_s`` seconds: a parent-death signal would fire when the agent's thread that
+    started the rank ends, not the agent. Whether it started one."""
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return False
+    import signal
+    import sys
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        print(f"[launch] rank {env_rank(env)}: its launcher (pid {parent}) is gone: stopping", file=sys.stderr,
+              flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="dist-dml-launcher-watch", daemon=True).start()
+    return True
+
+
 def env_rank(env: Mapping[str, str] | None = None) -> int:
     """This process's rank per torchrun's or SLURM's environment (0 outside them), without a process group:
     for a message printed before or after one exists."""

@@ -105,11 +105,15 @@ class Replaced(Exception):
     """The version a meta file named was removed before its files could be opened."""
 
 
-def open_published(folder: str | Path, meta_name: str, remedy: str,
+class Damaged(Exception):
+    """A file of a version is not what its meta records (another size, not a regular file)."""
+
+
+def open_published(folder: str | Path, meta_name: str, remedy: str, what: str = "the content",
                    say: Callable[[str], None] = print) -> tuple[dict, dict]:
     """(meta, {file name: an open binary file}) of the content current in ``folder``: every file its meta lists,
     opened before any is read and checked against the size recorded (see the module's docstring). A damaged
-    meta or content is a UserError ending in ``remedy`` (what rebuilds it); a version removed before its files
+    meta, or ``what`` it describes damaged, is a UserError ending in ``remedy`` (what rebuilds it); a version removed before its files
     were opened is read once more from the meta file (``say`` tells), and a meta that names the same missing
     version again is damaged. Content written before versions (no version in its meta) is opened from ``folder``
     itself. The caller closes the files."""
@@ -127,6 +131,8 @@ def open_published(folder: str | Path, meta_name: str, remedy: str,
                                 "pause): read it again once the writer is done") from None
             tried = meta.get("version")
             say(f"{folder} was replaced while it was read: reading the new content")
+        except Damaged as exc:
+            raise UserError(f"{folder}: {what} is damaged ({exc}); {remedy}") from None
         except ValueError as exc:
             raise UserError(f"{folder / meta_name}: damaged ({exc}); {remedy}") from None
 
@@ -154,9 +160,9 @@ def _open_version(folder: Path, meta: dict) -> dict:
             opened[name] = handle
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                raise ValueError(f"{version}/{name} is not a regular file")
+                raise Damaged(f"{version}/{name} is not a regular file")
             if info.st_size != size:
-                raise ValueError(f"{version}/{name} has {info.st_size} bytes, its meta records {size}")
+                raise Damaged(f"{version}/{name} has {info.st_size} bytes, its meta records {size}")
         return opened
     except BaseException:
         for handle in opened.values():

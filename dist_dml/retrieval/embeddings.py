@@ -61,7 +61,7 @@ def read_embeddings(folder: Path, say=print) -> Exported:
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder (give one written by dist-dml embed)")
     if (folder / MODEL_FILE).exists():
-        meta, files = open_published(folder, MODEL_FILE, REWRITE, say)
+        meta, files = open_published(folder, MODEL_FILE, REWRITE, "the export", say)
         where = folder / meta["version"] if meta.get("version") else folder
     else:  # an export of an older dist-dml: its parts as they lie in the folder
         meta, where = {}, folder

@@ -120,8 +120,9 @@ def search_index(index, queries: np.ndarray, k: int, postprocess=None):
     from dist_dml.retrieval.postprocess import augment, weights
 
     queries = np.ascontiguousarray(queries, np.float32)
+    k = max(min(k, index.ntotal), 1)  # no more items exist: the same answer without k columns of padding
     if postprocess is not None and "qe" in postprocess and postprocess.qe_k > 0 and index.ntotal:
-        scores, rows = index.search(queries, postprocess.qe_k)
+        scores, rows = index.search(queries, min(postprocess.qe_k, index.ntotal))
         if hasattr(index, "nlist"):  # IVF: reconstruct needs the map from ids to lists
             faiss.extract_index_ivf(index).make_direct_map()
         vectors = np.zeros((*rows.shape, index.d), np.float32)

@@ -110,7 +110,7 @@ class IndexFolder:
         self.folder = Path(folder)
         if not (self.folder / META).is_file():
             raise UserError(f"{self.folder}: not an index folder (no {META}; build one with dist-dml index)")
-        self.meta, self._files = open_published(self.folder, META, REBUILD, say)
+        self.meta, self._files = open_published(self.folder, META, REBUILD, "the index", say)
         try:
             self.postprocess = recorded_postprocess(self.meta, self.folder)
             missing = [name for name in ("index.faiss", "ids.npy", "labels.npy") if name not in self._files]

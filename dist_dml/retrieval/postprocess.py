@@ -20,6 +20,7 @@ item, as an index of a whole catalogue would.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,12 @@ class Postprocess:
         pp = cls(parse(steps), **parameters)
         pp.check()
         return pp if pp.steps else None
+
+    def within(self, findable: int) -> Postprocess:
+        """The same post-processing where a query can find at most ``findable`` gallery items: every k cut to
+        that many (the neighbours beyond do not exist, so the answer is the same)."""
+        return dataclasses.replace(self, qe_k=min(self.qe_k, findable), dba_k=min(self.dba_k, findable),
+                                   kr_shortlist=min(self.kr_shortlist, findable))
 
     def check(self) -> None:
         """A ValueError naming the eval.* key of a parameter out of range."""

@@ -100,7 +100,10 @@ def sharded_metrics(query: Embedded, gallery: Embedded | None, cfg, ctx: DistCon
     dim = queries.emb.shape[1] if queries.emb.ndim == 2 and queries.emb.shape[1] else shard.emb.shape[1]
     counts, relevant_count, k = _relevant(queries.lab, shard.lab, same, ks, ctx)
     sizes = _sizes(len(queries.ids), ctx)
-    plan = _Plan(sizes, cfg.query_chunk, dim, k, same, ctx)
+    # Neighbours beyond the gallery do not exist: every width asked for (K, R, and the post-processing's k) is cut
+    # to the gallery's items a query can find, which gives the same answer without W x chunk x k of padding.
+    findable = max(sum(_sizes(len(shard.ids), ctx)) - (1 if same else 0), 1)
+    plan = _Plan(sizes, cfg.query_chunk, dim, min(k, findable), same, ctx)
     index = Gallery(shard.emb, plan.fetch + 8, use_gpu, kind=cfg.index, nlist=cfg.ivf_nlist, nprobe=cfg.ivf_nprobe) \
         if len(shard.ids) else None
     approximate = {}
@@ -111,6 +114,8 @@ def sharded_metrics(query: Embedded, gallery: Embedded | None, cfg, ctx: DistCon
     kept: dict[int, tuple[list[int], list[bool]]] = {}
     wanted = set(int(i) for i in keep_ids)
     pp = Postprocess.of(cfg)
+    described = pp.describe() if pp is not None else ""
+    pp = pp.within(findable) if pp is not None else None
     from_plain = _FromPlainPass(pp, plan, queries, shard) if pp is not None else None
     for owner, start, rows, block, block_ids in _blocks(plan, queries):
         mine = ctx.rank == owner
@@ -137,11 +142,11 @@ def sharded_metrics(query: Embedded, gallery: Embedded | None, cfg, ctx: DistCon
                                         nlist=cfg.ivf_nlist, nprobe=nprobe) if len(vectors) else None
         if ctx.is_main:
             passes = 1 + (from_plain.wants_dba and from_plain.dba is None) + (from_plain.wants_qe and from_plain.expanded is None)
-            print(f"[eval] post-processing ({pp.describe()}): {passes} more k-NN pass{'es' if passes > 1 else ''} over "
+            print(f"[eval] post-processing ({described}): {passes} more k-NN pass{'es' if passes > 1 else ''} over "
                   f"{sum(sizes):,} queries, each about as long as the search before"
                   + (f", and re-ranking {pp.kr_shortlist} candidates a query" if "k_reciprocal" in pp else ""),
                   flush=True)
-        metrics["postprocessed"] = {"postprocess": pp.describe(),
+        metrics["postprocessed"] = {"postprocess": described,
                                     **_postprocessed(pp, plan, queries, shard, index, build, relevant_count, ks, from_plain)}
     merged = {}
     for part in ctx.all_gather_object(kept):
@@ -235,6 +240,7 @@ def database_augmented(vectors: np.ndarray, ids: np.ndarray, k: int, alpha: floa
     from dist_dml.retrieval.faiss_search import Gallery
 
     vectors = np.ascontiguousarray(vectors, np.float32)
+    k = min(k, max(len(ids) - 1, 0))  # no more other items exist
     shard = _Arrays(vectors, np.zeros(len(ids), np.int64), np.asarray(ids, np.int64))
     plan = _Plan([len(ids)], chunk, vectors.shape[1], k, True, DistContext())
     return augmented_gallery(plan, shard, Gallery(vectors, k + 9, use_gpu=False), k, alpha).emb

@@ -3,6 +3,7 @@ before torchrun or srun): the resume at the world size asked, the output folder,
 backbone's weights and the tracking server, each refused in one line naming what to change."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,25 +14,99 @@ class LaunchRefused(UserError):
     """A training that cannot start (or resume) as configured; found before any process starts."""
 
 
+def world_size_refusal(cfg, world_size: int) -> None:
+    """A LaunchRefused where ``world_size`` processes cannot train the split: not a positive count, or a global
+    batch of more records than the training split holds (every record drawn more than once a step)."""
+    from dist_dml.data import Manifest
+
+    if world_size < 1:
+        raise LaunchRefused(f"--world-size must be >= 1, got {world_size}")
+    split = Manifest(cfg.data.root, cfg.data.max_manifest_mb).split(cfg.data.train_split)
+    records = sum(int(shard["records"]) for shard in split["shards"])
+    per_step = world_size * cfg.data.classes_per_batch
+    if per_step > records:
+        most = records // cfg.data.classes_per_batch
+        raise LaunchRefused(f"{world_size} processes x data.classes_per_batch={cfg.data.classes_per_batch} records "
+                            f"a step is more than the {records:,} records of split {cfg.data.train_split!r}: every "
+                            f"record would be drawn more than once a step; use at most {most} processes, or fewer "
+                            "classes per batch")
+
+
+SHM = "/dev/shm"
+
+
+def shm_free_bytes() -> int | None:
+    """The free bytes of this machine's shared memory (None where it has no /dev/shm to measure)."""
+    try:
+        stats = os.statvfs(SHM)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def shm_need(cfg, classes: int) -> dict[str, int]:
+    """What one rank of a run puts in shared memory, by use, in bytes: the batches its DataLoader workers hand over
+    (a worker's prefetched batches, and the one the rank holds; the training's and an evaluation's loaders live at
+    once), and the prototypes' snapshot ring (class_sampling)."""
+    from dist_dml.data.snapshots import PREFETCH, loader_lag, ring_slots
+    from dist_dml.infra.dtypes import DTYPES
+
+    data, workers = cfg.data, cfg.data.workers
+    image = 3 * data.image_size * data.image_size
+    need = {}
+    if workers:
+        need["training batches"] = (PREFETCH * workers + 1) * data.local_batch * image
+        need["evaluation batches"] = (PREFETCH * workers + 1) * cfg.eval.batch_size * image
+    sampling = cfg.class_sampling
+    if sampling.enabled:
+        slots = ring_slots(loader_lag(workers), sampling.refresh_steps)
+        need["class prototypes' snapshots"] = slots * classes * cfg.model.embedding_dim * DTYPES[sampling.dtype].itemsize
+    return need
+
+
+def shm_problem(cfg, ranks_on_node: int, classes: int) -> str | None:
+    """Why ``ranks_on_node`` ranks of this run would run out of this machine's shared memory (a container's is 64
+    MB unless given more), None where they fit or it cannot be measured."""
+    free = shm_free_bytes()
+    need = {use: ranks_on_node * n for use, n in shm_need(cfg, classes).items()}
+    total = sum(need.values())
+    if free is None or total <= free:
+        return None
+    shown = ", ".join(f"{use} {n / 2**20:,.0f} MB" for use, n in need.items())
+    suggest = max(1, -(-int(total * 1.25) // 2**30))
+    return (f"{ranks_on_node} process{'es' if ranks_on_node > 1 else ''} of this run would put about "
+            f"{total / 2**20:,.0f} MB in {SHM} ({shown}), which has {free / 2**20:,.0f} MB free: give the container "
+            f"more (docker run --shm-size {suggest}g, or a larger /dev/shm on the node), or lower data.workers")
+
+
 def resume_refusal(cfg, world_size: int) -> None:
-    """A LaunchRefused where the run cannot resume where it would at ``world_size`` processes."""
+    """A LaunchRefused where the run cannot start at ``world_size`` processes (world_size_refusal) or cannot
+    resume where it would at that world size."""
     from dist_dml.train.checkpoints import resume_problem
 
+    world_size_refusal(cfg, world_size)
     problem = resume_problem(cfg, world_size)
     if problem:
         raise LaunchRefused(f"cannot resume: {problem}")
 
 
-def check_launch(cfg, world_size: int) -> None:
-    """Every check a launch of ``cfg`` at ``world_size`` processes runs first: a LaunchRefused naming the first
-    problem; a tracking server that does not answer is a warning on stderr where tracking.required is false."""
+def check_launch(cfg, world_size: int, ranks_per_node: int | None = None) -> None:
+    """Every check a launch of ``cfg`` at ``world_size`` processes (``ranks_per_node`` of them on this machine: all
+    by default) runs first: a LaunchRefused naming the first problem; a tracking server that does not answer is a
+    warning on stderr where tracking.required is false."""
+    from dist_dml.config.run import inert_settings
+    from dist_dml.data import Manifest
     from dist_dml.models.weights import weights_problem
     from dist_dml.train.checkpoints import resume_target
     from dist_dml.train.run_folder import earlier_run_problem, folder_problem
 
-    if world_size < 1:
-        raise LaunchRefused(f"--world-size must be >= 1, got {world_size}")
     resume_refusal(cfg, world_size)
+    classes = Manifest(cfg.data.root, cfg.data.max_manifest_mb).split(cfg.data.train_split)["classes"]
+    problem = shm_problem(cfg, min(ranks_per_node or world_size, world_size), classes)
+    if problem:
+        raise LaunchRefused(problem)
+    for note in inert_settings(cfg):
+        print(f"[check] warning: {note}", file=sys.stderr, flush=True)
     out = Path(cfg.train.output_dir)
     fresh = resume_target(cfg.checkpoint, out) is None  # whole and of this run: checked just above
     problem = folder_problem(out) or (earlier_run_problem(out, cfg.train.move_aside) if fresh else None) \

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from dist_dml.config import RunConfig
+from dist_dml.config.run import inert_settings
 from dist_dml.data import TrainStream, Verdicts, verify
 from dist_dml.infra.distributed import DistContext
 from dist_dml.infra.errors import UserError, as_write_error
@@ -35,10 +36,17 @@ from dist_dml.train.checkpoints import CheckpointManager, read_meta
 from dist_dml.train.engine import TrainEngine
 from dist_dml.train.features import optional_parts
 from dist_dml.train.meter import EpochReport, Meter
+from dist_dml.train.preflight import shm_problem
 from dist_dml.train.parts import DataPosition, EngineShapes, RngState, RunParts, TrackerRun, global_draws
 from dist_dml.train.run_folder import FolderError, RunFolder, earlier_run, fresh_start_refused, move_aside
 from dist_dml.train.step import take_step
 from dist_dml.train.tracking import build_tracker
+
+
+class SharedMemoryShort(UserError):
+    """A node's shared memory cannot hold what the run's ranks would put there (decided alike on every rank)."""
+
+    on_every_rank = True
 
 
 class TrainingStopped(UserError, RuntimeError):
@@ -77,9 +85,11 @@ class Trainer:
         self.verdicts = Verdicts()  # the job's sha256 verdicts: its training and evaluation shards, once each
         self.stream = TrainStream(cfg.data, ctx.rank, ctx.world_size, verdicts=self.verdicts,
                                   class_sampling=cfg.class_sampling)
-        for note in (self.stream.single_image_note(), self.stream.layout_note(), self.stream.class_sampling_note()):
+        for note in (self.stream.single_image_note(), self.stream.layout_note(), self.stream.class_sampling_note(),
+                     *inert_settings(cfg)):
             if ctx.is_main and note:
                 print(f"[train] warning: {note}", flush=True)
+        self._refuse_short_shared_memory()
         verify(self.stream, ctx, "training")
         # The checkpoint to continue from, converted if need be.
         self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.train.output_dir, ctx, cfg.to_dict())
@@ -93,6 +103,15 @@ class Trainer:
         except BaseException:
             self.tracker.close("FAILED")
             raise
+
+    def _refuse_short_shared_memory(self) -> None:
+        """Every rank stops alike where a node's /dev/shm cannot hold what its ranks will put there (each node's
+        first rank measures its own)."""
+        problem = shm_problem(self.cfg, self.ctx.local_world_size, self.stream.num_classes) \
+            if self.ctx.local_rank == 0 else None
+        found = [p for p in self.ctx.all_gather_object(problem) if p]
+        if found:
+            raise SharedMemoryShort(found[0])
 
     def _set_up(self) -> None:
         """The engine and the stateful parts, restored from the chosen checkpoint."""
