@@ -433,7 +433,7 @@ def mistakes(model: Path, folder: Path, config: str) -> dict[str, tuple[list[str
         "demo nproc 0": (["demo", "--nproc", "0", "--output", str(folder / "demo")], "--nproc must be >= 1"),
         "demo nproc -1": (["demo", "--nproc", "-1", "--output", str(folder / "demo")], "--nproc must be >= 1"),
         "demo onto a file": (["demo", "--output", str(folder / "text.jpg")], "text.jpg is a file, not a folder"),
-        "a billion ranks": (["check", config, "--world-size", "1000000000"], "records a step is more than the"),
+        "a billion ranks": (["check", config, "--world-size", "1000000000"], "a rank would have no record of its own"),
         "more ranks than records": (["check", config, "--world-size", "64"], "use at most"),
         "class sampling never": (["check", config, "class_sampling.share=0.5", "class_sampling.start_step=100",
                                   "train.steps=50", "--world-size", "1"], "no batch would be class-level"),

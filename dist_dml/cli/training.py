@@ -33,7 +33,8 @@ def train_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     configure(cfg.train.device)
     ctx = DistContext.from_env(device=cfg.train.device)
-    resume_refusal(cfg, ctx.world_size)
+    say = (lambda note: print(f"[train] warning: {note}", file=sys.stderr, flush=True)) if ctx.is_main else None
+    resume_refusal(cfg, ctx.world_size, say)  # every rank refuses alike; rank 0 alone says the note
     from dist_dml.train.trainer import train
 
     with process_group(ctx, cfg.deepspeed.timeout_minutes):

@@ -188,6 +188,8 @@ def _coerce(value, hint, key: str, source: str):
             return float(value)
         except ValueError:
             pass
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a span of 500 steps, a name of digits
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
     return value

@@ -45,7 +45,8 @@ class TrainConfig:
 class CheckpointConfig:
     """How often a run saves a checkpoint, how many it keeps, and which one it continues from."""
 
-    every_steps: int = 0  # 0: only at the end
+    every_steps: int = 0  # 0: only at the end (checkpoint.every gives it in epochs or a share of the run)
+    every: str = ""  # the interval as a span: "500" steps, "2 epochs" or "10%" of the run; "": every_steps
     keep_last: int = 3  # whole checkpoints kept (older ones of this run are removed)
     resume: str = "auto"  # auto: the latest checkpoint under train.output_dir, if any; none; or a path
     allow_other_run: bool = False  # auto: continue from a checkpoint another run wrote into this folder
@@ -53,6 +54,12 @@ class CheckpointConfig:
     def validate(self) -> None:
         if self.keep_last < 1 or self.every_steps < 0:
             raise ValueError("checkpoint.keep_last must be >= 1 and checkpoint.every_steps >= 0 (0: only at the end)")
+        from dist_dml.infra.spans import parse_span
+
+        parse_span(self.every, "checkpoint.every")
+        if self.every and self.every_steps:
+            raise ValueError(f"checkpoint.every={self.every!r} and checkpoint.every_steps={self.every_steps}: give one "
+                             "of them")
 
 
 @dataclass(frozen=True)

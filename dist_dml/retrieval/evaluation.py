@@ -30,7 +30,8 @@ class EvalConfig:
     """What an evaluation measures and how: the split(s), the metrics, exact or IVF search, the plots, the
     retrieval post-processing, and how much of a split may go unread."""
 
-    every_steps: int = 0  # 0: only at the end
+    every_steps: int = 0  # 0: only at the end (eval.every gives it in epochs or a share of the run)
+    every: str = ""  # the interval as a span: "500" steps, "2 epochs" or "10%" of the run; "": every_steps
     at_start: bool = False  # also evaluate the untrained model
     split: str = "test"  # or "query,gallery" (In-Shop): query against gallery
     recall_ks: tuple[int, ...] = (1, 2, 4, 8)  # the K of the Recall@K reported
@@ -79,6 +80,11 @@ class EvalConfig:
             raise ValueError("eval.batch_size and eval.example_k must be >= 1, eval.every_steps and eval.example_queries "
                              ">= 0")
         Postprocess.settings(self).check()
+        from dist_dml.infra.spans import parse_span
+
+        parse_span(self.every, "eval.every")
+        if self.every and self.every_steps:
+            raise ValueError(f"eval.every={self.every!r} and eval.every_steps={self.every_steps}: give one of them")
         if len(self.split.split(",")) not in (1, 2):
             raise ValueError(f"eval.split must be a split or 'query,gallery', got {self.split!r}")
 

@@ -266,7 +266,8 @@ class TrainEngine:
         universal: bool = False,
         accumulation: int = 1,
     ):
-        """``universal``: the checkpoint this engine will load is a universal one (see to_universal).
+        """``lr_lambda``: the learning-rate multiplier at a step, or an object whose ``for_group(name)`` gives each
+        param group's. ``universal``: the checkpoint this engine will load is a universal one (see to_universal).
         ``accumulation``: DeepSpeed's gradient-accumulation steps per optimizer step (train.embedding_chunks);
         ``micro_batch`` is then the size of one of them."""
         optimizer.validate()
@@ -289,6 +290,8 @@ class TrainEngine:
         # index keeps them, for the launch check of a resume at another world size).
         self.group_sizes = {group["name"]: sum(p.numel() for p in group["params"])
                             for group in torch_optimizer.param_groups}
+        if hasattr(lr_lambda, "for_group"):  # a multiplier per param group, by its name
+            lr_lambda = [lr_lambda.for_group(group["name"]) for group in torch_optimizer.param_groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lr_lambda) if lr_lambda else None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module.to(ctx.device),

@@ -14,22 +14,25 @@ class LaunchRefused(UserError):
     """A training that cannot start (or resume) as configured; found before any process starts."""
 
 
-def world_size_refusal(cfg, world_size: int) -> None:
-    """A LaunchRefused where ``world_size`` processes cannot train the split: not a positive count, or a global
-    batch of more records than the training split holds (every record drawn more than once a step)."""
+def world_size_refusal(cfg, world_size: int) -> str | None:
+    """A LaunchRefused where ``world_size`` processes cannot train the split: not a positive count, or more ranks than
+    the training split has records (a rank would have none of its own). Where a global batch holds more records
+    than the split, a note that says so (every record drawn more than once a step); None otherwise."""
     from dist_dml.data import Manifest
 
     if world_size < 1:
         raise LaunchRefused(f"--world-size must be >= 1, got {world_size}")
     split = Manifest(cfg.data.root, cfg.data.max_manifest_mb).split(cfg.data.train_split)
     records = sum(int(shard["records"]) for shard in split["shards"])
+    if world_size > records:
+        raise LaunchRefused(f"{world_size} processes for the {records:,} records of split {cfg.data.train_split!r}: a "
+                            f"rank would have no record of its own to draw; use at most {records} processes")
     per_step = world_size * cfg.data.classes_per_batch
     if per_step > records:
-        most = records // cfg.data.classes_per_batch
-        raise LaunchRefused(f"{world_size} processes x data.classes_per_batch={cfg.data.classes_per_batch} records "
-                            f"a step is more than the {records:,} records of split {cfg.data.train_split!r}: every "
-                            f"record would be drawn more than once a step; use at most {most} processes, or fewer "
-                            "classes per batch")
+        return (f"{world_size} processes x data.classes_per_batch={cfg.data.classes_per_batch} take {per_step} records "
+                f"a step from the {records:,} of split {cfg.data.train_split!r}: every record is drawn about "
+                f"{per_step / records:.1f} times a step (fewer classes per batch, or fewer processes, draw each once)")
+    return None
 
 
 SHM = "/dev/shm"
@@ -79,12 +82,24 @@ def shm_problem(cfg, ranks_on_node: int, classes: int) -> str | None:
             f"more (docker run --shm-size {suggest}g, or a larger /dev/shm on the node), or lower data.workers")
 
 
-def resume_refusal(cfg, world_size: int) -> None:
+def schedule_at(cfg, world_size: int):
+    """The run's schedule resolved at ``world_size`` processes, as a fresh start takes it (config/schedule.py),
+    from the manifest's counts alone."""
+    from dist_dml.config.schedule import resolve
+    from dist_dml.data import TrainStream
+
+    stream = TrainStream(cfg.data, 0, world_size, decode_images=False)
+    return resolve(cfg, world_size, stream.plan.steps(0), cfg.train.steps or stream.remaining_steps(cfg.train.epochs))
+
+
+def resume_refusal(cfg, world_size: int, say=None) -> None:
     """A LaunchRefused where the run cannot start at ``world_size`` processes (world_size_refusal) or cannot
-    resume where it would at that world size."""
+    resume where it would at that world size; ``say`` (if given) hears the note of a batch larger than the split."""
     from dist_dml.train.checkpoints import resume_problem
 
-    world_size_refusal(cfg, world_size)
+    note = world_size_refusal(cfg, world_size)
+    if note and say is not None:
+        say(note)
     problem = resume_problem(cfg, world_size)
     if problem:
         raise LaunchRefused(f"cannot resume: {problem}")
@@ -100,13 +115,14 @@ def check_launch(cfg, world_size: int, ranks_per_node: int | None = None) -> Non
     from dist_dml.train.checkpoints import resume_target
     from dist_dml.train.run_folder import earlier_run_problem, folder_problem
 
-    resume_refusal(cfg, world_size)
+    resume_refusal(cfg, world_size, say=lambda note: print(f"[check] warning: {note}", file=sys.stderr, flush=True))
     classes = Manifest(cfg.data.root, cfg.data.max_manifest_mb).split(cfg.data.train_split)["classes"]
     problem = shm_problem(cfg, min(ranks_per_node or world_size, world_size), classes)
     if problem:
         raise LaunchRefused(problem)
     for note in inert_settings(cfg):
         print(f"[check] warning: {note}", file=sys.stderr, flush=True)
+    print(f"[check] schedule: {schedule_at(cfg, world_size).describe()}", flush=True)
     out = Path(cfg.train.output_dir)
     fresh = resume_target(cfg.checkpoint, out) is None  # whole and of this run: checked just above
     problem = folder_problem(out) or (earlier_run_problem(out, cfg.train.move_aside) if fresh else None) \

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from dist_dml.config import RunConfig
+from dist_dml.config.optimizer import LrSchedule
 from dist_dml.config.run import inert_settings
+from dist_dml.config.schedule import resolve
 from dist_dml.data import TrainStream, Verdicts, verify
 from dist_dml.infra.distributed import DistContext
 from dist_dml.infra.errors import UserError, as_write_error
@@ -41,6 +43,25 @@ from dist_dml.train.parts import DataPosition, EngineShapes, RngState, RunParts,
 from dist_dml.train.run_folder import FolderError, RunFolder, earlier_run, fresh_start_refused, move_aside
 from dist_dml.train.step import take_step
 from dist_dml.train.tracking import build_tracker
+
+
+class GroupSchedules:
+    """The learning-rate multiplier of each param group by its name (what TrainEngine's LambdaLR calls): the
+    resolved schedule for every group, the backbone's held at 0 through the head-only warm-up."""
+
+    def __init__(self, optimizer, schedule):
+        self.optimizer, self.schedule, self.made = optimizer, schedule, {}
+
+    def for_group(self, name: str) -> LrSchedule:
+        if name not in self.made:
+            self.made[name] = LrSchedule.of(self.optimizer, self.schedule, held=name.split(".")[0] == "backbone")
+        return self.made[name]
+
+    def set(self, schedule) -> None:
+        """Every group's lengths resolved again (a resume restores the lengths its checkpoint saved)."""
+        self.schedule = schedule
+        for name, made in self.made.items():
+            made.set(schedule, held=name.split(".")[0] == "backbone")
 
 
 class SharedMemoryShort(UserError):
@@ -116,9 +137,12 @@ class Trainer:
     def _set_up(self) -> None:
         """The engine and the stateful parts, restored from the chosen checkpoint."""
         cfg, ctx = self.cfg, self.ctx
-        # The LR schedule, over the steps a fresh run would take; its length is set again once the data position
-        # is restored (DeepSpeed needs the scheduler before the checkpoint loads, which tells the steps left).
-        self.schedule = cfg.optimizer.lr_lambda(cfg.train.steps or self.stream.remaining_steps(cfg.train.epochs))
+        # The schedule over the steps a fresh run would take at this world size; resolved again once the data
+        # position is restored (DeepSpeed needs the scheduler before the checkpoint loads, which tells the steps left).
+        self.steps_per_epoch = self.stream.plan.steps(self.stream.position.epoch)
+        self.schedule = resolve(cfg, ctx.world_size, self.steps_per_epoch,
+                                cfg.train.steps or self.stream.remaining_steps(cfg.train.epochs))
+        self.group_schedules = GroupSchedules(cfg.optimizer, self.schedule)
         self.engine = self._engine()
         self.data, self.meter = DataPosition(self.stream.position, ctx), Meter(ctx, cfg.train)
         self.parts = RunParts(self.checkpoints)
@@ -129,8 +153,11 @@ class Trainer:
         self.step = self.checkpoints.restore(self.engine)
         # Steps to the end of the last epoch from where the data stream stands (another world size: other steps).
         self.total_steps = cfg.train.steps or self.step + self.stream.remaining_steps(cfg.train.epochs)
-        self.schedule.total_steps = self.total_steps
+        self.schedule = resolve(cfg, ctx.world_size, self.steps_per_epoch, self.total_steps)
+        self.group_schedules.set(self.schedule)  # over what the checkpoint's scheduler saved
         self.meter.begin(self.step, self.total_steps)
+        if ctx.is_main:
+            print(f"[train] schedule: {self.schedule.describe()}", flush=True)
         self._say_resumed()
 
     def _engine(self) -> TrainEngine:
@@ -143,8 +170,9 @@ class Trainer:
             print(model.weights_report, flush=True)
         module = TrainModule(model, build_loss(sized_loss_config(cfg.loss, self.stream)))
         chunks = cfg.train.embedding_chunks  # DeepSpeed accumulates one backward pass per chunk (dist_dml.train.step)
-        return TrainEngine(module, ctx, cfg.optimizer, cfg.deepspeed, micro_batch=cfg.data.local_batch // chunks,
-                           lr_lambda=self.schedule, universal=self.checkpoints.universal, accumulation=chunks)
+        return TrainEngine(module, ctx, cfg.optimizer.scaled(self.schedule.lr_factor), cfg.deepspeed,
+                           micro_batch=cfg.data.local_batch // chunks, lr_lambda=self.group_schedules,
+                           universal=self.checkpoints.universal, accumulation=chunks)
 
     def _say_resumed(self) -> None:
         target = self.checkpoints.target
@@ -206,9 +234,9 @@ class Trainer:
             if meter.update(result, batch, engine, tracker, self.step):
                 epochs.flush()
                 parts.on_log(tracker, self.step)
-            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
+            if self.schedule.eval_every and self.step % self.schedule.eval_every == 0 and self.step < self.total_steps:
                 self._evaluate(tracker)
-            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+            if self.schedule.checkpoint_every and self.step % self.schedule.checkpoint_every == 0:
                 self._save()
             if self.step >= self.total_steps:
                 break
