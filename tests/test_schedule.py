@@ -114,3 +114,36 @@ def test_the_shipped_configs_train_the_same_per_epoch_on_1_and_8_gpus(name, eigh
         assert a == pytest.approx(b, abs=1 / eight.steps_per_epoch), key  # within a step's rounding
     assert one.eval_every and one.checkpoint_every and one.lr_factor == 1.0
     assert eight.lr_factor == pytest.approx(math.sqrt(8))
+
+
+def test_a_head_only_warm_up_leaves_the_backbone_bitwise_unchanged(tiny_shards, tmp_path):
+    """optimizer.backbone_warmup=4 steps: the checkpoint of step 4 holds every backbone parameter exactly as
+    initialised while the head has moved; by step 8 the backbone has moved too."""
+    import torch
+
+    from dist_dml.models.embedding import build_model
+
+    out = tmp_path / "run"
+    over = tiny_overrides(tiny_shards, out, **{"train.steps": 8, "checkpoint.every_steps": 4, "checkpoint.keep_last": 5,
+                                               "optimizer.backbone_warmup": 4, "eval.at_start": False,
+                                               "tracking.enabled": False})
+    ran = dist_dml_here("train", CONFIG, *over)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "the head alone for 4 steps" in ran.stdout
+    cfg = load_config(CONFIG, over)
+    torch.manual_seed(cfg.train.seed)  # as the trainer initialises the model
+    initial = build_model(cfg.model, image_size=cfg.data.image_size).state_dict()
+
+    def saved(step: int) -> dict:
+        from dist_dml.train.engine import WeightsOnlyCheckpointEngine
+
+        with torch.serialization.safe_globals(WeightsOnlyCheckpointEngine.SAFE_GLOBALS):
+            states = torch.load(out / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt",
+                                weights_only=True)
+        return {k[len("model."):]: v for k, v in states["module"].items() if k.startswith("model.")}
+
+    at4, at8 = saved(4), saved(8)
+    backbone = [name for name, _ in build_model(cfg.model).backbone.named_parameters()]
+    assert backbone and all(torch.equal(at4[f"backbone.{n}"], initial[f"backbone.{n}"]) for n in backbone)
+    assert not torch.equal(at4["head.weight"], initial["head.weight"])
+    assert any(not torch.equal(at8[f"backbone.{n}"], initial[f"backbone.{n}"]) for n in backbone)
