@@ -117,15 +117,17 @@ def test_the_shipped_configs_train_the_same_per_epoch_on_1_and_8_gpus(name, eigh
 
 
 def test_a_head_only_warm_up_leaves_the_backbone_bitwise_unchanged(tiny_shards, tmp_path):
-    """optimizer.backbone_warmup=4 steps: the checkpoint of step 4 holds every backbone parameter exactly as
-    initialised while the head has moved; by step 8 the backbone has moved too."""
+    """optimizer.backbone_warmup=4 steps (with the backbone in layer groups, optimizer.layer_decay=0.8): the
+    checkpoint of step 4 holds every backbone parameter exactly as initialised while the head has moved; by step
+    8 the backbone has moved too."""
     import torch
 
     from dist_dml.models.embedding import build_model
 
     out = tmp_path / "run"
     over = tiny_overrides(tiny_shards, out, **{"train.steps": 8, "checkpoint.every_steps": 4, "checkpoint.keep_last": 5,
-                                               "optimizer.backbone_warmup": 4, "eval.at_start": False,
+                                               "optimizer.backbone_warmup": 4, "optimizer.layer_decay": 0.8,
+                                               "eval.at_start": False,
                                                "tracking.enabled": False})
     ran = dist_dml_here("train", CONFIG, *over)
     assert ran.returncode == 0, ran.stderr[-3000:]
@@ -147,3 +149,28 @@ def test_a_head_only_warm_up_leaves_the_backbone_bitwise_unchanged(tiny_shards, 
     assert backbone and all(torch.equal(at4[f"backbone.{n}"], initial[f"backbone.{n}"]) for n in backbone)
     assert not torch.equal(at4["head.weight"], initial["head.weight"])
     assert any(not torch.equal(at8[f"backbone.{n}"], initial[f"backbone.{n}"]) for n in backbone)
+
+
+@pytest.mark.parametrize("backbone, stem, last, layers", [("resnet18", "conv1.weight", "layer4.1.conv2.weight", 9),
+                                                          ("timm:resnet18", "conv1.weight", "layer4.1.conv2.weight", 9),
+                                                          ("timm:vit_tiny_patch16_224", "patch_embed.proj.weight",
+                                                           "blocks.11.mlp.fc2.weight", 13)])
+def test_layer_decay_gives_each_backbone_layer_its_rate(backbone, stem, last, layers):
+    """optimizer.layer_decay=0.5 on torchvision's and timm's models: the stem learns at lr x 0.5^layers, the block
+    nearest the head at lr x 0.5, the head at head_lr, beta at its own; every trained parameter in one group."""
+    from dist_dml.config.optimizer import OptimizerConfig
+    from dist_dml.method.losses import LossConfig, build_loss
+    from dist_dml.models.embedding import ModelConfig, TrainModule, build_model
+    from dist_dml.train.engine import param_groups
+
+    module = TrainModule(build_model(ModelConfig(backbone=backbone), image_size=64), build_loss(LossConfig()))
+    groups = param_groups(module, OptimizerConfig(lr=1e-3, head_lr=1e-2, layer_decay=0.5))
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(module.named_parameters())
+    assert sorted(rate) == sorted(id(p) for p in named.values() if p.requires_grad)
+    assert rate[id(named[f"model.backbone.{stem}"])] == pytest.approx(1e-3 * 0.5 ** layers)
+    assert rate[id(named[f"model.backbone.{last}"])] == pytest.approx(1e-3 * 0.5)
+    assert rate[id(named["model.head.weight"])] == 1e-2 and rate[id(named["loss.beta.global_beta"])] == 1e-2
+    assert len({g["name"] for g in groups}) == len(groups) == layers + 2
+    plain = param_groups(module, OptimizerConfig(lr=1e-3))
+    assert [g["name"] for g in plain] == ["backbone", "head", "beta"]

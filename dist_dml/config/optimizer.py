@@ -31,6 +31,8 @@ class OptimizerConfig:
     # The rates of the backbone and the head follow the global batch: none, linear (x G / reference_batch) or sqrt
     lr_scaling: str = "none"
     reference_batch: int = 256  # the global batch, in images, that lr and head_lr are given for
+    # Layer-wise rate decay: a backbone layer n layers below the head learns at lr x layer_decay^n (1: off)
+    layer_decay: float = 1.0
 
     def validate(self) -> None:
         if self.name not in OPTIMIZER_NAMES:
@@ -58,6 +60,8 @@ class OptimizerConfig:
         if self.decay_every and self.step_size != OptimizerConfig.step_size:
             raise ValueError(f"optimizer.decay_every={self.decay_every!r} and optimizer.step_size={self.step_size}: "
                              "give one of them")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"optimizer.layer_decay must be in (0, 1] (1: off), got {self.layer_decay}")
         if self.lr_scaling not in LR_RULES or self.reference_batch < 1:
             raise ValueError(f"optimizer.lr_scaling must be one of {list(LR_RULES)} and optimizer.reference_batch >= "
                              f"1, got {self.lr_scaling!r} and {self.reference_batch}")

@@ -24,9 +24,34 @@ class Backbone:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     crop_pct: float = 0.875  # evaluation: resize the shorter side to input_size / crop_pct, then crop
+    # How its parameters group into layers from the input on (timm's group_matcher format: {group: regex or
+    # [(regex, (order,))]}); None: the model's own (timm's models have one), or one layer per top-level module.
+    layers: dict | None = None
 
 
-def _torchvision(name: str, head: str) -> Backbone:
+RESNET_LAYERS = {"stem": r"^conv1|^bn1", "blocks": r"^layer(\d+)\.(\d+)"}
+VIT_LAYERS = {"stem": r"^conv_proj|^class_token|^encoder\.pos_embedding",
+              "blocks": [(r"^encoder\.layers\.encoder_layer_(\d+)", None), (r"^encoder\.ln", (99999,))]}
+
+
+def layer_ids(spec: Backbone, backbone: nn.Module) -> dict[str, int]:
+    """{parameter name: its layer, 0 at the input}, for layer-wise learning-rate decay: grouped by the entry's
+    matcher, the timm model's own (``group_matcher``), or one layer per top-level module (timm's group_parameters
+    numbers the groups in depth order)."""
+    from timm.models import group_parameters
+
+    matcher = spec.layers or (backbone.group_matcher(coarse=False) if hasattr(backbone, "group_matcher") else None)
+    if matcher is None:
+        order = {name: i for i, (name, _) in enumerate(backbone.named_children())}
+        found = {name: order[name.split(".")[0]] for name, _ in backbone.named_parameters()}
+    else:
+        groups = group_parameters(backbone, matcher, reverse=False)
+        found = {name: layer for layer, names in groups.items() for name in names}
+    dense = {layer: i for i, layer in enumerate(sorted(set(found.values())))}  # 0, 1, ... without gaps
+    return {name: dense[layer] for name, layer in found.items()}
+
+
+def _torchvision(name: str, head: str, layers: dict | None = None) -> Backbone:
     def build(image_size: int | None):
         import torchvision
 
@@ -38,7 +63,7 @@ def _torchvision(name: str, head: str) -> Backbone:
         setattr(owner, last, nn.Identity())
         return net, features
 
-    return Backbone(name, "torchvision", build)
+    return Backbone(name, "torchvision", build, layers=layers)
 
 
 def _tiny_cnn(image_size: int | None) -> tuple[nn.Module, int]:
@@ -53,9 +78,9 @@ def _tiny_cnn(image_size: int | None) -> tuple[nn.Module, int]:
 
 
 BACKBONES: dict[str, Backbone] = {
-    "resnet18": _torchvision("resnet18", "fc"),
-    "resnet50": _torchvision("resnet50", "fc"),
-    "vit_b_16": _torchvision("vit_b_16", "heads.head"),
+    "resnet18": _torchvision("resnet18", "fc", RESNET_LAYERS),
+    "resnet50": _torchvision("resnet50", "fc", RESNET_LAYERS),
+    "vit_b_16": _torchvision("vit_b_16", "heads.head", VIT_LAYERS),
     "tiny_cnn": Backbone("tiny_cnn", "", _tiny_cnn),
 }
 TIMM = "timm:"

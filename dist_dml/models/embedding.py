@@ -211,6 +211,7 @@ def build_model(config: ModelConfig, device: torch.device | None = None, gather:
     mean, std = config.normalisation()
     model = EmbeddingModel(backbone, features, config.embedding_dim, channels_last, mean, std)
     model.weights_report = report
+    model.backbone_spec = spec  # its layers, for layer-wise learning-rate decay (models.backbones.layer_ids)
     model = with_norm(model, config, gather, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

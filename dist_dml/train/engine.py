@@ -217,8 +217,16 @@ def build_optimizer(module: nn.Module, config: OptimizerConfig) -> torch.optim.O
 
 
 def param_groups(module: nn.Module, config: OptimizerConfig) -> list[dict]:
-    """backbone / head / beta groups of a TrainModule: `loss.*` is beta (lazy: see lazy_rows),
-    `model.head.*` the head."""
+    """backbone / head / beta groups of a TrainModule: `loss.*` is beta (lazy: see lazy_rows), `model.head.*` the
+    head. With optimizer.layer_decay below 1 the backbone is one group per layer, "backbone.N" (N from 0 at the
+    input, models.backbones.layer_ids), at lr x layer_decay^(layers - N): the layer nearest the head learns at
+    lr x layer_decay, the head at its own rate."""
+    from dist_dml.models.backbones import layer_ids
+
+    model = getattr(module, "model", None)
+    spec = getattr(model, "backbone_spec", None)
+    layers = layer_ids(spec, model.backbone) if spec is not None and config.layer_decay < 1 else None
+    count = max(layers.values()) + 1 if layers else 0
     groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": [], "beta": []}
     for name, param in module.named_parameters():
         if not param.requires_grad:
@@ -227,14 +235,18 @@ def param_groups(module: nn.Module, config: OptimizerConfig) -> list[dict]:
             groups["beta"].append(param)
         elif name.startswith("model.head."):
             groups["head"].append(param)
+        elif layers is not None and name.startswith("model.backbone."):
+            groups.setdefault(f"backbone.{layers[name[len('model.backbone.'):]]:03d}", []).append(param)
         else:
             groups["backbone"].append(param)
-    settings = {
-        "backbone": dict(lr=config.lr, weight_decay=config.weight_decay),
-        "head": dict(lr=config.head_lr or config.lr, weight_decay=config.weight_decay),
-        "beta": dict(lr=config.beta_lr, weight_decay=0.0, lazy=True),
-    }
-    return [dict(params=params, name=name, **settings[name]) for name, params in groups.items() if params]
+    backbone = dict(lr=config.lr, weight_decay=config.weight_decay)
+    settings = {"backbone": backbone, "head": dict(lr=config.head_lr or config.lr, weight_decay=config.weight_decay),
+                "beta": dict(lr=config.beta_lr, weight_decay=0.0, lazy=True)}
+    for name in groups:
+        if name.startswith("backbone."):
+            settings[name] = dict(backbone, lr=config.lr * config.layer_decay ** (count - int(name.split(".")[1])))
+    order = ["backbone", *sorted(n for n in groups if n.startswith("backbone.")), "head", "beta"]
+    return [dict(params=groups[name], name=name, **settings[name]) for name in order if groups[name]]
 
 
 def deepspeed_config(config: DeepSpeedConfig, micro_batch: int, universal: bool = False,
