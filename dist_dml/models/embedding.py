@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from dist_dml.models.backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_spec
 from dist_dml.models.weights import load_backbone_weights
 
-WEIGHTS = ("none", "torchvision", "timm")  # model.weights, besides the path of a local file
+WEIGHTS = ("none", "torchvision", "timm")
+HEAD_INITS = ("random", "pca")  # model.weights, besides the path of a local file
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,18 @@ class ModelConfig:
     # every evaluation and checkpoint).
     norm: str = "sync"
     norm_affine: bool = True  # frozen: BatchNorm's scale and shift still train
+    # The head's start: random, or pca (the principal directions of the backbone's features on a sample of training
+    # images, centred: a fresh start then ranks as the backbone's own features do)
+    head_init: str = "random"
+    head_init_images: int = 2048  # pca: training images embedded for it, over all ranks
 
     def validate(self) -> None:
         spec = backbone_spec(self.backbone)  # an unknown name raises here
         if self.norm not in NORMS:
             raise ValueError(f"model.norm must be one of {list(NORMS)}, got {self.norm!r}")
+        if self.head_init not in HEAD_INITS or self.head_init_images < 2:
+            raise ValueError(f"model.head_init must be one of {list(HEAD_INITS)} and model.head_init_images >= 2, got "
+                             f"{self.head_init!r} and {self.head_init_images}")
         if self.embedding_dim < 2:
             raise ValueError(f"model.embedding_dim must be >= 2, got {self.embedding_dim}")
         if len(self.mean) not in (0, 3) or len(self.std) not in (0, 3) or any(v <= 0 for v in self.std):
@@ -186,13 +194,35 @@ class EmbeddingModel(nn.Module):
                 bn.eval()
         return self
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
+        """The backbone's features of images (uint8, normalised here, or already normalised float)."""
         if x.dtype == torch.uint8:
             x = (x.float() - self.mean.float()) / self.std.float()
         x = x.to(self.head.weight.dtype)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return nn.functional.normalize(self.head(self.backbone(x)).float(), dim=1)
+        return self.backbone(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.normalize(self.head(self.features(x)).float(), dim=1)
+
+
+def pca_head(total: Tensor, outer: Tensor, count: int, dim: int) -> tuple[Tensor, Tensor]:
+    """(weight [dim, F], bias [dim]) of a head that projects features onto their ``dim`` principal directions,
+    centred: from the features' sum ``total`` [F], the sum of their outer products ``outer`` [F, F] and ``count``, in
+    float64. Each direction's sign makes its largest component positive (as numpy's and torch's eigenvectors come
+    with either). Where ``dim`` exceeds F the rows past F are zero."""
+    total, outer = total.double(), outer.double()
+    mean = total / count
+    covariance = outer / count - torch.outer(mean, mean)
+    values, vectors = torch.linalg.eigh((covariance + covariance.T) / 2)
+    order = torch.argsort(values, descending=True)[:dim]
+    directions = vectors[:, order].T  # [min(dim, F), F]
+    signs = torch.sign(directions.gather(1, directions.abs().argmax(dim=1, keepdim=True)))
+    directions = directions * signs
+    weight = torch.zeros(dim, total.shape[0], dtype=torch.float64)
+    weight[:len(directions)] = directions
+    return weight, -weight @ mean
 
 
 def build_model(config: ModelConfig, device: torch.device | None = None, gather: GatherWithGrad | None = None,

@@ -107,8 +107,9 @@ class CheckpointFolder:
         """Whether the newest whole checkpoint is this step's; decided by rank 0 for every rank."""
         return self.ctx.decide(lambda: self.newest_whole() == f"step{step:08d}")
 
-    def save(self, engine, step: int, client_state: dict, meta: dict) -> str:
-        """Every rank: ``client_state`` goes into DeepSpeed's files, ``meta`` (JSON) into the index."""
+    def save(self, engine, step: int, client_state: dict, meta: dict, keep: tuple[int, ...] = ()) -> str:
+        """Every rank: ``client_state`` goes into DeepSpeed's files, ``meta`` (JSON) into the index. ``keep``: steps
+        whose checkpoints pruning never removes (the best by validation, which the `best` pointer names)."""
         tag = f"step{step:08d}"
         partial = self.directory / f"{tag}.partial"
         if self.ctx.is_main:
@@ -137,7 +138,9 @@ class CheckpointFolder:
             shutil.rmtree(self.directory / tag, ignore_errors=True)
             os.replace(partial, self.directory / tag)
             write_atomically(self.directory / "latest", tag)
-            self._prune(meta.get("run_id"))
+            if keep:
+                write_atomically(self.directory / "best", f"step{max(keep):08d}")
+            self._prune(meta.get("run_id"), {f"step{s:08d}" for s in keep})
         self.ctx.barrier()
         return tag
 
@@ -147,15 +150,17 @@ class CheckpointFolder:
         # Last: the index makes the folder a checkpoint.
         write_atomically(partial / META, json.dumps({**meta, "files": files}, indent=1))
 
-    def _prune(self, run_id: str | None) -> None:
+    def _prune(self, run_id: str | None, keep: set[str] = frozenset()) -> None:
         """Remove this run's checkpoints (``run_id``, as their indexes say) older than its ``keep_last`` newest
-        whole ones, and its damaged ones older than its newest whole one; and partial folders (left by a save
-        that died). Another run's checkpoints, or one whose index names no run, are never removed: ranked by step
+        whole ones (but those of ``keep``: the best by validation), and its damaged ones older than its newest whole
+        one; and partial folders (left by a save that died). Another run's checkpoints, or one whose index names no run, are never removed: ranked by step
         alone, a longer earlier run's checkpoints would make a new run's look old, and the new ones would go."""
         tags = [t for t in self.tags() if run_id is not None and read_meta(self.directory / t).get("run_id") == run_id]
         whole = [t for t in tags if verify(self.directory / t) is None]
         if whole:
             for tag in tags:
+                if tag in keep and tag in whole:
+                    continue
                 if tag < whole[min(self.keep_last, len(whole)) - 1] or (tag < whole[0] and tag not in whole):
                     shutil.rmtree(self.directory / tag, ignore_errors=True)
         for stale in self.directory.glob("step*.partial"):
@@ -449,6 +454,17 @@ class CheckpointManager:
                 raise CheckpointError(f"cannot continue the {name} of {self.target}: {exc}") from None
         return int(state["step"])
 
+    def saved_state(self, step: int) -> dict:
+        """The model states DeepSpeed saved at ``step`` (``module``: the model and loss, ``parts``: every part's
+        state), loaded weights-only."""
+        import torch
+
+        from dist_dml.train.engine import WeightsOnlyCheckpointEngine
+
+        path = self.store.directory / f"step{step:08d}" / "mp_rank_00_model_states.pt"
+        with torch.serialization.safe_globals(WeightsOnlyCheckpointEngine.SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
     def changes(self) -> dict[str, tuple]:
         """{section.key: (saved, now)}: this run's config against the chosen checkpoint's."""
         return config_changes(self.meta.get("config", {}), self.record) if self.target is not None else {}
@@ -460,11 +476,12 @@ class CheckpointManager:
         if self.store.saved_already(step):
             return
         states = {name: part.state_dict() for name, part in self.parts.items()}
+        keep = tuple(s for part in self.parts.values() for s in getattr(part, "kept_steps", lambda: ())())
         meta = {"step": step, "run_id": run_id, "world_size": self.ctx.world_size,
                 "zero_stage": self.zero_stage, "config": self.record,
                 **{name: {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool))}
                    for name, state in states.items()}}
-        self.store.save(engine, step, {"step": step, "parts": states}, meta)
+        self.store.save(engine, step, {"step": step, "parts": states}, meta, keep)
 
 
 def config_changes(saved: dict, now: dict) -> dict[str, tuple]:

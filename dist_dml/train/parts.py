@@ -8,7 +8,15 @@ Hooks, each a no-op unless a part needs it:
 - ``objective_options()``: keyword arguments for the global-batch objective (e.g. a cross-batch memory);
 - ``begin(step)``: before the loader starts at global step ``step`` (after a restore);
 - ``after_step(result, batch, step, taken)``: step ``step`` is over (``taken``: False where it was skipped);
-- ``on_log(tracker, step)``: at the end of a log window, after the meter's line.
+- ``on_log(tracker, step)``: at the end of a log window, after the meter's line;
+- ``extra_evaluations(evaluate)``: further evaluations of other weights (the weights' average) beside the model's,
+  as {name: metrics}: ``evaluate()`` evaluates whatever weights the model holds when it is called;
+- ``after_evaluation(metrics, step)``: what an evaluation asks of the loop: {"save"} (keep this step's
+  checkpoint), {"stop"} (end the training);
+- ``final_weights(checkpoints)``: the weights the run ends with where they are not the last step's (a state dict
+  of the model, read from the checkpoints' folder); None: the last step's;
+- ``kept_steps()``: steps whose checkpoints are never pruned;
+- ``summary()``: what the run's results.json says of the part at the end.
 """
 from __future__ import annotations
 
@@ -44,6 +52,21 @@ class RunPart:
     def on_log(self, tracker, step: int) -> None:
         pass
 
+    def extra_evaluations(self, evaluate) -> dict:
+        return {}
+
+    def after_evaluation(self, metrics: dict, step: int) -> set[str]:
+        return set()
+
+    def final_weights(self, checkpoints) -> dict | None:
+        return None
+
+    def kept_steps(self) -> tuple[int, ...]:
+        return ()
+
+    def summary(self) -> dict:
+        return {}
+
 
 class RunParts:
     """The run's parts in the order registered; each is given to the checkpoint manager as it is added. The
@@ -77,6 +100,19 @@ class RunParts:
     def on_log(self, tracker, step: int) -> None:
         for hook in self._each("on_log"):
             hook(tracker, step)
+
+    def extra_evaluations(self, evaluate) -> dict:
+        return {name: metrics for hook in self._each("extra_evaluations") for name, metrics in hook(evaluate).items()}
+
+    def after_evaluation(self, metrics: dict, step: int) -> set[str]:
+        return set().union(*(hook(metrics, step) for hook in self._each("after_evaluation")))
+
+    def final_weights(self, checkpoints) -> dict | None:
+        found = [w for hook in self._each("final_weights") if (w := hook(checkpoints)) is not None]
+        return found[0] if found else None
+
+    def summary(self) -> dict:
+        return {k: v for hook in self._each("summary") for k, v in hook().items()}
 
 
 # --- the parts every run has besides the engine and the meter ------------------------------------

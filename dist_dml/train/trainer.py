@@ -37,6 +37,7 @@ from dist_dml.retrieval.evaluation import evaluate, evaluation_problem, format_m
 from dist_dml.train.checkpoints import CheckpointManager, read_meta
 from dist_dml.train.engine import TrainEngine
 from dist_dml.train.features import optional_parts
+from dist_dml.train.head_init import init_head_by_pca
 from dist_dml.train.meter import EpochReport, Meter
 from dist_dml.train.preflight import shm_problem
 from dist_dml.train.parts import DataPosition, EngineShapes, RngState, RunParts, TrackerRun, global_draws
@@ -148,7 +149,7 @@ class Trainer:
         self.parts = RunParts(self.checkpoints)
         for name, part in (("data", self.data), ("meter", self.meter), ("rng", RngState()),
                            ("tracker", TrackerRun(self.tracker)), ("shapes", EngineShapes(self.engine)),
-                           *optional_parts(cfg, self.stream, ctx)):
+                           *optional_parts(cfg, self.stream, ctx, self.engine)):
             self.parts.add(name, part)
         self.step = self.checkpoints.restore(self.engine)
         # Steps to the end of the last epoch from where the data stream stands (another world size: other steps).
@@ -168,6 +169,13 @@ class Trainer:
                             image_size=cfg.data.image_size, weights=weights)
         if ctx.is_main and model.weights_report:
             print(model.weights_report, flush=True)
+        if cfg.model.head_init == "pca" and self.checkpoints.target is None:  # a resume keeps its trained head
+            if ctx.is_main:
+                print(f"[train] head: embedding {cfg.model.head_init_images} training images for its principal "
+                      "directions (model.head_init=pca; seconds to a minute)", flush=True)
+            line = init_head_by_pca(model.to(ctx.device), cfg, ctx, self.verdicts)
+            if ctx.is_main:
+                print(line, flush=True)
         module = TrainModule(model, build_loss(sized_loss_config(cfg.loss, self.stream)))
         chunks = cfg.train.embedding_chunks  # DeepSpeed accumulates one backward pass per chunk (dist_dml.train.step)
         return TrainEngine(module, ctx, cfg.optimizer.scaled(self.schedule.lr_factor), cfg.deepspeed,
@@ -189,15 +197,18 @@ class Trainer:
 
     def finished_already(self) -> dict | None:
         """The results of this run if it finished at this step already (a restart after its end: torchrun's
-        --max-restarts after a designed exit, a rank killed after the results were written)."""
+        --max-restarts after a designed exit, a rank killed after the results were written), or stopped early at it
+        (train.patience)."""
         path = self.out / "results.json"
-        if self.step < self.total_steps or not path.is_file():
+        if not path.is_file():
             return None
         try:
             results = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
         if not (isinstance(results, dict) and results.get("steps") == self.step and "trained" in results):
+            return None
+        if self.step < self.total_steps and not results.get("stopped_early"):
             return None
         if self.ctx.is_main:
             print(f"[train] run {self.cfg.train.name!r} finished at step {self.step} already ({path}): nothing is "
@@ -234,18 +245,50 @@ class Trainer:
             if meter.update(result, batch, engine, tracker, self.step):
                 epochs.flush()
                 parts.on_log(tracker, self.step)
-            if self.schedule.eval_every and self.step % self.schedule.eval_every == 0 and self.step < self.total_steps:
-                self._evaluate(tracker)
+            last, stop = self.step >= self.total_steps, False
+            # Validations when due, and at the last step (a candidate too), before its checkpoint; without a
+            # validation split the last step's evaluation is the test's, after the loop.
+            if self.schedule.eval_every and self.step % self.schedule.eval_every == 0 and not last \
+                    or last and cfg.data.val_split:
+                stop = self._validate(tracker)
             if self.schedule.checkpoint_every and self.step % self.schedule.checkpoint_every == 0:
                 self._save()
-            if self.step >= self.total_steps:
+            if stop:
+                results["stopped_early"] = True
+                if ctx.is_main:
+                    print(f"[train] stopped at step {self.step}: train.patience={cfg.train.patience} validations "
+                          "without a better one", flush=True)
+                break
+            if last:
                 break
         epochs.flush()
         self._save()
+        self._take_final_weights()
         results.update(trained=self._evaluate(tracker, final=True), steps=self.step, skipped_steps=meter.skipped,
-                       data_faults=dict(meter.faults))
+                       data_faults=dict(meter.faults), **parts.summary())
         self._finish(tracker, results)
         return results
+
+    def _validate(self, tracker) -> bool:
+        """An evaluation during the run: of the validation split where data.val_split names one (and every part
+        hears it: the best one's checkpoint kept), else of the test split. Whether a part asks to stop."""
+        validation = bool(self.cfg.data.val_split)
+        metrics = self._evaluate(tracker, validation=validation)
+        asks = self.parts.after_evaluation(metrics, self.step) if validation else set()
+        if "save" in asks:
+            self._save()
+        return "stop" in asks
+
+    def _take_final_weights(self) -> None:
+        """The weights a part chose (the best validation's) into the model on every rank, where not the last."""
+        weights = self.parts.final_weights(self.checkpoints)
+        if weights is None:
+            return
+        self.engine.module.model.load_state_dict(weights)
+        if self.ctx.is_main:
+            chosen = self.parts.summary()
+            print(f"[train] the final model is step {chosen.get('best_step')}'s, the best by {chosen.get('best_by')} "
+                  f"({chosen.get('best_value', float('nan')):.4f} on {self.cfg.data.val_split!r})", flush=True)
 
     def _start(self, tracker) -> dict:
         """The run's record in the output folder and the tracker; the untrained model's metrics if asked."""
@@ -266,18 +309,30 @@ class Trainer:
         share_norm_statistics(self.engine.module.model, self.cfg.model.norm, self.ctx)
         self.checkpoints.save(self.engine, self.step, self.run_id)
 
-    def _evaluate(self, tracker, final: bool = False) -> dict[str, float]:
+    def _evaluate(self, tracker, final: bool = False, validation: bool = False) -> dict:
+        """The metrics of the model as it stands (and, under their names, of the weights the parts evaluate beside
+        it): on the validation split with ``validation`` (logged as val_*), else on eval.split."""
         cfg, ctx, step = self.cfg, self.ctx, self.step
+        eval_cfg = dataclasses.replace(cfg.eval, split=cfg.data.val_split) if validation else cfg.eval
         share_norm_statistics(self.engine.module.model, cfg.model.norm, ctx)
-        metrics, plot_paths = evaluate(self.engine.module.model, cfg.data, cfg.eval, ctx, progress=final,
-                                       plots_dir=self.out / "plots" if final and cfg.eval.plots else None,
-                                       title=f"{cfg.train.name}, step {step}", verdicts=self.verdicts)
+
+        def measure(plots_dir=None):
+            return evaluate(self.engine.module.model, cfg.data, eval_cfg, ctx, progress=final, plots_dir=plots_dir,
+                            title=f"{cfg.train.name}, step {step}", verdicts=self.verdicts)
+
+        metrics, plot_paths = measure(self.out / "plots" if final and cfg.eval.plots else None)
+        if not final:
+            metrics.update(self.parts.extra_evaluations(lambda: measure()[0]))
         if ctx.is_main:
-            tracker.log_metrics(metrics, step)
+            tracker.log_metrics({"val": metrics} if validation else metrics, step)
             for path in plot_paths:
                 tracker.log_artifact(path, "plots")
-            print(f"[eval] step {step}: {format_metrics(metrics)}", flush=True)
-            problem = evaluation_problem(metrics, cfg.eval)
+            on = f" on {eval_cfg.split!r}" if validation else ""
+            print(f"[eval] step {step}{on}: {format_metrics(metrics)}", flush=True)
+            for name, other in metrics.items():
+                if isinstance(other, dict) and name != "postprocessed":
+                    print(f"[eval] step {step}{on}, {name}: {format_metrics(other)}", flush=True)
+            problem = evaluation_problem(metrics, eval_cfg)
             if problem:
                 print(f"[eval] {'error' if final else 'warning'}: step {step}: {problem}", file=sys.stderr, flush=True)
         return metrics
