@@ -60,14 +60,14 @@ def validations(log: str) -> dict[int, float]:
 
 
 def test_the_best_validation_is_the_final_model_and_the_test_is_evaluated_once(with_val, tmp_path):
-    """best_by map_at_r with a validation every 4 steps and keep_last 1: results.json names the step of the highest
-    logged validation MAP@R, its checkpoint is kept, final_model.pt holds its weights, and the test split is
+    """best_by map_at_r with a validation every 4 steps (and at the start) and keep_last 1: results.json names the
+    step of the highest logged validation MAP@R, its checkpoint is kept, final_model.pt holds its weights, and the test split is
     evaluated once, at the end, on them."""
     out = tmp_path / "run"
     ran = run(with_val, out)
     assert ran.returncode == 0, ran.stderr[-3000:]
     logged = validations(ran.stdout)
-    assert sorted(logged) == [4, 8, 12, 16, 20, 24]
+    assert sorted(logged) == [0, 4, 8, 12, 16, 20, 24]  # the start is a candidate, the last step too
     best = max(logged, key=lambda s: (logged[s], -s))  # the first of the highest
     results = json.loads((out / "results.json").read_text())
     assert results["best_step"] == best and results["best_by"] == "map_at_r"
@@ -148,14 +148,17 @@ def test_the_weights_average_is_a_hand_written_loop_and_its_evaluation_leaves_th
 
 def numpy_pca(features, dim):
     """The reference: numpy's eigendecomposition of the features' covariance in float64, the largest first, each
-    direction's largest component positive; the head's bias centres the features."""
+    direction's largest component positive and divided by the square root of its eigenvalue (plus 1e-6 of the
+    largest); the head's bias centres the features."""
     import numpy as np
 
     x = np.asarray(features, np.float64)
     mean = x.mean(axis=0)
     values, vectors = np.linalg.eigh(np.cov(x, rowvar=False, bias=True))
-    directions = vectors[:, np.argsort(values)[::-1][:dim]].T
+    order = np.argsort(values)[::-1][:dim]
+    directions = vectors[:, order].T
     directions *= np.sign(directions[np.arange(len(directions)), np.abs(directions).argmax(axis=1)])[:, None]
+    directions /= np.sqrt(np.maximum(values[order], 0) + 1e-6 * values.max())[:, None]
     return directions, -directions @ mean
 
 
@@ -170,6 +173,8 @@ def test_the_pca_head_is_numpys_pca_of_the_same_features():
     torch.testing.assert_close(bias, torch.from_numpy(want_b), rtol=1e-7, atol=1e-9)
     wide, _ = pca_head(features.sum(0), features.T @ features, 300, 16)
     assert torch.equal(wide[12:], torch.zeros(4, 12)) and torch.allclose(wide[:5], weight)
+    projected = (features - features.mean(0)) @ weight.T  # whitened: unit variance, uncorrelated
+    torch.testing.assert_close(projected.T @ projected / 300, torch.eye(5, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
 def test_a_run_that_starts_from_pca_sets_its_head_from_its_training_images(tiny_shards, tmp_path):

@@ -32,8 +32,8 @@ class ModelConfig:
     # every evaluation and checkpoint).
     norm: str = "sync"
     norm_affine: bool = True  # frozen: BatchNorm's scale and shift still train
-    # The head's start: random, or pca (the principal directions of the backbone's features on a sample of training
-    # images, centred: a fresh start then ranks as the backbone's own features do)
+    # The head's start: random, or pca (the backbone's features PCA-whitened on a sample of training images: centred,
+    # projected on their principal directions, each scaled to unit variance)
     head_init: str = "random"
     head_init_images: int = 2048  # pca: training images embedded for it, over all ranks
 
@@ -208,10 +208,11 @@ class EmbeddingModel(nn.Module):
 
 
 def pca_head(total: Tensor, outer: Tensor, count: int, dim: int) -> tuple[Tensor, Tensor]:
-    """(weight [dim, F], bias [dim]) of a head that projects features onto their ``dim`` principal directions,
-    centred: from the features' sum ``total`` [F], the sum of their outer products ``outer`` [F, F] and ``count``, in
-    float64. Each direction's sign makes its largest component positive (as numpy's and torch's eigenvectors come
-    with either). Where ``dim`` exceeds F the rows past F are zero."""
+    """(weight [dim, F], bias [dim]) of a head that PCA-whitens features (Jégou & Chum, ECCV 2012): centred, projected
+    onto their ``dim`` principal directions, each scaled to unit variance (its eigenvalue plus 1e-6 of the largest,
+    so a direction of no variance is not blown up). From the features' sum ``total`` [F], the sum of their outer
+    products ``outer`` [F, F] and ``count``, in float64. Each direction's sign makes its largest component positive
+    (as numpy's and torch's eigenvectors come with either). Where ``dim`` exceeds F the rows past F are zero."""
     total, outer = total.double(), outer.double()
     mean = total / count
     covariance = outer / count - torch.outer(mean, mean)
@@ -219,7 +220,8 @@ def pca_head(total: Tensor, outer: Tensor, count: int, dim: int) -> tuple[Tensor
     order = torch.argsort(values, descending=True)[:dim]
     directions = vectors[:, order].T  # [min(dim, F), F]
     signs = torch.sign(directions.gather(1, directions.abs().argmax(dim=1, keepdim=True)))
-    directions = directions * signs
+    scale = torch.rsqrt(values[order].clamp_min(0) + 1e-6 * values.max().clamp_min(1e-12))
+    directions = directions * signs * scale[:, None]
     weight = torch.zeros(dim, total.shape[0], dtype=torch.float64)
     weight[:len(directions)] = directions
     return weight, -weight @ mean

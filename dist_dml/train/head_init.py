@@ -45,4 +45,5 @@ def init_head_by_pca(model: EmbeddingModel, cfg, ctx, verdicts=None) -> str:
     model.head.weight.copy_(weight.to(model.head.weight))
     model.head.bias.copy_(bias.to(model.head.bias))
     return (f"[train] head: the {min(model.head.out_features, width)} principal directions of the backbone's "
-            f"{width} features on {count} training images (model.head_init=pca, {time.time() - started:.0f}s)")
+            f"{width} features on {count} training images, whitened (model.head_init=pca, "
+            f"{time.time() - started:.0f}s)")

@@ -222,6 +222,8 @@ class Trainer:
         objective = GlobalBatchObjective(build_sampler(cfg.sampler), engine.module.loss, ctx,
                                          **parts.objective_options())
         epochs, bad_in_row = EpochReport(ctx, tracker), 0
+        if self.step == 0 and cfg.data.val_split and cfg.checkpoint.best_by != "none":
+            self._validate(tracker)  # the start is a candidate: a fine-tune never ends worse on validation
         parts.begin(self.step)
         # One DataLoader for the whole run: its workers go on to the next epoch themselves.
         loader = stream.loader(epochs=1 << 30, first_step=self.step, **parts.reader_options())
