@@ -111,6 +111,8 @@ def test_resume_that_cannot_apply_is_refused_before_any_process_starts(tiny_shar
     assert resume_problem(load_config(CONFIG, shape + ["checkpoint.resume=none"])) is None
     missing = resume_problem(load_config(CONFIG, overrides + [f"checkpoint.resume={tmp_path}/nothing"]))
     assert "is not a whole checkpoint: no such folder" in missing
+    layered = resume_problem(load_config(CONFIG, overrides + ["optimizer.layer_decay=0.8"]))  # one group per layer
+    assert "optimizer.layer_decay=1.0, but this run has 0.8" in layered
 
     # The launch script refuses before torchrun starts a process.
     proc = subprocess.run(["bash", str(ROOT / "launch/torchrun.sh"), "1", "train", str(CONFIG), *shape],

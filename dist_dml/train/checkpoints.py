@@ -281,6 +281,10 @@ def resume_problem(config, world_size: int | None = None) -> str | None:
             was, now = saved[section][key], getattr(getattr(config, section), key)
             if was != now:
                 return f"{how}{target}, saved with {section}.{key}={was}, but this run has {now}{fresh}"
+    was_decay = saved.get("optimizer", {}).get("layer_decay", 1.0)
+    if (was_decay < 1) != (config.optimizer.layer_decay < 1):  # the optimizer state's param groups
+        return (f"{how}{target}, saved with optimizer.layer_decay={was_decay}, but this run "
+                f"has {config.optimizer.layer_decay}: the backbone's param groups differ (one per layer, or one){fresh}")
     for was, now, what in _saved_sizes(meta, config):
         if was != now:
             return f"{how}{target}, saved with {what} {was}, but this run's is {now}{fresh}"
