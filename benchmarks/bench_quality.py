@@ -17,6 +17,8 @@ baseline's evaluation at step 0 (through its untrained 128-d head). Arms:
     class      + class-level batches: a share (--class-share) of each batch as groups of near classes
                (class_sampling, prototypes refreshed for the loader every --class-refresh steps)
     class_memory_add  class + memory_add
+    sync_norm  baseline with BatchNorm's statistics of the global batch (model.norm=sync) instead of the pretrained
+               ones (model.norm=auto: frozen for pretrained weights)
     selected   + the final model chosen on the validation characters (checkpoint.best_by=--best-by, validated
                every --eval-every steps)
     gentle     + a fine-tune that starts where the backbone is: the head from the PCA of its features
@@ -51,6 +53,7 @@ ARMS = {
     "class": ["class_sampling.share={share}", "class_sampling.refresh_steps={refresh}"],
     "class_memory_add": ["class_sampling.share={share}", "class_sampling.refresh_steps={refresh}",
                          "memory.size={size}", "memory.start_step={start}", "memory.mode=add"],
+    "sync_norm": ["model.norm=sync"],
     "selected": ["checkpoint.best_by={best_by}", "eval.every_steps={eval_every}"],
     "gentle": ["model.head_init=pca", "optimizer.backbone_warmup={backbone_warmup}",
                "optimizer.layer_decay={layer_decay}"],

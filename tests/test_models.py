@@ -54,3 +54,19 @@ def test_frozen_batchnorm_keeps_its_statistics(affine):
 def test_unknown_norm_is_refused():
     with pytest.raises(ValueError, match="model.norm"):
         build_model(ModelConfig(backbone="tiny_cnn", norm="group"))
+
+
+def test_auto_norm_freezes_pretrained_batchnorm_and_trains_a_random_one():
+    """model.norm=auto (the default): pretrained weights keep their BatchNorm statistics (frozen: a P x K batch of
+    a few classes would replace ImageNet's), random weights learn theirs over the global batch (sync); a config
+    resolves it, and says which."""
+    from dist_dml.config import load_config
+
+    assert ModelConfig(backbone="tiny_cnn").norm_mode == "sync"
+    assert ModelConfig(backbone="resnet18", weights="torchvision").norm_mode == "frozen"
+    assert ModelConfig(backbone="tiny_cnn", weights="/weights/mine.pt").norm_mode == "frozen"
+    assert ModelConfig(backbone="resnet18", weights="torchvision", norm="sync").norm_mode == "sync"
+    config = load_config(None, ["model.backbone=resnet18", "model.weights=torchvision"], check_data=False)
+    assert config.model.norm == "frozen"
+    model = build_model(ModelConfig(backbone="tiny_cnn", weights="/x.pt"), gather=lambda t: t)  # no weights loaded
+    assert model.frozen_norm

@@ -134,8 +134,8 @@ def build_config(raw: dict, source: str = "config", run_name: str = "default", c
 
 def _with_backbone_defaults(config: RunConfig, raw: dict) -> RunConfig:
     """What the config leaves out, from the backbone's pretrained config: model.mean / model.std, and
-    data.image_size and data.resize (image_size / crop_pct); model.pretrained=true as model.weights. The
-    resolved values are what the run logs and checkpoints."""
+    data.image_size and data.resize (image_size / crop_pct); model.pretrained=true as model.weights; model.norm=auto
+    as frozen or sync. The resolved values are what the run logs and checkpoints."""
     from dist_dml.models.backbones import backbone_spec
 
     model, data = config.model, config.data
@@ -145,7 +145,8 @@ def _with_backbone_defaults(config: RunConfig, raw: dict) -> RunConfig:
     resize = data.resize if "resize" in given else max(size, int(round(size / spec.crop_pct)))
     mean, std = model.normalisation()
     weights = model.weights_source if model.weights == "none" and model.pretrained else model.weights
-    model = dataclasses.replace(model, mean=tuple(mean), std=tuple(std), weights=weights, pretrained=False)
+    model = dataclasses.replace(model, mean=tuple(mean), std=tuple(std), weights=weights, pretrained=False,
+                                norm=model.norm_mode)
     return dataclasses.replace(config, model=model, data=dataclasses.replace(data, image_size=size, resize=resize))
 
 

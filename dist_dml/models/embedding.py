@@ -27,10 +27,11 @@ class ModelConfig:
     mean: tuple[float, ...] = ()  # input normalisation (0..1 scale); (): the backbone's pretrained config
     std: tuple[float, ...] = ()  # input standard deviations (0..1 scale); (): the backbone's pretrained config
     channels_last: bool = True  # on CUDA
-    # BatchNorm across ranks: sync (statistics of the global batch), frozen (eval mode, running
-    # statistics never change) or local (per-rank statistics; rank 0's buffers are broadcast before
-    # every evaluation and checkpoint).
-    norm: str = "sync"
+    # BatchNorm across ranks: sync (statistics of the global batch), frozen (eval mode, running statistics never
+    # change: what a fine-tune of pretrained weights wants, a P x K batch's few classes being no ImageNet), local
+    # (per-rank statistics; rank 0's buffers broadcast before every evaluation and checkpoint), or auto: frozen
+    # where model.weights are pretrained, sync from random weights
+    norm: str = "auto"
     norm_affine: bool = True  # frozen: BatchNorm's scale and shift still train
     # The head's start: random, or pca (the backbone's features PCA-whitened on a sample of training images: centred,
     # projected on their principal directions, each scaled to unit variance)
@@ -54,6 +55,13 @@ class ModelConfig:
             raise ValueError(f"model.weights={self.weights}: backbone {self.backbone} has "
                              + (f"{spec.library} weights (model.weights={spec.library})" if spec.library else
                                 "no pretrained weights (none, or a local file)"))
+
+    @property
+    def norm_mode(self) -> str:
+        """model.norm with auto resolved: frozen for pretrained weights, sync from random weights."""
+        if self.norm != "auto":
+            return self.norm
+        return "sync" if self.weights_source == "none" else "frozen"
 
     @property
     def weights_source(self) -> str:
@@ -80,7 +88,7 @@ def has_batch_norm(config: ModelConfig) -> bool:
     return bool(_batch_norms(backbone))
 
 
-NORMS = ("sync", "frozen", "local")
+NORMS = ("sync", "frozen", "local", "auto")
 GatherWithGrad = Callable[[Tensor], Tensor]  # all ranks' tensors concatenated along dim 0, autograd-aware
 
 
@@ -150,8 +158,9 @@ def with_norm(model: nn.Module, config: "ModelConfig", gather: GatherWithGrad | 
     ``norm_affine``, its scale and shift are frozen too. Without ``gather`` (evaluation, export)
     nothing changes but frozen's flag.
     """
+    norm = config.norm_mode
     if gather is not None:
-        if config.norm == "sync" and device is not None and device.type == "cuda":
+        if norm == "sync" and device is not None and device.type == "cuda":
             from timm.layers import convert_sync_batchnorm  # torch's, and timm's BatchNormAct2d kept whole
 
             model = convert_sync_batchnorm(model)
@@ -159,8 +168,8 @@ def with_norm(model: nn.Module, config: "ModelConfig", gather: GatherWithGrad | 
             for name, bn in _batch_norms(model):
                 parent, _, child = name.rpartition(".")
                 owner = model.get_submodule(parent) if parent else model
-                setattr(owner, child, GlobalBatchNorm(bn, gather if config.norm == "sync" else None))
-    if config.norm == "frozen":
+                setattr(owner, child, GlobalBatchNorm(bn, gather if norm == "sync" else None))
+    if norm == "frozen":
         model.frozen_norm = True
         for _, bn in _batch_norms(model):
             for p in bn.parameters():
