@@ -36,11 +36,11 @@ def record_ids(root: Path) -> set[int]:
     return {r["image_ids"][0] for r in read_records(shards)}
 
 
-def draw_epoch(root: Path, ranks: int, workers: int, epoch: int, p: int = 4):
+def draw_epoch(root: Path, ranks: int, workers: int, epoch: int, p: int = 4, **data):
     """{(rank, worker): [record ids drawn]} and {rank: batches} of one epoch, every logical worker run
-    in this process as its DataLoader worker would run it."""
+    in this process as its DataLoader worker would run it (``data``: more DataConfig fields)."""
     cfg = DataConfig(root=str(root), classes_per_batch=p, images_per_class=2, workers=workers, shuffle_buffer=50,
-                     image_size=8, resize=12, seed=5)
+                     image_size=8, resize=12, seed=5, **data)
     drawn, steps, labels = {}, {}, set()
     for rank in range(ranks):
         stream = TrainStream(cfg, rank, ranks, decode_images=False)
@@ -178,14 +178,14 @@ def test_one_loader_runs_through_epochs_as_separate_ones_would(datasets):
 
 # --- the position in global samples: resuming at another world size ------------------------------
 
-def run_ranks(root: Path, ranks: int, workers: int, state: dict | None, steps: int | None, p: int = 4):
+def run_ranks(root: Path, ranks: int, workers: int, state: dict | None, steps: int | None, p: int = 4, **data):
     """Every rank of a world of ``ranks`` x ``workers`` from ``state`` (None: a fresh start) for ``steps``
     steps (None: to the end of the epoch), batches taken as the trainer takes them. Returns the state a
     checkpoint would keep (draws summed over ranks, as the trainer's all-reduce does), the draws per record
     of this stretch, and the steps taken."""
 
     cfg = DataConfig(root=str(root), classes_per_batch=p, images_per_class=2, workers=workers, shuffle_buffer=50,
-                     image_size=8, resize=12, seed=5)
+                     image_size=8, resize=12, seed=5, **data)
     streams = [TrainStream(cfg, rank, ranks, decode_images=False) for rank in range(ranks)]
     for stream in streams:
         if state is not None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_dml.train.checkpoints import META, resume_problem
+from dist_dml.train.checkpoints import META
+from dist_dml.train.resume_checks import resume_problem
 from dist_dml.config import load_config
 from dist_dml.data import DataConfig, Manifest, train_image
 from dist_dml.method.losses import LossConfig, build_loss

@@ -221,6 +221,7 @@ def validate(config: RunConfig, source: str = "config", check_data: bool = True,
     if not data.root:
         raise ConfigError(f"{source}: data.root is required (a folder written by `dist-dml prep`)")
     from dist_dml.data import Manifest
+    from dist_dml.data.held_out import held_out
 
     try:
         manifest = Manifest(data.root, data.max_manifest_mb)
@@ -229,8 +230,13 @@ def validate(config: RunConfig, source: str = "config", check_data: bool = True,
         if not train_data:
             return
         split = manifest.split(data.train_split)
+        held = held_out(manifest, data)
     except (OSError, KeyError, ValueError) as exc:
         raise ConfigError(f"{source}: data.root: {exc.args[0] if exc.args else exc}") from None
+    if held is not None and "val" in manifest.data["splits"]:
+        raise ConfigError(f"{source}: data.val_share={data.val_share} holds training classes out, but "
+                          f"{manifest.path} has a prepared validation split 'val': validate on it "
+                          "(data.val_split=val), or drop data.val_share")
     from dist_dml.data.train_reader import single_image_problem
 
     problem = single_image_problem(manifest, data)
@@ -265,9 +271,10 @@ def _check_selection(config: RunConfig, source: str) -> None:
     if best_by not in selectable_metrics(config):
         raise ConfigError(f"{source}: checkpoint.best_by={best_by!r} is not a metric this run's evaluation computes; "
                           f"it computes {', '.join(selectable_metrics(config))}")
-    if not config.data.val_split:
+    if not config.data.validation_split:
         raise ConfigError(f"{source}: checkpoint.best_by={best_by} selects on validation classes: give data.val_split "
-                          "(dist-dml prep --val-fraction writes a split 'val'); selecting on the test split would "
+                          "(dist-dml prep --val-fraction writes a split 'val') or data.val_share (a share of the "
+                          "training classes held out at run time); selecting on the test split would "
                           "report a figure chosen by the test itself")
 
 

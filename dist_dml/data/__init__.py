@@ -16,6 +16,7 @@
   loop, random or class-level batches;
 - :mod:`~dist_dml.data.grouping` class-level batches (the `class_sampling` section, the rule, a worker's pool),
   :mod:`~dist_dml.data.snapshots` the prototypes' snapshots the workers read;
+- :mod:`~dist_dml.data.held_out` the classes data.val_share holds out of training (from the manifest alone);
 - :mod:`~dist_dml.data.eval_stream` the evaluation stream.
 
 `DataConfig` (:mod:`~dist_dml.data.config`) is the config's `data` section.

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dist_dml.data.held_out import held_out_name
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -14,6 +16,10 @@ class DataConfig:
     # The manifest's split of validation classes (dist-dml prep --val-fraction writes 'val'): what periodic
     # evaluations measure and checkpoint.best_by selects on, the test split then evaluated once, at the end ("": none)
     val_split: str = ""
+    # A share of the training split's classes held out of training at run time and validated on instead of
+    # val_split (their records read from the training shards: a prepared split reads less at scale); 0: none
+    val_share: float = 0.0
+    val_seed: int = 0  # which classes val_share holds out: the same for one manifest, share and seed
     classes_per_batch: int = 16  # P, per rank
     images_per_class: int = 4  # K
     workers: int = 2  # DataLoader worker processes per rank (0: read in the training process)
@@ -35,6 +41,14 @@ class DataConfig:
     verify_sha256: bool = False  # read every shard whole against the manifest's sha256 once per job, before training
 
     @property
+    def validation_split(self) -> str:
+        """The split periodic evaluations validate on: data.val_split, the classes data.val_share holds out
+        (named ``<train_split>[val_share]``), or "" for none."""
+        if self.val_share:
+            return held_out_name(self.train_split)
+        return self.val_split
+
+    @property
     def local_batch(self) -> int:
         return self.classes_per_batch * self.images_per_class
 
@@ -54,8 +68,13 @@ class DataConfig:
         if self.val_split and self.val_split == self.train_split:
             raise ValueError(f"data.val_split={self.val_split!r} is the training split: validation needs classes the "
                              "training never sees (dist-dml prep --val-fraction writes a split 'val')")
-        if self.seed < 0:
-            raise ValueError(f"data.seed must be >= 0, got {self.seed}")
+        if not 0 <= self.val_share < 1:
+            raise ValueError(f"data.val_share must be in [0, 1) (a share of the training classes), got {self.val_share}")
+        if self.val_share and self.val_split:
+            raise ValueError(f"data.val_split={self.val_split!r} and data.val_share={self.val_share} both name "
+                             "validation classes: give one (a prepared split, or a share held out of training)")
+        if self.seed < 0 or self.val_seed < 0:
+            raise ValueError(f"data.seed and data.val_seed must be >= 0, got {self.seed} and {self.val_seed}")
         if self.workers < 0 or self.shuffle_buffer < 1:
             raise ValueError("data.workers must be >= 0 and data.shuffle_buffer >= 1")
         if not 0 < self.max_manifest_mb < float("inf") or not 0 < self.max_image_megapixels < float("inf"):

@@ -70,12 +70,16 @@ class EpochPlan:
     (testable without reading a byte): each epoch's shard order (shuffled by (seed, epoch), the same on
     every rank), each slot's window of the epoch's records and the segments that hold it, and the steps
     every rank takes. A *resumed layout* of one epoch (a resume at another world size) cuts the records
-    its ``drawn`` mask leaves over the slots, from its ``base`` step on."""
+    its ``drawn`` mask leaves over the slots, from its ``base`` step on. Records ``excluded`` marks (the classes
+    data.val_share holds out) are in no epoch: the windows cut the others alone."""
 
-    def __init__(self, records: dict[str, int], world_size: int, workers: int, classes_per_batch: int, seed: int):
+    def __init__(self, records: dict[str, int], world_size: int, workers: int, classes_per_batch: int, seed: int,
+                 excluded: dict[str, np.ndarray] | None = None):
         self.records = records  # {shard: records}, in the manifest's order
         self.shards = list(records)
         self.world_size, self.workers, self.per_batch, self.seed = world_size, workers, classes_per_batch, seed
+        self.excluded = excluded  # {shard: a mask of its records left out of every epoch}, or None
+        self.kept_records = sum(records.values()) - (sum(int(m.sum()) for m in excluded.values()) if excluded else 0)
         self._windows: dict[tuple, list[list[Segment]]] = {}
 
     @property
@@ -85,7 +89,7 @@ class EpochPlan:
     @property
     def shares_records(self) -> bool:
         """Whether windows are widened over each other (fewer than P records per slot): slots share records."""
-        return sum(self.records.values()) // self.slots < self.per_batch
+        return self.kept_records // self.slots < self.per_batch
 
     def shard_order(self, epoch: int) -> list[str]:
         order = list(self.shards)
@@ -100,6 +104,12 @@ class EpochPlan:
             start += self.records[shard]
         return out
 
+    def kept(self, epoch: int) -> np.ndarray | None:
+        """Which records of the epoch (numbered over its shard order) it holds; None where it holds them all."""
+        if self.excluded is None:
+            return None
+        return ~np.concatenate([self.excluded[s] for s in self.shard_order(epoch)])
+
     def segments(self, epoch: int, drawn: np.ndarray | None = None) -> list[list[Segment]]:
         """Per (rank, worker) slot, the (shard, skip, take) parts of its window of the epoch's records; with
         ``drawn`` (a resumed layout), of the records it marks False."""
@@ -108,6 +118,9 @@ class EpochPlan:
             order = self.shard_order(epoch)
             counts = [self.records[s] for s in order]
             firsts = None
+            kept = self.kept(epoch)
+            if kept is not None:
+                drawn = ~kept if drawn is None else np.asarray(drawn, bool) | ~kept
             if drawn is not None:
                 order, counts, firsts = undrawn_runs(order, counts, drawn)
             windows = record_windows(counts, self.slots, self.per_batch)

@@ -122,6 +122,8 @@ class StreamPosition:
         if self.step == 0:
             return "at the start of an epoch"
         self.base_step, self.base_drawn = self.step, self.drawn_before > 0
-        left = int((~self.base_drawn).sum())
-        return (f"epoch {self.epoch} from step {self.step} with the {left} of its {self.num_records} records not yet "
+        kept = self.plan.kept(self.epoch)
+        kept = np.ones(self.num_records, bool) if kept is None else kept
+        left = int((~self.base_drawn & kept).sum())
+        return (f"epoch {self.epoch} from step {self.step} with the {left} of its {int(kept.sum())} records not yet "
                 f"drawn, cut over {self.plan.slots} slots")

@@ -17,6 +17,7 @@ from dist_dml.data.batch_assembly import BatchAssembler, DataError, with_picks
 from dist_dml.data.config import DataConfig
 from dist_dml.data.faults import FaultCounter, ReadPolicy
 from dist_dml.data.grouping import ClassPool, ClassSamplingConfig, neighbour_picks
+from dist_dml.data.held_out import held_out
 from dist_dml.data.loading import read_policy
 from dist_dml.data.manifest import Manifest
 from dist_dml.data.plan import EpochPlan
@@ -53,6 +54,8 @@ class TrainSplit(NamedTuple):
     checksums: dict[str, str] | None  # data.verify_sha256
     sizes: dict[str, int]
     least_single_records: int
+    excluded: dict[str, np.ndarray] | None = None  # {shard: its records of classes data.val_share holds out}
+    held_out_classes: int = 0
 
     @classmethod
     def read(cls, cfg: DataConfig) -> "TrainSplit":
@@ -61,9 +64,11 @@ class TrainSplit(NamedTuple):
         if problem:
             raise SplitError(problem)
         shards, split = manifest.shard_paths(cfg.train_split), manifest.split(cfg.train_split)
+        held = held_out(manifest, cfg)
         return cls(shards, {path: s["records"] for path, s in zip(shards, split["shards"])}, split["classes"],
                    split["images"], manifest.checksums(cfg.train_split) if cfg.verify_sha256 else None,
-                   manifest.sizes(cfg.train_split), manifest.single_image_records(cfg.train_split))
+                   manifest.sizes(cfg.train_split), manifest.single_image_records(cfg.train_split),
+                   held.excluded() if held is not None else None, held.num_classes if held is not None else 0)
 
 
 class TrainReader(IterableDataset):

@@ -52,7 +52,7 @@ class TrainStream:
         self.num_classes, self.num_images = self.split.num_classes, self.split.num_images
         self.num_records = sum(self.records.values())
         workers = max(cfg.workers, 1)  # logical workers per rank (a DataLoader without worker processes is one)
-        self.plan = EpochPlan(self.records, world_size, workers, cfg.classes_per_batch, cfg.seed)
+        self.plan = EpochPlan(self.records, world_size, workers, cfg.classes_per_batch, cfg.seed, self.split.excluded)
         self.position = StreamPosition(self.plan, {
             "world_size": world_size, "workers": workers, "classes_per_batch": cfg.classes_per_batch,
             "shuffle_buffer": cfg.shuffle_buffer, "seed": cfg.seed, "records": self.num_records})
@@ -97,6 +97,16 @@ class TrainStream:
                      f"({fetched / self.num_records:.1f}x the dataset over the network; data.cache_dir fetches "
                      "each shard once per machine)")
         return note
+
+    def held_out_note(self) -> str | None:
+        """What data.val_share holds out of training, in numbers (None without a share)."""
+        if self.split.excluded is None:
+            return None
+        held = self.num_records - self.plan.kept_records
+        return (f"data.val_share={self.cfg.val_share} (data.val_seed={self.cfg.val_seed}) holds "
+                f"{self.split.held_out_classes} of the {self.num_classes} training classes out: their {held} records "
+                f"are never trained on and are validated on as {self.cfg.validation_split!r}; each epoch draws the "
+                f"other {self.plan.kept_records}")
 
     def class_sampling_note(self) -> str | None:
         """A warning where class_sampling is on but cannot act: windows so small that slots share records."""

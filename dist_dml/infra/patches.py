@@ -115,7 +115,7 @@ def universal_load_past_trailing_empty_groups(zero) -> None:
     global beta (one number) at 2 or more processes, whose partition on every rank but the first is padding
     alone. Such groups, last in our order, are left out of that load on that rank: nothing of them is there to
     load (the padding's optimizer state starts afresh). A group empty on a rank before one it holds is refused
-    (checkpoint.resume_problem refuses that world size before any process starts). Relies on: the ZeRO
+    (train.resume_checks.resume_problem refuses that world size before any process starts). Relies on: the ZeRO
     optimizer's ``bit16_groups`` (or ``bf16_groups``), ``optimizer.param_groups``, each parameter's
     ``_hp_mapping`` (None where the rank holds none of it) and ``_load_universal_checkpoint``."""
     lp_groups = getattr(zero, "bit16_groups", None) or getattr(zero, "bf16_groups", None)

@@ -214,8 +214,10 @@ class EpochReport:
         self.ctx, self.tracker = ctx, tracker
         self.clean: list[tuple[int, int, int]] = []  # (epoch, its last step, records), not printed yet
 
-    def finished(self, epoch: int, drawn: np.ndarray, step: int) -> None:
-        """``drawn``: the epoch's draws per record over all ranks (the same on every rank)."""
+    def finished(self, epoch: int, drawn: np.ndarray, step: int, kept: np.ndarray | None = None) -> None:
+        """``drawn``: the epoch's draws per record over all ranks (the same on every rank); ``kept``: the records
+        the epoch holds (EpochPlan.kept: those of held-out classes are in none), None for all."""
+        drawn = drawn if kept is None else drawn[kept]
         once, never, again = int((drawn == 1).sum()), int((drawn == 0).sum()), int((drawn > 1).sum())
         if not self.ctx.is_main:
             return

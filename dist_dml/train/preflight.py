@@ -95,7 +95,7 @@ def schedule_at(cfg, world_size: int):
 def resume_refusal(cfg, world_size: int, say=None) -> None:
     """A LaunchRefused where the run cannot start at ``world_size`` processes (world_size_refusal) or cannot
     resume where it would at that world size; ``say`` (if given) hears the note of a batch larger than the split."""
-    from dist_dml.train.checkpoints import resume_problem
+    from dist_dml.train.resume_checks import resume_problem
 
     note = world_size_refusal(cfg, world_size)
     if note and say is not None:

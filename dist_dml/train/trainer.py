@@ -111,6 +111,8 @@ class Trainer:
                      *inert_settings(cfg)):
             if ctx.is_main and note:
                 print(f"[train] warning: {note}", flush=True)
+        if ctx.is_main and self.stream.held_out_note():
+            print(f"[train] {self.stream.held_out_note()}", flush=True)
         self._refuse_short_shared_memory()
         verify(self.stream, ctx, "training")
         # The checkpoint to continue from, converted if need be.
@@ -222,7 +224,7 @@ class Trainer:
         objective = GlobalBatchObjective(build_sampler(cfg.sampler), engine.module.loss, ctx,
                                          **parts.objective_options())
         epochs, bad_in_row = EpochReport(ctx, tracker), 0
-        if self.step == 0 and cfg.data.val_split and cfg.checkpoint.best_by != "none":
+        if self.step == 0 and cfg.data.validation_split and cfg.checkpoint.best_by != "none":
             self._validate(tracker)  # the start is a candidate: a fine-tune never ends worse on validation
         parts.begin(self.step)
         # One DataLoader for the whole run: its workers go on to the next epoch themselves.
@@ -243,7 +245,7 @@ class Trainer:
             position.consume(batch)
             finished = position.advance()
             if finished is not None:
-                epochs.finished(batch["epoch"], global_draws(finished, ctx), self.step)
+                epochs.finished(batch["epoch"], global_draws(finished, ctx), self.step, stream.plan.kept(batch["epoch"]))
             if meter.update(result, batch, engine, tracker, self.step):
                 epochs.flush()
                 parts.on_log(tracker, self.step)
@@ -251,7 +253,7 @@ class Trainer:
             # Validations when due, and at the last step (a candidate too), before its checkpoint; without a
             # validation split the last step's evaluation is the test's, after the loop.
             if self.schedule.eval_every and self.step % self.schedule.eval_every == 0 and not last \
-                    or last and cfg.data.val_split:
+                    or last and cfg.data.validation_split:
                 stop = self._validate(tracker)
             if self.schedule.checkpoint_every and self.step % self.schedule.checkpoint_every == 0:
                 self._save()
@@ -272,9 +274,9 @@ class Trainer:
         return results
 
     def _validate(self, tracker) -> bool:
-        """An evaluation during the run: of the validation split where data.val_split names one (and every part
+        """An evaluation during the run: of the validation classes where data.val_split or val_share gives them (and every part
         hears it: the best one's checkpoint kept), else of the test split. Whether a part asks to stop."""
-        validation = bool(self.cfg.data.val_split)
+        validation = bool(self.cfg.data.validation_split)
         metrics = self._evaluate(tracker, validation=validation)
         asks = self.parts.after_evaluation(metrics, self.step) if validation else set()
         if "save" in asks:
@@ -290,7 +292,7 @@ class Trainer:
         if self.ctx.is_main:
             chosen = self.parts.summary()
             print(f"[train] the final model is step {chosen.get('best_step')}'s, the best by {chosen.get('best_by')} "
-                  f"({chosen.get('best_value', float('nan')):.4f} on {self.cfg.data.val_split!r})", flush=True)
+                  f"({chosen.get('best_value', float('nan')):.4f} on {self.cfg.data.validation_split!r})", flush=True)
 
     def _start(self, tracker) -> dict:
         """The run's record in the output folder and the tracker; the untrained model's metrics if asked."""
@@ -315,7 +317,7 @@ class Trainer:
         """The metrics of the model as it stands (and, under their names, of the weights the parts evaluate beside
         it): on the validation split with ``validation`` (logged as val_*), else on eval.split."""
         cfg, ctx, step = self.cfg, self.ctx, self.step
-        eval_cfg = dataclasses.replace(cfg.eval, split=cfg.data.val_split) if validation else cfg.eval
+        eval_cfg = dataclasses.replace(cfg.eval, split=cfg.data.validation_split) if validation else cfg.eval
         share_norm_statistics(self.engine.module.model, cfg.model.norm, ctx)
 
         def measure(plots_dir=None):
