@@ -164,6 +164,9 @@ def test_a_run_validates_on_the_held_out_classes_and_a_resume_keeps_them(chunked
     keys = {"eval.at_start": False, "tracking.enabled": False, "data.val_share": 0.25, "eval.every_steps": 4,
             "checkpoint.every_steps": 4, "checkpoint.best_by": "map_at_r", "train.steps": 8, "eval.recall_ks": "[1,2]",
             "data.image_size": 8, "data.resize": 12, "data.classes_per_batch": 4, "data.images_per_class": 2}
+    checked = dist_dml_here("check", CONFIG, "--world-size", "2", *tiny_overrides(chunked, out, **keys))
+    assert checked.returncode == 0 and "[check] data.val_share=0.25 (data.val_seed=0) holds 15 of the 60 training " \
+        "classes out" in checked.stdout, checked.stderr[-2000:]
     ran = dist_dml_here("train", CONFIG, *tiny_overrides(chunked, out, **keys))
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "holds 15 of the 60 training classes out" in ran.stdout

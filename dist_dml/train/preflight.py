@@ -122,6 +122,11 @@ def check_launch(cfg, world_size: int, ranks_per_node: int | None = None) -> Non
         raise LaunchRefused(problem)
     for note in inert_settings(cfg):
         print(f"[check] warning: {note}", file=sys.stderr, flush=True)
+    from dist_dml.data import TrainStream
+
+    held_out = TrainStream(cfg.data, 0, world_size, decode_images=False).held_out_note()
+    if held_out:
+        print(f"[check] {held_out}", flush=True)
     print(f"[check] schedule: {schedule_at(cfg, world_size).describe()}", flush=True)
     out = Path(cfg.train.output_dir)
     fresh = resume_target(cfg.checkpoint, out) is None  # whole and of this run: checked just above
