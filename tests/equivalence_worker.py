@@ -31,8 +31,10 @@ OPTIMIZER = OptimizerConfig(name="adam", lr=1e-2, beta_lr=5e-2, weight_decay=1e-
 SGD = OptimizerConfig(name="sgd", lr=0.05, beta_lr=5e-2, momentum=0.9, weight_decay=1e-3)
 
 
-def optimizer_for(backbone: str) -> OptimizerConfig:
-    return OPTIMIZER if backbone == "linear" else SGD
+def optimizer_for(backbone: str, proxy: str = "") -> OptimizerConfig:
+    """Adam for the linear model; SGD for a timm backbone, and with class centres (whose loss leaves some of the
+    small model's gradients near zero, where Adam turns float noise into whole steps as well)."""
+    return OPTIMIZER if backbone == "linear" and not proxy else SGD
 SAMPLER = SamplerConfig(kind="distance_weighted", seed=7)
 
 
@@ -72,10 +74,26 @@ def global_batch(step: int, scenario: str, world_size: int, backbone: str = "lin
     return x, labels, ids
 
 
+CENTRE_CLASSES = 10  # class centres (proxy): more than the batch's 8 classes, uneven shards on 4 ranks (3, 3, 3, 1)
+
+
+def proxy_config(kind: str):
+    """The centre losses the problems train beside the margin loss: ArcFace at a scale this small problem learns
+    at, over half of the negative classes (Partial FC), and Proxy-Anchor with the paper's alpha and delta; the
+    centres at 2 and 3 times the head's rate."""
+    from dist_dml.method.proxies import ProxyConfig
+
+    if kind == "arcface":
+        return ProxyConfig(kind="arcface", scale=8.0, sample_rate=0.5, weight=0.5, lr_factor=2.0,
+                           num_classes=CENTRE_CLASSES, seed=5)
+    return ProxyConfig(kind=kind, lr_factor=3.0, num_classes=CENTRE_CLASSES, seed=5)
+
+
 def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync", precision: str = "fp32",
         backbone: str = "linear", device: str = "cpu", memory: int = 0, chunks: int = 1,
-        sampler: str = "distance_weighted") -> dict:
-    """Per ZeRO stage, what rank 0 saw (with ``chunks`` > 1, each step through dist_dml.train.step's chunked path)."""
+        sampler: str = "distance_weighted", proxy: str = "") -> dict:
+    """Per ZeRO stage, what rank 0 saw (with ``chunks`` > 1, each step through dist_dml.train.step's chunked path;
+    with ``proxy``, a loss against class centres sharded over the ranks beside the margin loss, the run's part)."""
     from dist_dml.infra.accelerator import configure
     from dist_dml.infra.distributed import DistContext
 
@@ -93,16 +111,26 @@ def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync", p
     for stage in zero_stages:
         module = build_module(backbone)
         with_norm(module.model, ModelConfig(backbone="tiny_cnn", norm=norm), ctx.all_gather_with_grad, ctx.device)
-        engine = TrainEngine(module, ctx, optimizer_for(backbone), DeepSpeedConfig(zero_stage=stage, precision=precision),
+        engine = TrainEngine(module, ctx, optimizer_for(backbone, proxy), DeepSpeedConfig(zero_stage=stage, precision=precision),
                              micro_batch=local // chunks, accumulation=chunks)
         bank = CrossBatchMemory(MemoryConfig(size=memory), EMBED, ctx.device) if memory else None
-        objective = GlobalBatchObjective(build_sampler(sampler_config(sampler)), engine.module.loss, ctx, bank)
-        record = {"loss": [], "grads": [], "beta": [], "memory": [], "from_memory": []}
+        centres = None
+        if proxy:
+            from dist_dml.train.centres import ClassCentres
+
+            centres = ClassCentres(proxy_config(proxy), CENTRE_CLASSES, EMBED, ctx, optimizer_for(backbone, proxy),
+                                   lambda step: engine.rate_at("head", step))
+        objective = GlobalBatchObjective(build_sampler(sampler_config(sampler)), engine.module.loss, ctx, bank,
+                                         centres=centres.term if centres else None)
+        record = {"loss": [], "grads": [], "beta": [], "memory": [], "from_memory": [], "centres": []}
         for step in range(steps):
             x, labels, ids = global_batch(step, scenario, ctx.world_size, backbone)
             part = slice(ctx.rank * local, (ctx.rank + 1) * local)
-            result, _ = take_step(engine, objective, x[part], labels[part], ids[part], step, chunks,
-                                  before_step=lambda: record["grads"].append(engine.full_gradients()))
+            result, taken = take_step(engine, objective, x[part], labels[part], ids[part], step, chunks,
+                                      before_step=lambda: record["grads"].append(engine.full_gradients()))
+            if centres is not None:
+                centres.after_step(result, {}, step, taken)
+                record["centres"].append(ctx.all_gather_uneven(centres.loss.centres.detach()).cpu())
             if bank is not None:  # the global batch into the memory, then every rank's memory, to compare them
                 bank.enqueue(*result.batch, step)
                 mine = torch.cat([t.float().cpu().reshape(len(t), -1) for t in bank.contents()], dim=1)
@@ -155,11 +183,11 @@ def beta_against_masters(engine, labels, ids) -> dict:
 
 def run_job(zero: list[int], steps: int = 3, scenario: str = "normal", norm: str = "sync", precision: str = "fp32",
             backbone: str = "linear", device: str = "cpu", memory: int = 0, chunks: list[int] = (1,),
-            sampler: str = "distance_weighted") -> dict:
+            sampler: str = "distance_weighted", proxy: str = "") -> dict:
     """run() per chunks value: keyed by stage, or by (stage, chunks) where several chunks are compared."""
     results = {}
     for n in chunks:
-        found = run(zero, steps, scenario, norm, precision, backbone, device, memory, n, sampler)
+        found = run(zero, steps, scenario, norm, precision, backbone, device, memory, n, sampler, proxy)
         results.update(found if list(chunks) == [1] else {(stage, n): r for stage, r in found.items()})
     return results
 

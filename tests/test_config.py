@@ -72,8 +72,9 @@ def test_bad_config_exit_code_reaches_the_shell(tiny_shards):
     assert "deepspeed" not in proc.stderr.lower()  # stopped before the engine or a process group
 
 
-# Values that are meaningful although they look out of range: sampler.nonzero_loss_cutoff=inf switches it off.
-ALLOWED = {("sampler.nonzero_loss_cutoff", ".inf")}
+# Values that are meaningful although they look out of range: sampler.nonzero_loss_cutoff=inf switches it off;
+# proxy.margin=-1 is the paper's margin (its default).
+ALLOWED = {("sampler.nonzero_loss_cutoff", ".inf"), ("proxy.margin", "-1")}
 
 
 def test_every_numeric_key_is_range_checked(tiny_shards):

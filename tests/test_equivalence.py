@@ -29,9 +29,12 @@ JOBS = {
         "chunks": {"zero": [0, 2], "steps": STEPS, "norm": "frozen", "chunks": [1, 4]},
         "lonely": {"zero": [0, 2], "steps": 2, "scenario": "lonely"},
         "local_norm": {"zero": [0], "steps": 3, "norm": "local"},
-        "bf16": {"zero": [1, 2], "steps": 3, "precision": "bf16"}},
+        "bf16": {"zero": [1, 2], "steps": 3, "precision": "bf16"},
+        "arcface": {"zero": [2], "steps": STEPS, "proxy": "arcface"},
+        "proxy_anchor": {"zero": [0], "steps": STEPS, "proxy": "proxy_anchor"}},
     4: {"plain": {"zero": [0, 2], "steps": STEPS},
-        "memory": {"zero": [0, 2], "steps": 4, "memory": 48}},
+        "memory": {"zero": [0, 2], "steps": 4, "memory": 48},
+        "arcface": {"zero": [2], "steps": STEPS, "proxy": "arcface"}},
 }
 
 
@@ -54,13 +57,27 @@ def launched(tmp_path_factory):
 
 
 def single_process_reference(steps: int, scenario: str, world_size: int, backbone: str = "linear",
-                             memory: int = 0, sampler: str = "distance_weighted") -> dict:
+                             memory: int = 0, sampler: str = "distance_weighted", proxy: str = "") -> dict:
     """Plain PyTorch, no DeepSpeed, no process group: the whole global batch in one process; with a memory,
-    the last ``memory`` embeddings of the earlier steps (detached) after it as candidates, kept by hand."""
+    the last ``memory`` embeddings of the earlier steps (detached) after it as candidates, kept by hand; with
+    ``proxy``, every class centre in this process with a torch optimizer of its own at the head's rate times the
+    kind's factor, and proxy.weight x its loss added to the margin loss."""
+    from dist_dml.infra.distributed import DistContext
+    from dist_dml.method.proxies import CentreLoss
+
     module = problem.build_module(backbone)
-    optimizer = build_optimizer(module, problem.optimizer_for(backbone))
+    settings = problem.optimizer_for(backbone, proxy)
+    optimizer = build_optimizer(module, settings)
     sampler = build_sampler(problem.sampler_config(sampler))
-    record = {"loss": [], "grads": [], "beta": [], "memory": []}
+    record = {"loss": [], "grads": [], "beta": [], "memory": [], "centres": []}
+    centres = centre_optimizer = None
+    if proxy:
+        config = problem.proxy_config(proxy)
+        centres = CentreLoss(config.loss_config(), problem.CENTRE_CLASSES, problem.EMBED, DistContext())
+        centre_optimizer = torch.optim.SGD(centres.parameters(), lr=(settings.head_lr or settings.lr) *
+                                           config.rate_factor(), momentum=settings.momentum,
+                                           weight_decay=settings.weight_decay)
+        assert settings.name == "sgd"
     bank = CrossBatchMemory(MemoryConfig(size=memory), problem.EMBED) if memory else None
     for step in range(steps):
         x, labels, ids = problem.global_batch(step, scenario, world_size, backbone)
@@ -74,7 +91,13 @@ def single_process_reference(steps: int, scenario: str, world_size: int, backbon
             limit = len(labels)
         triplets = sampler(candidates.detach(), c_labels, 0, len(labels), step, positive_limit=limit)
         loss = module.loss(candidates, c_labels, c_ids, triplets).loss
+        if centres is not None:
+            centre_optimizer.zero_grad()
+            loss = loss + config.weight * centres(embeddings, labels, step)
         loss.backward()
+        if centres is not None:
+            centre_optimizer.step()
+            record["centres"].append(centres.centres.detach().clone())
         if bank is not None:
             bank.enqueue(embeddings.detach(), labels, ids, step)
             record["memory"].append(torch.cat([t.float().reshape(len(t), -1) for t in bank.contents()], dim=1))
@@ -185,3 +208,26 @@ def test_bf16_beta_in_the_loss_is_the_fp32_master(launched):
         assert record["param_dtype"] == "torch.bfloat16", stage
         assert torch.equal(record["used"], record["from_masters"]), stage
         assert not torch.equal(record["used"], record["from_params"]), stage  # rounding would show
+
+
+@pytest.mark.parametrize("world_size,kind", [(2, "arcface"), (2, "proxy_anchor"), (4, "arcface")])
+def test_class_centres_sharded_over_ranks_train_as_one_process_holding_them_all(world_size, kind, launched):
+    """Margin + DWS with a loss against class centres (ArcFace over a sampled half of the negative classes, and
+    Proxy-Anchor), the centres sharded over 2 and 4 ranks (uneven on 4: 3, 3, 3, 1 rows) as the run's part with its
+    own optimizer: the loss, the model's gradients and parameters, and every centre after every step are those of
+    one process holding every centre."""
+    reference = single_process_reference(STEPS, "normal", world_size, proxy=kind)
+    start = problem.proxy_config(kind)
+    for stage, record in launched(world_size, kind).items():
+        assert_same_run(record, reference)
+        assert len(record["centres"]) == STEPS
+        for step, (got, want) in enumerate(zip(record["centres"], reference["centres"])):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"stage {stage} step {step}: {m}")
+    # The centres really learned (the comparison is not between untouched initial values) ...
+    from dist_dml.method.proxies import initial_centres
+
+    first = initial_centres(problem.CENTRE_CLASSES, problem.EMBED, 0, 1, start.seed).float()
+    assert (reference["centres"][-1] - first).abs().max() > 1e-3
+    # ... and the loss holds the centre term: it differs from the margin loss alone.
+    plain = single_process_reference(STEPS, "normal", world_size)
+    assert abs(reference["loss"][0] - plain["loss"][0]) > 1e-3

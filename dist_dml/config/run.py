@@ -24,6 +24,7 @@ from dist_dml.infra.errors import UserError
 from dist_dml.infra.files import read_regular
 from dist_dml.method.cross_batch_memory import MemoryConfig
 from dist_dml.method.losses import LossConfig
+from dist_dml.method.proxies import ProxyConfig
 from dist_dml.method.sampling import SamplerConfig
 from dist_dml.models.embedding import ModelConfig
 from dist_dml.retrieval.evaluation import EvalConfig
@@ -51,6 +52,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     class_sampling: ClassSamplingConfig = field(default_factory=ClassSamplingConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -283,7 +285,8 @@ def inert_settings(config: RunConfig) -> list[str]:
     `dist-dml check` and at a training's start; a grid's axis may turn a section off on purpose, so not refused)."""
     notes = []
     for section, on, switch in (("memory", config.memory.enabled, "memory.size=0"),
-                                ("class_sampling", config.class_sampling.enabled, "class_sampling.share=0")):
+                                ("class_sampling", config.class_sampling.enabled, "class_sampling.share=0"),
+                                ("proxy", config.proxy.enabled, "proxy.kind=none")):
         if on:
             continue
         values, defaults = getattr(config, section), type(getattr(config, section))()
@@ -337,6 +340,9 @@ def _check_chunks(config: RunConfig, source: str) -> None:
     chunks, batch = config.train.embedding_chunks, config.data.local_batch
     if chunks == 1:
         return
+    if config.proxy.enabled:
+        raise ConfigError(f"{source}: train.embedding_chunks={chunks} with proxy.kind={config.proxy.kind}: the chunked "
+                          "step does not yet carry the class centres' gradient; use train.embedding_chunks=1")
     if batch % chunks:
         raise ConfigError(f"{source}: train.embedding_chunks={chunks} does not divide the local batch of {batch} "
                           f"(data.classes_per_batch x data.images_per_class)")

@@ -5,6 +5,7 @@ which are identities in one process.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ class StepResult:
     spread: Tensor | None = None  # the global batch's RMS pairwise distance (detached; the same on every rank)
     batch: tuple[Tensor, Tensor, Tensor] | None = None  # the global batch (embeddings detached, labels, ids)
     memory: dict[str, float] = field(default_factory=dict)  # this rank's draws from the cross-batch memory
+    centres: Tensor | None = None  # this rank's share of the weighted loss against class centres (detached)
 
 
 def embedding_spread(embeddings: Tensor) -> Tensor:
@@ -38,14 +40,19 @@ class GlobalBatchObjective:
 
     With a cross-batch memory, the candidates are the global batch followed by the memory's items
     (detached: only the batch receives gradient); a step's global batch (StepResult.batch) goes into it once
-    the step is taken (the run's memory part does that)."""
+    the step is taken (the run's memory part does that).
+
+    With class centres (``centres``: a callable of the global batch's embeddings, labels and the step giving this
+    rank's share of a weighted loss against them, e.g. dist_dml.train.centres.ClassCentres.term), that share is
+    added to the pair loss's: the same global batch, gathered once."""
 
     def __init__(self, sampler: Sampler, loss: TripletLossBase, ctx: DistContext,
-                 memory: CrossBatchMemory | None = None):
+                 memory: CrossBatchMemory | None = None, centres=None):
         self.sampler = sampler
         self.loss = loss
         self.ctx = ctx
         self.memory = memory
+        self.centres = centres
 
     def __call__(self, local_embeddings: Tensor, labels: Tensor, image_ids: Tensor, step: int) -> StepResult:
         ctx = self.ctx
@@ -70,7 +77,12 @@ class GlobalBatchObjective:
         memory_from = len(labels) if steps is not None and not self.memory.config.beta else None
         output = self.loss(candidates, c_labels, c_ids, triplets, ctx.all_reduce_sum, memory_from=memory_from)
         drawn = _memory_draws(triplets, len(labels), steps, step, self.memory) if steps is not None else {}
-        return StepResult(output, triplets, embedding_spread(embeddings), (embeddings.detach(), labels, image_ids), drawn)
+        centres = None
+        if self.centres is not None:
+            centres = self.centres(embeddings, labels, step)
+            output = dataclasses.replace(output, loss=output.loss + centres)
+        return StepResult(output, triplets, embedding_spread(embeddings), (embeddings.detach(), labels, image_ids), drawn,
+                          None if centres is None else centres.detach())
 
 
 def _joined(own: Triplets, drawn: Triplets) -> Triplets:

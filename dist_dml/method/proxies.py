@@ -62,6 +62,58 @@ class CentreLossConfig:
             raise ValueError(f"scale must be >= 0 and finite, margin finite, got {self.scale} and {self.margin}")
 
 
+# Each kind's centre learning rate as a multiple of the embedding head's where proxy.lr_factor is 0: Proxy-Anchor
+# trains its proxies 100 times faster than the network (Kim et al. 2020); the softmax family's classifier learns at
+# the network's rate (arcface_torch, Partial FC).
+LR_FACTORS = {"proxy_anchor": 100.0, "norm_softmax": 1.0, "cosface": 1.0, "arcface": 1.0}
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """A loss against a centre per class (Proxy-Anchor, normalised softmax, CosFace, ArcFace), the centres sharded by
+    class across the ranks (Partial FC), added with its weight to the loss over sampled pairs on the same global
+    batch (off with kind none). The centres have an optimizer of their own and are checkpointed by shard."""
+
+    kind: str = "none"  # none, proxy_anchor, norm_softmax, cosface or arcface
+    weight: float = 1.0  # the centre loss's weight beside the pair loss
+    scale: float = 0.0  # s (softmax family), alpha (Proxy-Anchor); 0: the paper's: 32, norm_softmax 20, cosface/arcface 64
+    margin: float = -1.0  # m (CosFace, ArcFace), delta (Proxy-Anchor); -1: the paper's: 0.1, cosface 0.35, arcface 0.5
+    sample_rate: float = 1.0  # Partial FC: the share of the negative classes each step's softmax runs over
+    lr_factor: float = 0.0  # the centres' rate over the head's at every step; 0: 100 for proxy_anchor, 1 for the others
+    num_classes: int = 0  # centres; 0: the training split's classes
+    seed: int = 0  # the centres' initialisation and Partial FC's draws
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    def loss_config(self) -> CentreLossConfig:
+        return CentreLossConfig(kind=self.kind, scale=self.scale, margin=self.margin, sample_rate=self.sample_rate,
+                                seed=self.seed)
+
+    def rate_factor(self) -> float:
+        return self.lr_factor or LR_FACTORS[self.kind]
+
+    def validate(self) -> None:
+        if self.kind not in ("none", *KINDS):
+            raise ValueError(f"proxy.kind must be none or one of {', '.join(KINDS)}, got {self.kind!r}")
+        for key in ("weight", "scale", "lr_factor"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"proxy.{key} must be >= 0 and finite, got {value}")
+        if not math.isfinite(self.margin) or (self.margin < 0 and self.margin != -1):
+            raise ValueError(f"proxy.margin must be >= 0 and finite, or -1 (the paper's), got {self.margin}")
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"proxy.sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.num_classes < 0 or self.seed < 0:
+            raise ValueError("proxy.num_classes (0: the training split's) and proxy.seed must be >= 0")
+        if self.enabled and self.weight == 0:
+            raise ValueError(f"proxy.weight=0 with proxy.kind={self.kind}: the centres would learn nothing (proxy.kind="
+                             "none turns them off)")
+        if self.kind == "proxy_anchor" and self.sample_rate < 1:
+            raise ValueError("proxy.sample_rate < 1 samples the softmax's classes: Proxy-Anchor sums over every proxy")
+
+
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
     """The classes [start, end) whose centres rank ``rank`` of ``world_size`` holds (ceil(C / W) each; the last
     ranks may hold fewer, or none)."""

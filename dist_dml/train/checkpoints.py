@@ -107,9 +107,12 @@ class CheckpointFolder:
         """Whether the newest whole checkpoint is this step's; decided by rank 0 for every rank."""
         return self.ctx.decide(lambda: self.newest_whole() == f"step{step:08d}")
 
-    def save(self, engine, step: int, client_state: dict, meta: dict, keep: tuple[int, ...] = ()) -> str:
+    def save(self, engine, step: int, client_state: dict, meta: dict, keep: tuple[int, ...] = (),
+             writers: tuple = ()) -> str:
         """Every rank: ``client_state`` goes into DeepSpeed's files, ``meta`` (JSON) into the index. ``keep``: steps
-        whose checkpoints pruning never removes (the best by validation, which the `best` pointer names)."""
+        whose checkpoints pruning never removes (the best by validation, which the `best` pointer names).
+        ``writers``: functions of the partial folder that every rank calls after DeepSpeed's files, each returning
+        its failed writes as (path, error): files of a part's own (a shard per rank), which the index then lists."""
         tag = f"step{step:08d}"
         partial = self.directory / f"{tag}.partial"
         if self.ctx.is_main:
@@ -117,6 +120,10 @@ class CheckpointFolder:
             shutil.rmtree(partial, ignore_errors=True)
         self.ctx.barrier()
         failures = engine.save(self.directory, partial.name, client_state)  # every rank
+        for write in writers if not failures else ():
+            failures += write(partial)
+        if writers:
+            self.ctx.barrier()  # every rank's files are in before rank 0 lists them in the index
         problem = None
         if self.ctx.is_main and not failures:
             try:
@@ -344,6 +351,8 @@ class CheckpointManager:
                 continue  # a part the checkpoint's run did not have: it starts afresh
             try:
                 part.load_state_dict(saved[name])
+                if hasattr(part, "load_files"):  # a part with files of its own in the folder (a shard per rank)
+                    part.load_files(self.target)
             except ValueError as exc:
                 raise CheckpointError(f"cannot continue the {name} of {self.target}: {exc}") from None
         return int(state["step"])
@@ -375,7 +384,8 @@ class CheckpointManager:
                 "zero_stage": self.zero_stage, "config": self.record,
                 **{name: {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool))}
                    for name, state in states.items()}}
-        self.store.save(engine, step, {"step": step, "parts": states}, meta, keep)
+        writers = tuple(part.save_files for part in self.parts.values() if hasattr(part, "save_files"))
+        self.store.save(engine, step, {"step": step, "parts": states}, meta, keep, writers)
 
 
 def config_changes(saved: dict, now: dict) -> dict[str, tuple]:

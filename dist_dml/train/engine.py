@@ -304,6 +304,8 @@ class TrainEngine:
                             for group in torch_optimizer.param_groups}
         if hasattr(lr_lambda, "for_group"):  # a multiplier per param group, by its name
             lr_lambda = [lr_lambda.for_group(group["name"]) for group in torch_optimizer.param_groups]
+        multipliers = lr_lambda if isinstance(lr_lambda, list) else [lr_lambda] * len(torch_optimizer.param_groups)
+        self._rates = {group["name"]: (group["lr"], fn) for group, fn in zip(torch_optimizer.param_groups, multipliers)}
         scheduler = torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lr_lambda) if lr_lambda else None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module.to(ctx.device),
@@ -372,6 +374,12 @@ class TrainEngine:
             if grad is not None:
                 grads[name] = grad.detach().float().cpu().clone()
         return grads
+
+    def rate_at(self, group: str, step: int) -> float:
+        """The learning rate of param group ``group`` (its name) at trainer step ``step``: its base rate times its
+        schedule's multiplier there, what the engine's optimizer steps with at that step."""
+        base, multiplier = self._rates[group]
+        return base * (multiplier(step) if multiplier is not None else 1.0)
 
     def learning_rates(self) -> dict[str, float]:
         return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}

@@ -9,6 +9,7 @@ import torch
 
 from dist_dml.method.class_prototypes import ClassPrototypes
 from dist_dml.method.cross_batch_memory import CrossBatchMemory
+from dist_dml.train.centres import centres_part
 from dist_dml.train.parts import RunPart
 from dist_dml.train.selection import ModelSelection
 
@@ -119,6 +120,7 @@ FEATURES: dict[str, tuple[Callable, Callable]] = {
     "memory": (lambda cfg: cfg.memory.enabled, MemoryFeature),
     "prototypes": (lambda cfg: cfg.class_sampling.enabled, ClassSamplingFeature),
     "ema": (lambda cfg: cfg.train.ema > 0, WeightAverage),
+    "centres": (lambda cfg: cfg.proxy.enabled, centres_part),
     "selection": (lambda cfg: cfg.checkpoint.best_by != "none",
                   lambda cfg, stream, ctx, engine: ModelSelection(cfg.checkpoint.best_by, cfg.train.patience)),
 }

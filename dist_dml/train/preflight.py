@@ -82,6 +82,25 @@ def shm_problem(cfg, ranks_on_node: int, classes: int) -> str | None:
             f"more (docker run --shm-size {suggest}g, or a larger /dev/shm on the node), or lower data.workers")
 
 
+def centres_note(cfg, world_size: int, classes: int) -> str | None:
+    """What one rank holds of the class centres (the `proxy` section) at ``world_size`` processes, None without
+    them: its ceil(C / W) rows in float32 with their gradient and the optimizer's moments, and a step's logits
+    against them (the global batch x its rows, about three such matrices alive in the backward)."""
+    proxy = cfg.proxy
+    if not proxy.enabled:
+        return None
+    classes = proxy.num_classes or classes
+    rows = -(-classes // world_size)
+    copies = {"adam": 4, "adamw": 4}.get(cfg.optimizer.name, 3 if cfg.optimizer.momentum else 2)
+    held = rows * cfg.model.embedding_dim * 4 * copies
+    batch = world_size * cfg.data.local_batch
+    logits = batch * rows * 4 * 3 * (proxy.sample_rate if proxy.kind != "proxy_anchor" else 1)
+    return (f"class centres (proxy.kind={proxy.kind}): {classes:,} classes x {cfg.model.embedding_dim} over {world_size} "
+            f"process{'es' if world_size > 1 else ''}, {rows:,} rows a rank: {held / 2**20:,.1f} MB a rank (float32, "
+            f"with the gradient and {copies - 2} optimizer moment{'s' if copies != 3 else ''}), and about "
+            f"{logits / 2**20:,.1f} MB of logits a step (a global batch of {batch:,} against them)")
+
+
 def schedule_at(cfg, world_size: int):
     """The run's schedule resolved at ``world_size`` processes, as a fresh start takes it (config/schedule.py),
     from the manifest's counts alone."""
@@ -127,6 +146,9 @@ def check_launch(cfg, world_size: int, ranks_per_node: int | None = None) -> Non
     held_out = TrainStream(cfg.data, 0, world_size, decode_images=False).held_out_note()
     if held_out:
         print(f"[check] {held_out}", flush=True)
+    centres = centres_note(cfg, world_size, classes)
+    if centres:
+        print(f"[check] {centres}", flush=True)
     print(f"[check] schedule: {schedule_at(cfg, world_size).describe()}", flush=True)
     out = Path(cfg.train.output_dir)
     fresh = resume_target(cfg.checkpoint, out) is None  # whole and of this run: checked just above
