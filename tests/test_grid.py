@@ -58,7 +58,7 @@ def test_a_loss_axis_trains_each_loss_at_its_margin_and_the_table_is_the_cells_m
             # eval.postprocess: the metrics after DBA + QE have their own columns, from the cells' "postprocessed"
             a, b = (r["postprocessed"][metric] for r in results)
             assert abs(float(row[f"pp_{metric}"]) - (a + b) / 2) < 1e-12, (metric, row, a, b)
-    assert "| margin / distance_weighted | 0.25 | global+class | 2 |" in (grid / "table.md").read_text()
+    assert "| margin / distance_weighted | 0.25 | global+class | none | 2 |" in (grid / "table.md").read_text()
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("grid-test")
@@ -140,3 +140,27 @@ def test_class_sampling_is_an_axis_like_any_other(tiny_shards):
     assert len({c.name for c in grid}) == 2
     ran = dist_dml_here("grid", str(config), f"data.root={tiny_shards}", "--set", "class_sampling.share=0,1.5")
     assert ran.returncode == 2 and "class_sampling.share must be in [0, 1]" in ran.stderr, ran.stderr
+
+
+def test_losses_against_class_centres_are_on_the_loss_axis(tiny_shards):
+    """--losses margin,arcface,margin+cosface over two samplers: a centre loss alone is one cell (its pairs train
+    nothing, so one sampler stands for all) with the pair loss's weight 0 and no beta tables; a hybrid is both at
+    weight 1; a pair loss alone turns off the centres the config turned on; the table names each row's centres
+    with the paper's constants."""
+    from dist_dml.config import load_config
+    from dist_dml.train.grid import _centres, cells
+
+    config = ROOT / "configs/cpu_synthetic.yaml"
+    base = [f"data.root={tiny_shards}", "proxy.kind=proxy_anchor", "loss.beta_per_class=true"]
+    grid = cells(["margin", "arcface", "margin+cosface"], ["distance_weighted", "random"], [0], {})
+    assert [c.group for c in grid] == ["margin / distance_weighted", "margin / random", "arcface alone",
+                                       "margin+cosface / distance_weighted", "margin+cosface / random"]
+    assert [c.name for c in grid][2:4] == ["arcface-seed0", "margin-cosface-distance-weighted-seed0"]
+    loaded = {c.group: load_config(config, [*base, *c.overrides(load_config(config, base).loss, False,
+                                                                  load_config(config, base).proxy)]) for c in grid}
+    margin, alone, hybrid = (loaded[g] for g in ("margin / random", "arcface alone", "margin+cosface / random"))
+    assert (margin.proxy.kind, margin.loss.weight, margin.sampler.kind) == ("none", 1.0, "random")
+    assert (alone.proxy.kind, alone.loss.weight, alone.loss.beta_per_class) == ("arcface", 0.0, False)
+    assert (hybrid.proxy.kind, hybrid.loss.kind, hybrid.loss.weight, hybrid.loss.beta_per_class) == (
+        "cosface", "margin", 1.0, True)
+    assert [_centres(c.proxy) for c in (margin, alone, hybrid)] == ["none", "arcface s=64 m=0.5", "cosface s=64 m=0.35"]

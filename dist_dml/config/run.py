@@ -201,6 +201,12 @@ def _coerce(value, hint, key: str, source: str):
 def validate(config: RunConfig, source: str = "config", check_data: bool = True, train_data: bool = True) -> None:
     """Each section's own checks, then the combinations across sections (with ``check_data``, against the
     data's manifest: its training split too unless ``train_data`` is False)."""
+    from dist_dml.method.proxies import KINDS as CENTRE_LOSSES
+
+    if config.loss.kind in CENTRE_LOSSES:
+        kind = config.loss.kind
+        raise ConfigError(f"{source}: loss.kind={kind}: the losses against class centres are the proxy section's: "
+                          f"proxy.kind={kind} loss.weight=0 trains it alone, proxy.kind={kind} adds it to the pair loss")
     for f in dataclasses.fields(config):
         try:
             getattr(config, f.name).validate()
@@ -215,6 +221,9 @@ def validate(config: RunConfig, source: str = "config", check_data: bool = True,
     if sampling.enabled and 0 < config.train.steps <= sampling.start_step:
         raise ConfigError(f"{source}: class_sampling.start_step={sampling.start_step} is not before train.steps="
                           f"{config.train.steps}: no batch would be class-level (lower it, or class_sampling.share=0)")
+    if config.loss.weight == 0 and not config.proxy.enabled:
+        raise ConfigError(f"{source}: loss.weight=0 leaves nothing to train: it is for a run of a loss against class "
+                          "centres alone (proxy.kind=proxy_anchor, norm_softmax, cosface or arcface)")
     _check_selection(config, source)
     if not check_data:
         _check_tables(config, None, source)

@@ -48,6 +48,9 @@ class LossConfig:
     num_classes: int = 0  # per-class beta table size; 0: the training split's class count
     num_images: int = 0  # per-image beta table size; 0: the training split's image count
     nu: float = 0.0  # weight of the beta regulariser nu * sum(beta) over the pairs
+    # The pair loss's weight in the training loss; 0 with proxy.kind set trains the centre loss alone (the pairs are
+    # still sampled and logged: d_ap, d_an, the active share describe the embedding, and move nothing)
+    weight: float = 1.0
 
     def __post_init__(self):
         if self.alpha is None and self.kind in DEFAULT_MARGINS:
@@ -56,10 +59,10 @@ class LossConfig:
     def validate(self) -> None:
         if self.kind not in LOSSES:
             raise ValueError(f"loss.kind: unknown loss {self.kind!r}; known: {sorted(LOSSES)}")
-        for key in ("alpha", "beta_init", "nu"):
+        for key in ("alpha", "beta_init", "nu", "weight"):
             if not math.isfinite(getattr(self, key)):
                 raise ValueError(f"loss.{key} must be finite, got {getattr(self, key)}")
-        for key in ("alpha", "beta_init", "nu"):  # a margin, a distance and a penalty weight
+        for key in ("alpha", "beta_init", "nu", "weight"):  # a margin, a distance and two weights
             if getattr(self, key) < 0:
                 raise ValueError(f"loss.{key} must be >= 0, got {getattr(self, key)}")
         if self.kind != "margin" and (self.beta_per_class or self.beta_per_image or self.nu):

@@ -44,15 +44,16 @@ class GlobalBatchObjective:
 
     With class centres (``centres``: a callable of the global batch's embeddings, labels and the step giving this
     rank's share of a weighted loss against them, e.g. dist_dml.train.centres.ClassCentres.term), that share is
-    added to the pair loss's: the same global batch, gathered once."""
+    added to the pair loss's (weighted by ``pair_weight``): the same global batch, gathered once."""
 
     def __init__(self, sampler: Sampler, loss: TripletLossBase, ctx: DistContext,
-                 memory: CrossBatchMemory | None = None, centres=None):
+                 memory: CrossBatchMemory | None = None, centres=None, pair_weight: float = 1.0):
         self.sampler = sampler
         self.loss = loss
         self.ctx = ctx
         self.memory = memory
         self.centres = centres
+        self.pair_weight = pair_weight  # loss.weight: 0 with centres trains them alone (the pairs logged, not trained)
 
     def __call__(self, local_embeddings: Tensor, labels: Tensor, image_ids: Tensor, step: int) -> StepResult:
         ctx = self.ctx
@@ -77,6 +78,8 @@ class GlobalBatchObjective:
         memory_from = len(labels) if steps is not None and not self.memory.config.beta else None
         output = self.loss(candidates, c_labels, c_ids, triplets, ctx.all_reduce_sum, memory_from=memory_from)
         drawn = _memory_draws(triplets, len(labels), steps, step, self.memory) if steps is not None else {}
+        if self.pair_weight != 1:
+            output = dataclasses.replace(output, loss=output.loss * self.pair_weight)
         centres = None
         if self.centres is not None:
             centres = self.centres(embeddings, labels, step)

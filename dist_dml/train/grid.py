@@ -16,6 +16,13 @@ A loss axis compares each loss at its own margin: a loss other than the config's
 (margin and triplet 0.2, contrastive 1.0), not the alpha the config chose for its loss, unless the overrides
 or a --set axis name loss.alpha; a loss without beta (triplet, contrastive) trains with the config's beta
 settings off, and the table says so.
+
+The losses against class centres are on the same axis, each at its paper's constants unless the overrides or a
+--set axis name proxy.scale / proxy.margin: a centre loss alone (proxy_anchor, norm_softmax, cosface, arcface:
+proxy.kind=K, loss.weight=0; the config's pair loss still samples and logs its pairs, which train nothing, so
+one sampler stands for all), or beside a pair loss (margin+arcface: both, weight 1 each). A pair loss alone
+is alone: proxy.kind=none where the config turns centres on. The table's centres column says which centres a
+row trained, with their constants.
 """
 from __future__ import annotations
 
@@ -35,7 +42,15 @@ from dist_dml.infra.errors import UserError
 from dist_dml.infra.files import write_atomically
 
 METRICS = ("recall_at_1", "map_at_r", "r_precision")
-LABELS = ("cell", "alpha", "beta", "seeds")  # the table's columns besides the metrics
+LABELS = ("cell", "alpha", "beta", "centres", "seeds")  # the table's columns besides the metrics
+
+
+def loss_parts(loss: str) -> tuple[str, str]:
+    """(pair loss, centre loss) of a loss axis value, "" for none: margin, arcface, margin+arcface."""
+    from dist_dml.method.proxies import KINDS
+
+    pair, _, centre = loss.partition("+")
+    return ("", pair) if pair in KINDS and not centre else (pair, centre)
 
 
 @dataclass(frozen=True)
@@ -49,35 +64,49 @@ class Cell:
     def group(self) -> str:
         """The cell without its seed: what the table's rows are."""
         extra = "".join(f" {key}={value}" for key, value in self.settings)
-        return f"{self.loss} / {self.sampler}{extra}"
+        paired = loss_parts(self.loss)[0]
+        return f"{self.loss} / {self.sampler}{extra}" if paired else f"{self.loss} alone{extra}"
 
     @property
     def name(self) -> str:
         extra = "".join(f"-{key.split('.')[-1]}{value}" for key, value in self.settings)
+        sampler = f"-{self.sampler}" if loss_parts(self.loss)[0] else ""
         # A plain name (a folder, train.name): a value that is a path or holds odd characters is kept readable.
-        return re.sub(r"[^A-Za-z0-9.-]+", "-", f"{self.loss}-{self.sampler}{extra}-seed{self.seed}").strip("-.")
+        return re.sub(r"[^A-Za-z0-9.-]+", "-", f"{self.loss}{sampler}{extra}-seed{self.seed}").strip("-.")
 
-    def overrides(self, base_loss=None, alpha_named: bool = False) -> list[str]:
+    def overrides(self, base_loss=None, alpha_named: bool = False, base_proxy=None) -> list[str]:
         """The cell's overrides of the grid's config. With ``base_loss`` (the config's loss section): a loss other
         than the config's own takes its own default margin (DEFAULT_MARGINS), not the margin the config chose for
         its loss, unless the grid's overrides or a --set axis name loss.alpha (``alpha_named``); and a loss
-        without beta leaves the config's beta settings off (they apply to the margin loss only)."""
+        without beta leaves the config's beta settings off (they apply to the margin loss only). A centre loss sets
+        proxy.kind (and loss.weight 0 where it trains alone); a pair loss alone turns ``base_proxy``'s centres off."""
         from dist_dml.method.losses import DEFAULT_MARGINS
 
-        own = [f"loss.kind={self.loss}", f"sampler.kind={self.sampler}", f"train.seed={self.seed}",
-               f"data.seed={self.seed}", f"sampler.seed={self.seed}"]
-        if base_loss is not None and self.loss != base_loss.kind:
-            if not alpha_named and self.loss in DEFAULT_MARGINS:
-                own.append(f"loss.alpha={DEFAULT_MARGINS[self.loss]}")
-            if self.loss != "margin":
+        pair, centre = loss_parts(self.loss)
+        own = [f"sampler.kind={self.sampler}", f"train.seed={self.seed}", f"data.seed={self.seed}",
+               f"sampler.seed={self.seed}"]
+        if centre:
+            own += [f"proxy.kind={centre}", f"loss.weight={1.0 if pair else 0.0}"]
+        elif base_proxy is not None and base_proxy.enabled:
+            own.append("proxy.kind=none")
+        if not pair:  # the config's pair loss samples and logs; its beta tables would learn nothing
+            own += ["loss.beta_per_class=false", "loss.beta_per_image=false", "loss.nu=0.0"]
+        elif base_loss is not None and pair != base_loss.kind:
+            own.insert(0, f"loss.kind={pair}")
+            if not alpha_named and pair in DEFAULT_MARGINS:
+                own.append(f"loss.alpha={DEFAULT_MARGINS[pair]}")
+            if pair != "margin":
                 own += ["loss.beta_per_class=false", "loss.beta_per_image=false", "loss.nu=0.0"]
+        else:
+            own.insert(0, f"loss.kind={pair}")
         return own + [f"{k}={v}" for k, v in self.settings]  # last: an axis wins (beta on a triplet cell is refused)
 
 
 def cells(losses: list[str], samplers: list[str], seeds: list[int], settings: dict[str, list[str]]) -> list[Cell]:
     axes = [[(key, value) for value in values] for key, values in settings.items()]
+    # A centre loss alone trains no pairs: the first sampler stands for all (it only logs the pairs).
     return [Cell(loss, sampler, seed, tuple(extra)) for loss, sampler, *extra, seed in
-            itertools.product(losses, samplers, *axes, seeds)]
+            itertools.product(losses, samplers, *axes, seeds) if loss_parts(loss)[0] or sampler == samplers[0]]
 
 
 def parse_settings(items: list[str]) -> dict[str, list[str]]:
@@ -104,7 +133,7 @@ def run_grid(args: argparse.Namespace) -> int:
     try:  # every cell's config, checked before the first training starts
         base = load_config(args.config, args.overrides)
         alpha_named = "loss.alpha" in settings or any(o.startswith("loss.alpha=") for o in args.overrides)
-        own = {cell: cell.overrides(base.loss, alpha_named) for cell in grid}
+        own = {cell: cell.overrides(base.loss, alpha_named, base.proxy) for cell in grid}
         configs = {cell: load_config(args.config, [*args.overrides, *own[cell]]) for cell in grid}
     except ConfigError as exc:
         raise UserError(f"{exc}") from None
@@ -212,17 +241,19 @@ def table(results: dict, ks, configs: dict) -> list[dict]:
 
     names = [f"recall_at_{k}" for k in ks] + [m for m in METRICS if m != "recall_at_1"]
     groups: dict[str, list[dict]] = {}
-    losses = {}
+    losses, centres = {}, {}
     for cell, metrics in results.items():
         groups.setdefault(cell.group, [])
-        losses[cell.group] = configs[cell].loss
+        losses[cell.group], centres[cell.group] = configs[cell].loss, configs[cell].proxy
         if metrics:
             groups[cell.group].append(flat_metrics(metrics))
     if any("pp_recall_at_1" in run for runs in groups.values() for run in runs):  # eval.postprocess: after, beside
         names += [f"pp_{n}" for n in names]
     rows = []
     for group, runs in groups.items():
-        row = {"cell": group, "alpha": losses[group].alpha, "beta": _beta(losses[group]), "seeds": len(runs)}
+        trained = losses[group].weight > 0
+        row = {"cell": group, "alpha": f"{losses[group].alpha:g}" if trained else "—",
+               "beta": _beta(losses[group]) if trained else "—", "centres": _centres(centres[group]), "seeds": len(runs)}
         for name in names:
             values = [r[name] for r in runs if name in r]
             row[name] = statistics.fmean(values) if values else float("nan")
@@ -240,6 +271,17 @@ def _beta(loss) -> str:
     return "+".join(parts) or f"fixed {loss.beta_init}"
 
 
+def _centres(proxy) -> str:
+    """The centres a cell trained: their loss and its two constants, their weight if not 1; or none."""
+    if not proxy.enabled:
+        return "none"
+    scale, margin = proxy.loss_config().resolved()
+    names = ("α", "δ") if proxy.kind == "proxy_anchor" else ("s", "m")
+    weight = f" ×{proxy.weight:g}" if proxy.weight != 1 else ""
+    rate = f" sampled {proxy.sample_rate:g}" if proxy.sample_rate < 1 else ""
+    return f"{proxy.kind} {names[0]}={scale:g} {names[1]}={margin:g}{weight}{rate}"
+
+
 def _write(rows: list[dict], out: Path) -> list[Path]:
     """The table as CSV and markdown (printed too) and the R@1 plot; their paths."""
     from dist_dml.retrieval import plots
@@ -249,9 +291,9 @@ def _write(rows: list[dict], out: Path) -> list[Path]:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["cell"])
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| cell | α | β | seeds | " + " | ".join(n.replace("recall_at_", "R@") for n in names) + " |",
-             "| --- | --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
-    lines += [f"| {r['cell']} | {r['alpha']:g} | {r['beta']} | {r['seeds']} | "
+    lines = ["| cell | α | β | centres | seeds | " + " | ".join(n.replace("recall_at_", "R@") for n in names) + " |",
+             "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
+    lines += [f"| {r['cell']} | {r['alpha']} | {r['beta']} | {r['centres']} | {r['seeds']} | "
               + " | ".join(f"{r[n]:.4f} ± {r[n + '_std']:.4f}" for n in names) + " |" for r in rows]
     write_atomically(out / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

@@ -222,7 +222,7 @@ class Trainer:
         position, parts = stream.position, self.parts
         results = self._start(tracker)
         objective = GlobalBatchObjective(build_sampler(cfg.sampler), engine.module.loss, ctx,
-                                         **parts.objective_options())
+                                         pair_weight=cfg.loss.weight, **parts.objective_options())
         epochs, bad_in_row = EpochReport(ctx, tracker), 0
         if self.step == 0 and cfg.data.validation_split and cfg.checkpoint.best_by != "none":
             self._validate(tracker)  # the start is a candidate: a fine-tune never ends worse on validation
