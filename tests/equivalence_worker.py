@@ -121,7 +121,7 @@ def run(zero_stages: list[int], steps: int, scenario: str, norm: str = "sync", p
             centres = ClassCentres(proxy_config(proxy), CENTRE_CLASSES, EMBED, ctx, optimizer_for(backbone, proxy),
                                    lambda step: engine.rate_at("head", step))
         objective = GlobalBatchObjective(build_sampler(sampler_config(sampler)), engine.module.loss, ctx, bank,
-                                         centres=centres.term if centres else None)
+                                         centres=centres)
         record = {"loss": [], "grads": [], "beta": [], "memory": [], "from_memory": [], "centres": []}
         for step in range(steps):
             x, labels, ids = global_batch(step, scenario, ctx.world_size, backbone)

@@ -27,6 +27,7 @@ JOBS = {
         "timm": {"zero": [2], "steps": STEPS, "backbone": "timm:test_resnet", "sampler": "random"},
         "memory": {"zero": [0, 2], "steps": 4, "memory": 48},
         "chunks": {"zero": [0, 2], "steps": STEPS, "norm": "frozen", "chunks": [1, 4]},
+        "chunks_centres": {"zero": [2], "steps": STEPS, "norm": "frozen", "chunks": [1, 4], "proxy": "arcface"},
         "lonely": {"zero": [0, 2], "steps": 2, "scenario": "lonely"},
         "local_norm": {"zero": [0], "steps": 3, "norm": "local"},
         "bf16": {"zero": [1, 2], "steps": 3, "precision": "bf16"},
@@ -181,6 +182,17 @@ def test_a_global_batch_in_four_chunks_gives_the_gradients_of_one_pass(world_siz
         one, four = results[(stage, 1)], results[(stage, 4)]
         assert one["grads"][0]["loss.beta.class_beta"].abs().sum() > 0  # beta's gradient is compared for real
         assert_same_run(four, one)
+
+
+def test_a_global_batch_in_chunks_carries_the_class_centres_gradient(launched):
+    """train.embedding_chunks 4 against 1 on 2 ranks (ZeRO 2) with ArcFace's centres sharded beside the margin loss:
+    the same loss, model gradients and parameters, and the same centres after every step."""
+    results = launched(2, "chunks_centres")
+    one, four = results[(2, 1)], results[(2, 4)]
+    assert_same_run(four, one)
+    for step, (got, want) in enumerate(zip(four["centres"], one["centres"])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m: f"centres at step {step}: {m}")
+    assert not torch.equal(one["centres"][0], one["centres"][-1])
 
 
 def test_rank_without_triplets_neither_hangs_nor_crashes(launched):

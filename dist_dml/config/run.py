@@ -349,9 +349,6 @@ def _check_chunks(config: RunConfig, source: str) -> None:
     chunks, batch = config.train.embedding_chunks, config.data.local_batch
     if chunks == 1:
         return
-    if config.proxy.enabled:
-        raise ConfigError(f"{source}: train.embedding_chunks={chunks} with proxy.kind={config.proxy.kind}: the chunked "
-                          "step does not yet carry the class centres' gradient; use train.embedding_chunks=1")
     if batch % chunks:
         raise ConfigError(f"{source}: train.embedding_chunks={chunks} does not divide the local batch of {batch} "
                           f"(data.classes_per_batch x data.images_per_class)")

@@ -43,7 +43,8 @@ class GlobalBatchObjective:
     the step is taken (the run's memory part does that).
 
     With class centres (``centres``: a callable of the global batch's embeddings, labels and the step giving this
-    rank's share of a weighted loss against them, e.g. dist_dml.train.centres.ClassCentres.term), that share is
+    rank's share of a weighted loss against them, whose ``parameters()`` are the centres, e.g.
+    dist_dml.train.centres.ClassCentres), that share is
     added to the pair loss's (weighted by ``pair_weight``): the same global batch, gathered once."""
 
     def __init__(self, sampler: Sampler, loss: TripletLossBase, ctx: DistContext,

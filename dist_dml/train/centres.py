@@ -53,8 +53,14 @@ class ClassCentres(RunPart):
         """This rank's share of proxy.weight x the centre loss over the global batch (all-gathered with gradient)."""
         return self.config.weight * self.loss(embeddings, labels.to(embeddings.device), step)
 
+    __call__ = term
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """What the loss's gradient reaches besides the engine's parameters (dist_dml.train.step's chunked path)."""
+        return [self.loss.centres]
+
     def objective_options(self) -> dict:
-        return {"centres": self.term}
+        return {"centres": self}
 
     def after_step(self, result, batch: dict, step: int, taken: bool) -> None:
         centres = self.loss.centres

@@ -4,7 +4,8 @@ caching, Gao et al. 2021, here for a sampled triplet loss under DeepSpeed):
 
 1. the local batch is embedded in N chunks without autograd (the RNG state before each chunk kept);
 2. the gathered global batch is sampled and the loss and its gradient with respect to this rank's
-   embeddings (and to the loss's own parameters, beta) are computed once;
+   embeddings (and to the loss's own parameters, beta, and the class centres outside the engine) are computed
+   once;
 3. each chunk is embedded again with autograd (its RNG state replayed, so dropout draws alike) and
    back-propagated with its slice of that gradient; DeepSpeed accumulates the N backward passes
    (gradient_accumulation_steps N) and steps the optimizer once.
@@ -51,8 +52,13 @@ def take_step(engine, objective: GlobalBatchObjective, images: Tensor, labels: T
         engine.skip_step()
         return result, False
     betas = [p for p in engine.module.loss.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(result.output.loss, [local, *betas], allow_unused=True)
-    local_grad, beta_grads = grads[0], grads[1:]
+    # Parameters outside the engine (class centres): their gradient as the engine's backward leaves it, times W.
+    outside = list(objective.centres.parameters()) if objective.centres is not None else []
+    grads = torch.autograd.grad(result.output.loss, [local, *betas, *outside], allow_unused=True)
+    local_grad, beta_grads = grads[0], grads[1:1 + len(betas)]
+    for p, g in zip(outside, grads[1 + len(betas):]):
+        if g is not None:
+            p.grad = g * engine.ctx.world_size if p.grad is None else p.grad + g * engine.ctx.world_size
     offsets = [0]
     for part in parts:
         offsets.append(offsets[-1] + len(part))
