@@ -148,6 +148,14 @@ def test_a_hybrid_run_on_two_processes_resumes_on_one(tiny_shards, tmp_path):
     last = torch.load(out / "checkpoints" / "step00000010" / "centres" / "rows_0000000000_0000000048.pt",
                       weights_only=True)
     assert last["centres"].shape == (48, 32) and not torch.equal(last["centres"], saved)
+    # A resume with other centres is refused by the launch check, before any process starts.
+    from dist_dml.train.resume_checks import resume_problem
+
+    for change, says in (("proxy.kind=arcface", "trained for proxy.kind=proxy_anchor, but this run has arcface"),
+                         ("proxy.num_classes=60", "class centres (proxy) of 48, but this run's is 60")):
+        cfg = load_config(ROOT / "configs/cpu_synthetic.yaml", [*overrides, "train.steps=12", change])
+        assert says in (resume_problem(cfg, 1) or ""), change
+    assert resume_problem(load_config(ROOT / "configs/cpu_synthetic.yaml", [*overrides, "train.steps=12"]), 3) is None
 
 
 def test_a_centre_loss_alone_trains(tiny_shards, tmp_path):

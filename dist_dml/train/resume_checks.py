@@ -41,6 +41,10 @@ def resume_problem(config, world_size: int | None = None) -> str | None:
         if was != now and why:
             return (f"{how}{target}, saved with data.{key}={was!r}, but this run has {now!r}: the validation classes "
                     f"would change{' (and the training records with them)' if key != 'val_split' else ''}{fresh}")
+    centres = meta.get("centres", {})
+    if centres.get("kind") and config.proxy.enabled and centres["kind"] != config.proxy.kind:
+        return (f"{how}{target}, whose class centres were trained for proxy.kind={centres['kind']}, but this run has "
+                f"{config.proxy.kind}{fresh}")
     was_decay = saved.get("optimizer", {}).get("layer_decay", 1.0)
     if (was_decay < 1) != (config.optimizer.layer_decay < 1):  # the optimizer state's param groups
         return (f"{how}{target}, saved with optimizer.layer_decay={was_decay}, but this run "
@@ -54,8 +58,9 @@ def resume_problem(config, world_size: int | None = None) -> str | None:
 
 def _saved_sizes(meta: dict, config) -> list[tuple[int, int, str]]:
     """(saved, this run's, what) for each table whose size the checkpoint's index records: the memory (where both
-    runs have one: a run that adds or drops it starts or leaves it), the beta tables (sized from the split where
-    loss.num_classes / num_images are 0) and the data position's records."""
+    runs have one: a run that adds or drops it starts or leaves it), the class centres (likewise), the beta tables
+    (sized from the split where loss.num_classes / num_images / proxy.num_classes are 0) and the data position's
+    records."""
     from dist_dml.data import Manifest
 
     sizes = []
@@ -70,6 +75,9 @@ def _saved_sizes(meta: dict, config) -> list[tuple[int, int, str]]:
     except (OSError, KeyError, ValueError):
         return sizes  # the config check reports the data
     loss = config.loss
+    centres = meta.get("centres", {}).get("num_classes")
+    if centres and config.proxy.enabled:
+        sizes.append((int(centres), config.proxy.num_classes or int(split["classes"]), "class centres (proxy) of"))
     if shapes.get("beta_classes") and loss.beta_per_class:
         sizes.append((int(shapes["beta_classes"]), loss.num_classes or int(split["classes"]),
                       "a per-class beta table of size"))
