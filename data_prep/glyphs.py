@@ -38,26 +38,28 @@ CHARACTERS = "".join(chr(c) for c in [*range(0x30, 0x3A), *range(0x41, 0x5B), *r
                      if chr(c).isalnum() and c not in (0xD7, 0xF7))
 
 
-def fetch_fonts(cache: Path, packages=PACKAGES) -> list[Path]:
-    """The font files of ``packages``, downloaded and unpacked into ``cache`` once (each package's .deb is kept;
-    a package that cannot be fetched is reported and skipped)."""
+def fetch_fonts(cache: Path, packages=PACKAGES, suffixes=(".ttf", ".otf"), who: str = "glyphs") -> list[Path]:
+    """The font files (by ``suffixes``) of ``packages``, downloaded and unpacked into ``cache`` once (each package's
+    .deb is kept; a package that cannot be fetched is reported and skipped); ``who`` prefixes what it says."""
     debs, unpacked = cache / "debs", cache / "files"
     debs.mkdir(parents=True, exist_ok=True)
     unpacked.mkdir(parents=True, exist_ok=True)
     missing = [p for p in packages if not list(debs.glob(f"{p}_*.deb"))]
     if missing:
-        print(f"[glyphs] downloading {len(missing)} Debian font packages into {debs} (apt-get download; about "
+        print(f"[{who}] downloading {len(missing)} Debian font packages into {debs} (apt-get download; about "
               f"{len(missing) // 10 + 1} min)", flush=True)
     for package in missing:
         done = subprocess.run(["apt-get", "download", package], cwd=debs, capture_output=True, text=True)
         if done.returncode != 0:
-            print(f"[glyphs] warning: {package}: {done.stderr.strip().splitlines()[-1:] or 'not fetched'}; skipped",
+            print(f"[{who}] warning: {package}: {done.stderr.strip().splitlines()[-1:] or 'not fetched'}; skipped",
                   file=sys.stderr, flush=True)
-    for deb in sorted(debs.glob("*.deb")):
-        target = unpacked / deb.name.split("_")[0]
+    wanted = {deb.name.split("_")[0]: deb for deb in sorted(debs.glob("*.deb")) if deb.name.split("_")[0] in packages}
+    for name, deb in wanted.items():
+        target = unpacked / name
         if not target.is_dir():
             subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
-    return sorted(p for p in unpacked.rglob("*") if p.suffix.lower() in (".ttf", ".otf") and p.is_file())
+    return sorted(p for name in wanted for p in (unpacked / name).rglob("*")
+                  if p.suffix.lower() in suffixes and p.is_file())
 
 
 def chosen_fonts(files: list[Path], per_family: int = 2) -> list[Path]:
