@@ -130,18 +130,27 @@ def build(out: Path, cache: Path, size: int = 64, held_out: float = 1 / 3, seed:
               "images": sum(len(drawn[c]) for c in classes)}
     print(f"[glyphs] {counts['images']} images of {counts['classes']} characters ({counts['test_classes']} held "
           f"out) in {images_dir}", flush=True)
+    to_shards(images_dir, out / "shards", val_fraction)
+    return counts
+
+
+def to_shards(images_dir: Path, shards: Path, val_fraction: float) -> None:
+    """``images_dir``/{train,test}/<class>/ as class-grouped shards in ``shards`` (dist-dml prep folder), a seeded
+    ``val_fraction`` of the training classes as the split 'val'."""
     from data_prep.cli import main as prep
 
-    if prep(["folder", "--src", str(images_dir), "--out", str(out / "shards"), "--max-per-record", "64",
+    if prep(["folder", "--src", str(images_dir), "--out", str(shards), "--max-per-record", "64",
              "--val-fraction", str(val_fraction), "--no-progress"]) != 0:
         raise SystemExit(2)
-    return counts
+
+
+FONT_CACHE = Path.home() / ".cache" / "dist-dml" / "fonts"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dist-dml" / "fonts")
+    parser.add_argument("--cache", type=Path, default=FONT_CACHE)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-fraction", type=float, default=0.0,

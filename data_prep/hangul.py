@@ -187,20 +187,18 @@ def build(out: Path, faces: list[Face], drawn: dict[Face, list[int]], size: int 
             rate = written / max(time.time() - started, 1e-9)
             print(f"[hangul] {i:,}/{len(pool):,} syllables, {written:,} images ({rate:,.0f} images/s)", flush=True)
     counts = {"faces": len(faces), "classes": len(pool), "test_classes": len(test), "images": written}
-    from data_prep.cli import main as prep
+    from data_prep.glyphs import to_shards
 
-    if prep(["folder", "--src", str(images_dir), "--out", str(out / "shards"), "--max-per-record", "64",
-             "--val-fraction", str(val_fraction), "--no-progress"]) != 0:
-        raise SystemExit(2)
+    to_shards(images_dir, out / "shards", val_fraction)
     return counts
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_prep.glyphs import fetch_fonts
+    from data_prep.glyphs import FONT_CACHE, fetch_fonts
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dist-dml" / "fonts")
+    parser.add_argument("--cache", type=Path, default=FONT_CACHE)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--per-class", default="6", help="images per syllable, each in a seeded face; all: every face")
     parser.add_argument("--per-family", type=int, default=3, help="faces of one family at most")
