@@ -120,16 +120,15 @@ def test_the_launch_check_states_the_centres_memory_a_rank():
 
 
 def test_a_hybrid_run_on_two_processes_resumes_on_one(tiny_shards, tmp_path):
-    """margin + DWS + Proxy-Anchor on 2 processes, 6 steps, checkpoints every 3: each checkpoint holds a file of
-    centres per rank, listed in its index; resumed on 1 process (the shards cut afresh) it trains on to 10 steps
-    and its last checkpoint holds all 48 classes' centres in one file."""
+    """margin + DWS + Proxy-Anchor on 2 processes under ZeRO-2, 6 steps, checkpoints every 3: each checkpoint holds
+    a file of centres per rank, listed in its index; resumed on 1 process (DeepSpeed's state converted, the centres'
+    shards cut afresh) it trains on to 10 steps and its last checkpoint holds all 48 classes' centres in one file."""
     from .test_training import finish, torchrun_train
 
     out = tmp_path / "run"
     overrides = tiny_overrides(tiny_shards, out, **{"train.steps": 6, "checkpoint.every_steps": 3,
                                                     "train.log_every": 3, "eval.at_start": False,
-                                                    "tracking.enabled": False, "proxy.kind": "proxy_anchor",
-                                                    "deepspeed.zero_stage": 0})
+                                                    "tracking.enabled": False, "proxy.kind": "proxy_anchor"})
     finish(torchrun_train(2, overrides, cpu_env()), timeout=HANG_GUARD_S)
     step6 = out / "checkpoints" / "step00000006"
     index = json.loads((step6 / "dist_dml.json").read_text())
