@@ -25,6 +25,9 @@ baseline's evaluation at step 0 (through its untrained 128-d head). Arms:
                (model.head_init=pca), trained alone first (optimizer.backbone_warmup=--backbone-warmup), layer-wise
                rates (optimizer.layer_decay=--layer-decay)
     trusted    gentle + the weights' average (train.ema=--ema) + selected, by the average's --best-by
+    proxy_anchor        margin + DWS + Proxy-Anchor against class centres (proxy.kind=proxy_anchor, the paper's
+                        alpha 32, delta 0.1, centres at 100 x the head's rate), weight 1 each
+    proxy_anchor_alone  Proxy-Anchor alone (loss.weight=0: the pairs sampled and logged, not trained)
 
 The set is built with a validation split (--val-fraction of the training characters, the split 'val') where it
 is missing; every arm trains on the same characters, the arms that select validate on 'val'. The pretrained
@@ -60,6 +63,8 @@ ARMS = {
     "trusted": ["model.head_init=pca", "optimizer.backbone_warmup={backbone_warmup}",
                 "optimizer.layer_decay={layer_decay}", "train.ema={ema}", "checkpoint.best_by=ema_{best_by}",
                 "eval.every_steps={eval_every}"],
+    "proxy_anchor": ["proxy.kind=proxy_anchor"],
+    "proxy_anchor_alone": ["proxy.kind=proxy_anchor", "loss.weight=0"],
 }
 AT_START = ("baseline", "gentle")  # the arms whose step 0 is reported: the pretrained features through each head
 

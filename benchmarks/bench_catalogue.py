@@ -1,0 +1,209 @@
+"""The catalogue regime on one machine: retrieval of ~3,700 held-out classes after training on ~7,000, and how it
+moves with the global batch, the sampler, class-level batches, the memory and class centres.
+
+    python benchmarks/bench_catalogue.py [--arms dws-b128,dws-b512,...|curve|all] [--seeds 0,1,2]
+                                         [--images-seen 3000000] [--nproc 2] [--out runs/catalogue]
+
+The set: the 11,172 Hangul syllables in Debian's Korean fonts (data_prep/hangul.py, made first where missing:
+about 7 minutes); the recipe: configs/catalogue_cnn.yaml (a small CNN from scratch at 32 px, P x K with K = 2,
+Adam at 1e-3 for a global batch of 128 and the square-root rule above it, cosine schedule, the model chosen by
+R@1 on the validation classes every 10 % of the run). Every arm sees the same number of images (--images-seen):
+a larger global batch takes fewer steps. Arms (a name is ARM-bBATCH, the global batch in images):
+
+    dws-bB        margin loss + distance-weighted sampling (the paper's recipe), B in 128, 512, 2048, 8192
+    semihard-bB   triplet loss + semi-hard negatives (FaceNet's baseline)
+    random-bB     contrastive loss + random negatives
+    classS-bB     dws-bB + class-level batches at share S (0.25, 0.5), at 128 and at --best-batch
+    memory-b128   dws-b128 + the cross-batch memory (the guide's recipe: 8,192 items, mode add, beta false, from
+                  half the run): XBM's claim is that a memory recovers the large batch's gain at a small one
+    proxy_anchor-bB, arcface-bB   dws-bB + Proxy-Anchor beside the pairs; ArcFace alone (loss.weight=0)
+
+`--arms curve` runs the three samplers at every batch, `all` every arm. Each arm x seed is a training under the
+usual launcher into OUT/ARM-seedS (a rerun resumes an unfinished one from its checkpoints and reads a finished
+one), one MLflow run each (OUT/mlflow.db, experiment 'catalogue'); each result is appended to OUT/results.jsonl.
+At the end: a table of the test split's R@1 and MAP@R, mean ± standard deviation over the seeds, per arm
+(OUT/table.md, OUT/table.csv), and R@1 against the global batch, a line per sampler (OUT/curve.png).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "catalogue_cnn.yaml"
+BATCHES = (128, 512, 2048, 8192)
+K = 2  # data.images_per_class
+# sampler arms: (loss, sampler) and the label of their line
+SAMPLERS = {"dws": ("margin", "distance_weighted", "margin + distance-weighted"),
+            "semihard": ("triplet", "semi_hard", "triplet + semi-hard"),
+            "random": ("contrastive", "random", "contrastive + random")}
+
+
+def arm_overrides(arm: str, images_seen: int, nproc: int) -> list[str]:
+    """The config overrides of an arm (its global batch, steps and method; the seed and folders are added later)."""
+    name, _, batch = arm.rpartition("-b")
+    if not batch.isdigit() or int(batch) % (nproc * K):
+        raise ValueError(f"arm {arm!r}: expected NAME-bBATCH with BATCH a multiple of {nproc * K}")
+    batch = int(batch)
+    steps = max(1, images_seen // batch)
+    own = [f"data.classes_per_batch={batch // (nproc * K)}", f"data.images_per_class={K}", f"train.steps={steps}"]
+    if name in SAMPLERS:
+        loss, sampler, _ = SAMPLERS[name]
+        return own + [f"loss.kind={loss}", f"sampler.kind={sampler}"]
+    if name.startswith("class"):
+        return own + [f"class_sampling.share={float(name[len('class'):])}", "class_sampling.refresh_steps=10"]
+    if name == "memory":
+        return own + ["memory.size=8192", "memory.mode=add", "memory.beta=false", f"memory.start_step={steps // 2}"]
+    if name == "proxy_anchor":
+        return own + ["proxy.kind=proxy_anchor"]
+    if name == "arcface":
+        return own + ["proxy.kind=arcface", "loss.weight=0"]
+    raise ValueError(f"arm {arm!r}: unknown (see the module's docstring)")
+
+
+def arms_named(spec: str, best_batch: int) -> list[str]:
+    curve = [f"{s}-b{b}" for s in SAMPLERS for b in BATCHES]
+    others = [f"class{share}-b{b}" for share in ("0.25", "0.5") for b in sorted({128, best_batch})]
+    others += ["memory-b128", "proxy_anchor-b128", "arcface-b128"]
+    named = {"curve": curve, "all": curve + others}
+    return [a for part in spec.split(",") for a in named.get(part, [part])]
+
+
+def run_overrides(arm: str, seed: int, args) -> list[str]:
+    out = args.out / f"{arm}-seed{seed}"
+    return [f"data.root={args.data / 'shards'}", *arm_overrides(arm, args.images_seen, args.nproc),
+            f"train.seed={seed}", f"data.seed={seed}", f"sampler.seed={seed}", f"train.output_dir={out}",
+            f"train.name=catalogue-{arm}-seed{seed}", f"tracking.uri=sqlite:///{args.out.resolve() / 'mlflow.db'}",
+            "tracking.experiment=catalogue", f"tracking.run_name={arm}-seed{seed}", "tracking.log_model=false",
+            *args.set]
+
+
+def train(arm: str, seed: int, args) -> dict:
+    out = args.out / f"{arm}-seed{seed}"
+    if (out / "results.json").is_file():
+        print(f"[catalogue] {out.name}: finished before, read", flush=True)
+        return json.loads((out / "results.json").read_text())
+    overrides = run_overrides(arm, seed, args)
+    cmd = [sys.executable, "-m", "dist_dml.launch", f"--nproc_per_node={args.nproc}", "-m", "dist_dml.cli", "train",
+           str(CONFIG), *overrides]
+    print(f"[catalogue] {out.name}: training ({' '.join(arm_overrides(arm, args.images_seen, args.nproc))}); "
+          f"{args.images_seen:,} images, up to an hour on 2 CPU cores; log {out}.log", flush=True)
+    started = time.time()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{out}.log", "a") as f:
+        code = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"[catalogue] {out.name} failed (exit {code}); its log: {out}.log")
+    results = json.loads((out / "results.json").read_text())
+    row = {"arm": arm, "seed": seed, "recall_at_1": results["trained"]["recall_at_1"],
+           "map_at_r": results["trained"]["map_at_r"], "best_step": results.get("best_step"),
+           "steps": results["steps"], "wall_s": round(time.time() - started)}
+    with open(args.out / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"[catalogue] {out.name}: R@1={row['recall_at_1']:.4f} MAP@R={row['map_at_r']:.4f} in {row['wall_s']} s",
+          flush=True)
+    return results
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per arm: R@1 and MAP@R mean and standard deviation over its seeds (the last result of each seed)."""
+    by_arm: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        by_arm.setdefault(row["arm"], {})[row["seed"]] = row
+    table = []
+    for arm, seeds in by_arm.items():
+        entry = {"arm": arm, "seeds": len(seeds)}
+        for metric in ("recall_at_1", "map_at_r"):
+            values = [r[metric] for r in seeds.values()]
+            entry[metric] = statistics.fmean(values)
+            entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        table.append(entry)
+    return table
+
+
+def plot_curve(table: list[dict], path: Path) -> Path | None:
+    """R@1 against the global batch (log scale), a line per sampler with the seeds' standard deviation as bars;
+    None where no curve arm has a result."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = {}
+    for entry in table:
+        name, _, batch = entry["arm"].rpartition("-b")
+        if name in SAMPLERS:
+            lines.setdefault(name, []).append((int(batch), entry["recall_at_1"], entry["recall_at_1_std"]))
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in lines.items():
+        points.sort()
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                    capsize=3, label=SAMPLERS[name][2])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("global batch (images)")
+    ax.set_ylabel("R@1, held-out classes")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_table(table: list[dict], out: Path) -> None:
+    with open(out / "table.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    lines = ["| arm | seeds | R@1 | MAP@R |", "| --- | --- | --- | --- |"]
+    lines += [f"| {t['arm']} | {t['seeds']} | {t['recall_at_1']:.4f} ± {t['recall_at_1_std']:.4f} | "
+              f"{t['map_at_r']:.4f} ± {t['map_at_r_std']:.4f} |" for t in table]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+def ensure_data(data: Path) -> None:
+    if not (data / "shards" / "manifest.json").is_file():
+        print(f"[catalogue] no Hangul set in {data}: making it (python -m data_prep.hangul; fonts fetched once, then "
+              "about 7 min)", flush=True)
+        subprocess.run([sys.executable, "-m", "data_prep.hangul", "--out", str(data)], cwd=ROOT, check=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arms", default="curve")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--images-seen", type=int, default=3_000_000)
+    parser.add_argument("--best-batch", type=int, default=2048, help="the batch the class arms also run at")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "hangul")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "catalogue")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every arm")
+    args = parser.parse_args(argv)
+    arms = arms_named(args.arms, args.best_batch)
+    for arm in arms:
+        arm_overrides(arm, args.images_seen, args.nproc)  # an unknown arm stops before any training
+    ensure_data(args.data)
+    args.out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(f"[catalogue] {len(arms)} arms x {len(seeds)} seeds into {args.out}", flush=True)
+    for arm in arms:
+        for seed in seeds:
+            train(arm, seed, args)
+    rows = [json.loads(line) for line in (args.out / "results.jsonl").read_text().splitlines() if line.strip()]
+    table = summarise([r for r in rows if r["arm"] in arms])
+    write_table(table, args.out)
+    plot = plot_curve(table, args.out / "curve.png")
+    print(f"[catalogue] table: {args.out / 'table.md'}" + (f"; curve: {plot}" if plot else ""), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""benchmarks/bench_catalogue.py without training: every arm's config is one `dist-dml check` accepts (on a small
+Hangul set built here from fonts made here), an unknown arm is refused, and the table and the curve come from a
+small fake results file, the means and deviations worked by hand."""
+import importlib.util
+import json
+
+import pytest
+
+from data_prep import hangul
+
+from .conftest import ROOT, dist_dml_here
+from .test_hangul import SOME, make_font
+
+spec = importlib.util.spec_from_file_location("bench_catalogue", ROOT / "benchmarks" / "bench_catalogue.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+@pytest.fixture
+def small_set(tmp_path, monkeypatch):
+    """12 syllables in 4 faces, 3 images each: 8 training classes (2 of them 'val'), 4 held out."""
+    monkeypatch.setattr(hangul, "SYLLABLES", "".join(chr(c) for c in SOME))
+    monkeypatch.setattr(hangul, "LAST", SOME[-1])
+    fonts = tmp_path / "fonts"
+    fonts.mkdir()
+    files = [make_font(fonts / f"{n}.ttf", n, "Regular", SOME) for n in ("Alpha", "Beta", "Gamma", "Delta")]
+    drawn = hangul.survey(files, tmp_path)
+    hangul.build(tmp_path / "hangul", hangul.faces_of(drawn), drawn, per_class=3, val_fraction=0.25)
+    return tmp_path / "hangul"
+
+
+def test_every_arm_is_a_config_the_launch_check_accepts(small_set, tmp_path):
+    arms = bench.arms_named("all", 2048)
+    assert len(arms) == 12 + 4 + 3 and len(set(arms)) == len(arms)
+
+    class Args:
+        data, out, images_seen, nproc, set = small_set, tmp_path / "runs", 3_000_000, 2, []
+
+    for arm in arms:
+        overrides = bench.run_overrides(arm, 1, Args)
+        ran = dist_dml_here("check", str(bench.CONFIG), *overrides, "--world-size", "2")
+        assert ran.returncode == 0, (arm, ran.stderr[-2000:])
+        assert "[check] schedule:" in ran.stdout
+    # The batch and the images seen: 8,192 images a step (2 ranks x 2,048 classes x 2 images), 366 steps.
+    assert bench.arm_overrides("dws-b8192", 3_000_000, 2)[:3] == [
+        "data.classes_per_batch=2048", "data.images_per_class=2", "train.steps=366"]
+    for bad in ("dws-b130", "nosuch-b128", "dws"):
+        with pytest.raises(ValueError, match="arm"):
+            bench.arm_overrides(bad, 1000, 2)
+
+
+def test_the_table_and_the_curve_come_from_the_results(tmp_path):
+    rows = [{"arm": "dws-b128", "seed": 0, "recall_at_1": 0.5, "map_at_r": 0.2},
+            {"arm": "dws-b128", "seed": 1, "recall_at_1": 0.7, "map_at_r": 0.4},
+            {"arm": "dws-b512", "seed": 0, "recall_at_1": 0.6, "map_at_r": 0.3},
+            {"arm": "dws-b512", "seed": 0, "recall_at_1": 0.65, "map_at_r": 0.35},  # the seed again: the last counts
+            {"arm": "random-b128", "seed": 0, "recall_at_1": 0.3, "map_at_r": 0.1},
+            {"arm": "memory-b128", "seed": 0, "recall_at_1": 0.4, "map_at_r": 0.15}]
+    table = {t["arm"]: t for t in bench.summarise(rows)}
+    assert table["dws-b128"]["recall_at_1"] == pytest.approx(0.6)
+    assert table["dws-b128"]["recall_at_1_std"] == pytest.approx(0.1414213562)  # sample deviation of 0.5, 0.7
+    assert table["dws-b512"]["seeds"] == 1 and table["dws-b512"]["recall_at_1"] == pytest.approx(0.65)
+    bench.write_table(list(table.values()), tmp_path)
+    assert "| dws-b128 | 2 | 0.6000 ± 0.1414 | 0.3000 ± 0.1414 |" in (tmp_path / "table.md").read_text()
+    plot = bench.plot_curve(list(table.values()), tmp_path / "curve.png")
+    assert plot is not None and plot.stat().st_size > 1000
+    assert bench.plot_curve([table["memory-b128"]], tmp_path / "none.png") is None  # no curve arm: no plot
+    json.dumps(list(table.values()))  # plain values
