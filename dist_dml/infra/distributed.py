@@ -23,6 +23,7 @@ import re
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Mapping, TypeVar
 
 import torch
@@ -306,7 +307,23 @@ def _first_slurm_host(env: Mapping[str, str]) -> str:
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for a rendezvous started right after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on 127.0.0.1 now (for a rendezvous started right after), chosen below the kernel's range of
+    ephemeral ports where it can: a port the kernel handed out could be handed again, to one of the many outgoing
+    connections gloo opens, before the rendezvous binds it (EADDRINUSE under a busy machine's other trainings)."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    # The system's randomness, not the module's generator: a process that seeded it (a test, a benchmark) would draw
+    # the same ports as another that did.
+    candidates = random.SystemRandom().sample(range(20000, low), min(50, max(low - 20000, 0)))
+    for port in [*candidates, 0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError("no free TCP port on 127.0.0.1")
