@@ -25,6 +25,7 @@ baseline's evaluation at step 0 (through its untrained 128-d head). Arms:
                (model.head_init=pca), trained alone first (optimizer.backbone_warmup=--backbone-warmup), layer-wise
                rates (optimizer.layer_decay=--layer-decay)
     trusted    gentle + the weights' average (train.ema=--ema) + selected, by the average's --best-by
+    pca_head, head_warmup, layer_decay   gentle's three parts one at a time
     proxy_anchor        margin + DWS + Proxy-Anchor against class centres (proxy.kind=proxy_anchor, the paper's
                         alpha 32, delta 0.1, centres at 100 x the head's rate), weight 1 each
     proxy_anchor_alone  Proxy-Anchor alone (loss.weight=0: the pairs sampled and logged, not trained)
@@ -63,6 +64,9 @@ ARMS = {
     "trusted": ["model.head_init=pca", "optimizer.backbone_warmup={backbone_warmup}",
                 "optimizer.layer_decay={layer_decay}", "train.ema={ema}", "checkpoint.best_by=ema_{best_by}",
                 "eval.every_steps={eval_every}"],
+    "pca_head": ["model.head_init=pca"],
+    "head_warmup": ["optimizer.backbone_warmup={backbone_warmup}"],
+    "layer_decay": ["optimizer.layer_decay={layer_decay}"],
     "proxy_anchor": ["proxy.kind=proxy_anchor"],
     "proxy_anchor_alone": ["proxy.kind=proxy_anchor", "loss.weight=0"],
 }
