@@ -101,13 +101,13 @@ def centres_note(cfg, world_size: int, classes: int) -> str | None:
             f"{logits / 2**20:,.1f} MB of logits a step (a global batch of {batch:,} against them)")
 
 
-def schedule_at(cfg, world_size: int):
+def schedule_at(cfg, world_size: int, stream=None):
     """The run's schedule resolved at ``world_size`` processes, as a fresh start takes it (config/schedule.py),
-    from the manifest's counts alone."""
+    from the manifest's counts alone (``stream``: rank 0's TrainStream at that world size, where one is built)."""
     from dist_dml.config.schedule import resolve
     from dist_dml.data import TrainStream
 
-    stream = TrainStream(cfg.data, 0, world_size, decode_images=False)
+    stream = stream or TrainStream(cfg.data, 0, world_size, decode_images=False)
     return resolve(cfg, world_size, stream.plan.steps(0), cfg.train.steps or stream.remaining_steps(cfg.train.epochs))
 
 
@@ -143,13 +143,14 @@ def check_launch(cfg, world_size: int, ranks_per_node: int | None = None) -> Non
         print(f"[check] warning: {note}", file=sys.stderr, flush=True)
     from dist_dml.data import TrainStream
 
-    held_out = TrainStream(cfg.data, 0, world_size, decode_images=False).held_out_note()
+    stream = TrainStream(cfg.data, 0, world_size, decode_images=False)  # the manifest's counts, read once
+    held_out = stream.held_out_note()
     if held_out:
         print(f"[check] {held_out}", flush=True)
     centres = centres_note(cfg, world_size, classes)
     if centres:
         print(f"[check] {centres}", flush=True)
-    print(f"[check] schedule: {schedule_at(cfg, world_size).describe()}", flush=True)
+    print(f"[check] schedule: {schedule_at(cfg, world_size, stream).describe()}", flush=True)
     out = Path(cfg.train.output_dir)
     fresh = resume_target(cfg.checkpoint, out) is None  # whole and of this run: checked just above
     problem = folder_problem(out) or (earlier_run_problem(out, cfg.train.move_aside) if fresh else None) \

@@ -111,8 +111,9 @@ class Trainer:
                      *inert_settings(cfg)):
             if ctx.is_main and note:
                 print(f"[train] warning: {note}", flush=True)
-        if ctx.is_main and self.stream.held_out_note():
-            print(f"[train] {self.stream.held_out_note()}", flush=True)
+        held_out = self.stream.held_out_note()
+        if ctx.is_main and held_out:
+            print(f"[train] {held_out}", flush=True)
         self._refuse_short_shared_memory()
         verify(self.stream, ctx, "training")
         # The checkpoint to continue from, converted if need be.
