@@ -36,13 +36,12 @@ class ClassCentres(RunPart):
 
     def __init__(self, config: ProxyConfig, num_classes: int, dim: int, ctx: DistContext, optimizer,
                  rate: Callable[[int], float]):
-        from dist_dml.train.engine import OPTIMIZERS
+        from dist_dml.train.engine import new_optimizer
 
         self.config, self.ctx, self.rate, self.num_classes, self.dim = config, ctx, rate, num_classes, dim
         self.loss = CentreLoss(config.loss_config(), num_classes, dim, ctx).to(ctx.device)
-        kwargs = {"momentum": optimizer.momentum} if optimizer.name == "sgd" else {}
-        self.optimizer = OPTIMIZERS[optimizer.name]([self.loss.centres], lr=rate(0) * config.rate_factor(),
-                                                    weight_decay=optimizer.weight_decay, **kwargs)
+        self.optimizer = new_optimizer(optimizer, [self.loss.centres], lr=rate(0) * config.rate_factor(),
+                                       weight_decay=optimizer.weight_decay)
         self.shares: list[float] = []  # this rank's shares of the centre loss over the log window
 
     @property

@@ -210,10 +210,18 @@ def lazy_rows(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.
     return LazyRows
 
 
+def new_optimizer(config: OptimizerConfig, params, lazy: bool = False, **defaults) -> torch.optim.Optimizer:
+    """torch's optimizer named by optimizer.name (SGD with optimizer.momentum) over ``params`` (tensors or param
+    groups), with ``defaults`` (lr, weight_decay); ``lazy``: groups marked lazy keep rows without gradient
+    (lazy_rows)."""
+    kwargs = {"momentum": config.momentum} if config.name == "sgd" else {}
+    optimizer_class = lazy_rows(OPTIMIZERS[config.name]) if lazy else OPTIMIZERS[config.name]
+    return optimizer_class(params, **kwargs, **defaults)
+
+
 def build_optimizer(module: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
     """The torch optimizer of a TrainModule: its param groups, beta's lazy (rows unused in a step stay)."""
-    kwargs = {"momentum": config.momentum} if config.name == "sgd" else {}
-    return lazy_rows(OPTIMIZERS[config.name])(param_groups(module, config), **kwargs)
+    return new_optimizer(config, param_groups(module, config), lazy=True)
 
 
 def param_groups(module: nn.Module, config: OptimizerConfig) -> list[dict]:
