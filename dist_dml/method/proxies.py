@@ -51,15 +51,23 @@ class CentreLossConfig:
         scale, margin = DEFAULTS[self.kind]
         return (self.scale or scale, margin if self.margin < 0 else self.margin)
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "") -> None:
+        """Refuses a kind or constant out of range; ``prefix`` is how messages name the keys (proxy. in a config)."""
         if self.kind not in KINDS:
-            raise ValueError(f"a centre loss kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+            raise ValueError(f"{prefix}kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        self.validate_constants(prefix)
+
+    def validate_constants(self, prefix: str = "") -> None:
+        """The constants' ranges, whatever the kind (a config checks them with its centres off too)."""
+        if not math.isfinite(self.scale) or self.scale < 0:
+            raise ValueError(f"{prefix}scale must be >= 0 and finite, got {self.scale}")
+        if not math.isfinite(self.margin) or (self.margin < 0 and self.margin != -1):
+            raise ValueError(f"{prefix}margin must be >= 0 and finite, or -1 (the paper's), got {self.margin}")
         if not 0 < self.sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+            raise ValueError(f"{prefix}sample_rate must be in (0, 1], got {self.sample_rate}")
         if self.kind == "proxy_anchor" and self.sample_rate < 1:
-            raise ValueError("sample_rate < 1 samples the softmax's classes: Proxy-Anchor sums over every proxy")
-        if self.scale < 0 or not math.isfinite(self.scale) or not math.isfinite(self.margin):
-            raise ValueError(f"scale must be >= 0 and finite, margin finite, got {self.scale} and {self.margin}")
+            raise ValueError(f"{prefix}sample_rate < 1 samples the softmax's classes: Proxy-Anchor sums over every "
+                             "proxy")
 
 
 # Each kind's centre learning rate as a multiple of the embedding head's where proxy.lr_factor is 0: Proxy-Anchor
@@ -97,21 +105,16 @@ class ProxyConfig:
     def validate(self) -> None:
         if self.kind not in ("none", *KINDS):
             raise ValueError(f"proxy.kind must be none or one of {', '.join(KINDS)}, got {self.kind!r}")
-        for key in ("weight", "scale", "lr_factor"):
+        self.loss_config().validate_constants("proxy.")
+        for key in ("weight", "lr_factor"):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"proxy.{key} must be >= 0 and finite, got {value}")
-        if not math.isfinite(self.margin) or (self.margin < 0 and self.margin != -1):
-            raise ValueError(f"proxy.margin must be >= 0 and finite, or -1 (the paper's), got {self.margin}")
-        if not 0 < self.sample_rate <= 1:
-            raise ValueError(f"proxy.sample_rate must be in (0, 1], got {self.sample_rate}")
         if self.num_classes < 0 or self.seed < 0:
             raise ValueError("proxy.num_classes (0: the training split's) and proxy.seed must be >= 0")
         if self.enabled and self.weight == 0:
             raise ValueError(f"proxy.weight=0 with proxy.kind={self.kind}: the centres would learn nothing (proxy.kind="
                              "none turns them off)")
-        if self.kind == "proxy_anchor" and self.sample_rate < 1:
-            raise ValueError("proxy.sample_rate < 1 samples the softmax's classes: Proxy-Anchor sums over every proxy")
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
