@@ -78,10 +78,23 @@ def chosen_fonts(files: list[Path], per_family: int = 2) -> list[Path]:
     return sorted(p for paths in by_family.values() for p in sorted(paths, key=regular_first)[:per_family])
 
 
+def inked_glyph(face, char: str, size: int):
+    """``char`` drawn black on white by ``face`` (a PIL font of 4 x size), cropped to its ink; None where the face
+    draws it empty (a blank or missing glyph)."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("L", (8 * size, 8 * size), 255)
+    ImageDraw.Draw(canvas).text((2 * size, 2 * size), char, font=face, fill=0)
+    box = Image.eval(canvas, lambda v: 255 - v).getbbox()
+    if box is None or box[2] - box[0] < 2 or box[3] - box[1] < 2:
+        return None
+    return canvas.crop(box)
+
+
 def render(font_path: Path, characters: str, size: int) -> dict[str, "Image.Image"]:  # noqa: F821
     """Each character the font has, black on white, its ink box scaled to fill 80 % of a size x size image."""
     from fontTools.ttLib import TTFont
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageFont
 
     with TTFont(font_path, lazy=True, fontNumber=0) as font:
         cmap = font.getBestCmap() or {}
@@ -90,12 +103,9 @@ def render(font_path: Path, characters: str, size: int) -> dict[str, "Image.Imag
     for char in characters:
         if ord(char) not in cmap:
             continue
-        canvas = Image.new("L", (8 * size, 8 * size), 255)
-        ImageDraw.Draw(canvas).text((2 * size, 2 * size), char, font=face, fill=0)
-        box = Image.eval(canvas, lambda v: 255 - v).getbbox()
-        if box is None or box[2] - box[0] < 2 or box[3] - box[1] < 2:
+        glyph = inked_glyph(face, char, size)
+        if glyph is None:
             continue  # drawn empty (a blank or missing glyph)
-        glyph = canvas.crop(box)
         scale = 0.8 * size / max(glyph.size)
         glyph = glyph.resize((max(1, round(glyph.width * scale)), max(1, round(glyph.height * scale))),
                              Image.LANCZOS)

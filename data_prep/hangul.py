@@ -130,17 +130,16 @@ def faces_of(drawn: dict[Face, list[int]], per_family: int = 3, coverage: float 
 def draw(face: Face, char: str, size: int, rng: random.Random, font_cache: dict):
     """``char`` in ``face``, black on white in a size x size RGB image, its ink box scaled to a seeded 70-90 % of
     the image, shifted by up to size/16 and turned by up to 4 degrees; None where the face draws it empty."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageFont
+
+    from data_prep.glyphs import inked_glyph
 
     font = font_cache.get(face)
     if font is None:
         font = font_cache[face] = ImageFont.truetype(str(face.path), size=4 * size, index=face.index)
-    canvas = Image.new("L", (8 * size, 8 * size), 255)
-    ImageDraw.Draw(canvas).text((2 * size, 2 * size), char, font=font, fill=0)
-    box = Image.eval(canvas, lambda v: 255 - v).getbbox()
-    if box is None or box[2] - box[0] < 2 or box[3] - box[1] < 2:
+    glyph = inked_glyph(font, char, size)
+    if glyph is None:
         return None
-    glyph = canvas.crop(box)
     scale = rng.uniform(0.7, 0.9) * size / max(glyph.size)
     glyph = glyph.resize((max(1, round(glyph.width * scale)), max(1, round(glyph.height * scale))), Image.LANCZOS)
     glyph = glyph.rotate(rng.uniform(-4, 4), resample=Image.BICUBIC, expand=True, fillcolor=255)
