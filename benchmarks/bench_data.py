@@ -47,6 +47,19 @@ def best_rate(repeats: int, loop) -> float:
     return max(rates)
 
 
+def steady_epoch(stream, snapshots=None) -> tuple[int, float]:
+    """One epoch of a TrainStream's loader at steady state: the images from its first batch (the workers have
+    started) to its last, and the seconds between."""
+    stream.position.set_epoch(stream.position.epoch + 1)
+    seen, start = 0, None
+    for batch in stream.loader(snapshots=snapshots):
+        if start is None:
+            start = time.perf_counter()
+        else:
+            seen += batch["images"].shape[0]
+    return seen, time.perf_counter() - start
+
+
 def reader_rates(out: Path, size: int, args, decode_rate: float, decode_aug_rate: float) -> None:
     """The training reader's rate with 1 and 2 workers, against one plain decode loop."""
     from dist_dml.data import DataConfig, TrainStream
@@ -55,20 +68,8 @@ def reader_rates(out: Path, size: int, args, decode_rate: float, decode_aug_rate
         cfg = DataConfig(root=str(out), classes_per_batch=16, images_per_class=4, workers=workers,
                          image_size=size, resize=args.size, shuffle_buffer=200)
         stream = TrainStream(cfg)
-
-        def epoch() -> tuple[int, float]:
-            """Steady state: from the first batch (the workers have started) to the last."""
-            stream.position.set_epoch(stream.position.epoch + 1)
-            seen, start = 0, None
-            for batch in stream.loader():
-                if start is None:
-                    start = time.perf_counter()
-                else:
-                    seen += batch["images"].shape[0]
-            return seen, time.perf_counter() - start
-
-        epoch()  # the first epoch pays the workers' start-up
-        rate = best_rate(args.repeats, epoch)
+        steady_epoch(stream)  # the first epoch pays the workers' start-up
+        rate = best_rate(args.repeats, lambda: steady_epoch(stream))
         ratio = rate / decode_rate
         print(f"workers={workers} reader_img_s={rate:.0f} decode_img_s={decode_rate:.0f} ratio={ratio:.2f} "
               f"per_worker={ratio / workers:.2f} vs_decode_aug_per_worker={rate / decode_aug_rate / workers:.2f}",
@@ -146,15 +147,9 @@ def class_sampling_rates(out: Path, size: int, args) -> None:
         rates: dict[str, list[float]] = {"random": [], "grouped": []}
         for i in range(args.repeats + 1):
             for name, (stream, snapshots) in streams.items():
-                stream.position.set_epoch(stream.position.epoch + 1)
-                seen, start = 0, None
-                for batch in stream.loader(snapshots=snapshots):
-                    if start is None:
-                        start = time.perf_counter()
-                    else:
-                        seen += batch["images"].shape[0]
+                seen, seconds = steady_epoch(stream, snapshots)
                 if i:  # the first round pays the workers' start-up
-                    rates[name].append(seen / (time.perf_counter() - start))
+                    rates[name].append(seen / seconds)
         best = {name: max(r) for name, r in rates.items()}
         print(f"class_sampling workers={workers} random_img_s={best['random']:.0f} grouped_img_s={best['grouped']:.0f} "
               f"ratio={best['grouped'] / best['random']:.2f}", flush=True)

@@ -60,9 +60,37 @@ def test_the_table_and_the_curve_come_from_the_results(tmp_path):
     assert table["dws-b128"]["recall_at_1"] == pytest.approx(0.6)
     assert table["dws-b128"]["recall_at_1_std"] == pytest.approx(0.1414213562)  # sample deviation of 0.5, 0.7
     assert table["dws-b512"]["seeds"] == 1 and table["dws-b512"]["recall_at_1"] == pytest.approx(0.65)
+    assert table["dws-b512"]["r1_vs_baseline"] == pytest.approx(0.65 / 0.6 - 1)  # relative to dws-b128's mean
+    assert bench.summarise(rows[4:])[0]["r1_vs_baseline"] is None  # no baseline among the results
     bench.write_table(list(table.values()), tmp_path)
-    assert "| dws-b128 | 2 | 0.6000 ± 0.1414 | 0.3000 ± 0.1414 |" in (tmp_path / "table.md").read_text()
+    text = (tmp_path / "table.md").read_text()
+    assert "| dws-b128 | 2 | 0.6000 ± 0.1414 | 0.3000 ± 0.1414 | +0.0 % |" in text
+    assert "| dws-b512 | 1 | 0.6500 ± 0.0000 | 0.3500 ± 0.0000 | +8.3 % |" in text
     plot = bench.plot_curve(list(table.values()), tmp_path / "curve.png")
     assert plot is not None and plot.stat().st_size > 1000
     assert bench.plot_curve([table["memory-b128"]], tmp_path / "none.png") is None  # no curve arm: no plot
     json.dumps(list(table.values()))  # plain values
+
+
+def test_the_report_reads_only_the_runs_at_its_budget(tmp_path, capsys):
+    """--report trains nothing and tables the finished arms at --images-seen only: a shorter trial's results in the
+    same folder do not mix with the study's."""
+    rows = [{"arm": "dws-b128", "seed": 0, "recall_at_1": 0.5, "map_at_r": 0.2, "images_seen": 1000},
+            {"arm": "dws-b128", "seed": 0, "recall_at_1": 0.9, "map_at_r": 0.6, "images_seen": 64},
+            {"arm": "dws-b512", "seed": 0, "recall_at_1": 0.55, "map_at_r": 0.25, "images_seen": 1000}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench.main(["--report", "--images-seen", "1000", "--out", str(tmp_path)])
+    text = (tmp_path / "table.md").read_text()
+    assert "| dws-b128 | 1 | 0.5000 ± 0.0000 | 0.2000 ± 0.0000 | +0.0 % |" in text
+    assert "| dws-b512 | 1 | 0.5500" in text and (tmp_path / "curve.png").is_file()
+    with pytest.raises(SystemExit, match="no results at 5 images"):
+        bench.main(["--report", "--images-seen", "5", "--out", str(tmp_path)])
+
+
+def test_the_throughput_mode_reads_an_epoch_and_evaluates_the_whole_test_split(small_set, capsys):
+    bench.main(["--throughput", "--data", str(small_set), "--set", "data.classes_per_batch=2", "eval.batch_size=8"])
+    out = capsys.readouterr().out
+    for workers in (1, 2):
+        assert f"reader workers={workers} images_s=" in out
+    # the test split: 4 held-out syllables x 3 images, every one embedded and searched
+    assert "evaluation split=test images=12 " in out
