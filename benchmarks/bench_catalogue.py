@@ -127,6 +127,14 @@ def summarise(rows: list[dict], baseline: str = "dws-b128") -> list[dict]:
             entry[metric] = statistics.fmean(values)
             entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         table.append(entry)
+    families = [*SAMPLERS, "class", "memory", "proxy_anchor", "arcface"]
+
+    def order(entry):
+        name, _, batch = entry["arm"].rpartition("-b")
+        family = next((i for i, f in enumerate(families) if name.startswith(f)), len(families))
+        return family, name, int(batch) if batch.isdigit() else 0
+
+    table.sort(key=order)  # the samplers' curves first, each by batch, then the other arms
     base = next((t for t in table if t["arm"] == baseline), None)
     for entry in table:
         entry["r1_vs_baseline"] = entry["recall_at_1"] / base["recall_at_1"] - 1 if base else None
@@ -173,8 +181,11 @@ def write_table(table: list[dict], out: Path) -> None:
         return "" if t["r1_vs_baseline"] is None else f"{100 * t['r1_vs_baseline']:+.1f} %"
 
     lines = ["| arm | seeds | R@1 | MAP@R | R@1 vs dws-b128 |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {t['arm']} | {t['seeds']} | {t['recall_at_1']:.4f} ± {t['recall_at_1_std']:.4f} | "
-              f"{t['map_at_r']:.4f} ± {t['map_at_r_std']:.4f} | {versus(t)} |" for t in table]
+    def value(t, metric):  # the deviation where there is one (more than one seed)
+        return f"{t[metric]:.4f}" + (f" ± {t[metric + '_std']:.4f}" if t["seeds"] > 1 else "")
+
+    lines += [f"| {t['arm']} | {t['seeds']} | {value(t, 'recall_at_1')} | {value(t, 'map_at_r')} | {versus(t)} |"
+              for t in table]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
