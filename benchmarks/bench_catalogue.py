@@ -18,9 +18,9 @@ a larger global batch takes fewer steps. Arms (a name is ARM-bBATCH, the global 
                   half the run): XBM's claim is that a memory recovers the large batch's gain at a small one
     proxy_anchor-bB, arcface-bB   dws-bB + Proxy-Anchor beside the pairs; ArcFace alone (loss.weight=0)
 
-`--arms curve` runs the three samplers at every batch, `all` every arm. Each arm x seed is a training under the
-usual launcher into OUT/ARM-seedS (a rerun resumes an unfinished one from its checkpoints and reads a finished
-one), one MLflow run each (OUT/mlflow.db, experiment 'catalogue'); each result is appended to OUT/results.jsonl.
+`--arms curve` runs the three samplers at every batch, `all` every arm. Each arm x budget x seed is a training under
+the usual launcher into OUT/ARM-NNNk-seedS (dws-b128-3000k-seed0; a rerun resumes an unfinished one from its
+checkpoints and reads a finished one), one MLflow run each (OUT/mlflow.db, experiment 'catalogue'); each result is appended to OUT/results.jsonl.
 At the end: a table of the test split's R@1 and MAP@R, mean ± standard deviation over the seeds, per arm
 (OUT/table.md, OUT/table.csv), and R@1 against the global batch, a line per sampler (OUT/curve.png).
 """
@@ -75,20 +75,31 @@ def arms_named(spec: str, best_batch: int) -> list[str]:
     return [a for part in spec.split(",") for a in named.get(part, [part])]
 
 
+def run_name(arm: str, seed: int, images_seen: int) -> str:
+    """An arm's run at one budget and seed (its folder, log and MLflow run): a run at another budget is another run."""
+    return f"{arm}-{images_seen // 1000}k-seed{seed}" if images_seen % 1000 == 0 else f"{arm}-{images_seen}-seed{seed}"
+
+
 def run_overrides(arm: str, seed: int, args) -> list[str]:
-    out = args.out / f"{arm}-seed{seed}"
+    name = run_name(arm, seed, args.images_seen)
+    out = args.out / name
     return [f"data.root={args.data / 'shards'}", *arm_overrides(arm, args.images_seen, args.nproc),
             f"train.seed={seed}", f"data.seed={seed}", f"sampler.seed={seed}", f"train.output_dir={out}",
-            f"train.name=catalogue-{arm}-seed{seed}", f"tracking.uri=sqlite:///{args.out.resolve() / 'mlflow.db'}",
-            "tracking.experiment=catalogue", f"tracking.run_name={arm}-seed{seed}", "tracking.log_model=false",
+            f"train.name=catalogue-{name}", f"tracking.uri=sqlite:///{args.out.resolve() / 'mlflow.db'}",
+            "tracking.experiment=catalogue", f"tracking.run_name={name}", "tracking.log_model=false",
             *args.set]
 
 
 def train(arm: str, seed: int, args) -> dict:
-    out = args.out / f"{arm}-seed{seed}"
+    out = args.out / run_name(arm, seed, args.images_seen)
+    steps = max(1, args.images_seen // int(arm.rpartition("-b")[2]))
     if (out / "results.json").is_file():
+        results = json.loads((out / "results.json").read_text())
+        if results.get("steps") != steps:
+            raise SystemExit(f"[catalogue] {out}: a finished run of {results.get('steps')} steps, where this arm "
+                             f"takes {steps}; move it away to train it again")
         print(f"[catalogue] {out.name}: finished before, read", flush=True)
-        return json.loads((out / "results.json").read_text())
+        return results
     overrides = run_overrides(arm, seed, args)
     cmd = [sys.executable, "-m", "dist_dml.launch", f"--nproc_per_node={args.nproc}", "-m", "dist_dml.cli", "train",
            str(CONFIG), *overrides]

@@ -96,3 +96,28 @@ def test_the_throughput_mode_reads_an_epoch_and_evaluates_the_whole_test_split(s
         assert f"reader workers={workers} images_s=" in out
     # the test split: 4 held-out syllables x 3 images, every one embedded and searched
     assert "evaluation split=test images=12 " in out
+
+
+def test_a_finished_run_is_read_only_at_its_own_budget(tmp_path, monkeypatch):
+    """An arm's run at 240,000 images is not the result of the same arm at 960,000 (another folder, trained); a
+    finished run whose steps are not the arm's is refused, not read."""
+    class Args:
+        data, out, images_seen, nproc, set = tmp_path / "data", tmp_path, 240_000, 2, []
+
+    assert bench.run_name("dws-b128", 0, 240_000) == "dws-b128-240k-seed0"
+    assert bench.run_name("dws-b128", 1, 960_000) == "dws-b128-960k-seed1" != bench.run_name("dws-b128", 1, 240_000)
+    assert f"train.output_dir={tmp_path / 'dws-b512-240k-seed2'}" in bench.run_overrides("dws-b512", 2, Args)
+    finished = tmp_path / "dws-b512-240k-seed0"
+    finished.mkdir()
+    (finished / "results.json").write_text(json.dumps({"steps": 468, "trained": {}}))
+    assert bench.train("dws-b512", 0, Args)["steps"] == 468  # 240,000 // 512: read, not trained
+    launched = []
+    monkeypatch.setattr(bench.subprocess, "call", lambda cmd, **kw: launched.append(cmd) or 1)
+    Args.images_seen = 960_000
+    with pytest.raises(SystemExit, match="failed"):  # another budget: a training of its own (here a failing one)
+        bench.train("dws-b512", 0, Args)
+    assert f"train.output_dir={tmp_path / 'dws-b512-960k-seed0'}" in launched[0]
+    (finished / "results.json").write_text(json.dumps({"steps": 117, "trained": {}}))
+    Args.images_seen = 240_000
+    with pytest.raises(SystemExit, match="a finished run of 117 steps, where this arm takes 468"):
+        bench.train("dws-b512", 0, Args)
