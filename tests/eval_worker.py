@@ -3,6 +3,7 @@ import sys
 
 import torch
 
+from dist_dml.cli import leave
 from dist_dml.data import DataConfig, EvalStream
 from dist_dml.infra.distributed import DistContext
 from dist_dml.retrieval.evaluation import embed_local
@@ -45,3 +46,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave(0)  # its results written and its group down: no interpreter teardown, where gloo's threads can abort a
+    # finished rank ("terminate called without an active exception", exit -6; seen under load at 3 ranks)
