@@ -20,7 +20,8 @@ a larger global batch takes fewer steps. Arms (a name is ARM-bBATCH, the global 
 
 `--arms curve` runs the three samplers at every batch, `all` every arm. Each arm x budget x seed is a training under
 the usual launcher into OUT/ARM-NNNk-seedS (dws-b128-3000k-seed0; a rerun resumes an unfinished one from its
-checkpoints and reads a finished one), one MLflow run each (OUT/mlflow.db, experiment 'catalogue'); each result is appended to OUT/results.jsonl.
+checkpoints and reads a finished one), one MLflow run each (OUT/mlflow.db, experiment 'catalogue'); each result is
+appended to OUT/results.jsonl.
 At the end: a table of the test split's R@1 and MAP@R, mean ± standard deviation over the seeds, per arm
 (OUT/table.md, OUT/table.csv), and R@1 against the global batch, a line per sampler (OUT/curve.png).
 """
@@ -45,13 +46,18 @@ SAMPLERS = {"dws": ("margin", "distance_weighted", "margin + distance-weighted")
             "random": ("contrastive", "random", "contrastive + random")}
 
 
+def arm_steps(arm: str, images_seen: int) -> int:
+    """The steps an arm (NAME-bBATCH) takes to see ``images_seen`` images."""
+    return max(1, images_seen // int(arm.rpartition("-b")[2]))
+
+
 def arm_overrides(arm: str, images_seen: int, nproc: int) -> list[str]:
     """The config overrides of an arm (its global batch, steps and method; the seed and folders are added later)."""
     name, _, batch = arm.rpartition("-b")
     if not batch.isdigit() or int(batch) % (nproc * K):
         raise ValueError(f"arm {arm!r}: expected NAME-bBATCH with BATCH a multiple of {nproc * K}")
     batch = int(batch)
-    steps = max(1, images_seen // batch)
+    steps = arm_steps(arm, images_seen)
     own = [f"data.classes_per_batch={batch // (nproc * K)}", f"data.images_per_class={K}", f"train.steps={steps}"]
     if name in SAMPLERS:
         loss, sampler, _ = SAMPLERS[name]
@@ -92,7 +98,7 @@ def run_overrides(arm: str, seed: int, args) -> list[str]:
 
 def train(arm: str, seed: int, args) -> dict:
     out = args.out / run_name(arm, seed, args.images_seen)
-    steps = max(1, args.images_seen // int(arm.rpartition("-b")[2]))
+    steps = arm_steps(arm, args.images_seen)
     if (out / "results.json").is_file():
         results = json.loads((out / "results.json").read_text())
         if results.get("steps") != steps:
@@ -191,10 +197,10 @@ def write_table(table: list[dict], out: Path) -> None:
     def versus(t):
         return "" if t["r1_vs_baseline"] is None else f"{100 * t['r1_vs_baseline']:+.1f} %"
 
-    lines = ["| arm | seeds | R@1 | MAP@R | R@1 vs dws-b128 |", "| --- | --- | --- | --- | --- |"]
     def value(t, metric):  # the deviation where there is one (more than one seed)
         return f"{t[metric]:.4f}" + (f" ± {t[metric + '_std']:.4f}" if t["seeds"] > 1 else "")
 
+    lines = ["| arm | seeds | R@1 | MAP@R | R@1 vs dws-b128 |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {t['arm']} | {t['seeds']} | {value(t, 'recall_at_1')} | {value(t, 'map_at_r')} | {versus(t)} |"
               for t in table]
     (out / "table.md").write_text("\n".join(lines) + "\n")

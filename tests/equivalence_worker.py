@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 from torch import nn
 
+from dist_dml.cli import leave
 from dist_dml.config.optimizer import DeepSpeedConfig, OptimizerConfig
 from dist_dml.method.losses import LossConfig, build_loss
 from dist_dml.models.embedding import EmbeddingModel, TrainModule
@@ -219,12 +218,7 @@ def main() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    # Seen once in a full run (2 ranks, model.norm=local): a rank aborted at interpreter exit with "terminate
-    # called without an active exception" (a C++ thread still joinable in a static destructor) after saving
-    # everything. The results are written and the group is down: leave without running those destructors.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave(0)  # without the interpreter's teardown, which can abort a finished rank (see dist_dml.cli.leave)
 
 
 if __name__ == "__main__":

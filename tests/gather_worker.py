@@ -39,5 +39,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    leave(0)  # its results written and its group down: no interpreter teardown, where gloo's threads can abort a
-    # finished rank ("terminate called without an active exception", exit -6; seen under load at 3 ranks)
+    leave(0)  # without the interpreter's teardown, which can abort a finished rank (see dist_dml.cli.leave)

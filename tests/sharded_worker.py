@@ -56,5 +56,4 @@ def main(mode: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    leave(0)  # its results written and its group down: no interpreter teardown, where gloo's threads can abort a
-    # finished rank ("terminate called without an active exception", exit -6; seen under load at 3 ranks)
+    leave(0)  # without the interpreter's teardown, which can abort a finished rank (see dist_dml.cli.leave)
